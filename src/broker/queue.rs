@@ -1,0 +1,138 @@
+//! The bounded event queue between the brokers and the dispatcher.
+//!
+//! Seed behaviour: a fixed capacity (5000) and drop-oldest. A burst larger
+//! than the queue loses its oldest events, never blocks a broker, and every
+//! loss is counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::channel::Channel;
+use crate::event::Event;
+use crate::metrics::{Drop, Metrics};
+
+pub struct EventQueue {
+    /// A `parking_lot` mutex: pushes and pops are a few pointer moves and
+    /// nothing is awaited while it is held.
+    events: Mutex<VecDeque<Event>>,
+    capacity: usize,
+    ready: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl EventQueue {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> EventQueue {
+        EventQueue {
+            events: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            capacity,
+            ready: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// Appends an event; when the queue is full its oldest event is dropped.
+    pub fn push(&self, event: Event) {
+        let dropped_oldest = {
+            let mut events = self.events.lock();
+            let full = events.len() >= self.capacity;
+            if full {
+                events.pop_front();
+            }
+            events.push_back(event);
+            full
+        };
+        if dropped_oldest {
+            self.metrics.dropped(Drop::QueueFull);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Validates a message as it arrived from a broker (channel name and
+    /// raw payload) and queues it; an invalid one is counted, logged with
+    /// its reason, and dropped.
+    pub fn ingest(&self, channel: &str, payload: Bytes) {
+        let parsed = channel
+            .parse::<Channel>()
+            .map_err(|e| e.to_string())
+            .and_then(|c| Event::parse(c, payload).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(event) => self.push(event),
+            Err(reason) => {
+                self.metrics.dropped(Drop::Invalid);
+                tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), %reason, "invalid event dropped");
+            }
+        }
+    }
+
+    /// Waits for events, then moves up to `max` of them into `out`.
+    pub async fn pop_batch(&self, out: &mut Vec<Event>, max: usize) {
+        loop {
+            {
+                let mut events = self.events.lock();
+                if !events.is_empty() {
+                    let n = events.len().min(max);
+                    out.extend(events.drain(..n));
+                    return;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: usize) -> Event {
+        let text = format!(r#"{{"type":"X","tenant_id":1,"branch_id":5,"n":{n}}}"#);
+        Event::parse(Channel::BranchAdmin(5), Bytes::from(text)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_and_counts_each() {
+        let metrics = Arc::new(Metrics::new());
+        let q = EventQueue::new(3, metrics.clone());
+        for n in 0..5 {
+            q.push(event(n));
+        }
+        assert_eq!(metrics.dropped_count(Drop::QueueFull), 2);
+        let mut out = Vec::new();
+        q.pop_batch(&mut out, 10).await;
+        let texts: Vec<&str> = out.iter().map(|e| e.frame.as_str()).collect();
+        assert!(
+            texts[0].contains("\"n\":2") && texts[2].contains("\"n\":4"),
+            "{texts:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_messages_are_counted_not_queued() {
+        let metrics = Arc::new(Metrics::new());
+        let q = EventQueue::new(10, metrics.clone());
+        q.ingest("channel:nope", Bytes::from_static(b"{}"));
+        q.ingest("channel:branch:5:admin", Bytes::from_static(b"{oops"));
+        q.ingest(
+            "channel:branch:5:admin",
+            Bytes::from_static(br#"{"type":"X","tenant_id":1,"branch_id":5}"#),
+        );
+        assert_eq!(metrics.dropped_count(Drop::Invalid), 2);
+        assert_eq!(q.len(), 1);
+    }
+}

@@ -1,0 +1,122 @@
+//! The seed's channel names, parsed into a closed enum.
+//!
+//! The backend publishes on these names (Redis pub/sub or the publish API);
+//! the channel alone says which audience an event is for.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::auth::{BranchId, SectorId, SessionId};
+
+/// One of the five channel families of DESIGN.md §1.3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// `channel:branch:{b}:waiters`
+    BranchWaiters(BranchId),
+    /// `channel:sector:{b}:{s}:waiters`
+    SectorWaiters(BranchId, SectorId),
+    /// `channel:branch:{b}:kitchen`
+    BranchKitchen(BranchId),
+    /// `channel:branch:{b}:admin`
+    BranchAdmin(BranchId),
+    /// `channel:session:{id}`
+    Session(SessionId),
+}
+
+impl Channel {
+    /// The branch the channel names; sessions name none.
+    pub fn branch(self) -> Option<BranchId> {
+        match self {
+            Channel::BranchWaiters(b)
+            | Channel::SectorWaiters(b, _)
+            | Channel::BranchKitchen(b)
+            | Channel::BranchAdmin(b) => Some(b),
+            Channel::Session(_) => None,
+        }
+    }
+
+    /// The Redis patterns that cover every channel family.
+    pub const PATTERNS: [&'static str; 5] = [
+        "channel:branch:*:waiters",
+        "channel:sector:*:waiters",
+        "channel:branch:*:kitchen",
+        "channel:branch:*:admin",
+        "channel:session:*",
+    ];
+}
+
+/// A channel name that is not one of the five families.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown channel {0:?}")]
+pub struct UnknownChannel(pub String);
+
+impl FromStr for Channel {
+    type Err = UnknownChannel;
+
+    fn from_str(s: &str) -> Result<Channel, UnknownChannel> {
+        let unknown = || UnknownChannel(s.chars().take(200).collect());
+        let parts: Vec<&str> = s.split(':').collect();
+        let id = |p: &str| -> Result<i64, UnknownChannel> {
+            if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(unknown());
+            }
+            p.parse().map_err(|_| unknown())
+        };
+        match parts.as_slice() {
+            ["channel", "branch", b, "waiters"] => Ok(Channel::BranchWaiters(id(b)?)),
+            ["channel", "branch", b, "kitchen"] => Ok(Channel::BranchKitchen(id(b)?)),
+            ["channel", "branch", b, "admin"] => Ok(Channel::BranchAdmin(id(b)?)),
+            ["channel", "sector", b, s, "waiters"] => Ok(Channel::SectorWaiters(id(b)?, id(s)?)),
+            ["channel", "session", s] => Ok(Channel::Session(id(s)?)),
+            _ => Err(unknown()),
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Channel::BranchWaiters(b) => write!(f, "channel:branch:{b}:waiters"),
+            Channel::SectorWaiters(b, s) => write!(f, "channel:sector:{b}:{s}:waiters"),
+            Channel::BranchKitchen(b) => write!(f, "channel:branch:{b}:kitchen"),
+            Channel::BranchAdmin(b) => write!(f, "channel:branch:{b}:admin"),
+            Channel::Session(s) => write!(f, "channel:session:{s}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_family() {
+        for c in [
+            Channel::BranchWaiters(5),
+            Channel::SectorWaiters(5, 10),
+            Channel::BranchKitchen(5),
+            Channel::BranchAdmin(5),
+            Channel::Session(77),
+        ] {
+            assert_eq!(c.to_string().parse::<Channel>(), Ok(c));
+        }
+    }
+
+    #[test]
+    fn rejects_anything_else() {
+        for bad in [
+            "",
+            "channel:branch:5",
+            "channel:branch:x:waiters",
+            "channel:branch:-1:waiters",
+            "channel:branch:5:waiter",
+            "channel:sector:5:waiters",
+            "channel:session:",
+            "channel:session:1:2",
+            "channel:branch:99999999999999999999:admin",
+            "channel:branch:+5:admin",
+        ] {
+            assert!(bad.parse::<Channel>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `wsgateway dev`: a gateway ready to try, with everything printed.
+
+use anyhow::Context;
+
+use super::{ServeArgs, init_tracing, runtime, shutdown_signal};
+use crate::Gateway;
+use crate::auth::{StaffClaims, TableClaims, mint, unix_now};
+use crate::config::Secret;
+
+/// Fixed development secrets: printed tokens are signed with them. Never
+/// use them in production.
+pub const DEV_JWT_SECRET: &str = "wsgateway-dev-jwt-secret";
+pub const DEV_TABLE_TOKEN_SECRET: &str = "wsgateway-dev-table-token-secret";
+pub const DEV_API_KEY: &str = "wsgateway-dev-api-key";
+
+pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
+    // Loopback by default: the secrets are public.
+    let s = &mut args.settings;
+    s.listen.get_or_insert_with(|| "127.0.0.1:8001".into());
+    let mut config = args.load()?;
+    let jwt = config
+        .jwt_secret
+        .get_or_insert(Secret(DEV_JWT_SECRET.into()))
+        .clone();
+    let table = config
+        .table_token_secret
+        .get_or_insert(Secret(DEV_TABLE_TOKEN_SECRET.into()))
+        .clone();
+    let api_key = config
+        .api_key
+        .get_or_insert(Secret(DEV_API_KEY.into()))
+        .clone();
+    init_tracing(config.log_format);
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let gateway = Gateway::new(config)?.with_demo_page();
+        print_banner(addr, &jwt, &table, &api_key);
+        gateway.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn print_banner(addr: std::net::SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret) {
+    let exp = unix_now() + 24 * 3600;
+    let staff = |sub: i64, roles: &[&str]| {
+        mint(
+            jwt.expose(),
+            &StaffClaims {
+                sub,
+                tenant_id: 1,
+                branch_ids: vec![5],
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                exp,
+                iat: Some(unix_now()),
+                jti: None,
+            },
+        )
+    };
+    let diner = mint(
+        table.expose(),
+        &TableClaims {
+            tenant_id: 1,
+            branch_id: 5,
+            table_id: 12,
+            session_id: 77,
+            exp,
+        },
+    );
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "wsgateway".into());
+    let key = api_key.expose();
+    println!("wsgateway dev: embedded broker, DEVELOPMENT SECRETS (never use them in production)");
+    println!("listening on http://{addr}   demo page: http://{addr}/");
+    println!();
+    println!("Tokens (tenant 1, branch 5; valid 24 h):");
+    println!(
+        "  waiter  ws://{addr}/ws/waiter?token={}",
+        staff(7, &["WAITER"])
+    );
+    println!(
+        "  kitchen ws://{addr}/ws/kitchen?token={}",
+        staff(8, &["KITCHEN"])
+    );
+    println!(
+        "  admin   ws://{addr}/ws/admin?token={}",
+        staff(9, &["ADMIN"])
+    );
+    println!("  diner   ws://{addr}/ws/diner?table_token={diner}");
+    println!();
+    println!("Publish an event (reaches the waiter and the admin):");
+    println!(
+        "  {exe} publish --url http://{addr} --api-key {key} --channel channel:branch:5:waiters --event '{{\"type\":\"ROUND_READY\",\"tenant_id\":1,\"branch_id\":5}}'"
+    );
+    println!("or with curl:");
+    println!(
+        "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:session:77\",\"event\":{{\"type\":\"PAYMENT_APPROVED\",\"tenant_id\":1,\"branch_id\":5,\"session_id\":77}}}}'"
+    );
+    println!();
+}

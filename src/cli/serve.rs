@@ -1,0 +1,22 @@
+//! `wsgateway serve`.
+
+use anyhow::Context;
+
+use super::{ServeArgs, init_tracing, raise_open_files_limit, runtime, shutdown_signal};
+use crate::Gateway;
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.load()?;
+    config.check_for_serve()?;
+    init_tracing(config.log_format);
+    raise_open_files_limit();
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let gateway = Gateway::new(config)?;
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        gateway.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,481 @@
+//! Settings: every knob of the gateway, in one table.
+//!
+//! Each setting has a command-line flag, an environment variable and a key in
+//! the optional TOML file (`--config`); the first one given wins, in that
+//! order, then the default. Values are parsed and validated once, here, so a
+//! bad value stops start-up with one line that names the setting. The
+//! `settings!` table below is the single source of truth: the README's table
+//! is checked against it by a test.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting {env} (--{flag}): {reason}")]
+    Invalid {
+        env: &'static str,
+        flag: &'static str,
+        reason: String,
+    },
+    #[error("missing setting {env} (--{flag}): {why}")]
+    Missing {
+        env: &'static str,
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// How one setting is parsed from its textual form.
+pub trait SettingValue: Sized {
+    /// Parses `raw`, or returns a short reason why it is not acceptable.
+    fn parse_setting(raw: &str) -> Result<Self, String>;
+}
+
+/// Description of one setting, for documentation checks and `--help`.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingInfo {
+    pub env: &'static str,
+    pub flag: &'static str,
+    pub key: &'static str,
+    pub default: Option<&'static str>,
+}
+
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, env = $env:literal, flag = $flag:literal; )*) => {
+        /// The settings as given on the command line or in the environment,
+        /// not yet parsed (parsing happens in [`Config::load`], so that every
+        /// error names the setting in the same way).
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct SettingArgs {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long = $flag, env = $env, hide_env_values = true, value_name = "VALUE")]
+                pub $field: Option<String>,
+            )*
+        }
+
+        /// The validated configuration of a gateway.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        /// Every setting: environment variable, flag, file key and default.
+        pub const SETTINGS: &[SettingInfo] = &[
+            $( SettingInfo { env: $env, flag: $flag, key: stringify!($field), default: $default }, )*
+        ];
+
+        impl Config {
+            /// Resolves every setting: flag or environment, then the file, then
+            /// the default.
+            pub fn load(args: &SettingArgs, file: &FileSettings) -> Result<Config, ConfigError> {
+                file.check_keys()?;
+                Ok(Config {
+                    $( $field: resolve::<$ty>(args.$field.as_deref(), file.get(stringify!($field)), $default, $env, $flag)?, )*
+                })
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address the HTTP and WebSocket server listens on.
+    listen: SocketAddr = Some("0.0.0.0:8001"), env = "WSGATEWAY_LISTEN", flag = "listen";
+    /// Secret of the staff JWTs (HS256). Required by `serve` unless a public key is configured.
+    jwt_secret: Option<Secret> = None, env = "JWT_SECRET", flag = "jwt-secret";
+    /// Secret of the diners' table tokens (HS256). Required by `serve`.
+    table_token_secret: Option<Secret> = None, env = "TABLE_TOKEN_SECRET", flag = "table-token-secret";
+    /// Algorithm of the staff JWTs: HS256, RS256 or ES256.
+    jwt_algorithm: JwtAlgorithm = Some("HS256"), env = "WSGATEWAY_JWT_ALGORITHM", flag = "jwt-algorithm";
+    /// PEM public key file for RS256 or ES256 staff JWTs.
+    jwt_public_key_file: Option<PathBuf> = None, env = "WSGATEWAY_JWT_PUBLIC_KEY_FILE", flag = "jwt-public-key-file";
+    /// Clock leeway on `exp` and `nbf`, in seconds.
+    jwt_leeway_s: u64 = Some("5"), env = "WSGATEWAY_JWT_LEEWAY_S", flag = "jwt-leeway-s";
+    /// How often open connections have their token re-validated, in seconds.
+    jwt_revalidate_s: Secs = Some("300"), env = "WSGATEWAY_JWT_REVALIDATE_S", flag = "jwt-revalidate-s";
+    /// Browser origins allowed on the staff endpoints (comma list); unset allows any.
+    allowed_origins: Option<Origins> = None, env = "ALLOWED_ORIGINS", flag = "allowed-origins";
+    /// Bearer key of `POST /api/publish`; unset disables the publish API.
+    api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
+    /// Open connections allowed in total (every endpoint); beyond it, 1013.
+    max_connections: usize = Some("100000"), env = "WSGATEWAY_MAX_CONNECTIONS", flag = "max-connections";
+    /// Staff connections allowed per user (tenant + sub); beyond it, 4008.
+    max_connections_per_user: usize = Some("3"), env = "WSGATEWAY_MAX_CONNECTIONS_PER_USER", flag = "max-connections-per-user";
+    /// Largest inbound WebSocket message, in bytes; a larger one closes with 1009.
+    max_message_bytes: usize = Some("65536"), env = "WSGATEWAY_MAX_MESSAGE_BYTES", flag = "max-message-bytes";
+    /// Largest `POST /api/publish` body, in bytes; a larger one is a 413.
+    max_publish_bytes: usize = Some("1048576"), env = "WSGATEWAY_MAX_PUBLISH_BYTES", flag = "max-publish-bytes";
+    /// Client messages allowed per second and connection (token bucket, same burst); beyond it, 4029.
+    rate_limit_per_s: u32 = Some("20"), env = "WSGATEWAY_RATE_LIMIT_PER_S", flag = "rate-limit-per-s";
+    /// Heartbeat interval advertised to clients in `connected`, in seconds.
+    heartbeat_interval_s: Secs = Some("30"), env = "WSGATEWAY_HEARTBEAT_INTERVAL_S", flag = "heartbeat-interval-s";
+    /// A connection silent this long is closed with 1001 by the next cleanup pass, in seconds.
+    heartbeat_timeout_s: Secs = Some("60"), env = "WSGATEWAY_HEARTBEAT_TIMEOUT_S", flag = "heartbeat-timeout-s";
+    /// Period of the cleanup pass (stale heartbeats), in seconds.
+    cleanup_interval_s: Secs = Some("30"), env = "WSGATEWAY_CLEANUP_INTERVAL_S", flag = "cleanup-interval-s";
+    /// Events waiting for the dispatcher; when full, the oldest is dropped.
+    event_queue_size: usize = Some("5000"), env = "WSGATEWAY_EVENT_QUEUE_SIZE", flag = "event-queue-size";
+    /// Frames waiting to be written to one client; when full, the client is closed with 1008.
+    send_queue_size: usize = Some("1024"), env = "WSGATEWAY_SEND_QUEUE_SIZE", flag = "send-queue-size";
+    /// Window in which a repeated event reaches each connection at most once, in seconds.
+    dedup_window_s: Secs = Some("5"), env = "WSGATEWAY_DEDUP_WINDOW_S", flag = "dedup-window-s";
+    /// An event whose `ts` is older than this at dispatch is dropped, in seconds.
+    stale_event_s: Secs = Some("30"), env = "WSGATEWAY_STALE_EVENT_S", flag = "stale-event-s";
+    /// How long a closing connection may take to deliver its close frame, in seconds.
+    close_timeout_s: Secs = Some("5"), env = "WSGATEWAY_CLOSE_TIMEOUT_S", flag = "close-timeout-s";
+    /// How long shutdown waits for connections to close before exiting, in seconds.
+    shutdown_grace_s: Secs = Some("10"), env = "WSGATEWAY_SHUTDOWN_GRACE_S", flag = "shutdown-grace-s";
+    /// Log format: text or json. Levels come from RUST_LOG.
+    log_format: LogFormat = Some("text"), env = "WSGATEWAY_LOG_FORMAT", flag = "log-format";
+}
+
+impl Config {
+    /// A configuration with every default and the given secrets; for tests
+    /// and for `dev`.
+    pub fn with_secrets(jwt_secret: &str, table_token_secret: &str) -> Config {
+        let mut config = Config::load(&SettingArgs::default(), &FileSettings::default())
+            .expect("the defaults are valid");
+        config.jwt_secret = Some(Secret(jwt_secret.to_owned()));
+        config.table_token_secret = Some(Secret(table_token_secret.to_owned()));
+        config
+    }
+
+    /// Checks what `serve` needs beyond each value being well-formed.
+    pub fn check_for_serve(&self) -> Result<(), ConfigError> {
+        if self.table_token_secret.is_none() {
+            return Err(missing("TABLE_TOKEN_SECRET", "table-token-secret"));
+        }
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() => {
+                Err(missing("JWT_SECRET", "jwt-secret"))
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if self.jwt_public_key_file.is_none() => {
+                Err(ConfigError::Missing {
+                    env: "WSGATEWAY_JWT_PUBLIC_KEY_FILE",
+                    flag: "jwt-public-key-file",
+                    why: "required by RS256 and ES256",
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn missing(env: &'static str, flag: &'static str) -> ConfigError {
+    ConfigError::Missing {
+        env,
+        flag,
+        why: "required by `serve`",
+    }
+}
+
+fn resolve<T: SettingValue>(
+    given: Option<&str>,
+    from_file: Option<String>,
+    default: Option<&'static str>,
+    env: &'static str,
+    flag: &'static str,
+) -> Result<T, ConfigError> {
+    let raw = given.map(str::to_owned).or(from_file);
+    // Only `Option<T>` settings lack a default; they read "" as unset.
+    let raw = raw.as_deref().or(default).unwrap_or_default();
+    T::parse_setting(raw).map_err(|reason| ConfigError::Invalid { env, flag, reason })
+}
+
+impl<T: SettingValue> SettingValue for Option<T> {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        if raw.trim().is_empty() {
+            Ok(None)
+        } else {
+            T::parse_setting(raw).map(Some)
+        }
+    }
+}
+
+macro_rules! from_str_setting {
+    ($($ty:ty => $what:literal),* $(,)?) => {$(
+        impl SettingValue for $ty {
+            fn parse_setting(raw: &str) -> Result<Self, String> {
+                raw.trim().parse().map_err(|_| format!("{raw:?} is not {}", $what))
+            }
+        }
+    )*};
+}
+
+from_str_setting! {
+    SocketAddr => "an address such as 0.0.0.0:8001",
+    u64 => "a whole number",
+    PathBuf => "a path",
+}
+
+impl SettingValue for u32 {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().parse::<u32>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{raw:?} is not a positive whole number")),
+        }
+    }
+}
+
+impl SettingValue for usize {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{raw:?} is not a positive whole number")),
+        }
+    }
+}
+
+/// A secret (signing key, API key): never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl SettingValue for Secret {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        Ok(Secret(raw.to_owned()))
+    }
+}
+
+/// A positive duration given in (possibly fractional) seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Secs(pub Duration);
+
+impl SettingValue for Secs {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Secs(Duration::from_secs_f64(s))),
+            _ => Err(format!("{raw:?} is not a positive number of seconds")),
+        }
+    }
+}
+
+/// The browser origins allowed on staff endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origins(pub Vec<String>);
+
+impl Origins {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.0
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+}
+
+impl SettingValue for Origins {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        let list: Vec<String> = raw
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
+            .filter(|o| !o.is_empty())
+            .collect();
+        if list.is_empty() {
+            return Err("no origin in the list".into());
+        }
+        Ok(Origins(list))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+    Es256,
+}
+
+impl SettingValue for JwtAlgorithm {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_uppercase().as_str() {
+            "HS256" => Ok(JwtAlgorithm::Hs256),
+            "RS256" => Ok(JwtAlgorithm::Rs256),
+            "ES256" => Ok(JwtAlgorithm::Es256),
+            _ => Err(format!("{raw:?} is not one of HS256, RS256, ES256")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl SettingValue for LogFormat {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{raw:?} is not one of text, json")),
+        }
+    }
+}
+
+/// The settings of an optional TOML file; keys are the setting names in
+/// snake case (`max_connections = 5000`).
+#[derive(Debug, Default, Clone)]
+pub struct FileSettings {
+    path: String,
+    table: toml::Table,
+}
+
+impl FileSettings {
+    /// Reads the file; a missing or malformed file is an error.
+    pub fn read(path: &std::path::Path) -> Result<FileSettings, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&shown, &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<FileSettings, ConfigError> {
+        let table = toml::Table::from_str(text).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.message().to_owned(),
+        })?;
+        Ok(FileSettings {
+            path: path.to_owned(),
+            table,
+        })
+    }
+
+    fn check_keys(&self) -> Result<(), ConfigError> {
+        match self
+            .table
+            .keys()
+            .find(|k| !SETTINGS.iter().any(|s| s.key == k.as_str()))
+        {
+            Some(unknown) => Err(ConfigError::File {
+                path: self.path.clone(),
+                reason: format!("unknown setting {unknown:?}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.table.get(key).map(|v| match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: SettingArgs, file: &str) -> Result<Config, ConfigError> {
+        Config::load(&args, &FileSettings::parse("test.toml", file).unwrap())
+    }
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = load(SettingArgs::default(), "").unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8001");
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.max_connections_per_user, 3);
+        assert_eq!(c.event_queue_size, 5000);
+        assert_eq!(c.rate_limit_per_s, 20);
+        assert_eq!(c.heartbeat_timeout_s.0, Duration::from_secs(60));
+        assert_eq!(c.max_message_bytes, 65536);
+        assert!(c.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let args = SettingArgs {
+            max_connections: Some("7".into()),
+            ..Default::default()
+        };
+        let c = load(args, "max_connections = 9\nrate_limit_per_s = 4\n").unwrap();
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.rate_limit_per_s, 4);
+        let c = load(
+            SettingArgs::default(),
+            "allowed_origins = [\"https://a\", \"https://b/\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.allowed_origins.unwrap().0,
+            vec!["https://a".to_string(), "https://b".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_setting() {
+        let args = SettingArgs {
+            max_connections: Some("lots".into()),
+            ..Default::default()
+        };
+        let err = load(args, "").unwrap_err().to_string();
+        assert!(err.contains("WSGATEWAY_MAX_CONNECTIONS"), "{err}");
+        assert!(err.contains("lots"), "{err}");
+        let err = load(SettingArgs::default(), "heartbeat_timeout_s = -1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WSGATEWAY_HEARTBEAT_TIMEOUT_S"), "{err}");
+        let err = load(SettingArgs::default(), "max_conections = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown setting"), "{err}");
+    }
+
+    #[test]
+    fn serve_needs_its_secrets() {
+        let c = load(SettingArgs::default(), "").unwrap();
+        let err = c.check_for_serve().unwrap_err().to_string();
+        assert!(err.contains("TABLE_TOKEN_SECRET"), "{err}");
+        assert!(Config::with_secrets("a", "b").check_for_serve().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = Config::with_secrets("very-secret-value", "other-secret");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret-value"));
+        assert!(!shown.contains("other-secret"));
+    }
+
+    #[test]
+    fn readme_documents_every_setting() {
+        let readme = include_str!("../README.md");
+        for s in SETTINGS {
+            assert!(readme.contains(s.env), "README.md lacks {}", s.env);
+            if let Some(default) = s.default {
+                assert!(
+                    readme.contains(&format!("`{}` | `{}`", s.env, default)),
+                    "README.md lacks the default of {} ({default})",
+                    s.env
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! One WebSocket connection, from admission to close, in one task.
+//!
+//! [`serve`] reads top to bottom: admit (origin → token → role → capacity →
+//! per-user limit, DESIGN.md §1.2), send `connected`, then loop over three
+//! sources — close requests (from the hub or shutdown), the outbound queue,
+//! and the socket — until something closes it. Errors end here: they are
+//! logged and turned into a close code, never returned to the acceptor.
+
+mod messages;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+pub use messages::ClientMessage;
+
+use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
+use crate::close;
+use crate::gateway::Shared;
+use crate::hub::{Member, Refusal, Registered, Registration, SectorScope};
+use crate::metrics::{Disconnect, Rejection};
+
+/// Frames written per flush when more are queued.
+const WRITE_BATCH: usize = 64;
+
+/// What the HTTP layer learned from the upgrade request.
+pub struct ConnectRequest {
+    pub endpoint: Endpoint,
+    /// `token` (staff) or `table_token` (diner) from the query string.
+    pub token: Option<String>,
+    pub origin: Option<String>,
+    pub peer: SocketAddr,
+}
+
+/// Runs one connection to its end.
+pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
+    let span = tracing::info_span!(
+        "conn",
+        endpoint = req.endpoint.as_str(),
+        peer = %req.peer,
+        origin = req.origin.as_deref().unwrap_or("-"),
+        user = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        branches = tracing::field::Empty,
+        session = tracing::field::Empty,
+        id = tracing::field::Empty,
+    );
+    run(socket, shared, req).instrument(span).await
+}
+
+async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
+    let close_timeout = shared.config.close_timeout_s.0;
+    let (registered, mut outbound) = match admit(&shared, &req).await {
+        Ok(admitted) => admitted,
+        Err((code, why)) => {
+            shared.metrics.rejected(why);
+            tracing::info!(code, reason = why.as_str(), "connection refused");
+            close_socket(&mut socket, code, close_timeout).await;
+            return;
+        }
+    };
+    let handle = registered.handle.clone();
+    tracing::Span::current().record("id", handle.id);
+    tracing::info!("connected");
+
+    let limiter = rate_limiter(shared.config.rate_limit_per_s);
+    let shutdown = shared.shutdown.clone();
+    let code = loop {
+        tokio::select! {
+            biased;
+            code = handle.close_requested() => break Some(code),
+            _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
+            Some(frame) = outbound.recv() => {
+                tokio::select! {
+                    written = write_batch(&mut socket, frame, &mut outbound) => {
+                        if let Err(e) = written {
+                            tracing::debug!(error = %e, "write failed");
+                            break None;
+                        }
+                    }
+                    code = handle.close_requested() => break Some(code),
+                    _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
+                }
+            }
+            inbound = socket.recv() => {
+                let message = match inbound {
+                    None => break None,
+                    Some(Err(e)) => break read_error_code(e),
+                    Some(Ok(m)) => m,
+                };
+                handle.touch();
+                match message {
+                    Message::Text(text) => {
+                        if limiter.check().is_err() {
+                            break Some(close::RATE_LIMITED);
+                        }
+                        let reply = match ClientMessage::parse(req.endpoint, text.as_str()) {
+                            ClientMessage::RefreshSectors => sectors_updated(&shared, &registered),
+                            other => Utf8Bytes::from_static(other.fixed_reply().unwrap_or_default()),
+                        };
+                        // Replies share the outbound queue: one writer, in order.
+                        handle.push(reply);
+                    }
+                    Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    Message::Close(_) => {
+                        // Lets tungstenite send its reply to the client's close.
+                        let _ = tokio::time::timeout(close_timeout, socket.flush()).await;
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    drop(registered);
+    if let Some(code) = code {
+        record_close(&shared, code, shutdown.is_cancelled());
+        tracing::info!(code, reason = close::reason(code), "closing");
+        close_socket(&mut socket, code, close_timeout).await;
+    } else {
+        tracing::info!("disconnected");
+    }
+}
+
+/// The admission checks, in the order of DESIGN.md §1.2. On success the
+/// connection is in the hub and `connected` is first in its queue.
+async fn admit(
+    shared: &Arc<Shared>,
+    req: &ConnectRequest,
+) -> Result<(Registered, mpsc::Receiver<Utf8Bytes>), (u16, Rejection)> {
+    let config = &shared.config;
+    let span = tracing::Span::current();
+    let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
+    let (tenant_id, member, expires_at, connected) = if req.endpoint == Endpoint::Diner {
+        let id: DinerIdentity = shared
+            .verifier
+            .table(req.token.as_deref())
+            .map_err(auth_refusal)?;
+        span.record("tenant", id.tenant_id);
+        span.record("branches", tracing::field::display(id.branch_id));
+        span.record("session", id.session_id);
+        let connected = json!({
+            "type": "connected", "endpoint": "diner", "tenant_id": id.tenant_id,
+            "branch_id": id.branch_id, "session_id": id.session_id, "table_id": id.table_id,
+            "heartbeat_interval_s": heartbeat_s,
+        });
+        let member = Member::Diner {
+            branch_id: id.branch_id,
+            session_id: id.session_id,
+        };
+        (id.tenant_id, member, id.exp, connected)
+    } else {
+        if let (Some(allowed), Some(origin)) = (&config.allowed_origins, &req.origin)
+            && !allowed.allows(origin.trim_end_matches('/'))
+        {
+            return Err((close::FORBIDDEN, Rejection::Origin));
+        }
+        let id: StaffIdentity = shared
+            .verifier
+            .staff(req.token.as_deref())
+            .map_err(auth_refusal)?;
+        span.record("user", id.user_id);
+        span.record("tenant", id.tenant_id);
+        span.record("branches", tracing::field::debug(&id.branch_ids));
+        if !req.endpoint.allows(id.roles) {
+            return Err((close::FORBIDDEN, Rejection::Forbidden));
+        }
+        let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
+            shared.sectors.scope_for(&id).await
+        } else {
+            SectorScope::All
+        };
+        let connected = json!({
+            "type": "connected", "endpoint": req.endpoint.as_str(), "user_id": id.user_id,
+            "tenant_id": id.tenant_id, "branch_ids": id.branch_ids,
+            "sector_ids": sectors.reported(), "heartbeat_interval_s": heartbeat_s,
+        });
+        let member = Member::Staff {
+            user_id: id.user_id,
+            branch_ids: id.branch_ids,
+            sectors,
+        };
+        (id.tenant_id, member, id.exp, connected)
+    };
+
+    let (tx, rx) = mpsc::channel(config.send_queue_size);
+    // Queued before registration, so that no event can precede it.
+    tx.try_send(Utf8Bytes::from(connected.to_string()))
+        .expect("a new queue has room");
+    let registered = shared
+        .hub
+        .register(Registration {
+            tenant_id,
+            endpoint: req.endpoint,
+            member,
+            expires_at,
+            outbound: tx,
+        })
+        .map_err(|refusal| match refusal {
+            Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
+            Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
+        })?;
+    Ok((registered, rx))
+}
+
+fn auth_refusal(e: AuthError) -> (u16, Rejection) {
+    tracing::debug!(reason = %e, "token refused");
+    (close::UNAUTHORIZED, Rejection::Auth)
+}
+
+fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
+    let n = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    // Burst equal to the rate, and full when the connection opens.
+    RateLimiter::direct(Quota::per_second(n))
+}
+
+/// The reply to `refresh_sectors`: the connection's current sectors.
+fn sectors_updated(shared: &Shared, registered: &Registered) -> Utf8Bytes {
+    let sectors = shared.hub.sectors_of(registered.handle.id);
+    Utf8Bytes::from(json!({"type": "sectors_updated", "sector_ids": sectors}).to_string())
+}
+
+/// Writes `first` and whatever else is already queued (up to a batch), then
+/// flushes once.
+async fn write_batch(
+    socket: &mut WebSocket,
+    first: Utf8Bytes,
+    outbound: &mut mpsc::Receiver<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    socket.feed(Message::Text(first)).await?;
+    for _ in 1..WRITE_BATCH {
+        match outbound.try_recv() {
+            Ok(frame) => socket.feed(Message::Text(frame)).await?,
+            Err(_) => break,
+        }
+    }
+    socket.flush().await
+}
+
+/// The close code for a failed read, if the client is still there to get one.
+fn read_error_code(e: axum::Error) -> Option<u16> {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => Some(close::TOO_BIG),
+        Some(tungstenite::Error::Utf8(_)) => Some(close::INVALID_PAYLOAD),
+        // The client went away without a close handshake: nobody to tell.
+        Some(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => None,
+        Some(tungstenite::Error::Protocol(p)) => {
+            tracing::debug!(error = %p, "protocol error");
+            Some(close::PROTOCOL_ERROR)
+        }
+        _ => {
+            tracing::debug!(error = %inner, "read failed");
+            None
+        }
+    }
+}
+
+fn record_close(shared: &Shared, code: u16, shutting_down: bool) {
+    let m = &shared.metrics;
+    let why = match code {
+        close::RATE_LIMITED => return m.rejected(Rejection::RateLimit),
+        close::GOING_AWAY if shutting_down => Disconnect::Shutdown,
+        close::GOING_AWAY => Disconnect::Heartbeat,
+        close::SLOW_CONSUMER => Disconnect::SlowConsumer,
+        close::UNSUPPORTED_DATA => Disconnect::Binary,
+        close::TOO_BIG => Disconnect::TooLarge,
+        close::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
+        close::PROTOCOL_ERROR => Disconnect::ProtocolError,
+        close::UNAUTHORIZED => Disconnect::TokenExpired,
+        _ => Disconnect::Internal,
+    };
+    m.disconnected(why);
+}
+
+/// Sends a close frame and waits, up to `timeout`, for the client's reply,
+/// so that the client reads the code before the TCP connection goes.
+async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(close::reason(code)),
+    };
+    let handshake = async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // Drain until the client answers the close (or goes away).
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, handshake).await;
+}

@@ -1,0 +1,223 @@
+//! The dispatcher: one task that takes events off the queue and fans each
+//! out through the hub.
+//!
+//! It owns the de-duplication window outright (no lock), rejects stale
+//! events, and never awaits per recipient: a fan-out is a loop of
+//! non-blocking queue pushes inside [`Hub::deliver`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::EventQueue;
+use crate::channel::Channel;
+use crate::event::{DedupKey, Event, unix_ms};
+use crate::hub::Hub;
+use crate::metrics::{Drop, Metrics};
+
+/// Events taken off the queue per lock.
+const BATCH: usize = 64;
+
+/// The most events remembered for de-duplication; beyond it the oldest are
+/// forgotten early, which bounds memory under any publish rate.
+const MAX_REMEMBERED: usize = 200_000;
+
+pub struct Dispatcher {
+    hub: Arc<Hub>,
+    queue: Arc<EventQueue>,
+    metrics: Arc<Metrics>,
+    stale_after_ms: i64,
+    recent: Recent,
+}
+
+impl Dispatcher {
+    pub fn new(
+        hub: Arc<Hub>,
+        queue: Arc<EventQueue>,
+        metrics: Arc<Metrics>,
+        stale_after: Duration,
+        dedup_window: Duration,
+    ) -> Dispatcher {
+        Dispatcher {
+            hub,
+            queue,
+            metrics,
+            stale_after_ms: stale_after.as_millis() as i64,
+            recent: Recent::new(dedup_window),
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.queue.pop_batch(&mut batch, BATCH) => {}
+            }
+            let now_ms = unix_ms();
+            for event in batch.drain(..) {
+                self.dispatch(event, now_ms);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, event: Event, now_ms: i64) {
+        let age_ms = event.age_ms(now_ms);
+        if age_ms.is_some_and(|age| age > self.stale_after_ms) {
+            self.metrics.dropped(Drop::Stale);
+            tracing::debug!(channel = %event.channel, event_type = %event.fields.event_type, "stale event dropped");
+            return;
+        }
+        let Some(prior) = self
+            .recent
+            .arrival(&event.key, event.channel, Instant::now())
+        else {
+            // The same event on the same channel: everyone already has it.
+            self.metrics.events_deduplicated.inc();
+            return;
+        };
+        if !prior.is_empty() {
+            self.metrics.events_deduplicated.inc();
+        }
+        let fanout = self.hub.deliver(&event, &prior);
+        let m = &self.metrics;
+        m.events_processed.inc();
+        if !event.fields.is_known_type() {
+            m.events_unknown_type.inc();
+        }
+        m.broadcasts_total.inc_by(fanout.queued as u64);
+        m.broadcasts_failed.inc_by(fanout.overflowed as u64);
+        m.fanout_size.observe(fanout.queued as f64);
+        m.dispatch_seconds
+            .observe(event.received_at.elapsed().as_secs_f64());
+        if let Some(age) = age_ms {
+            m.publish_to_queue_seconds
+                .observe(age.max(0) as f64 / 1000.0);
+        }
+    }
+}
+
+/// The events seen within the de-duplication window, and on which channels.
+struct Recent {
+    window: Duration,
+    channels: HashMap<DedupKey, (Instant, Vec<Channel>)>,
+    order: VecDeque<(Instant, DedupKey)>,
+}
+
+impl Recent {
+    fn new(window: Duration) -> Recent {
+        Recent {
+            window,
+            channels: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Records an arrival. Returns the channels the event already arrived on
+    /// within the window (empty for a new event), or `None` when it already
+    /// arrived on this very channel.
+    fn arrival(&mut self, key: &DedupKey, channel: Channel, now: Instant) -> Option<Vec<Channel>> {
+        self.expire(now);
+        match self.channels.get_mut(key) {
+            Some((_, seen)) if seen.contains(&channel) => None,
+            Some((_, seen)) => {
+                let prior = seen.clone();
+                seen.push(channel);
+                Some(prior)
+            }
+            None => {
+                self.channels.insert(key.clone(), (now, vec![channel]));
+                self.order.push_back((now, key.clone()));
+                Some(Vec::new())
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            let too_many = self.order.len() > MAX_REMEMBERED;
+            if !too_many && now.duration_since(*at) < self.window {
+                break;
+            }
+            let (at, key) = self.order.pop_front().expect("front exists");
+            if self
+                .channels
+                .get(&key)
+                .is_some_and(|(first, _)| *first == at)
+            {
+                self.channels.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Limits, Member, Registration, SectorScope};
+    use crate::metrics::Drop;
+
+    #[test]
+    fn stale_events_are_dropped_and_counted_fresh_ones_delivered() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: 10,
+                max_per_user: 10,
+            },
+            metrics.clone(),
+        ));
+        let queue = Arc::new(EventQueue::new(10, metrics.clone()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(10);
+        let member = Member::Staff {
+            user_id: 1,
+            branch_ids: vec![5],
+            sectors: SectorScope::All,
+        };
+        let _reg = hub
+            .register(Registration {
+                tenant_id: 1,
+                endpoint: crate::auth::Endpoint::Admin,
+                member,
+                expires_at: 0,
+                outbound: tx,
+            })
+            .unwrap();
+        let mut d = Dispatcher::new(
+            hub,
+            queue,
+            metrics.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        );
+        let now = 1_000_000_000;
+        let ev = |ts: i64| {
+            let text = format!(r#"{{"type":"X","tenant_id":1,"branch_id":5,"ts":{ts}}}"#);
+            Event::parse(Channel::BranchAdmin(5), bytes::Bytes::from(text)).unwrap()
+        };
+        d.dispatch(ev(now - 30_001), now);
+        assert_eq!(metrics.dropped_count(Drop::Stale), 1);
+        assert!(rx.try_recv().is_err());
+        d.dispatch(ev(now - 29_000), now);
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(metrics.events_processed.get(), 1);
+    }
+
+    #[test]
+    fn repeats_within_the_window_report_prior_channels() {
+        let mut r = Recent::new(Duration::from_secs(5));
+        let k = DedupKey::Id("e1".into());
+        let t0 = Instant::now();
+        let a = Channel::BranchWaiters(5);
+        let b = Channel::BranchAdmin(5);
+        assert_eq!(r.arrival(&k, a, t0), Some(vec![]));
+        assert_eq!(r.arrival(&k, a, t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.arrival(&k, b, t0 + Duration::from_secs(2)), Some(vec![a]));
+        assert_eq!(r.arrival(&k, b, t0 + Duration::from_secs(3)), None);
+        // After the window it is a new event again.
+        assert_eq!(r.arrival(&k, a, t0 + Duration::from_secs(6)), Some(vec![]));
+        assert_eq!(r.channels.len(), 1);
+    }
+}

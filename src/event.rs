@@ -1,0 +1,390 @@
+//! Events: the wire format of DESIGN.md §1.4, validated once at the edge.
+//!
+//! An [`Event`] is what the dispatcher routes: the routing fields read out of
+//! the JSON, and the frame to send, serialized exactly once. Raw text from a
+//! broker is forwarded byte for byte; nothing here re-serializes it.
+
+use std::hash::BuildHasher;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::auth::{BranchId, SectorId, SessionId, TenantId};
+use crate::channel::Channel;
+
+/// The event types the platform's backend is known to publish. Any other
+/// type is still delivered, and counted.
+pub const KNOWN_TYPES: &[&str] = &[
+    "ROUND_SUBMITTED",
+    "ROUND_IN_KITCHEN",
+    "ROUND_READY",
+    "ROUND_SERVED",
+    "SERVICE_CALL_CREATED",
+    "SERVICE_CALL_ACKED",
+    "SERVICE_CALL_CLOSED",
+    "PAYMENT_APPROVED",
+    "PAYMENT_REJECTED",
+    "PAYMENT_FAILED",
+    "TABLE_SESSION_STARTED",
+    "TABLE_CLEARED",
+    "ENTITY_CREATED",
+    "ENTITY_UPDATED",
+    "ENTITY_DELETED",
+    "SECTOR_ASSIGNMENT_CHANGED",
+];
+
+/// Longest caller-supplied `event_id`, in bytes.
+pub const MAX_EVENT_ID_BYTES: usize = 128;
+
+/// Why an event was refused. Each variant is a metric reason and an API
+/// error detail; none of them echoes the event's content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("the event is not valid UTF-8")]
+    NotUtf8,
+    #[error("the event is not valid JSON")]
+    NotJson,
+    #[error("the event is not a JSON object")]
+    NotObject,
+    #[error("the event lacks the required field `{0}`")]
+    Missing(&'static str),
+    #[error("the event's field `{0}` has the wrong type")]
+    WrongType(&'static str),
+    #[error("`event_id` must be a non-empty string of at most 128 bytes")]
+    BadEventId,
+    #[error("the event's `{0}` differs from its channel's")]
+    ChannelMismatch(&'static str),
+}
+
+/// The routing fields of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fields {
+    pub event_type: String,
+    pub tenant_id: TenantId,
+    pub branch_id: BranchId,
+    pub sector_id: Option<SectorId>,
+    pub session_id: Option<SessionId>,
+    /// Publish time, Unix epoch milliseconds.
+    pub ts_ms: Option<i64>,
+    pub event_id: Option<String>,
+}
+
+impl Fields {
+    /// Reads and checks the fields of an event object (§1.4).
+    pub fn read(obj: &Map<String, Value>) -> Result<Fields, InvalidEvent> {
+        let event_type = match obj.get("type") {
+            None | Some(Value::Null) => return Err(InvalidEvent::Missing("type")),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => return Err(InvalidEvent::WrongType("type")),
+        };
+        let tenant_id = required_int(obj, "tenant_id")?;
+        let branch_id = required_int(obj, "branch_id")?;
+        let sector_id = optional_int(obj, "sector_id")?;
+        let session_id = optional_int(obj, "session_id")?;
+        optional_int(obj, "table_id")?;
+        if !matches!(
+            obj.get("entity"),
+            None | Some(Value::Null | Value::Object(_))
+        ) {
+            return Err(InvalidEvent::WrongType("entity"));
+        }
+        let ts_ms = match obj.get("ts") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(ms) => Some(ms),
+                None => n.as_f64().map(|f| f as i64),
+            },
+            Some(_) => return Err(InvalidEvent::WrongType("ts")),
+        };
+        let event_id = match obj.get("event_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EVENT_ID_BYTES => {
+                Some(s.clone())
+            }
+            Some(_) => return Err(InvalidEvent::BadEventId),
+        };
+        Ok(Fields {
+            event_type,
+            tenant_id,
+            branch_id,
+            sector_id,
+            session_id,
+            ts_ms,
+            event_id,
+        })
+    }
+
+    /// Checks that the event agrees with the channel it arrived on: the
+    /// channel decides the branch (and the sector or session it names).
+    pub fn check_channel(&self, channel: Channel) -> Result<(), InvalidEvent> {
+        if let Some(b) = channel.branch()
+            && b != self.branch_id
+        {
+            return Err(InvalidEvent::ChannelMismatch("branch_id"));
+        }
+        match channel {
+            Channel::SectorWaiters(_, s) if self.sector_id.is_some_and(|e| e != s) => {
+                Err(InvalidEvent::ChannelMismatch("sector_id"))
+            }
+            Channel::Session(s) if self.session_id.is_some_and(|e| e != s) => {
+                Err(InvalidEvent::ChannelMismatch("session_id"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_known_type(&self) -> bool {
+        KNOWN_TYPES.contains(&self.event_type.as_str())
+    }
+}
+
+fn required_int(obj: &Map<String, Value>, field: &'static str) -> Result<i64, InvalidEvent> {
+    optional_int(obj, field)?.ok_or(InvalidEvent::Missing(field))
+}
+
+fn optional_int(
+    obj: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<i64>, InvalidEvent> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or(InvalidEvent::WrongType(field)),
+        Some(_) => Err(InvalidEvent::WrongType(field)),
+    }
+}
+
+/// What makes two arrivals "the same event" for de-duplication (§1.3): the
+/// `event_id`, or else the exact JSON text (kept as a keyed 64-bit hash and
+/// the length, not the text itself).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DedupKey {
+    Id(Box<str>),
+    Text { hash: u64, len: usize },
+}
+
+impl DedupKey {
+    fn of(fields: &Fields, text: &str) -> DedupKey {
+        match &fields.event_id {
+            Some(id) => DedupKey::Id(id.as_str().into()),
+            None => {
+                // Random keys per process: a publisher cannot aim collisions.
+                static STATE: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+                DedupKey::Text {
+                    hash: STATE.get_or_init(Default::default).hash_one(text),
+                    len: text.len(),
+                }
+            }
+        }
+    }
+}
+
+/// A validated event on its way to the dispatcher.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub channel: Channel,
+    pub fields: Fields,
+    pub key: DedupKey,
+    /// The text frame every recipient gets: serialized once, shared.
+    pub frame: Utf8Bytes,
+    /// When the gateway received it, for latency metrics.
+    pub received_at: Instant,
+}
+
+impl Event {
+    /// Reads an event that arrived as raw bytes on `channel` (a broker
+    /// message). The bytes become the frame unchanged.
+    pub fn parse(channel: Channel, payload: Bytes) -> Result<Event, InvalidEvent> {
+        let frame = Utf8Bytes::try_from(payload).map_err(|_| InvalidEvent::NotUtf8)?;
+        let value: Value =
+            serde_json::from_str(frame.as_str()).map_err(|_| InvalidEvent::NotJson)?;
+        let Value::Object(obj) = value else {
+            return Err(InvalidEvent::NotObject);
+        };
+        let fields = Fields::read(&obj)?;
+        Self::assemble(channel, fields, frame)
+    }
+
+    /// Builds an event from fields already read and its serialized frame.
+    pub fn assemble(
+        channel: Channel,
+        fields: Fields,
+        frame: Utf8Bytes,
+    ) -> Result<Event, InvalidEvent> {
+        fields.check_channel(channel)?;
+        Ok(Event {
+            channel,
+            key: DedupKey::of(&fields, frame.as_str()),
+            fields,
+            frame,
+            received_at: Instant::now(),
+        })
+    }
+
+    /// Age of the event at `now_ms` (Unix ms), when it carries `ts`.
+    pub fn age_ms(&self, now_ms: i64) -> Option<i64> {
+        self.fields.ts_ms.map(|ts| now_ms.saturating_sub(ts))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(channel: &str, text: &str) -> Result<Event, InvalidEvent> {
+        Event::parse(
+            channel.parse().unwrap(),
+            Bytes::copy_from_slice(text.as_bytes()),
+        )
+    }
+
+    #[test]
+    fn a_valid_event_keeps_its_exact_text() {
+        let text = r#"{"type":"ROUND_READY","tenant_id":1,"branch_id":5,"sector_id":10,"x":[1,2]}"#;
+        let e = parse("channel:branch:5:waiters", text).unwrap();
+        assert_eq!(e.frame.as_str(), text);
+        assert_eq!(e.fields.sector_id, Some(10));
+        assert!(e.fields.is_known_type());
+    }
+
+    #[test]
+    fn invalid_events_say_why() {
+        let cases = [
+            (
+                "channel:branch:5:waiters",
+                "not json",
+                InvalidEvent::NotJson,
+            ),
+            ("channel:branch:5:waiters", "[1]", InvalidEvent::NotObject),
+            (
+                "channel:branch:5:waiters",
+                r#"{"tenant_id":1,"branch_id":5}"#,
+                InvalidEvent::Missing("type"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"","tenant_id":1,"branch_id":5}"#,
+                InvalidEvent::WrongType("type"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","branch_id":5}"#,
+                InvalidEvent::Missing("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1}"#,
+                InvalidEvent::Missing("branch_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":"1","branch_id":5}"#,
+                InvalidEvent::WrongType("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1.5,"branch_id":5}"#,
+                InvalidEvent::WrongType("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"sector_id":"a"}"#,
+                InvalidEvent::WrongType("sector_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"entity":3}"#,
+                InvalidEvent::WrongType("entity"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"ts":"now"}"#,
+                InvalidEvent::WrongType("ts"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"event_id":""}"#,
+                InvalidEvent::BadEventId,
+            ),
+            (
+                "channel:branch:6:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5}"#,
+                InvalidEvent::ChannelMismatch("branch_id"),
+            ),
+            (
+                "channel:sector:5:3:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"sector_id":4}"#,
+                InvalidEvent::ChannelMismatch("sector_id"),
+            ),
+            (
+                "channel:session:7",
+                r#"{"type":"X","tenant_id":1,"branch_id":5,"session_id":8}"#,
+                InvalidEvent::ChannelMismatch("session_id"),
+            ),
+        ];
+        for (channel, text, why) in cases {
+            assert_eq!(parse(channel, text).unwrap_err(), why, "{text}");
+        }
+        assert_eq!(
+            Event::parse(Channel::Session(1), Bytes::from_static(b"\xff\xfe")).unwrap_err(),
+            InvalidEvent::NotUtf8
+        );
+        let long_id = json!({"type":"X","tenant_id":1,"branch_id":5,"event_id":"a".repeat(129)});
+        assert_eq!(
+            parse("channel:session:1", &long_id.to_string()).unwrap_err(),
+            InvalidEvent::BadEventId
+        );
+    }
+
+    #[test]
+    fn dedup_key_is_the_id_or_the_exact_text() {
+        let a = parse(
+            "channel:branch:5:admin",
+            r#"{"type":"X","tenant_id":1,"branch_id":5,"event_id":"e1"}"#,
+        )
+        .unwrap();
+        let b = parse(
+            "channel:branch:5:kitchen",
+            r#"{"event_id":"e1","type":"Y","tenant_id":1,"branch_id":5}"#,
+        )
+        .unwrap();
+        assert_eq!(a.key, b.key);
+        let c = parse(
+            "channel:branch:5:admin",
+            r#"{"type":"X","tenant_id":1,"branch_id":5}"#,
+        )
+        .unwrap();
+        let d = parse(
+            "channel:branch:5:kitchen",
+            r#"{"type":"X","tenant_id":1,"branch_id":5}"#,
+        )
+        .unwrap();
+        let e = parse(
+            "channel:branch:5:kitchen",
+            r#"{"type":"X","tenant_id":1, "branch_id":5}"#,
+        )
+        .unwrap();
+        assert_eq!(c.key, d.key);
+        assert_ne!(c.key, e.key);
+        assert!(
+            !parse(
+                "channel:session:1",
+                r#"{"type":"NEW_THING","tenant_id":1,"branch_id":5}"#
+            )
+            .unwrap()
+            .fields
+            .is_known_type()
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! Lifecycle: build the parts, run them under one cancellation token, and
+//! shut down in one written-down sequence.
+//!
+//! Shutdown: the signal fires → the listener stops accepting → the token is
+//! cancelled, so every connection closes with 1001 and the dispatcher and
+//! cleanup tasks stop → wait for all of them under the grace timeout.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{KeyError, Verifier};
+use crate::broker::{Broker, EmbeddedBroker, EventQueue};
+use crate::config::Config;
+use crate::dispatcher::Dispatcher;
+use crate::hub::{Hub, Limits};
+use crate::metrics::Metrics;
+use crate::sectors::SectorAssignments;
+
+/// What every request handler and connection task shares.
+pub struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub hub: Arc<Hub>,
+    pub queue: Arc<EventQueue>,
+    pub broker: Arc<dyn Broker>,
+    pub sectors: SectorAssignments,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once, at shutdown; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Every connection and background task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Serve the demo page at `/` (the `dev` command).
+    pub demo_page: bool,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Gateway, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let verifier = Verifier::new(&config)?;
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: config.max_connections,
+                max_per_user: config.max_connections_per_user,
+            },
+            metrics.clone(),
+        ));
+        let queue = Arc::new(EventQueue::new(config.event_queue_size, metrics.clone()));
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(queue.clone()));
+        if config.allowed_origins.is_none() {
+            tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
+        }
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                config,
+                verifier,
+                hub,
+                queue,
+                broker,
+                sectors: SectorAssignments::disabled(),
+                metrics,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                demo_page: false,
+            }),
+        })
+    }
+
+    /// Serves the demo page at `/` as well (for `wsgateway dev`).
+    pub fn with_demo_page(mut self) -> Gateway {
+        Arc::get_mut(&mut self.shared)
+            .expect("not shared before serving")
+            .demo_page = true;
+        self
+    }
+
+    /// Runs until `signal` resolves, then shuts down gracefully.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let shared = self.shared;
+        let config = &shared.config;
+        let dispatcher = Dispatcher::new(
+            shared.hub.clone(),
+            shared.queue.clone(),
+            shared.metrics.clone(),
+            config.stale_event_s.0,
+            config.dedup_window_s.0,
+        );
+        shared.tasks.spawn(dispatcher.run(shared.shutdown.clone()));
+        shared.tasks.spawn(cleanup(shared.clone()));
+
+        let app =
+            crate::http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let token = shared.shutdown.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                tokio::select! {
+                    _ = signal => tracing::info!("shutting down"),
+                    _ = token.cancelled() => {}
+                }
+                token.cancel();
+            })
+            .await;
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        let grace = shared.config.shutdown_grace_s.0;
+        if tokio::time::timeout(grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = shared.hub.counts().total,
+                "shutdown grace period over; dropping the remaining connections"
+            );
+        }
+        tracing::info!("shutdown complete");
+        served
+    }
+}
+
+/// The periodic pass: closes connections silent for too long (1001) and,
+/// on its own period, those whose token has expired (4001).
+async fn cleanup(shared: Arc<Shared>) {
+    let config = &shared.config;
+    let mut heartbeat = tokio::time::interval(config.cleanup_interval_s.0);
+    let mut revalidate = tokio::time::interval(config.jwt_revalidate_s.0);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout_ms = config.heartbeat_timeout_s.0.as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = heartbeat.tick() => {
+                let n = shared.hub.close_silent(timeout_ms);
+                if n > 0 {
+                    tracing::info!(connections = n, "closing silent connections");
+                }
+            }
+            _ = revalidate.tick() => {
+                let n = shared.hub.close_expired(|exp| shared.verifier.still_valid(exp));
+                if n > 0 {
+                    tracing::info!(connections = n, "closing connections with expired tokens");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `/ws/health`, `/ws/health/detailed` and `/ws/metrics`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::Endpoint;
+use crate::gateway::Shared;
+use crate::metrics::Drop;
+
+fn connections(shared: &Shared) -> Value {
+    let counts = shared.hub.counts();
+    let by_endpoint: serde_json::Map<String, Value> = Endpoint::ALL
+        .iter()
+        .map(|e| (e.as_str().to_owned(), json!(counts.by_endpoint[e.index()])))
+        .collect();
+    json!({"total": counts.total, "by_endpoint": by_endpoint})
+}
+
+/// Fast liveness: no I/O, one short read of the hub's counters.
+pub async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({"status": "healthy", "connections": connections(&shared)}))
+}
+
+/// Readiness: whether the gateway can deliver, with the seed's keys.
+pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
+    let broker = shared.broker.status();
+    let m = &shared.metrics;
+    let processed = m.events_processed.get();
+    let dropped: u64 = [Drop::QueueFull, Drop::Invalid, Drop::Stale]
+        .iter()
+        .map(|d| m.dropped_count(*d))
+        .sum();
+    let drop_rate = if processed + dropped == 0 {
+        0.0
+    } else {
+        dropped as f64 / (processed + dropped) as f64
+    };
+    let sectors = shared.sectors.status();
+    let status = if !broker.connected {
+        "unhealthy"
+    } else if sectors == "degraded" {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let body = json!({
+        "status": status,
+        "broker": {"kind": broker.kind, "status": if broker.connected { "connected" } else { "disconnected" }},
+        "circuit_breaker": {},
+        "connections": connections(&shared),
+        "rate_limiter": {
+            "per_connection_per_s": shared.config.rate_limit_per_s,
+            "tracked_connections": shared.hub.counts().total,
+        },
+        "event_processing": {
+            "queue_size": shared.queue.len(),
+            "queue_capacity": shared.queue.capacity(),
+            "processed": processed,
+            "dropped": dropped,
+            "drop_rate": drop_rate,
+        },
+        "sector_repository": {"status": sectors},
+    });
+    let code = if status == "unhealthy" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(body)).into_response()
+}
+
+pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,40 @@
+//! The HTTP edge: routes, the WebSocket upgrade, health, metrics and the
+//! publish API. Handlers translate between HTTP and the domain; they hold
+//! no state of their own.
+
+mod demo;
+mod health;
+mod publish;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+use crate::gateway::Shared;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let mut router = Router::new()
+        .route("/ws/waiter", get(ws::waiter))
+        .route("/ws/kitchen", get(ws::kitchen))
+        .route("/ws/admin", get(ws::admin))
+        .route("/ws/diner", get(ws::diner))
+        .route("/ws/health", get(health::health))
+        .route("/ws/health/detailed", get(health::detailed))
+        .route("/ws/metrics", get(health::metrics));
+    // Without a key the publish API does not exist (404).
+    if shared.config.api_key.is_some() {
+        // The handler reads the body itself, after checking the key, with
+        // its own limit; axum's default limit is off for this route.
+        router = router.route(
+            "/api/publish",
+            post(publish::publish).layer(DefaultBodyLimit::disable()),
+        );
+    }
+    if shared.demo_page {
+        router = router.route("/", get(demo::page));
+    }
+    router.with_state(shared)
+}

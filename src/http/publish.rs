@@ -1,0 +1,255 @@
+//! `POST /api/publish`: validate a batch completely, then publish it whole
+//! through the broker, or answer why not and publish nothing.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::broker::Publication;
+use crate::channel::Channel;
+use crate::event::{Fields, unix_ms};
+use crate::gateway::Shared;
+
+/// A refusal of the publish API, as `{"error": code, "detail": ...}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "detail": self.detail})),
+        )
+            .into_response()
+    }
+}
+
+pub async fn publish(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(key) = &shared.config.api_key else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if !bearer_matches(&headers, key.expose()) {
+        return ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            detail: "a valid `Authorization: Bearer <key>` header is required".into(),
+        }
+        .into_response();
+    }
+    let limit = shared.config.max_publish_bytes;
+    let Ok(body) = axum::body::to_bytes(body, limit).await else {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "body_too_large",
+            detail: format!("the body exceeds {limit} bytes (WSGATEWAY_MAX_PUBLISH_BYTES)"),
+        }
+        .into_response();
+    };
+    let stale_ms = shared.config.stale_event_s.0.as_millis() as i64;
+    let batch = match read_batch(&body, unix_ms(), stale_ms) {
+        Ok(batch) => batch,
+        Err(e) => return e.into_response(),
+    };
+    let n = batch.len() as u64;
+    match shared.broker.publish(batch).await {
+        Ok(ids) => {
+            shared.metrics.events_published.inc_by(n);
+            (StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "publish failed");
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "broker_unavailable",
+                detail: "the broker cannot take events now; retry later".into(),
+            }
+            .into_response()
+        }
+    }
+}
+
+fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.trim().as_bytes().ct_eq(key.as_bytes()).into()
+}
+
+/// Reads and validates a whole request body: one item or an array of items.
+fn read_batch(body: &[u8], now_ms: i64, stale_ms: i64) -> Result<Vec<Publication>, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("invalid_body", format!("the body is not JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::bad("invalid_body", "the array is empty"));
+        }
+        Value::Array(items) => items,
+        single => vec![single],
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            read_item(item, now_ms, stale_ms).map_err(|mut e| {
+                e.detail = format!("item {i}: {}", e.detail);
+                e
+            })
+        })
+        .collect()
+}
+
+fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, ApiError> {
+    let Value::Object(mut item) = item else {
+        return Err(ApiError::bad("invalid_body", "an item must be an object"));
+    };
+    let names: Vec<Value> = match (item.remove("channel"), item.remove("channels")) {
+        (Some(one), None) => vec![one],
+        (None, Some(Value::Array(many))) if !many.is_empty() => many,
+        (None, Some(_)) => {
+            return Err(ApiError::bad(
+                "invalid_body",
+                "`channels` must be a non-empty array",
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "invalid_body",
+                "an item needs exactly one of `channel` and `channels`",
+            ));
+        }
+    };
+    let mut channels = Vec::with_capacity(names.len());
+    for name in names {
+        let Value::String(name) = name else {
+            return Err(ApiError::bad(
+                "unknown_channel",
+                "a channel must be a string",
+            ));
+        };
+        let channel: Channel = name.parse().map_err(|e: crate::channel::UnknownChannel| {
+            ApiError::bad("unknown_channel", e.to_string())
+        })?;
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    let event: Map<String, Value> = match item.remove("event") {
+        Some(Value::Object(event)) => event,
+        Some(_) => return Err(ApiError::bad("invalid_event", "`event` must be an object")),
+        None => return Err(ApiError::bad("invalid_body", "an item needs an `event`")),
+    };
+    if let Some(extra) = item.keys().next() {
+        return Err(ApiError::bad(
+            "invalid_body",
+            format!("unknown field {extra:?}"),
+        ));
+    }
+    let fields = Fields::read(&event).map_err(|e| ApiError::bad("invalid_event", e.to_string()))?;
+    for channel in &channels {
+        fields
+            .check_channel(*channel)
+            .map_err(|e| ApiError::bad("invalid_event", format!("{e} ({channel})")))?;
+    }
+    if fields.ts_ms.is_some_and(|ts| now_ms - ts > stale_ms) {
+        return Err(ApiError::bad(
+            "stale_event",
+            "the event's `ts` is older than the stale limit",
+        ));
+    }
+    Ok(Publication {
+        channels,
+        event,
+        fields,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(body: &str) -> Result<Vec<Publication>, &'static str> {
+        read_batch(body.as_bytes(), 1_000_000, 30_000).map_err(|e| e.code)
+    }
+
+    #[test]
+    fn accepts_the_three_shapes() {
+        let ev = r#"{"type":"ROUND_READY","tenant_id":1,"branch_id":5}"#;
+        assert_eq!(
+            read(&format!(
+                r#"{{"channel":"channel:branch:5:waiters","event":{ev}}}"#
+            ))
+            .unwrap()
+            .len(),
+            1
+        );
+        let many = read(&format!(
+            r#"{{"channels":["channel:branch:5:waiters","channel:branch:5:admin"],"event":{ev}}}"#
+        ))
+        .unwrap();
+        assert_eq!(many[0].channels.len(), 2);
+        let arr = format!(
+            r#"[{{"channel":"channel:branch:5:kitchen","event":{ev}}},{{"channel":"channel:branch:5:admin","event":{ev}}}]"#
+        );
+        assert_eq!(read(&arr).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn refuses_bad_bodies_whole() {
+        let ev = r#"{"type":"ROUND_READY","tenant_id":1,"branch_id":5}"#;
+        assert_eq!(read("nope").unwrap_err(), "invalid_body");
+        assert_eq!(read("[]").unwrap_err(), "invalid_body");
+        assert_eq!(
+            read(&format!(r#"{{"event":{ev}}}"#)).unwrap_err(),
+            "invalid_body"
+        );
+        assert_eq!(
+            read(&format!(r#"{{"channel":"channel:x","event":{ev}}}"#)).unwrap_err(),
+            "unknown_channel"
+        );
+        assert_eq!(
+            read(&format!(
+                r#"{{"channel":"channel:branch:6:waiters","event":{ev}}}"#
+            ))
+            .unwrap_err(),
+            "invalid_event"
+        );
+        assert_eq!(
+            read(r#"{"channel":"channel:branch:5:waiters","event":{"type":"X","branch_id":5}}"#)
+                .unwrap_err(),
+            "invalid_event"
+        );
+        assert_eq!(read(r#"{"channel":"channel:branch:5:waiters","event":{"type":"X","tenant_id":1,"branch_id":5,"ts":1}}"#).unwrap_err(), "stale_event");
+        let arr = format!(
+            r#"[{{"channel":"channel:branch:5:kitchen","event":{ev}}},{{"channel":"bad","event":{ev}}}]"#
+        );
+        assert_eq!(read(&arr).unwrap_err(), "unknown_channel");
+    }
+}

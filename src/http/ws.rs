@@ -1,0 +1,93 @@
+//! The four WebSocket endpoints: read the upgrade request, hand the socket
+//! to [`crate::connection::serve`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use crate::auth::Endpoint;
+use crate::connection::{self, ConnectRequest};
+use crate::gateway::Shared;
+
+pub async fn waiter(
+    s: State<Arc<Shared>>,
+    c: ConnectInfo<SocketAddr>,
+    q: RawQuery,
+    h: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(Endpoint::Waiter, s, c, q, h, ws)
+}
+
+pub async fn kitchen(
+    s: State<Arc<Shared>>,
+    c: ConnectInfo<SocketAddr>,
+    q: RawQuery,
+    h: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(Endpoint::Kitchen, s, c, q, h, ws)
+}
+
+pub async fn admin(
+    s: State<Arc<Shared>>,
+    c: ConnectInfo<SocketAddr>,
+    q: RawQuery,
+    h: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(Endpoint::Admin, s, c, q, h, ws)
+}
+
+pub async fn diner(
+    s: State<Arc<Shared>>,
+    c: ConnectInfo<SocketAddr>,
+    q: RawQuery,
+    h: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(Endpoint::Diner, s, c, q, h, ws)
+}
+
+fn upgrade(
+    endpoint: Endpoint,
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let param = if endpoint == Endpoint::Diner {
+        "table_token"
+    } else {
+        "token"
+    };
+    let token = query.as_deref().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == param)
+            .map(|(_, v)| v.into_owned())
+    });
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let request = ConnectRequest {
+        endpoint,
+        token,
+        origin,
+        peer,
+    };
+    let max = shared.config.max_message_bytes;
+    let tasks = shared.tasks.clone();
+    ws
+        // A whole message is limited to `max`; a single frame may be larger
+        // so that an oversized message is read to its end and answered with
+        // 1009 cleanly, but not unboundedly larger.
+        .max_message_size(max)
+        .max_frame_size(max.saturating_mul(2))
+        .read_buffer_size(4096)
+        .on_upgrade(move |socket| tasks.track_future(connection::serve(socket, shared, request)))
+}

@@ -1,0 +1,625 @@
+//! The hub: the index of open connections, and fan-out over it.
+//!
+//! Every index is reached through a tenant first (`tenant → branch → role`,
+//! `tenant → (branch, session)`, `tenant → user`), so a lookup for one
+//! tenant cannot return another's connection; each push also re-checks the
+//! connection's tenant as defence in depth. The index sits behind one
+//! `parking_lot::RwLock` held only for short synchronous sections: nothing
+//! is awaited while it is held, so no lock ordering is needed anywhere.
+
+pub mod audience;
+mod handle;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+pub use audience::{Member, SectorScope};
+pub use handle::{ConnHandle, ConnId, Push, monotonic_ms};
+
+use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
+use crate::channel::Channel;
+use crate::event::Event;
+use crate::metrics::Metrics;
+
+type Members = HashMap<ConnId, Arc<ConnHandle>>;
+
+/// Connection limits enforced at registration.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_total: usize,
+    pub max_per_user: usize,
+}
+
+/// Why the hub refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The gateway holds `max_total` connections (1013).
+    AtCapacity,
+    /// The user holds `max_per_user` staff connections (4008).
+    UserLimit,
+}
+
+/// What the hub needs to index a new connection.
+pub struct Registration {
+    pub tenant_id: TenantId,
+    pub endpoint: Endpoint,
+    pub member: Member,
+    /// The token's expiry, Unix seconds; checked by [`Hub::expired`].
+    pub expires_at: u64,
+    pub outbound: tokio::sync::mpsc::Sender<axum::extract::ws::Utf8Bytes>,
+}
+
+/// Result of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub queued: usize,
+    pub overflowed: usize,
+    /// Candidates skipped because they already got this event.
+    pub repeated: usize,
+}
+
+/// Open connections by endpoint.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub total: usize,
+    pub by_endpoint: [usize; 4],
+}
+
+#[derive(Default)]
+struct Branch {
+    /// Every waiter-endpoint connection of the branch.
+    waiters: Members,
+    /// Waiter connections that hear every sector (MANAGER/ADMIN, or unknown
+    /// assignments).
+    waiters_open: Members,
+    /// Waiter connections by assigned sector.
+    waiters_by_sector: HashMap<SectorId, Members>,
+    kitchen: Members,
+    admins: Members,
+}
+
+impl Branch {
+    fn is_empty(&self) -> bool {
+        self.waiters.is_empty() && self.kitchen.is_empty() && self.admins.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Tenant {
+    branches: HashMap<BranchId, Branch>,
+    sessions: HashMap<(BranchId, SessionId), Members>,
+    users: HashMap<UserId, Members>,
+}
+
+struct Entry {
+    handle: Arc<ConnHandle>,
+    member: Member,
+    expires_at: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    conns: HashMap<ConnId, Entry>,
+    counts: Counts,
+    tenants: HashMap<TenantId, Tenant>,
+}
+
+pub struct Hub {
+    index: RwLock<Index>,
+    limits: Limits,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// A connection's place in the hub; dropping it unregisters the connection.
+pub struct Registered {
+    hub: Arc<Hub>,
+    pub handle: Arc<ConnHandle>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.hub.unregister(self.handle.id);
+    }
+}
+
+impl Hub {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            index: RwLock::new(Index::default()),
+            limits,
+            next_id: AtomicU64::new(1),
+            metrics,
+        }
+    }
+
+    /// Indexes a connection, unless a limit forbids it. The total limit is
+    /// checked before the per-user one (DESIGN.md §1.2).
+    pub fn register(self: &Arc<Self>, reg: Registration) -> Result<Registered, Refusal> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(ConnHandle::new(
+            id,
+            reg.tenant_id,
+            reg.endpoint,
+            reg.outbound,
+        ));
+        let mut index = self.index.write();
+        if index.counts.total >= self.limits.max_total {
+            return Err(Refusal::AtCapacity);
+        }
+        let tenant = index.tenants.entry(reg.tenant_id).or_default();
+        match &reg.member {
+            Member::Staff {
+                user_id,
+                branch_ids,
+                sectors,
+            } => {
+                let mine = tenant.users.entry(*user_id).or_default();
+                if mine.len() >= self.limits.max_per_user {
+                    if mine.is_empty() {
+                        tenant.users.remove(user_id);
+                    }
+                    return Err(Refusal::UserLimit);
+                }
+                mine.insert(id, handle.clone());
+                for b in branch_ids {
+                    let branch = tenant.branches.entry(*b).or_default();
+                    index_in_branch(branch, &handle, reg.endpoint, *b, sectors);
+                }
+            }
+            Member::Diner {
+                branch_id,
+                session_id,
+            } => {
+                tenant
+                    .sessions
+                    .entry((*branch_id, *session_id))
+                    .or_default()
+                    .insert(id, handle.clone());
+            }
+        }
+        index.counts.total += 1;
+        index.counts.by_endpoint[reg.endpoint.index()] += 1;
+        index.conns.insert(
+            id,
+            Entry {
+                handle: handle.clone(),
+                member: reg.member,
+                expires_at: reg.expires_at,
+            },
+        );
+        drop(index);
+        self.metrics.connections_total.inc();
+        self.metrics
+            .connections_by_endpoint
+            .with_label_values(&[reg.endpoint.as_str()])
+            .inc();
+        Ok(Registered {
+            hub: self.clone(),
+            handle,
+        })
+    }
+
+    fn unregister(&self, id: ConnId) {
+        let mut index = self.index.write();
+        let Some(entry) = index.conns.remove(&id) else {
+            return;
+        };
+        let endpoint = entry.handle.endpoint;
+        index.counts.total -= 1;
+        index.counts.by_endpoint[endpoint.index()] -= 1;
+        let tenant_id = entry.handle.tenant_id;
+        if let Some(tenant) = index.tenants.get_mut(&tenant_id) {
+            match &entry.member {
+                Member::Staff {
+                    user_id,
+                    branch_ids,
+                    ..
+                } => {
+                    remove_from(&mut tenant.users, user_id, id);
+                    for b in branch_ids {
+                        if let Some(branch) = tenant.branches.get_mut(b) {
+                            unindex_in_branch(branch, id);
+                            if branch.is_empty() {
+                                tenant.branches.remove(b);
+                            }
+                        }
+                    }
+                }
+                Member::Diner {
+                    branch_id,
+                    session_id,
+                } => remove_from(&mut tenant.sessions, &(*branch_id, *session_id), id),
+            }
+            if tenant.branches.is_empty() && tenant.sessions.is_empty() && tenant.users.is_empty() {
+                index.tenants.remove(&tenant_id);
+            }
+        }
+        drop(index);
+        self.metrics.connections_total.dec();
+        self.metrics
+            .connections_by_endpoint
+            .with_label_values(&[endpoint.as_str()])
+            .dec();
+    }
+
+    /// Queues the event's frame to every connection of its audience, except
+    /// those that already got it on one of the `prior` channels.
+    pub fn deliver(&self, event: &Event, prior: &[Channel]) -> Fanout {
+        let index = self.index.read();
+        let mut fanout = Fanout::default();
+        let Some(tenant) = index.tenants.get(&event.fields.tenant_id) else {
+            return fanout;
+        };
+        let mut send = |members: &Members| {
+            for (id, handle) in members {
+                if !prior.is_empty() && index.got_already(*id, prior, event) {
+                    fanout.repeated += 1;
+                    continue;
+                }
+                if handle.tenant_id != event.fields.tenant_id {
+                    // Unreachable by construction; refuse rather than leak.
+                    tracing::error!(conn = id, "tenant mismatch in the hub index; not delivered");
+                    continue;
+                }
+                match handle.push(event.frame.clone()) {
+                    Push::Queued => fanout.queued += 1,
+                    Push::Overflowed => fanout.overflowed += 1,
+                    Push::Gone => {}
+                }
+            }
+        };
+        let branch = |b: BranchId| tenant.branches.get(&b);
+        match event.channel {
+            Channel::BranchWaiters(b) => {
+                if let Some(br) = branch(b) {
+                    match event.fields.sector_id {
+                        None => send(&br.waiters),
+                        Some(s) => send_sector(br, s, &mut send),
+                    }
+                    send(&br.admins);
+                }
+            }
+            Channel::SectorWaiters(b, s) => {
+                if let Some(br) = branch(b) {
+                    send_sector(br, s, &mut send);
+                    send(&br.admins);
+                }
+            }
+            Channel::BranchKitchen(b) => {
+                if let Some(br) = branch(b) {
+                    send(&br.kitchen);
+                    send(&br.admins);
+                }
+            }
+            Channel::BranchAdmin(b) => {
+                if let Some(br) = branch(b) {
+                    send(&br.admins);
+                }
+            }
+            Channel::Session(s) => {
+                if let Some(diners) = tenant.sessions.get(&(event.fields.branch_id, s)) {
+                    send(diners);
+                }
+            }
+        }
+        fanout
+    }
+
+    /// Asks every connection silent for longer than `timeout_ms` to close
+    /// with 1001; returns how many.
+    pub fn close_silent(&self, timeout_ms: u64) -> usize {
+        let now = monotonic_ms();
+        self.close_where(crate::close::GOING_AWAY, |e| {
+            e.handle.silent_for_ms(now) > timeout_ms
+        })
+    }
+
+    /// Asks every connection whose token is no longer valid (per `valid`)
+    /// to close with 4001; returns how many.
+    pub fn close_expired(&self, valid: impl Fn(u64) -> bool) -> usize {
+        self.close_where(crate::close::UNAUTHORIZED, |e| !valid(e.expires_at))
+    }
+
+    /// Asks every connection to close with `code`.
+    pub fn close_all(&self, code: u16) -> usize {
+        self.close_where(code, |_| true)
+    }
+
+    fn close_where(&self, code: u16, pick: impl Fn(&Entry) -> bool) -> usize {
+        let index = self.index.read();
+        let mut n = 0;
+        for entry in index.conns.values().filter(|e| pick(e)) {
+            entry.handle.close(code);
+            n += 1;
+        }
+        n
+    }
+
+    /// The sectors a connection reports (`sector_ids`), `None` when it
+    /// hears every sector or is not indexed.
+    pub fn sectors_of(&self, id: ConnId) -> Option<Vec<SectorId>> {
+        match &self.index.read().conns.get(&id)?.member {
+            Member::Staff { sectors, .. } => sectors.reported(),
+            Member::Diner { .. } => None,
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.index.read().counts
+    }
+}
+
+impl Index {
+    /// Whether connection `id` was in the audience of `event` on any of the
+    /// `prior` channels.
+    fn got_already(&self, id: ConnId, prior: &[Channel], event: &Event) -> bool {
+        self.conns.get(&id).is_some_and(|e| {
+            prior.iter().any(|&c| {
+                audience::receives(
+                    e.handle.tenant_id,
+                    e.handle.endpoint,
+                    &e.member,
+                    c,
+                    &event.fields,
+                )
+            })
+        })
+    }
+}
+
+fn send_sector(br: &Branch, s: SectorId, send: &mut impl FnMut(&Members)) {
+    send(&br.waiters_open);
+    if let Some(assigned) = br.waiters_by_sector.get(&s) {
+        send(assigned);
+    }
+}
+
+fn index_in_branch(
+    branch: &mut Branch,
+    handle: &Arc<ConnHandle>,
+    endpoint: Endpoint,
+    b: BranchId,
+    sectors: &SectorScope,
+) {
+    let id = handle.id;
+    match endpoint {
+        Endpoint::Waiter => {
+            branch.waiters.insert(id, handle.clone());
+            match sectors.in_branch(b) {
+                None => {
+                    branch.waiters_open.insert(id, handle.clone());
+                }
+                Some(assigned) => {
+                    for s in assigned {
+                        branch
+                            .waiters_by_sector
+                            .entry(*s)
+                            .or_default()
+                            .insert(id, handle.clone());
+                    }
+                }
+            }
+        }
+        Endpoint::Kitchen => {
+            branch.kitchen.insert(id, handle.clone());
+        }
+        Endpoint::Admin => {
+            branch.admins.insert(id, handle.clone());
+        }
+        Endpoint::Diner => {}
+    }
+}
+
+fn unindex_in_branch(branch: &mut Branch, id: ConnId) {
+    branch.waiters.remove(&id);
+    branch.waiters_open.remove(&id);
+    branch.waiters_by_sector.retain(|_, m| {
+        m.remove(&id);
+        !m.is_empty()
+    });
+    branch.kitchen.remove(&id);
+    branch.admins.remove(&id);
+}
+
+fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Members>, key: &K, id: ConnId) {
+    if let Some(members) = map.get_mut(key) {
+        members.remove(&id);
+        if members.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Fields;
+    use axum::extract::ws::Utf8Bytes;
+    use tokio::sync::mpsc;
+
+    /// A small deterministic generator (no test dependency needed).
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> i64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 33) % n) as i64
+        }
+    }
+
+    fn random_member(r: &mut Lcg, endpoint: Endpoint) -> Member {
+        if endpoint == Endpoint::Diner {
+            return Member::Diner {
+                branch_id: r.below(3),
+                session_id: r.below(3),
+            };
+        }
+        let mut branch_ids: Vec<i64> = (0..3).filter(|_| r.below(2) == 0).collect();
+        if branch_ids.is_empty() {
+            branch_ids.push(r.below(3));
+        }
+        let sectors = if endpoint == Endpoint::Waiter && r.below(4) != 0 {
+            SectorScope::ByBranch(
+                branch_ids
+                    .iter()
+                    .map(|b| {
+                        let known = r.below(3) != 0;
+                        (
+                            *b,
+                            known.then(|| (0..3).filter(|_| r.below(2) == 0).collect()),
+                        )
+                    })
+                    .collect(),
+            )
+        } else {
+            SectorScope::All
+        };
+        Member::Staff {
+            user_id: r.below(1000),
+            branch_ids,
+            sectors,
+        }
+    }
+
+    fn random_event(r: &mut Lcg) -> Event {
+        let branch = r.below(3);
+        let channel = match r.below(5) {
+            0 => Channel::BranchWaiters(branch),
+            1 => Channel::SectorWaiters(branch, r.below(3)),
+            2 => Channel::BranchKitchen(branch),
+            3 => Channel::BranchAdmin(branch),
+            _ => Channel::Session(r.below(3)),
+        };
+        let sector_id = match channel {
+            Channel::SectorWaiters(_, s) => (r.below(2) == 0).then_some(s),
+            _ => (r.below(2) == 0).then(|| r.below(3)),
+        };
+        let fields = Fields {
+            event_type: "ROUND_READY".into(),
+            tenant_id: r.below(2),
+            branch_id: branch,
+            sector_id,
+            session_id: None,
+            ts_ms: None,
+            event_id: None,
+        };
+        Event::assemble(channel, fields, Utf8Bytes::from_static("{}")).unwrap()
+    }
+
+    #[test]
+    fn the_index_delivers_exactly_to_the_audience_predicate() {
+        let mut r = Lcg(7);
+        for _round in 0..50 {
+            let hub = Arc::new(Hub::new(
+                Limits {
+                    max_total: 10_000,
+                    max_per_user: 10_000,
+                },
+                Arc::new(Metrics::new()),
+            ));
+            let mut conns = Vec::new();
+            for _ in 0..40 {
+                let endpoint = Endpoint::ALL[r.below(4) as usize];
+                let tenant_id = r.below(2);
+                let member = random_member(&mut r, endpoint);
+                let (tx, rx) = mpsc::channel(1000);
+                let reg = hub
+                    .register(Registration {
+                        tenant_id,
+                        endpoint,
+                        member: member.clone(),
+                        expires_at: u64::MAX,
+                        outbound: tx,
+                    })
+                    .unwrap();
+                conns.push((reg, rx, tenant_id, endpoint, member));
+            }
+            // Unregistering some must leave no trace in any index.
+            for _ in 0..5 {
+                let i = r.below(conns.len() as u64) as usize;
+                conns.swap_remove(i);
+            }
+            for _ in 0..30 {
+                let event = random_event(&mut r);
+                let fanout = hub.deliver(&event, &[]);
+                let mut expected = 0;
+                for (_, rx, tenant, endpoint, member) in conns.iter_mut() {
+                    let want = audience::receives(
+                        *tenant,
+                        *endpoint,
+                        member,
+                        event.channel,
+                        &event.fields,
+                    );
+                    let got = rx.try_recv().is_ok();
+                    assert_eq!(
+                        got, want,
+                        "{member:?} on {endpoint:?} of tenant {tenant}, event {event:?}"
+                    );
+                    assert!(rx.try_recv().is_err(), "delivered twice");
+                    expected += want as usize;
+                }
+                assert_eq!(fanout.queued, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn prior_channels_exclude_those_already_served() {
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: 10,
+                max_per_user: 10,
+            },
+            Arc::new(Metrics::new()),
+        ));
+        let staff = |sectors| Member::Staff {
+            user_id: 1,
+            branch_ids: vec![5],
+            sectors,
+        };
+        let (tx_a, mut rx_a) = mpsc::channel(10);
+        let (tx_w, mut rx_w) = mpsc::channel(10);
+        let _a = hub
+            .register(Registration {
+                tenant_id: 1,
+                endpoint: Endpoint::Admin,
+                member: staff(SectorScope::All),
+                expires_at: 0,
+                outbound: tx_a,
+            })
+            .unwrap();
+        let _w = hub
+            .register(Registration {
+                tenant_id: 1,
+                endpoint: Endpoint::Waiter,
+                member: staff(SectorScope::All),
+                expires_at: 0,
+                outbound: tx_w,
+            })
+            .unwrap();
+        let text = r#"{"type":"X","tenant_id":1,"branch_id":5}"#;
+        let ev = Event::parse(
+            Channel::BranchAdmin(5),
+            bytes::Bytes::from_static(text.as_bytes()),
+        )
+        .unwrap();
+        let fanout = hub.deliver(&ev, &[Channel::BranchWaiters(5)]);
+        assert_eq!(
+            fanout,
+            Fanout {
+                queued: 0,
+                overflowed: 0,
+                repeated: 1
+            }
+        );
+        assert!(rx_a.try_recv().is_err() && rx_w.try_recv().is_err());
+        assert_eq!(hub.close_expired(|exp| exp > 0), 2);
+    }
+}

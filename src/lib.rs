@@ -1,0 +1,35 @@
+//! wsgateway: a multi-tenant, role-routed WebSocket notification gateway.
+//!
+//! # Layout
+//!
+//! Data flows one way: broker → dispatcher → hub → connection.
+//!
+//! - [`config`]: every setting, parsed and validated once.
+//! - [`auth`]: staff JWT and table-token verification.
+//! - [`channel`], [`event`]: the wire formats, validated at the edge.
+//! - [`broker`]: where events come from (embedded; the seam for Redis), and
+//!   the bounded drop-oldest queue that feeds the dispatcher.
+//! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
+//! - [`hub`]: the tenant-first index of open connections.
+//! - [`connection`]: one task per socket, admission to close.
+//! - [`http`]: routes, upgrade, health, metrics, publish API.
+//! - [`gateway`]: builds the parts, runs them, shuts them down.
+//! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
+
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod cli;
+pub mod close;
+pub mod config;
+pub mod connection;
+pub mod dispatcher;
+pub mod event;
+pub mod gateway;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod sectors;
+
+pub use config::Config;
+pub use gateway::Gateway;

@@ -1,0 +1,14 @@
+//! The `wsgateway` binary: parse the command line, run the command.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = wsgateway::cli::Cli::parse();
+    match wsgateway::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgateway: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Prometheus metrics, one registry per gateway.
+//!
+//! A registry per gateway (not a process-global recorder) lets several
+//! gateways run in one test process with exact, independent counts. Names
+//! and labels are the seed's `wsgateway_*` ones, plus latency histograms.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::auth::Endpoint;
+
+/// Why a connection was refused (`wsgateway_connections_rejected_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Auth,
+    Forbidden,
+    Origin,
+    MaxTotal,
+    MaxPerUser,
+    RateLimit,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 6] = [
+        Rejection::Auth,
+        Rejection::Forbidden,
+        Rejection::Origin,
+        Rejection::MaxTotal,
+        Rejection::MaxPerUser,
+        Rejection::RateLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Auth => "auth",
+            Rejection::Forbidden => "forbidden",
+            Rejection::Origin => "origin",
+            Rejection::MaxTotal => "max_total",
+            Rejection::MaxPerUser => "max_per_user",
+            Rejection::RateLimit => "rate_limit",
+        }
+    }
+}
+
+/// Why an open connection was closed by the gateway
+/// (`wsgateway_disconnects_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    SlowConsumer,
+    Heartbeat,
+    Binary,
+    TooLarge,
+    InvalidUtf8,
+    ProtocolError,
+    TokenExpired,
+    Shutdown,
+    Internal,
+}
+
+impl Disconnect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::SlowConsumer => "slow_consumer",
+            Disconnect::Heartbeat => "heartbeat",
+            Disconnect::Binary => "binary",
+            Disconnect::TooLarge => "too_large",
+            Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::ProtocolError => "protocol_error",
+            Disconnect::TokenExpired => "token_expired",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::Internal => "internal",
+        }
+    }
+}
+
+/// Why an event was not dispatched (`wsgateway_events_dropped_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// The event queue was full and this was its oldest event.
+    QueueFull,
+    /// Malformed, or inconsistent with its channel.
+    Invalid,
+    /// Older than the stale limit at dispatch.
+    Stale,
+}
+
+impl Drop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::QueueFull => "queue_full",
+            Drop::Invalid => "invalid",
+            Drop::Stale => "stale",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Open connections (the seed's meaning: a gauge despite `_total`).
+    pub connections_total: IntGauge,
+    pub connections_by_endpoint: IntGaugeVec,
+    pub connections_rejected: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    /// Frames queued to connections.
+    pub broadcasts_total: IntCounter,
+    /// Frames that could not be queued (the connection's queue was full).
+    pub broadcasts_failed: IntCounter,
+    pub events_processed: IntCounter,
+    pub events_dropped: IntCounterVec,
+    pub events_unknown_type: IntCounter,
+    pub events_deduplicated: IntCounter,
+    pub events_published: IntCounter,
+    /// Event received → last recipient queued, seconds.
+    pub dispatch_seconds: Histogram,
+    /// Recipients per dispatched event.
+    pub fanout_size: Histogram,
+    /// The event's `ts` → recipients queued, seconds.
+    pub publish_to_queue_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let m = Metrics {
+            connections_total: IntGauge::new(
+                "wsgateway_connections_total",
+                "Open WebSocket connections",
+            )
+            .unwrap(),
+            connections_by_endpoint: IntGaugeVec::new(
+                Opts::new(
+                    "wsgateway_connections_by_endpoint",
+                    "Open WebSocket connections by endpoint",
+                ),
+                &["endpoint"],
+            )
+            .unwrap(),
+            connections_rejected: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_connections_rejected_total",
+                    "Connections refused or closed for breaking a rule, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            disconnects: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_disconnects_total",
+                    "Open connections closed by the gateway, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            broadcasts_total: IntCounter::new(
+                "wsgateway_broadcasts_total",
+                "Event frames queued to connections",
+            )
+            .unwrap(),
+            broadcasts_failed: IntCounter::new(
+                "wsgateway_broadcasts_failed_total",
+                "Event frames not queued because the connection's queue was full",
+            )
+            .unwrap(),
+            events_processed: IntCounter::new(
+                "wsgateway_events_processed_total",
+                "Events dispatched to their audience",
+            )
+            .unwrap(),
+            events_dropped: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_events_dropped_total",
+                    "Events not dispatched, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            events_unknown_type: IntCounter::new(
+                "wsgateway_events_unknown_type_total",
+                "Events of a type the gateway does not know (still delivered)",
+            )
+            .unwrap(),
+            events_deduplicated: IntCounter::new(
+                "wsgateway_events_deduplicated_total",
+                "Repeated arrivals of an event within the de-duplication window",
+            )
+            .unwrap(),
+            events_published: IntCounter::new(
+                "wsgateway_events_published_total",
+                "Events accepted by the publish API",
+            )
+            .unwrap(),
+            dispatch_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgateway_dispatch_seconds",
+                    "Time from an event's arrival to its last recipient queued",
+                )
+                .buckets(vec![
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.5,
+                ]),
+            )
+            .unwrap(),
+            fanout_size: Histogram::with_opts(
+                HistogramOpts::new("wsgateway_fanout_size", "Recipients per dispatched event")
+                    .buckets(vec![
+                        0.0, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0,
+                    ]),
+            )
+            .unwrap(),
+            publish_to_queue_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgateway_publish_to_queue_seconds",
+                    "Time from an event's ts to its recipients queued",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]),
+            )
+            .unwrap(),
+            registry,
+        };
+        m.register_all();
+        for e in Endpoint::ALL {
+            m.connections_by_endpoint
+                .with_label_values(&[e.as_str()])
+                .set(0);
+        }
+        for r in Rejection::ALL {
+            m.connections_rejected
+                .with_label_values(&[r.as_str()])
+                .inc_by(0);
+        }
+        for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
+            m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
+        }
+        m
+    }
+
+    fn register_all(&self) {
+        let r = &self.registry;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.connections_total.clone()),
+            Box::new(self.connections_by_endpoint.clone()),
+            Box::new(self.connections_rejected.clone()),
+            Box::new(self.disconnects.clone()),
+            Box::new(self.broadcasts_total.clone()),
+            Box::new(self.broadcasts_failed.clone()),
+            Box::new(self.events_processed.clone()),
+            Box::new(self.events_dropped.clone()),
+            Box::new(self.events_unknown_type.clone()),
+            Box::new(self.events_deduplicated.clone()),
+            Box::new(self.events_published.clone()),
+            Box::new(self.dispatch_seconds.clone()),
+            Box::new(self.fanout_size.clone()),
+            Box::new(self.publish_to_queue_seconds.clone()),
+        ];
+        for c in collectors {
+            r.register(c).expect("metric names are unique");
+        }
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.connections_rejected
+            .with_label_values(&[why.as_str()])
+            .inc();
+    }
+
+    pub fn disconnected(&self, why: Disconnect) {
+        self.disconnects.with_label_values(&[why.as_str()]).inc();
+    }
+
+    pub fn dropped(&self, why: Drop) {
+        self.events_dropped.with_label_values(&[why.as_str()]).inc();
+    }
+
+    pub fn dropped_count(&self, why: Drop) -> u64 {
+        self.events_dropped.with_label_values(&[why.as_str()]).get()
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
