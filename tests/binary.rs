@@ -1,0 +1,214 @@
+//! The real binary: `serve` shuts down on SIGTERM closing every client with
+//! 1001 and exiting 0; `dev` prints tokens and a publish command that work
+//! as printed.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgateway");
+
+/// Reads `lines` until one contains `needle`; returns that line.
+async fn wait_for_line<R: tokio::io::AsyncRead + Unpin>(
+    lines: &mut tokio::io::Lines<BufReader<R>>,
+    needle: &str,
+) -> String {
+    let find = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the output ended before {needle:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(30), find)
+        .await
+        .expect("timely output")
+}
+
+fn terminate(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = wait_for_line(&mut stderr, "listening").await;
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut clients = Vec::new();
+    for (endpoint, token) in [
+        ("waiter", staff(1, 1, &[5], &["WAITER"])),
+        ("kitchen", staff(2, 1, &[5], &["KITCHEN"])),
+        ("admin", staff(3, 1, &[5], &["ADMIN"])),
+        ("diner", diner(1, 5, 1, 77)),
+    ] {
+        let param = if endpoint == "diner" {
+            "table_token"
+        } else {
+            "token"
+        };
+        let mut c = Client::open(&format!("ws://{addr}/ws/{endpoint}?{param}={token}"), None).await;
+        assert_eq!(c.next_json().await.unwrap()["type"], "connected");
+        clients.push(c);
+    }
+    terminate(&child);
+    for c in &mut clients {
+        assert_eq!(c.close_code().await, Some(1001));
+    }
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Nothing secret was logged on the way.
+    let rest = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut all = String::new();
+        while let Ok(Some(l)) = stderr.next_line().await {
+            all.push_str(&l);
+        }
+        all
+    })
+    .await
+    .unwrap();
+    assert!(
+        !rest.contains(JWT_SECRET) && !rest.contains("token="),
+        "{rest}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", "s")
+        .env("TABLE_TOKEN_SECRET", "t")
+        .env("WSGATEWAY_MAX_CONNECTIONS", "many")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("WSGATEWAY_MAX_CONNECTIONS"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve"])
+        .env_remove("JWT_SECRET")
+        .env_remove("TABLE_TOKEN_SECRET")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("TABLE_TOKEN_SECRET")
+    );
+}
+
+#[tokio::test]
+async fn dev_prints_tokens_and_a_publish_command_that_work() {
+    let mut child = Command::new(BIN)
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .env_remove("JWT_SECRET")
+        .env_remove("TABLE_TOKEN_SECRET")
+        .env_remove("WSGATEWAY_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url_of = |line: String| line.split_whitespace().nth(1).unwrap().to_owned();
+    let waiter = url_of(wait_for_line(&mut stdout, "/ws/waiter?token=").await);
+    let kitchen = url_of(wait_for_line(&mut stdout, "/ws/kitchen?token=").await);
+    let admin = url_of(wait_for_line(&mut stdout, "/ws/admin?token=").await);
+    let diner = url_of(wait_for_line(&mut stdout, "/ws/diner?table_token=").await);
+    let publish = wait_for_line(&mut stdout, " publish --url ").await;
+    let curl = wait_for_line(&mut stdout, "curl ").await;
+
+    let mut clients = Vec::new();
+    for url in [&waiter, &kitchen, &admin, &diner] {
+        let mut c = Client::open(url, None).await;
+        assert_eq!(c.next_json().await.unwrap()["type"], "connected", "{url}");
+        clients.push(c);
+    }
+    let run = |cmd: String| async move {
+        let out = Command::new("sh")
+            .args(["-c", &cmd])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let answer = run(publish.trim().to_owned()).await;
+    let id = answer["event_ids"][0].clone();
+    let [w, k, a, d] = &mut clients[..] else {
+        unreachable!()
+    };
+    let got = w.next_json().await.unwrap();
+    assert_eq!(
+        (got["type"].clone(), got["event_id"].clone()),
+        (json!("ROUND_READY"), id.clone())
+    );
+    assert_eq!(a.next_json().await.unwrap()["event_id"], id);
+    let answer = run(curl.trim().to_owned()).await;
+    let got = d.next_json().await.unwrap();
+    assert_eq!(got["event_id"], answer["event_ids"][0]);
+    assert_eq!(got["type"], "PAYMENT_APPROVED");
+    assert!(
+        k.next_json_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // The demo page is served.
+    let page = reqwest::get(
+        waiter
+            .replace("ws://", "http://")
+            .split("/ws/")
+            .next()
+            .unwrap()
+            .to_owned()
+            + "/",
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(page.contains("wsgateway dev"));
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}

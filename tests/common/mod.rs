@@ -1,0 +1,305 @@
+//! Test support: a real gateway on a loopback port, real WebSocket clients,
+//! real HTTP calls.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use wsgateway::auth::{StaffClaims, TableClaims, mint, unix_now};
+use wsgateway::config::{Secret, Secs};
+use wsgateway::{Config, Gateway};
+
+pub const JWT_SECRET: &str = "test-jwt-secret";
+pub const TABLE_SECRET: &str = "test-table-secret";
+pub const API_KEY: &str = "test-api-key";
+
+/// A gateway serving on 127.0.0.1:<random port> inside the test process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub fn config() -> Config {
+    let mut c = Config::with_secrets(JWT_SECRET, TABLE_SECRET);
+    c.api_key = Some(Secret(API_KEY.into()));
+    // Test clients often stop reading: do not wait long for close replies.
+    c.close_timeout_s = Secs(Duration::from_secs(1));
+    c
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestGateway {
+        let mut c = config();
+        configure(&mut c);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let gateway = Gateway::new(c).unwrap();
+        let signal = stop.clone().cancelled_owned();
+        let task = tokio::spawn(gateway.serve(listener, signal));
+        TestGateway { addr, stop, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connects to `/ws/<endpoint>` with `token` (or `table_token` for the
+    /// diner endpoint).
+    pub async fn connect(&self, endpoint: &str, token: &str) -> Client {
+        self.connect_with(endpoint, token, None).await
+    }
+
+    pub async fn connect_with(&self, endpoint: &str, token: &str, origin: Option<&str>) -> Client {
+        let param = if endpoint == "diner" {
+            "table_token"
+        } else {
+            "token"
+        };
+        let url = format!("ws://{}/ws/{endpoint}?{param}={token}", self.addr);
+        Client::open(&url, origin).await
+    }
+
+    /// Connects and reads the `connected` message.
+    pub async fn join(&self, endpoint: &str, token: &str) -> (Client, Value) {
+        let mut c = self.connect(endpoint, token).await;
+        let hello = c.next_json().await.expect("a connected message");
+        assert_eq!(hello["type"], "connected", "{hello}");
+        (c, hello)
+    }
+
+    /// `POST /api/publish` with the test key; returns status and body.
+    pub async fn publish(&self, body: &Value) -> (u16, Value) {
+        self.publish_raw(Some(API_KEY), body.to_string()).await
+    }
+
+    pub async fn publish_raw(&self, key: Option<&str>, body: String) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(self.url("/api/publish"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Publishes one event on one channel and expects a 202.
+    pub async fn publish_one(&self, channel: &str, event: Value) -> String {
+        let (status, body) = self
+            .publish(&json!({"channel": channel, "event": event}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["event_ids"][0].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = reqwest::get(self.url(path)).await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/ws/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample of `/ws/metrics`, e.g.
+    /// `wsgateway_connections_rejected_total{reason="auth"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, sample).unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().unwrap())
+}
+
+pub fn staff_token(sub: Value, tenant: i64, branches: &[i64], roles: &[&str]) -> String {
+    staff_token_exp(sub, tenant, branches, roles, unix_now() + 3600)
+}
+
+pub fn staff_token_exp(
+    sub: Value,
+    tenant: i64,
+    branches: &[i64],
+    roles: &[&str],
+    exp: u64,
+) -> String {
+    let claims = json!({
+        "sub": sub, "tenant_id": tenant, "branch_ids": branches, "roles": roles,
+        "exp": exp, "iat": unix_now(),
+    });
+    mint(JWT_SECRET, &claims)
+}
+
+/// A staff token with typed claims (integer sub).
+pub fn staff(sub: i64, tenant: i64, branches: &[i64], roles: &[&str]) -> String {
+    mint(
+        JWT_SECRET,
+        &StaffClaims {
+            sub,
+            tenant_id: tenant,
+            branch_ids: branches.to_vec(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            exp: unix_now() + 3600,
+            iat: None,
+            jti: None,
+        },
+    )
+}
+
+pub fn diner(tenant: i64, branch: i64, table: i64, session: i64) -> String {
+    mint(
+        TABLE_SECRET,
+        &TableClaims {
+            tenant_id: tenant,
+            branch_id: branch,
+            table_id: table,
+            session_id: session,
+            exp: unix_now() + 3600,
+        },
+    )
+}
+
+pub fn event(kind: &str, tenant: i64, branch: i64) -> Value {
+    json!({"type": kind, "tenant_id": tenant, "branch_id": branch})
+}
+
+/// A real WebSocket client.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How long a client waits for a frame that should come.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl Client {
+    pub async fn open(url: &str, origin: Option<&str>) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(origin) = origin {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("handshake");
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends and returns whether the socket accepted it (it may be closing).
+    pub async fn try_send(&mut self, m: Message) -> bool {
+        self.ws.send(m).await.is_ok()
+    }
+
+    /// The next text frame as JSON, or `None` on close, error or timeout.
+    pub async fn next_json(&mut self) -> Option<Value> {
+        self.next_json_within(WAIT).await
+    }
+
+    pub async fn next_json_within(&mut self, wait: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??
+                .ok()?;
+            match m {
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("JSON frame"));
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Sends a text message and returns the next JSON frame.
+    pub async fn ask(&mut self, text: &str) -> Value {
+        self.send_text(text).await;
+        self.next_json().await.expect("a reply")
+    }
+
+    /// Reads (and discards) frames until the server's close frame; returns
+    /// its code, or `None` when the connection ended without one.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        self.close_code_within(WAIT).await
+    }
+
+    pub async fn close_code_within(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => panic!("no close frame within {wait:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Reads every text frame up to the server's close frame; returns them
+    /// and the close code (`None` when the connection ended without one).
+    pub async fn until_close(&mut self) -> (Vec<Value>, Option<u16>) {
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Err(_) => panic!("no close frame within {WAIT:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return (got, None),
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return (got, frame.map(|f| u16::from(f.code)));
+                }
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    got.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Collects every text frame that arrives until `quiet` passes with none.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut got = Vec::new();
+        while let Some(v) = self.next_json_within(quiet).await {
+            got.push(v);
+        }
+        got
+    }
+}
