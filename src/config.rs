@@ -102,6 +102,28 @@ settings! {
     jwt_revalidate_s: Secs = Some("300"), env = "WSGATEWAY_JWT_REVALIDATE_S", flag = "jwt-revalidate-s";
     /// Browser origins allowed on the staff endpoints (comma list); unset allows any.
     allowed_origins: Option<Origins> = None, env = "ALLOWED_ORIGINS", flag = "allowed-origins";
+    /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
+    redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
+    /// Timeout of one Redis connect or command, in seconds.
+    redis_timeout_s: Secs = Some("2"), env = "WSGATEWAY_REDIS_TIMEOUT_S", flag = "redis-timeout-s";
+    /// First reconnect delay after losing Redis (decorrelated jitter), in seconds.
+    redis_retry_base_s: Secs = Some("0.5"), env = "WSGATEWAY_REDIS_RETRY_BASE_S", flag = "redis-retry-base-s";
+    /// Longest reconnect delay, in seconds.
+    redis_retry_max_s: Secs = Some("10"), env = "WSGATEWAY_REDIS_RETRY_MAX_S", flag = "redis-retry-max-s";
+    /// Period of the Redis health check (PING), in seconds.
+    redis_health_check_s: Secs = Some("1"), env = "WSGATEWAY_REDIS_HEALTH_CHECK_S", flag = "redis-health-check-s";
+    /// Consecutive Redis failures that open the circuit breaker.
+    breaker_failure_threshold: u32 = Some("5"), env = "WSGATEWAY_BREAKER_FAILURE_THRESHOLD", flag = "breaker-failure-threshold";
+    /// Time an open breaker waits before half-opening, in seconds.
+    breaker_recovery_s: Secs = Some("30"), env = "WSGATEWAY_BREAKER_RECOVERY_S", flag = "breaker-recovery-s";
+    /// Trial calls a half-open breaker allows; all must succeed to close it.
+    breaker_half_open_calls: u32 = Some("3"), env = "WSGATEWAY_BREAKER_HALF_OPEN_CALLS", flag = "breaker-half-open-calls";
+    /// Window of the event drop-rate tracker, in seconds.
+    drop_rate_window_s: Secs = Some("60"), env = "WSGATEWAY_DROP_RATE_WINDOW_S", flag = "drop-rate-window-s";
+    /// Drop rate (0 to 1) above which an alert is logged.
+    drop_rate_alert: Ratio = Some("0.05"), env = "WSGATEWAY_DROP_RATE_ALERT", flag = "drop-rate-alert";
+    /// Least time between two drop-rate alerts, in seconds.
+    drop_rate_alert_cooldown_s: Secs = Some("300"), env = "WSGATEWAY_DROP_RATE_ALERT_COOLDOWN_S", flag = "drop-rate-alert-cooldown-s";
     /// Bearer key of `POST /api/publish`; unset disables the publish API.
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
     /// Open connections allowed in total (every endpoint); beyond it, 1013.
@@ -264,6 +286,19 @@ impl SettingValue for Secs {
         match raw.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Secs(Duration::from_secs_f64(s))),
             _ => Err(format!("{raw:?} is not a positive number of seconds")),
+        }
+    }
+}
+
+/// A fraction between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ratio(pub f64);
+
+impl SettingValue for Ratio {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => Ok(Ratio(r)),
+            _ => Err(format!("{raw:?} is not a number between 0 and 1")),
         }
     }
 }

@@ -83,7 +83,7 @@ impl Dispatcher {
         }
         let fanout = self.hub.deliver(&event, &prior);
         let m = &self.metrics;
-        m.events_processed.inc();
+        m.processed();
         if !event.fields.is_known_type() {
             m.events_unknown_type.inc();
         }

@@ -14,9 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{KeyError, Verifier};
-use crate::broker::{Broker, EmbeddedBroker, EventQueue};
+use crate::broker::{
+    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, RedisBroker, RedisTiming,
+};
 use crate::config::Config;
 use crate::dispatcher::Dispatcher;
+use crate::drop_rate::DropRate;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
 use crate::sectors::SectorAssignments;
@@ -43,6 +46,8 @@ pub struct Shared {
 pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Redis(#[from] BadRedisUrl),
 }
 
 pub struct Gateway {
@@ -51,7 +56,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Gateway, StartError> {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_drop_rate(DropRate::new(
+            config.drop_rate_window_s.0,
+            config.drop_rate_alert.0,
+            config.drop_rate_alert_cooldown_s.0,
+        )));
         let verifier = Verifier::new(&config)?;
         let hub = Arc::new(Hub::new(
             Limits {
@@ -61,7 +70,26 @@ impl Gateway {
             metrics.clone(),
         ));
         let queue = Arc::new(EventQueue::new(config.event_queue_size, metrics.clone()));
-        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(queue.clone()));
+        let broker: Arc<dyn Broker> = match &config.redis_url {
+            None => Arc::new(EmbeddedBroker::new(queue.clone())),
+            Some(url) => Arc::new(RedisBroker::new(
+                url.expose(),
+                RedisTiming {
+                    timeout: config.redis_timeout_s.0,
+                    retry_base: config.redis_retry_base_s.0,
+                    retry_max: config.redis_retry_max_s.0,
+                    health_check: config.redis_health_check_s.0,
+                },
+                BreakerConfig {
+                    failure_threshold: config.breaker_failure_threshold,
+                    recovery: config.breaker_recovery_s.0,
+                    half_open_calls: config.breaker_half_open_calls,
+                },
+                queue.clone(),
+                metrics.clone(),
+            )?),
+        };
+        tracing::info!(broker = broker.status().kind, "broker");
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
@@ -106,6 +134,9 @@ impl Gateway {
         );
         shared.tasks.spawn(dispatcher.run(shared.shutdown.clone()));
         shared.tasks.spawn(cleanup(shared.clone()));
+        shared
+            .tasks
+            .spawn(shared.broker.clone().run(shared.shutdown.clone()));
 
         let app =
             crate::http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -24,6 +24,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod dispatcher;
+pub mod drop_rate;
 pub mod event;
 pub mod gateway;
 pub mod http;

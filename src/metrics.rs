@@ -4,12 +4,16 @@
 //! gateways run in one test process with exact, independent counts. Names
 //! and labels are the seed's `wsgateway_*` ones, plus latency histograms.
 
+use std::time::Duration;
+
+use parking_lot::Mutex;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::auth::Endpoint;
+use crate::drop_rate::DropRate;
 
 /// Why a connection was refused (`wsgateway_connections_rejected_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +64,18 @@ pub enum Disconnect {
 }
 
 impl Disconnect {
+    pub const ALL: [Disconnect; 9] = [
+        Disconnect::SlowConsumer,
+        Disconnect::Heartbeat,
+        Disconnect::Binary,
+        Disconnect::TooLarge,
+        Disconnect::InvalidUtf8,
+        Disconnect::ProtocolError,
+        Disconnect::TokenExpired,
+        Disconnect::Shutdown,
+        Disconnect::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Disconnect::SlowConsumer => "slow_consumer",
@@ -118,10 +134,36 @@ pub struct Metrics {
     pub fanout_size: Histogram,
     /// The event's `ts` → recipients queued, seconds.
     pub publish_to_queue_seconds: Histogram,
+    /// The event's `ts` → written to the client (once per written batch,
+    /// for its newest frame), seconds.
+    pub publish_to_client_seconds: Histogram,
+    /// Never incremented: the gateway does not rate-limit broadcasts (fan-out
+    /// is bounded by per-connection queues instead). Kept so the seed's
+    /// dashboards find the series.
+    pub broadcast_rate_limited: IntCounter,
+    /// Sizes of the hub's indices: the replacement of the seed's
+    /// `wsgateway_locks_*` (a sharded lock per branch and per user).
+    pub hub_index_entries: IntGaugeVec,
+    pub event_drop_rate: Gauge,
+    /// 0 closed, 1 open, 2 half-open.
+    pub circuit_breaker_state: IntGaugeVec,
+    pub circuit_breaker_failures: IntGaugeVec,
+    pub circuit_breaker_transitions: IntCounterVec,
+    drop_rate: Mutex<DropRate>,
 }
 
 impl Metrics {
+    /// Metrics with the seed's drop-rate alert: over 5 % in 60 s, at most
+    /// once per 5 min.
     pub fn new() -> Metrics {
+        Self::with_drop_rate(DropRate::new(
+            Duration::from_secs(60),
+            0.05,
+            Duration::from_secs(300),
+        ))
+    }
+
+    pub fn with_drop_rate(drop_rate: DropRate) -> Metrics {
         let registry = Registry::new();
         let m = Metrics {
             connections_total: IntGauge::new(
@@ -219,6 +261,59 @@ impl Metrics {
                 ]),
             )
             .unwrap(),
+            publish_to_client_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wsgateway_publish_to_client_seconds",
+                    "Time from an event's ts to its frame written to a client",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]),
+            )
+            .unwrap(),
+            broadcast_rate_limited: IntCounter::new(
+                "wsgateway_broadcast_rate_limited_total",
+                "Broadcasts refused by a rate limit (always 0: broadcasts are not rate-limited)",
+            )
+            .unwrap(),
+            hub_index_entries: IntGaugeVec::new(
+                Opts::new(
+                    "wsgateway_hub_index_entries",
+                    "Keys in each hub index (replaces the seed's wsgateway_locks_*)",
+                ),
+                &["index"],
+            )
+            .unwrap(),
+            event_drop_rate: Gauge::new(
+                "wsgateway_event_drop_rate",
+                "Dropped / (processed + dropped) events over the drop-rate window",
+            )
+            .unwrap(),
+            circuit_breaker_state: IntGaugeVec::new(
+                Opts::new(
+                    "wsgateway_circuit_breaker_state",
+                    "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+                ),
+                &["name"],
+            )
+            .unwrap(),
+            circuit_breaker_failures: IntGaugeVec::new(
+                Opts::new(
+                    "wsgateway_circuit_breaker_failures",
+                    "Consecutive failures seen by the circuit breaker",
+                ),
+                &["name"],
+            )
+            .unwrap(),
+            circuit_breaker_transitions: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_circuit_breaker_transitions_total",
+                    "Circuit breaker state changes, by the state entered",
+                ),
+                &["name", "to"],
+            )
+            .unwrap(),
+            drop_rate: Mutex::new(drop_rate),
             registry,
         };
         m.register_all();
@@ -231,6 +326,9 @@ impl Metrics {
             m.connections_rejected
                 .with_label_values(&[r.as_str()])
                 .inc_by(0);
+        }
+        for d in Disconnect::ALL {
+            m.disconnects.with_label_values(&[d.as_str()]).inc_by(0);
         }
         for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
             m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
@@ -255,6 +353,13 @@ impl Metrics {
             Box::new(self.dispatch_seconds.clone()),
             Box::new(self.fanout_size.clone()),
             Box::new(self.publish_to_queue_seconds.clone()),
+            Box::new(self.publish_to_client_seconds.clone()),
+            Box::new(self.broadcast_rate_limited.clone()),
+            Box::new(self.hub_index_entries.clone()),
+            Box::new(self.event_drop_rate.clone()),
+            Box::new(self.circuit_breaker_state.clone()),
+            Box::new(self.circuit_breaker_failures.clone()),
+            Box::new(self.circuit_breaker_transitions.clone()),
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");
@@ -273,6 +378,29 @@ impl Metrics {
 
     pub fn dropped(&self, why: Drop) {
         self.events_dropped.with_label_values(&[why.as_str()]).inc();
+        let mut tracker = self.drop_rate.lock();
+        let alert = tracker.dropped();
+        self.event_drop_rate.set(tracker.rate());
+        drop(tracker);
+        if let Some(rate) = alert {
+            tracing::warn!(
+                drop_rate = format!("{:.1}%", rate * 100.0),
+                "High drop rate detected: events are being dropped"
+            );
+        }
+    }
+
+    /// Counts an event dispatched to its audience.
+    pub fn processed(&self) {
+        self.events_processed.inc();
+        let mut tracker = self.drop_rate.lock();
+        tracker.processed();
+        self.event_drop_rate.set(tracker.rate());
+    }
+
+    /// The drop rate over the window.
+    pub fn drop_rate(&self) -> f64 {
+        self.drop_rate.lock().rate()
     }
 
     pub fn dropped_count(&self, why: Drop) -> u64 {

@@ -135,7 +135,10 @@ async fn the_publish_api_answers_as_documented() {
     let huge = json!({"channel": "channel:branch:5:kitchen",
                       "event": {"type": "X", "tenant_id": 1, "branch_id": 5, "pad": "x".repeat(2 << 20)}});
     let (status, answer) = gw.publish_raw(Some(API_KEY), huge.to_string()).await;
-    assert_eq!((status, answer["error"].as_str()), (413, Some("body_too_large")));
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (413, Some("body_too_large"))
+    );
     // The key is checked first.
     assert_eq!(gw.publish_raw(Some("wrong"), huge.to_string()).await.0, 401);
     // A batch: one id per event, in order.

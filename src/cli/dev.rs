@@ -18,6 +18,10 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let s = &mut args.settings;
     s.listen.get_or_insert_with(|| "127.0.0.1:8001".into());
     let mut config = args.load()?;
+    // `dev` is the one-node development gateway: always the embedded broker.
+    if config.redis_url.take().is_some() {
+        eprintln!("wsgateway dev: ignoring REDIS_URL (dev always uses the embedded broker)");
+    }
     let jwt = config
         .jwt_secret
         .get_or_insert(Secret(DEV_JWT_SECRET.into()))

@@ -24,8 +24,9 @@ pub use messages::ClientMessage;
 
 use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
 use crate::close;
+use crate::event::unix_ms;
 use crate::gateway::Shared;
-use crate::hub::{Member, Refusal, Registered, Registration, SectorScope};
+use crate::hub::{Member, Outbound, Refusal, Registered, Registration, SectorScope};
 use crate::metrics::{Disconnect, Rejection};
 
 /// Frames written per flush when more are queued.
@@ -80,12 +81,17 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
             _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
             Some(frame) = outbound.recv() => {
                 tokio::select! {
-                    written = write_batch(&mut socket, frame, &mut outbound) => {
-                        if let Err(e) = written {
+                    written = write_batch(&mut socket, frame, &mut outbound) => match written {
+                        Ok(published_ms) if published_ms > 0 => shared
+                            .metrics
+                            .publish_to_client_seconds
+                            .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
+                        Ok(_) => {}
+                        Err(e) => {
                             tracing::debug!(error = %e, "write failed");
                             break None;
                         }
-                    }
+                    },
                     code = handle.close_requested() => break Some(code),
                     _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
                 }
@@ -107,7 +113,7 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
                             other => Utf8Bytes::from_static(other.fixed_reply().unwrap_or_default()),
                         };
                         // Replies share the outbound queue: one writer, in order.
-                        handle.push(reply);
+                        handle.push(Outbound::reply(reply));
                     }
                     Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
                     Message::Ping(_) | Message::Pong(_) => {}
@@ -135,7 +141,7 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
 async fn admit(
     shared: &Arc<Shared>,
     req: &ConnectRequest,
-) -> Result<(Registered, mpsc::Receiver<Utf8Bytes>), (u16, Rejection)> {
+) -> Result<(Registered, mpsc::Receiver<Outbound>), (u16, Rejection)> {
     let config = &shared.config;
     let span = tracing::Span::current();
     let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
@@ -193,7 +199,7 @@ async fn admit(
 
     let (tx, rx) = mpsc::channel(config.send_queue_size);
     // Queued before registration, so that no event can precede it.
-    tx.try_send(Utf8Bytes::from(connected.to_string()))
+    tx.try_send(Outbound::reply(Utf8Bytes::from(connected.to_string())))
         .expect("a new queue has room");
     let registered = shared
         .hub
@@ -229,20 +235,25 @@ fn sectors_updated(shared: &Shared, registered: &Registered) -> Utf8Bytes {
 }
 
 /// Writes `first` and whatever else is already queued (up to a batch), then
-/// flushes once.
+/// flushes once. Returns the newest publish time (`ts`) in the batch, or 0.
 async fn write_batch(
     socket: &mut WebSocket,
-    first: Utf8Bytes,
-    outbound: &mut mpsc::Receiver<Utf8Bytes>,
-) -> Result<(), axum::Error> {
-    socket.feed(Message::Text(first)).await?;
+    first: Outbound,
+    outbound: &mut mpsc::Receiver<Outbound>,
+) -> Result<i64, axum::Error> {
+    let mut published_ms = first.published_ms;
+    socket.feed(Message::Text(first.frame)).await?;
     for _ in 1..WRITE_BATCH {
         match outbound.try_recv() {
-            Ok(frame) => socket.feed(Message::Text(frame)).await?,
+            Ok(next) => {
+                published_ms = published_ms.max(next.published_ms);
+                socket.feed(Message::Text(next.frame)).await?;
+            }
             Err(_) => break,
         }
     }
-    socket.flush().await
+    socket.flush().await?;
+    Ok(published_ms)
 }
 
 /// The close code for a failed read, if the client is still there to get one.

@@ -35,10 +35,11 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         .iter()
         .map(|d| m.dropped_count(*d))
         .sum();
-    let drop_rate = if processed + dropped == 0 {
-        0.0
-    } else {
-        dropped as f64 / (processed + dropped) as f64
+    let breakers = match broker.breaker {
+        Some((state, failures)) => {
+            json!({"redis": {"state": state.as_str(), "failures": failures}})
+        }
+        None => json!({}),
     };
     let sectors = shared.sectors.status();
     let status = if !broker.connected {
@@ -51,7 +52,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
     let body = json!({
         "status": status,
         "broker": {"kind": broker.kind, "status": if broker.connected { "connected" } else { "disconnected" }},
-        "circuit_breaker": {},
+        "circuit_breaker": breakers,
         "connections": connections(&shared),
         "rate_limiter": {
             "per_connection_per_s": shared.config.rate_limit_per_s,
@@ -62,7 +63,8 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
             "queue_capacity": shared.queue.capacity(),
             "processed": processed,
             "dropped": dropped,
-            "drop_rate": drop_rate,
+            "drop_rate": m.drop_rate(),
+            "drop_rate_window_s": shared.config.drop_rate_window_s.0.as_secs().max(1),
         },
         "sector_repository": {"status": sectors},
     });
@@ -75,12 +77,25 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    // Gauges derived from state are refreshed at scrape time.
+    let m = &shared.metrics;
+    m.event_drop_rate.set(m.drop_rate());
+    let sizes = shared.hub.index_sizes();
+    let entries = &m.hub_index_entries;
+    for (index, n) in [
+        ("tenant", sizes.tenants),
+        ("branch", sizes.branches),
+        ("session", sizes.sessions),
+        ("user", sizes.users),
+    ] {
+        entries.with_label_values(&[index]).set(n as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.metrics.render(),
+        m.render(),
     )
         .into_response()
 }

@@ -20,6 +20,25 @@ pub fn monotonic_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// One frame on its way to a client.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub frame: Utf8Bytes,
+    /// The event's `ts` (Unix ms), for the publish-to-client latency; 0
+    /// when it has none or the frame is a reply.
+    pub published_ms: i64,
+}
+
+impl Outbound {
+    /// A reply to the client (pong, errors, `connected`...).
+    pub fn reply(frame: Utf8Bytes) -> Outbound {
+        Outbound {
+            frame,
+            published_ms: 0,
+        }
+    }
+}
+
 /// What happened to one pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -35,7 +54,7 @@ pub struct ConnHandle {
     pub id: ConnId,
     pub tenant_id: TenantId,
     pub endpoint: Endpoint,
-    outbound: mpsc::Sender<Utf8Bytes>,
+    outbound: mpsc::Sender<Outbound>,
     /// The close code asked for (0: none yet); the first request wins.
     close_code: AtomicU16,
     close_requested: Notify,
@@ -47,7 +66,7 @@ impl ConnHandle {
         id: ConnId,
         tenant_id: TenantId,
         endpoint: Endpoint,
-        outbound: mpsc::Sender<Utf8Bytes>,
+        outbound: mpsc::Sender<Outbound>,
     ) -> ConnHandle {
         ConnHandle {
             id,
@@ -62,7 +81,7 @@ impl ConnHandle {
 
     /// Queues a frame without waiting. A full queue marks a slow consumer:
     /// the connection is asked to close with 1008 rather than slow anyone.
-    pub fn push(&self, frame: Utf8Bytes) -> Push {
+    pub fn push(&self, frame: Outbound) -> Push {
         match self.outbound.try_send(frame) {
             Ok(()) => Push::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 pub use audience::{Member, SectorScope};
-pub use handle::{ConnHandle, ConnId, Push, monotonic_ms};
+pub use handle::{ConnHandle, ConnId, Outbound, Push, monotonic_ms};
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
@@ -49,7 +49,7 @@ pub struct Registration {
     pub member: Member,
     /// The token's expiry, Unix seconds; checked by [`Hub::expired`].
     pub expires_at: u64,
-    pub outbound: tokio::sync::mpsc::Sender<axum::extract::ws::Utf8Bytes>,
+    pub outbound: tokio::sync::mpsc::Sender<Outbound>,
 }
 
 /// Result of one fan-out.
@@ -66,6 +66,15 @@ pub struct Fanout {
 pub struct Counts {
     pub total: usize,
     pub by_endpoint: [usize; 4],
+}
+
+/// How many keys each index holds (`wsgateway_hub_index_entries`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSizes {
+    pub tenants: usize,
+    pub branches: usize,
+    pub sessions: usize,
+    pub users: usize,
 }
 
 #[derive(Default)]
@@ -254,6 +263,10 @@ impl Hub {
         let Some(tenant) = index.tenants.get(&event.fields.tenant_id) else {
             return fanout;
         };
+        let outbound = Outbound {
+            frame: event.frame.clone(),
+            published_ms: event.fields.ts_ms.unwrap_or(0),
+        };
         let mut send = |members: &Members| {
             for (id, handle) in members {
                 if !prior.is_empty() && index.got_already(*id, prior, event) {
@@ -265,7 +278,7 @@ impl Hub {
                     tracing::error!(conn = id, "tenant mismatch in the hub index; not delivered");
                     continue;
                 }
-                match handle.push(event.frame.clone()) {
+                match handle.push(outbound.clone()) {
                     Push::Queued => fanout.queued += 1,
                     Push::Overflowed => fanout.overflowed += 1,
                     Push::Gone => {}
@@ -346,6 +359,22 @@ impl Hub {
             Member::Staff { sectors, .. } => sectors.reported(),
             Member::Diner { .. } => None,
         }
+    }
+
+    pub fn index_sizes(&self) -> IndexSizes {
+        let index = self.index.read();
+        index.tenants.values().fold(
+            IndexSizes {
+                tenants: index.tenants.len(),
+                ..IndexSizes::default()
+            },
+            |acc, t| IndexSizes {
+                branches: acc.branches + t.branches.len(),
+                sessions: acc.sessions + t.sessions.len(),
+                users: acc.users + t.users.len(),
+                ..acc
+            },
+        )
     }
 
     pub fn counts(&self) -> Counts {

@@ -2,6 +2,9 @@
 //! real HTTP calls.
 #![allow(dead_code)]
 
+pub mod redis_server;
+pub mod table;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -131,6 +134,34 @@ impl TestGateway {
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = self.metrics().await;
         metric_value(&text, sample).unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
+    }
+
+    /// Polls `/ws/health/detailed` until `check` holds; returns the last
+    /// answer (status, body). Panics after `within`.
+    pub async fn wait_health(
+        &self,
+        within: Duration,
+        check: impl Fn(u16, &Value) -> bool,
+    ) -> (u16, Value) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (status, body) = self.get_json("/ws/health/detailed").await;
+            if check(status, &body) {
+                return (status, body);
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("health never satisfied the check within {within:?}; last: {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the broker reports itself connected.
+    pub async fn wait_connected(&self) {
+        self.wait_health(Duration::from_secs(10), |_, b| {
+            b["broker"]["status"] == "connected"
+        })
+        .await;
     }
 
     pub async fn stop(self) {

@@ -1,0 +1,327 @@
+//! Metrics and health: a known scenario, then every counter checked exactly
+//! on `/ws/metrics` as parsed by a Prometheus text-format parser.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::*;
+use prometheus_parse::{Scrape, Value};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::Message;
+use wsgateway::config::{Origins, Secret, Secs};
+
+struct Metrics(Scrape);
+
+impl Metrics {
+    async fn scrape(gw: &TestGateway) -> Metrics {
+        let text = gw.metrics().await;
+        Metrics(
+            Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format"),
+        )
+    }
+
+    /// The value of the sample `name` whose labels include `labels`.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let sample = self
+            .0
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
+        match &sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{name} is not a number: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_known_scenario_gives_exact_counts() {
+    let mut redis = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        c.redis_url = Some(Secret(redis.url()));
+        c.max_connections = 6;
+        c.max_connections_per_user = 2;
+        c.allowed_origins = Some(Origins(vec!["https://app.example".into()]));
+        c.redis_health_check_s = Secs(Duration::from_millis(100));
+        c.redis_retry_base_s = Secs(Duration::from_millis(50));
+        c.redis_retry_max_s = Secs(Duration::from_millis(200));
+        c.redis_timeout_s = Secs(Duration::from_millis(300));
+    })
+    .await;
+    gw.wait_connected().await;
+
+    // K = 2 rejections of each reason.
+    for token in ["bad", ""] {
+        assert_eq!(
+            gw.connect("waiter", token).await.close_code().await,
+            Some(4001)
+        );
+    }
+    for roles in [vec!["KITCHEN"], vec![]] {
+        let mut c = gw.connect("admin", &staff(9, 1, &[5], &roles)).await;
+        assert_eq!(c.close_code().await, Some(4003));
+    }
+    for origin in ["https://evil.example", "null"] {
+        let mut c = gw
+            .connect_with("waiter", &staff(9, 1, &[5], &["WAITER"]), Some(origin))
+            .await;
+        assert_eq!(c.close_code().await, Some(4003));
+    }
+    for sub in [20, 21] {
+        let (mut c, _) = gw.join("kitchen", &staff(sub, 1, &[5], &["KITCHEN"])).await;
+        for _ in 0..30 {
+            if !c.try_send(Message::text("{}")).await {
+                break;
+            }
+        }
+        assert_eq!(c.until_close().await.1, Some(4029));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // N = 6 connections held.
+    let user1 = staff(1, 1, &[5], &["WAITER", "KITCHEN"]);
+    let (_w, _) = gw.join("waiter", &user1).await;
+    let (mut kitchen, _) = gw.join("kitchen", &user1).await;
+    let (mut admin, _) = gw.join("admin", &staff(2, 1, &[5], &["ADMIN"])).await;
+    for _ in 0..2 {
+        assert_eq!(
+            gw.connect("waiter", &user1).await.close_code().await,
+            Some(4008)
+        );
+    }
+    let mut diners = Vec::new();
+    for table in 0..3 {
+        diners.push(gw.join("diner", &diner(1, 5, table, 77)).await.0);
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            gw.connect("diner", &diner(1, 5, 9, 77))
+                .await
+                .close_code()
+                .await,
+            Some(1013)
+        );
+    }
+
+    // M = 5 events to kitchen + admin; D = 3 invalid + 1 stale.
+    for n in 0..5 {
+        let ev = json!({"type": "ROUND_IN_KITCHEN", "tenant_id": 1, "branch_id": 5, "n": n, "ts": wsgateway::event::unix_ms()});
+        gw.publish_one("channel:branch:5:kitchen", ev).await;
+    }
+    for _ in 0..5 {
+        kitchen.next_json().await.unwrap();
+        admin.next_json().await.unwrap();
+    }
+    redis.publish("channel:branch:5:kitchen", "{");
+    redis.publish("channel:branch:5:kitchen", r#"{"type":"X","tenant_id":1}"#);
+    redis.publish(
+        "channel:branch:5:kitchen",
+        r#"{"type":"X","tenant_id":1,"branch_id":4}"#,
+    );
+    let stale = json!({"type": "X", "tenant_id": 1, "branch_id": 5, "ts": wsgateway::event::unix_ms() - 60_000});
+    redis.publish("channel:branch:5:kitchen", &stale.to_string());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let m = Metrics::scrape(&gw).await;
+    let rejected = |reason| {
+        m.get(
+            "wsgateway_connections_rejected_total",
+            &[("reason", reason)],
+        )
+    };
+    for reason in [
+        "auth",
+        "forbidden",
+        "origin",
+        "rate_limit",
+        "max_per_user",
+        "max_total",
+    ] {
+        assert_eq!(rejected(reason), 2.0, "{reason}");
+    }
+    assert_eq!(m.get("wsgateway_connections_total", &[]), 6.0);
+    let by = |e| m.get("wsgateway_connections_by_endpoint", &[("endpoint", e)]);
+    assert_eq!(
+        (by("waiter"), by("kitchen"), by("admin"), by("diner")),
+        (1.0, 1.0, 1.0, 3.0)
+    );
+    assert_eq!(m.get("wsgateway_events_processed_total", &[]), 5.0);
+    let dropped = |reason| m.get("wsgateway_events_dropped_total", &[("reason", reason)]);
+    assert_eq!(
+        (dropped("invalid"), dropped("stale"), dropped("queue_full")),
+        (3.0, 1.0, 0.0)
+    );
+    assert!((m.get("wsgateway_event_drop_rate", &[]) - 4.0 / 9.0).abs() < 1e-9);
+    assert_eq!(m.get("wsgateway_broadcasts_total", &[]), 10.0);
+    assert_eq!(m.get("wsgateway_broadcasts_failed_total", &[]), 0.0);
+    assert_eq!(m.get("wsgateway_broadcast_rate_limited_total", &[]), 0.0);
+    assert_eq!(m.get("wsgateway_fanout_size_count", &[]), 5.0);
+    assert_eq!(m.get("wsgateway_fanout_size_sum", &[]), 10.0);
+    assert_eq!(m.get("wsgateway_dispatch_seconds_count", &[]), 5.0);
+    assert_eq!(m.get("wsgateway_publish_to_queue_seconds_count", &[]), 5.0);
+    assert!(m.get("wsgateway_publish_to_client_seconds_count", &[]) >= 2.0);
+    assert_eq!(m.get("wsgateway_events_published_total", &[]), 5.0);
+    assert_eq!(
+        m.get("wsgateway_circuit_breaker_state", &[("name", "redis")]),
+        0.0
+    );
+    assert_eq!(
+        m.get("wsgateway_circuit_breaker_failures", &[("name", "redis")]),
+        0.0
+    );
+    assert_eq!(
+        m.get("wsgateway_hub_index_entries", &[("index", "tenant")]),
+        1.0
+    );
+    assert_eq!(
+        m.get("wsgateway_hub_index_entries", &[("index", "branch")]),
+        1.0
+    );
+    assert_eq!(
+        m.get("wsgateway_hub_index_entries", &[("index", "session")]),
+        1.0
+    );
+    assert_eq!(
+        m.get("wsgateway_hub_index_entries", &[("index", "user")]),
+        2.0
+    );
+
+    // Health: 200 with Redis up, 503 with it stopped, the breaker reported.
+    let (status, health) = gw.get_json("/ws/health/detailed").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        health["circuit_breaker"],
+        json!({"redis": {"state": "CLOSED", "failures": 0}})
+    );
+    redis.kill();
+    let (status, health) = gw
+        .wait_health(Duration::from_secs(10), |s, _| s == 503)
+        .await;
+    assert_eq!(health["status"], "unhealthy");
+    assert_eq!(health["broker"]["status"], "disconnected");
+    let (_, health) = gw
+        .wait_health(Duration::from_secs(10), |_, b| {
+            b["circuit_breaker"]["redis"]["state"] == "OPEN"
+        })
+        .await;
+    assert_eq!(status, 503);
+    assert!(
+        health["circuit_breaker"]["redis"]["failures"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    );
+    let m = Metrics::scrape(&gw).await;
+    assert_eq!(
+        m.get("wsgateway_circuit_breaker_state", &[("name", "redis")]),
+        1.0
+    );
+    drop((kitchen, admin, diners));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_without_secrets() {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
+        .env("WSGATEWAY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    let mut seen = Vec::new();
+    while addr.is_none() {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        if v["fields"]["message"] == "listening" {
+            addr = v["fields"]["addr"].as_str().map(str::to_owned);
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap();
+    let token = staff(7, 1, &[5], &["WAITER"]);
+    let mut c = Client::open(&format!("ws://{addr}/ws/waiter?token={token}"), None).await;
+    assert_eq!(c.next_json().await.unwrap()["type"], "connected");
+    let bad = staff(7, 1, &[5], &["KITCHEN"]);
+    let mut r = Client::open(&format!("ws://{addr}/ws/waiter?token={bad}"), None).await;
+    assert_eq!(r.close_code().await, Some(4003));
+    drop(c);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await
+    {
+        seen.push(line);
+    }
+    assert!(child.wait().await.unwrap().success());
+    let mut audit = false;
+    for line in &seen {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(
+            !line.contains(&token) && !line.contains(&bad) && !line.contains(JWT_SECRET),
+            "{line}"
+        );
+        // Connection lines carry the audit context.
+        if v["fields"]["message"] == "connected" {
+            let span = &v["span"];
+            assert_eq!(
+                (span["user"].as_i64(), span["tenant"].as_i64()),
+                (Some(7), Some(1)),
+                "{line}"
+            );
+            assert_eq!(span["endpoint"], "waiter");
+            audit = true;
+        }
+    }
+    assert!(audit, "a 'connected' line: {seen:#?}");
+}
+
+/// Every metric the sample dashboard and alert rules use is one the gateway
+/// exports.
+#[tokio::test]
+async fn the_dashboard_and_alerts_use_only_exported_metrics() {
+    let url = common::redis_server::shared_redis_url();
+    let gw = TestGateway::start_with(|c| c.redis_url = Some(Secret(url))).await;
+    let exported = gw.metrics().await;
+    let files = [
+        include_str!("../docs/grafana/wsgateway-dashboard.json"),
+        include_str!("../docs/prometheus/alerts.yml"),
+    ];
+    let mut checked = 0;
+    for text in files {
+        for (i, _) in text.match_indices("wsgateway_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(&format!("# TYPE {base} ")),
+                "{name} is not exported"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20);
+    gw.stop().await;
+}
