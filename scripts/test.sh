@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The one command that runs every check: formatting, lints, and every test
 # (unit and integration: real gateways, real WebSocket clients over loopback,
-# a real Redis). It provides what the tests need: a Redis server binary (for
-# tests that start and kill their own) and a running Redis at REDIS_URL
-# (default redis://127.0.0.1:6379), installing and starting them if missing.
+# a real Redis, a real PostgreSQL). It provides what the tests need,
+# installing (apt-get) and starting them when missing:
+#   - a Redis server binary (tests start and kill their own) and a running
+#     Redis at REDIS_URL (default redis://127.0.0.1:6379);
+#   - a PostgreSQL at TEST_DATABASE_URL (default
+#     postgres://postgres@127.0.0.1:5432/test) with the backend's
+#     waiter_sector_assignment table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,8 +47,51 @@ ensure_redis() {
   fi
 }
 
+ensure_postgres() {
+  command -v psql >/dev/null 2>&1 || apt_install postgresql postgresql-client
+  local url="${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+  local ours="postgres://postgres:wsgateway-test@127.0.0.1:5432/test"
+  local started_here=""
+  if [ -z "${TEST_DATABASE_URL:-}" ] && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    ls /etc/postgresql/*/main >/dev/null 2>&1 || apt_install postgresql
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    echo "== starting PostgreSQL $version on 127.0.0.1:5432"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.1; done
+    pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL did not start"
+    started_here=1
+  fi
+  if ! psql "$url" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+    [ -z "${TEST_DATABASE_URL:-}" ] || die "TEST_DATABASE_URL is set but cannot be used"
+    if ! psql "$ours" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+      # Only a cluster this script started (a fresh Debian install, where
+      # TCP logins need a password and there is no database "test") is
+      # prepared; anything else is the user's to configure.
+      [ -n "$started_here" ] || die "cannot log in to PostgreSQL at 127.0.0.1:5432: set TEST_DATABASE_URL"
+      echo "== preparing the test database"
+      as_root su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'wsgateway-test'\"" >/dev/null
+      as_root su postgres -c "createdb test" 2>/dev/null || true
+      psql "$ours" -qtAc 'SELECT 1' >/dev/null || die "cannot log in to PostgreSQL at 127.0.0.1:5432"
+    fi
+    url="$ours"
+    export TEST_DATABASE_URL="$url"
+  fi
+  PGOPTIONS='-c client_min_messages=warning' psql "$url" -q -v ON_ERROR_STOP=1 <<'SQL' >/dev/null
+CREATE TABLE IF NOT EXISTS waiter_sector_assignment (
+  id              bigserial PRIMARY KEY,
+  tenant_id       bigint NOT NULL,
+  branch_id       bigint NOT NULL,
+  sector_id       bigint NOT NULL,
+  waiter_id       bigint NOT NULL,
+  assignment_date date   NOT NULL DEFAULT CURRENT_DATE
+);
+SQL
+}
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
 ensure_redis
+ensure_postgres
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"

@@ -100,6 +100,8 @@ settings! {
     jwt_leeway_s: u64 = Some("5"), env = "WSGATEWAY_JWT_LEEWAY_S", flag = "jwt-leeway-s";
     /// How often open connections have their token re-validated, in seconds.
     jwt_revalidate_s: Secs = Some("300"), env = "WSGATEWAY_JWT_REVALIDATE_S", flag = "jwt-revalidate-s";
+    /// Redis set of revoked token ids (`jti`); needs REDIS_URL. Unset: no revocation.
+    revoked_jti_key: Option<String> = None, env = "WSGATEWAY_REVOKED_JTI_KEY", flag = "revoked-jti-key";
     /// Browser origins allowed on the staff endpoints (comma list); unset allows any.
     allowed_origins: Option<Origins> = None, env = "ALLOWED_ORIGINS", flag = "allowed-origins";
     /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
@@ -124,8 +126,26 @@ settings! {
     drop_rate_alert: Ratio = Some("0.05"), env = "WSGATEWAY_DROP_RATE_ALERT", flag = "drop-rate-alert";
     /// Least time between two drop-rate alerts, in seconds.
     drop_rate_alert_cooldown_s: Secs = Some("300"), env = "WSGATEWAY_DROP_RATE_ALERT_COOLDOWN_S", flag = "drop-rate-alert-cooldown-s";
+    /// PostgreSQL URL for waiters' sector assignments; unset: no sector filtering.
+    database_url: Option<Secret> = None, env = "DATABASE_URL", flag = "database-url";
+    /// Query of a waiter's sectors in a branch ($1 user, $2 branch, $3 tenant); unset: the default of DESIGN.md §1.8.
+    sector_query: Option<String> = None, env = "WSGATEWAY_SECTOR_QUERY", flag = "sector-query";
+    /// How long a waiter's sectors are cached, in seconds.
+    sector_cache_ttl_s: Secs = Some("300"), env = "WSGATEWAY_SECTOR_CACHE_TTL_S", flag = "sector-cache-ttl-s";
+    /// Longest sector lookup before the waiter falls back to every sector, in seconds.
+    sector_query_timeout_s: Secs = Some("2"), env = "WSGATEWAY_SECTOR_QUERY_TIMEOUT_S", flag = "sector-query-timeout-s";
+    /// How often unknown sectors are looked up again (and a degraded database probed), in seconds.
+    sector_retry_s: Secs = Some("5"), env = "WSGATEWAY_SECTOR_RETRY_S", flag = "sector-retry-s";
+    /// Most PostgreSQL connections in the pool.
+    database_pool_size: usize = Some("16"), env = "WSGATEWAY_DATABASE_POOL_SIZE", flag = "database-pool-size";
     /// Bearer key of `POST /api/publish`; unset disables the publish API.
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
+    /// Connections allowed between accept and admission (slow handshakes); beyond it, new ones are closed at once.
+    max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
+    /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
+    handshake_timeout_s: Secs = Some("10"), env = "WSGATEWAY_HANDSHAKE_TIMEOUT_S", flag = "handshake-timeout-s";
+    /// Largest request head (request line and headers, token included), in bytes; beyond it, 431.
+    max_header_bytes: usize = Some("16384"), env = "WSGATEWAY_MAX_HEADER_BYTES", flag = "max-header-bytes";
     /// Open connections allowed in total (every endpoint); beyond it, 1013.
     max_connections: usize = Some("100000"), env = "WSGATEWAY_MAX_CONNECTIONS", flag = "max-connections";
     /// Staff connections allowed per user (tenant + sub); beyond it, 4008.
@@ -171,6 +191,13 @@ impl Config {
 
     /// Checks what `serve` needs beyond each value being well-formed.
     pub fn check_for_serve(&self) -> Result<(), ConfigError> {
+        if self.revoked_jti_key.is_some() && self.redis_url.is_none() {
+            return Err(ConfigError::Missing {
+                env: "REDIS_URL",
+                flag: "redis-url",
+                why: "required by WSGATEWAY_REVOKED_JTI_KEY",
+            });
+        }
         if self.table_token_secret.is_none() {
             return Err(missing("TABLE_TOKEN_SECRET", "table-token-secret"));
         }
@@ -268,6 +295,12 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl SettingValue for String {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        Ok(raw.to_owned())
     }
 }
 

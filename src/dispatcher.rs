@@ -16,6 +16,7 @@ use crate::channel::Channel;
 use crate::event::{DedupKey, Event, unix_ms};
 use crate::hub::Hub;
 use crate::metrics::{Drop, Metrics};
+use crate::sectors::sync::{SectorCommand, SectorSync};
 
 /// Events taken off the queue per lock.
 const BATCH: usize = 64;
@@ -30,6 +31,7 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     stale_after_ms: i64,
     recent: Recent,
+    sectors: Option<SectorSync>,
 }
 
 impl Dispatcher {
@@ -46,7 +48,14 @@ impl Dispatcher {
             metrics,
             stale_after_ms: stale_after.as_millis() as i64,
             recent: Recent::new(dedup_window),
+            sectors: None,
         }
+    }
+
+    /// Sends `SECTOR_ASSIGNMENT_CHANGED` events to the sector sync task.
+    pub fn with_sector_sync(mut self, sync: SectorSync) -> Dispatcher {
+        self.sectors = Some(sync);
+        self
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -80,6 +89,14 @@ impl Dispatcher {
         };
         if !prior.is_empty() {
             self.metrics.events_deduplicated.inc();
+        } else if event.fields.event_type == crate::event::SECTOR_ASSIGNMENT_CHANGED
+            && let (Some(sync), Some(branch)) = (&self.sectors, event.channel.branch())
+        {
+            sync.send(SectorCommand::Changed {
+                tenant: event.fields.tenant_id,
+                branch,
+                waiter: event.fields.entity_waiter_id,
+            });
         }
         let fanout = self.hub.deliver(&event, &prior);
         let m = &self.metrics;
@@ -182,6 +199,7 @@ mod tests {
                 endpoint: crate::auth::Endpoint::Admin,
                 member,
                 expires_at: 0,
+                jti: None,
                 outbound: tx,
             })
             .unwrap();

@@ -70,7 +70,12 @@ pub struct Fields {
     /// Publish time, Unix epoch milliseconds.
     pub ts_ms: Option<i64>,
     pub event_id: Option<String>,
+    /// `entity.waiter_id`, read for `SECTOR_ASSIGNMENT_CHANGED`.
+    pub entity_waiter_id: Option<i64>,
 }
+
+/// The event type that makes the gateway re-read sector assignments.
+pub const SECTOR_ASSIGNMENT_CHANGED: &str = "SECTOR_ASSIGNMENT_CHANGED";
 
 impl Fields {
     /// Reads and checks the fields of an event object (§1.4).
@@ -85,12 +90,14 @@ impl Fields {
         let sector_id = optional_int(obj, "sector_id")?;
         let session_id = optional_int(obj, "session_id")?;
         optional_int(obj, "table_id")?;
-        if !matches!(
-            obj.get("entity"),
-            None | Some(Value::Null | Value::Object(_))
-        ) {
-            return Err(InvalidEvent::WrongType("entity"));
-        }
+        let entity_waiter_id = match obj.get("entity") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(entity)) if event_type == SECTOR_ASSIGNMENT_CHANGED => {
+                entity.get("waiter_id").and_then(Value::as_i64)
+            }
+            Some(Value::Object(_)) => None,
+            Some(_) => return Err(InvalidEvent::WrongType("entity")),
+        };
         let ts_ms = match obj.get("ts") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => match n.as_i64() {
@@ -114,6 +121,7 @@ impl Fields {
             session_id,
             ts_ms,
             event_id,
+            entity_waiter_id,
         })
     }
 

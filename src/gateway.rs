@@ -6,13 +6,13 @@
 //! cleanup tasks stop → wait for all of them under the grace timeout.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, RedisBroker, RedisTiming,
@@ -20,18 +20,24 @@ use crate::broker::{
 use crate::config::Config;
 use crate::dispatcher::Dispatcher;
 use crate::drop_rate::DropRate;
+use crate::http::server::ServerLimits;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
-use crate::sectors::SectorAssignments;
+use crate::sectors::sync::{SectorCommand, SectorSync};
+use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
 
 /// What every request handler and connection task shares.
 pub struct Shared {
     pub config: Config,
     pub verifier: Verifier,
+    /// The revoked-token set, when `WSGATEWAY_REVOKED_JTI_KEY` is set.
+    pub revocations: Option<Revocations>,
     pub hub: Arc<Hub>,
     pub queue: Arc<EventQueue>,
     pub broker: Arc<dyn Broker>,
-    pub sectors: SectorAssignments,
+    pub sectors: Arc<SectorAssignments>,
+    /// Requests to the sector sync task (refreshes, assignment changes).
+    pub sector_sync: SectorSync,
     pub metrics: Arc<Metrics>,
     /// Cancelled once, at shutdown; every task watches it.
     pub shutdown: CancellationToken,
@@ -48,10 +54,15 @@ pub enum StartError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Redis(#[from] BadRedisUrl),
+    #[error(transparent)]
+    Database(#[from] BadDatabaseUrl),
+    #[error("invalid setting REDIS_URL (--redis-url): {0}")]
+    Revocations(String),
 }
 
 pub struct Gateway {
     shared: Arc<Shared>,
+    sector_commands: tokio::sync::mpsc::Receiver<SectorCommand>,
 }
 
 impl Gateway {
@@ -90,6 +101,27 @@ impl Gateway {
             )?),
         };
         tracing::info!(broker = broker.status().kind, "broker");
+        let sectors = Arc::new(match &config.database_url {
+            None => SectorAssignments::disabled(),
+            Some(url) => SectorAssignments::connect(
+                DatabaseSettings {
+                    url: url.expose(),
+                    query: config.sector_query.as_deref().unwrap_or(DEFAULT_QUERY),
+                    cache_ttl: config.sector_cache_ttl_s.0,
+                    timeout: config.sector_query_timeout_s.0,
+                    pool_size: config.database_pool_size,
+                },
+                metrics.clone(),
+            )?,
+        });
+        let (sector_sync, sector_commands) = SectorSync::channel(1024);
+        let revocations = match (&config.revoked_jti_key, &config.redis_url) {
+            (Some(key), Some(url)) => Some(
+                Revocations::new(url.expose(), key, config.redis_timeout_s.0)
+                    .map_err(StartError::Revocations)?,
+            ),
+            _ => None,
+        };
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
@@ -97,15 +129,18 @@ impl Gateway {
             shared: Arc::new(Shared {
                 config,
                 verifier,
+                revocations,
                 hub,
                 queue,
                 broker,
-                sectors: SectorAssignments::disabled(),
+                sectors,
+                sector_sync,
                 metrics,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 demo_page: false,
             }),
+            sector_commands,
         })
     }
 
@@ -131,25 +166,44 @@ impl Gateway {
             shared.metrics.clone(),
             config.stale_event_s.0,
             config.dedup_window_s.0,
-        );
+        )
+        .with_sector_sync(shared.sector_sync.clone());
+        shared.tasks.spawn(crate::sectors::sync::run(
+            self.sector_commands,
+            shared.hub.clone(),
+            shared.sectors.clone(),
+            config.sector_retry_s.0,
+            shared.shutdown.clone(),
+        ));
         shared.tasks.spawn(dispatcher.run(shared.shutdown.clone()));
         shared.tasks.spawn(cleanup(shared.clone()));
         shared
             .tasks
             .spawn(shared.broker.clone().run(shared.shutdown.clone()));
 
-        let app =
-            crate::http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let token = shared.shutdown.clone();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    _ = signal => tracing::info!("shutting down"),
-                    _ = token.cancelled() => {}
-                }
-                token.cancel();
-            })
-            .await;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = signal => tracing::info!("shutting down"),
+                _ = token.cancelled() => {}
+            }
+            token.cancel();
+        });
+        let limits = ServerLimits {
+            max_pending: config.max_pending_connections,
+            handshake_timeout: config.handshake_timeout_s.0,
+            max_header_bytes: config.max_header_bytes,
+        };
+        // Returns once the shutdown token is cancelled: accepting stops.
+        crate::http::server::serve(
+            listener,
+            crate::http::router(shared.clone()),
+            limits,
+            shared.metrics.clone(),
+            shared.shutdown.clone(),
+            shared.tasks.clone(),
+        )
+        .await;
         shared.shutdown.cancel();
         shared.tasks.close();
         let grace = shared.config.shutdown_grace_s.0;
@@ -163,12 +217,12 @@ impl Gateway {
             );
         }
         tracing::info!("shutdown complete");
-        served
+        Ok(())
     }
 }
 
 /// The periodic pass: closes connections silent for too long (1001) and,
-/// on its own period, those whose token has expired (4001).
+/// on its own period, those whose token has expired or was revoked (4001).
 async fn cleanup(shared: Arc<Shared>) {
     let config = &shared.config;
     let mut heartbeat = tokio::time::interval(config.cleanup_interval_s.0);
@@ -190,7 +244,48 @@ async fn cleanup(shared: Arc<Shared>) {
                 if n > 0 {
                     tracing::info!(connections = n, "closing connections with expired tokens");
                 }
+                if let Some(revocations) = &shared.revocations {
+                    close_revoked(&shared, revocations).await;
+                }
             }
+        }
+    }
+}
+
+async fn close_revoked(shared: &Shared, revocations: &Revocations) {
+    let open = shared.hub.token_ids();
+    if open.is_empty() {
+        return;
+    }
+    let jtis: Vec<&str> = open.iter().map(|(_, jti)| &**jti).collect();
+    let checks = &shared.metrics.revocation_checks;
+    match revocations.revoked_among(&jtis).await {
+        Ok(revoked) => {
+            let ids: Vec<_> = open
+                .iter()
+                .zip(revoked)
+                .filter(|(_, r)| *r)
+                .map(|((id, _), _)| *id)
+                .collect();
+            checks
+                .with_label_values(&["revoked"])
+                .inc_by(ids.len() as u64);
+            checks
+                .with_label_values(&["valid"])
+                .inc_by((open.len() - ids.len()) as u64);
+            if !ids.is_empty() {
+                tracing::info!(
+                    connections = ids.len(),
+                    "closing connections with revoked tokens"
+                );
+                shared.hub.close_ids(&ids, crate::close::UNAUTHORIZED);
+            }
+        }
+        Err(e) => {
+            checks
+                .with_label_values(&["error"])
+                .inc_by(open.len() as u64);
+            tracing::warn!(error = %e, "revocation check failed; tokens kept until the next pass");
         }
     }
 }

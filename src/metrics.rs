@@ -24,16 +24,19 @@ pub enum Rejection {
     MaxTotal,
     MaxPerUser,
     RateLimit,
+    /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`).
+    HandshakeLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 7] = [
         Rejection::Auth,
         Rejection::Forbidden,
         Rejection::Origin,
         Rejection::MaxTotal,
         Rejection::MaxPerUser,
         Rejection::RateLimit,
+        Rejection::HandshakeLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Rejection {
             Rejection::MaxTotal => "max_total",
             Rejection::MaxPerUser => "max_per_user",
             Rejection::RateLimit => "rate_limit",
+            Rejection::HandshakeLimit => "handshake_limit",
         }
     }
 }
@@ -58,7 +62,8 @@ pub enum Disconnect {
     TooLarge,
     InvalidUtf8,
     ProtocolError,
-    TokenExpired,
+    /// Expired or revoked, found by a re-validation pass.
+    TokenInvalid,
     Shutdown,
     Internal,
 }
@@ -71,7 +76,7 @@ impl Disconnect {
         Disconnect::TooLarge,
         Disconnect::InvalidUtf8,
         Disconnect::ProtocolError,
-        Disconnect::TokenExpired,
+        Disconnect::TokenInvalid,
         Disconnect::Shutdown,
         Disconnect::Internal,
     ];
@@ -84,7 +89,7 @@ impl Disconnect {
             Disconnect::TooLarge => "too_large",
             Disconnect::InvalidUtf8 => "invalid_utf8",
             Disconnect::ProtocolError => "protocol_error",
-            Disconnect::TokenExpired => "token_expired",
+            Disconnect::TokenInvalid => "token_invalid",
             Disconnect::Shutdown => "shutdown",
             Disconnect::Internal => "internal",
         }
@@ -145,6 +150,10 @@ pub struct Metrics {
     /// `wsgateway_locks_*` (a sharded lock per branch and per user).
     pub hub_index_entries: IntGaugeVec,
     pub event_drop_rate: Gauge,
+    /// Revocation checks, by outcome (`revoked`, `valid`, `error`).
+    pub revocation_checks: IntCounterVec,
+    /// Sector lookups that reached the database, by outcome.
+    pub sector_queries: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGaugeVec,
     pub circuit_breaker_failures: IntGaugeVec,
@@ -284,6 +293,22 @@ impl Metrics {
                 &["index"],
             )
             .unwrap(),
+            revocation_checks: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_revocation_checks_total",
+                    "Token ids checked against the revoked set, by outcome",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+            sector_queries: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_sector_queries_total",
+                    "Sector assignment queries sent to PostgreSQL, by outcome",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
             event_drop_rate: Gauge::new(
                 "wsgateway_event_drop_rate",
                 "Dropped / (processed + dropped) events over the drop-rate window",
@@ -357,6 +382,8 @@ impl Metrics {
             Box::new(self.broadcast_rate_limited.clone()),
             Box::new(self.hub_index_entries.clone()),
             Box::new(self.event_drop_rate.clone()),
+            Box::new(self.sector_queries.clone()),
+            Box::new(self.revocation_checks.clone()),
             Box::new(self.circuit_breaker_state.clone()),
             Box::new(self.circuit_breaker_failures.clone()),
             Box::new(self.circuit_breaker_transitions.clone()),

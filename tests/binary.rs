@@ -212,3 +212,78 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
 }
+
+#[tokio::test]
+async fn nothing_secret_is_logged_even_at_trace_level() {
+    let api_key = "api-key-that-must-not-leak";
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
+        .env("WSGATEWAY_API_KEY", api_key)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = wait_for_line(&mut stderr, "listening").await;
+    let addr = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let log = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(l)) = stderr.next_line().await {
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    let good = staff(1, 1, &[5], &["WAITER"]);
+    let forbidden = staff(2, 1, &[5], &["KITCHEN"]);
+    let table = diner(1, 5, 1, 77);
+    let mut tokens = vec![good.clone(), forbidden.clone(), table.clone()];
+    let mut c = Client::open(&format!("ws://{addr}/ws/waiter?token={good}"), None).await;
+    assert_eq!(c.next_json().await.unwrap()["type"], "connected");
+    let mut d = Client::open(&format!("ws://{addr}/ws/diner?table_token={table}"), None).await;
+    assert_eq!(d.next_json().await.unwrap()["type"], "connected");
+    let mut f = Client::open(&format!("ws://{addr}/ws/waiter?token={forbidden}"), None).await;
+    assert_eq!(f.close_code().await, Some(4003));
+    let tampered = format!("{good}x");
+    let mut t = Client::open(&format!("ws://{addr}/ws/admin?token={tampered}"), None).await;
+    assert_eq!(t.close_code().await, Some(4001));
+    tokens.push(tampered);
+    for key in [api_key, "a-wrong-key-that-must-not-leak"] {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/api/publish"))
+            .bearer_auth(key)
+            .body(r#"{"channel":"channel:branch:5:waiters","event":{"type":"X","tenant_id":1,"branch_id":5}}"#)
+            .send()
+            .await
+            .unwrap();
+    }
+    drop((c, d));
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+    let log = log.await.unwrap();
+    assert!(log.lines().count() > 20, "trace logging is on: {log}");
+    for secret in tokens.iter().map(String::as_str).chain([
+        JWT_SECRET,
+        TABLE_SECRET,
+        api_key,
+        "a-wrong-key-that-must-not-leak",
+    ]) {
+        // Any 20-character piece of a secret is enough to count as a leak.
+        let piece = &secret[secret.len().saturating_sub(20)..];
+        assert!(
+            !log.contains(piece),
+            "the log holds a secret ({piece}):\n{log}"
+        );
+    }
+}

@@ -22,6 +22,9 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     if config.redis_url.take().is_some() {
         eprintln!("wsgateway dev: ignoring REDIS_URL (dev always uses the embedded broker)");
     }
+    if config.revoked_jti_key.take().is_some() {
+        eprintln!("wsgateway dev: ignoring WSGATEWAY_REVOKED_JTI_KEY (it needs Redis)");
+    }
     let jwt = config
         .jwt_secret
         .get_or_insert(Secret(DEV_JWT_SECRET.into()))

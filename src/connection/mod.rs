@@ -1,7 +1,8 @@
 //! One WebSocket connection, from admission to close, in one task.
 //!
-//! [`serve`] reads top to bottom: admit (origin → token → role → capacity →
-//! per-user limit, DESIGN.md §1.2), send `connected`, then loop over three
+//! [`serve`] reads top to bottom: admit (origin → token, revocation included
+//! → role → sectors → capacity → per-user limit, DESIGN.md §1.2), send
+//! `connected`, then loop over three
 //! sources — close requests (from the hub or shutdown), the outbound queue,
 //! and the socket — until something closes it. Errors end here: they are
 //! logged and turned into a close code, never returned to the acceptor.
@@ -28,6 +29,7 @@ use crate::event::unix_ms;
 use crate::gateway::Shared;
 use crate::hub::{Member, Outbound, Refusal, Registered, Registration, SectorScope};
 use crate::metrics::{Disconnect, Rejection};
+use crate::sectors::sync::SectorCommand;
 
 /// Frames written per flush when more are queued.
 const WRITE_BATCH: usize = 64;
@@ -39,6 +41,9 @@ pub struct ConnectRequest {
     pub token: Option<String>,
     pub origin: Option<String>,
     pub peer: SocketAddr,
+    /// The connection's place among pending handshakes, freed once admitted
+    /// or refused.
+    pub pending: Option<crate::http::server::PendingSlot>,
 }
 
 /// Runs one connection to its end.
@@ -59,7 +64,11 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) 
 
 async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
     let close_timeout = shared.config.close_timeout_s.0;
-    let (registered, mut outbound) = match admit(&shared, &req).await {
+    let admitted = admit(&shared, &req).await;
+    if let Some(slot) = &req.pending {
+        slot.release();
+    }
+    let (registered, mut outbound) = match admitted {
         Ok(admitted) => admitted,
         Err((code, why)) => {
             shared.metrics.rejected(why);
@@ -108,12 +117,17 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
                         if limiter.check().is_err() {
                             break Some(close::RATE_LIMITED);
                         }
-                        let reply = match ClientMessage::parse(req.endpoint, text.as_str()) {
-                            ClientMessage::RefreshSectors => sectors_updated(&shared, &registered),
-                            other => Utf8Bytes::from_static(other.fixed_reply().unwrap_or_default()),
-                        };
-                        // Replies share the outbound queue: one writer, in order.
-                        handle.push(Outbound::reply(reply));
+                        match ClientMessage::parse(req.endpoint, text.as_str()) {
+                            // Answered by the sector sync task with `sectors_updated`.
+                            ClientMessage::RefreshSectors => {
+                                shared.sector_sync.send(SectorCommand::Refresh(handle.id));
+                            }
+                            // Replies share the outbound queue: one writer, in order.
+                            other => {
+                                let reply = other.fixed_reply().unwrap_or_default();
+                                handle.push(Outbound::reply(Utf8Bytes::from_static(reply)));
+                            }
+                        }
                     }
                     Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
                     Message::Ping(_) | Message::Pong(_) => {}
@@ -145,7 +159,7 @@ async fn admit(
     let config = &shared.config;
     let span = tracing::Span::current();
     let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
-    let (tenant_id, member, expires_at, connected) = if req.endpoint == Endpoint::Diner {
+    let (tenant_id, member, expires_at, jti, connected) = if req.endpoint == Endpoint::Diner {
         let id: DinerIdentity = shared
             .verifier
             .table(req.token.as_deref())
@@ -162,7 +176,7 @@ async fn admit(
             branch_id: id.branch_id,
             session_id: id.session_id,
         };
-        (id.tenant_id, member, id.exp, connected)
+        (id.tenant_id, member, id.exp, None, connected)
     } else {
         if let (Some(allowed), Some(origin)) = (&config.allowed_origins, &req.origin)
             && !allowed.allows(origin.trim_end_matches('/'))
@@ -176,6 +190,21 @@ async fn admit(
         span.record("user", id.user_id);
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::debug(&id.branch_ids));
+        if let (Some(revocations), Some(jti)) = (&shared.revocations, &id.jti) {
+            let checks = &shared.metrics.revocation_checks;
+            match revocations.is_revoked(jti).await {
+                Ok(true) => {
+                    checks.with_label_values(&["revoked"]).inc();
+                    tracing::debug!("token revoked");
+                    return Err((close::UNAUTHORIZED, Rejection::Auth));
+                }
+                Ok(false) => checks.with_label_values(&["valid"]).inc(),
+                Err(e) => {
+                    checks.with_label_values(&["error"]).inc();
+                    tracing::warn!(error = %e, "revocation check failed; token accepted");
+                }
+            }
+        }
         if !req.endpoint.allows(id.roles) {
             return Err((close::FORBIDDEN, Rejection::Forbidden));
         }
@@ -194,7 +223,8 @@ async fn admit(
             branch_ids: id.branch_ids,
             sectors,
         };
-        (id.tenant_id, member, id.exp, connected)
+        let jti = id.jti.map(String::into_boxed_str);
+        (id.tenant_id, member, id.exp, jti, connected)
     };
 
     let (tx, rx) = mpsc::channel(config.send_queue_size);
@@ -208,6 +238,7 @@ async fn admit(
             endpoint: req.endpoint,
             member,
             expires_at,
+            jti,
             outbound: tx,
         })
         .map_err(|refusal| match refusal {
@@ -226,12 +257,6 @@ fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
     let n = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
     // Burst equal to the rate, and full when the connection opens.
     RateLimiter::direct(Quota::per_second(n))
-}
-
-/// The reply to `refresh_sectors`: the connection's current sectors.
-fn sectors_updated(shared: &Shared, registered: &Registered) -> Utf8Bytes {
-    let sectors = shared.hub.sectors_of(registered.handle.id);
-    Utf8Bytes::from(json!({"type": "sectors_updated", "sector_ids": sectors}).to_string())
 }
 
 /// Writes `first` and whatever else is already queued (up to a batch), then
@@ -288,7 +313,7 @@ fn record_close(shared: &Shared, code: u16, shutting_down: bool) {
         close::TOO_BIG => Disconnect::TooLarge,
         close::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
         close::PROTOCOL_ERROR => Disconnect::ProtocolError,
-        close::UNAUTHORIZED => Disconnect::TokenExpired,
+        close::UNAUTHORIZED => Disconnect::TokenInvalid,
         _ => Disconnect::Internal,
     };
     m.disconnected(why);

@@ -5,6 +5,7 @@
 mod demo;
 mod health;
 mod publish;
+pub mod server;
 mod ws;
 
 use std::sync::Arc;

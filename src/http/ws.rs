@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
@@ -12,15 +13,17 @@ use axum::response::Response;
 use crate::auth::Endpoint;
 use crate::connection::{self, ConnectRequest};
 use crate::gateway::Shared;
+use crate::http::server::PendingSlot;
 
 pub async fn waiter(
     s: State<Arc<Shared>>,
     c: ConnectInfo<SocketAddr>,
     q: RawQuery,
     h: HeaderMap,
+    p: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(Endpoint::Waiter, s, c, q, h, ws)
+    upgrade(Endpoint::Waiter, s, c, q, h, p, ws)
 }
 
 pub async fn kitchen(
@@ -28,9 +31,10 @@ pub async fn kitchen(
     c: ConnectInfo<SocketAddr>,
     q: RawQuery,
     h: HeaderMap,
+    p: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(Endpoint::Kitchen, s, c, q, h, ws)
+    upgrade(Endpoint::Kitchen, s, c, q, h, p, ws)
 }
 
 pub async fn admin(
@@ -38,9 +42,10 @@ pub async fn admin(
     c: ConnectInfo<SocketAddr>,
     q: RawQuery,
     h: HeaderMap,
+    p: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(Endpoint::Admin, s, c, q, h, ws)
+    upgrade(Endpoint::Admin, s, c, q, h, p, ws)
 }
 
 pub async fn diner(
@@ -48,9 +53,10 @@ pub async fn diner(
     c: ConnectInfo<SocketAddr>,
     q: RawQuery,
     h: HeaderMap,
+    p: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(Endpoint::Diner, s, c, q, h, ws)
+    upgrade(Endpoint::Diner, s, c, q, h, p, ws)
 }
 
 fn upgrade(
@@ -59,6 +65,7 @@ fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    pending: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let param = if endpoint == Endpoint::Diner {
@@ -75,6 +82,7 @@ fn upgrade(
         .get(axum::http::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let request = ConnectRequest {
+        pending: pending.map(|Extension(slot)| slot),
         endpoint,
         token,
         origin,

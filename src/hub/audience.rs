@@ -135,6 +135,7 @@ mod tests {
             session_id: None,
             ts_ms: None,
             event_id: None,
+            entity_waiter_id: None,
         }
     }
 

@@ -47,9 +47,21 @@ pub struct Registration {
     pub tenant_id: TenantId,
     pub endpoint: Endpoint,
     pub member: Member,
-    /// The token's expiry, Unix seconds; checked by [`Hub::expired`].
+    /// The token's expiry, Unix seconds; checked by [`Hub::close_expired`].
     pub expires_at: u64,
+    /// The token's id, for revocation checks.
+    pub jti: Option<Box<str>>,
     pub outbound: tokio::sync::mpsc::Sender<Outbound>,
+}
+
+/// A waiter-endpoint connection whose sectors are looked up (not MANAGER
+/// or ADMIN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaiterRef {
+    pub id: ConnId,
+    pub tenant_id: TenantId,
+    pub user_id: UserId,
+    pub branch_ids: Vec<BranchId>,
 }
 
 /// Result of one fan-out.
@@ -107,6 +119,7 @@ struct Entry {
     handle: Arc<ConnHandle>,
     member: Member,
     expires_at: u64,
+    jti: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -198,6 +211,7 @@ impl Hub {
                 handle: handle.clone(),
                 member: reg.member,
                 expires_at: reg.expires_at,
+                jti: reg.jti,
             },
         );
         drop(index);
@@ -337,6 +351,26 @@ impl Hub {
         self.close_where(crate::close::UNAUTHORIZED, |e| !valid(e.expires_at))
     }
 
+    /// The token ids of the open connections that have one.
+    pub fn token_ids(&self) -> Vec<(ConnId, Box<str>)> {
+        let index = self.index.read();
+        index
+            .conns
+            .iter()
+            .filter_map(|(id, e)| e.jti.clone().map(|jti| (*id, jti)))
+            .collect()
+    }
+
+    /// Asks the given connections to close with `code`.
+    pub fn close_ids(&self, ids: &[ConnId], code: u16) {
+        let index = self.index.read();
+        for id in ids {
+            if let Some(entry) = index.conns.get(id) {
+                entry.handle.close(code);
+            }
+        }
+    }
+
     /// Asks every connection to close with `code`.
     pub fn close_all(&self, code: u16) -> usize {
         self.close_where(code, |_| true)
@@ -352,13 +386,83 @@ impl Hub {
         n
     }
 
-    /// The sectors a connection reports (`sector_ids`), `None` when it
-    /// hears every sector or is not indexed.
-    pub fn sectors_of(&self, id: ConnId) -> Option<Vec<SectorId>> {
-        match &self.index.read().conns.get(&id)?.member {
-            Member::Staff { sectors, .. } => sectors.reported(),
-            Member::Diner { .. } => None,
+    /// The sector-filtered waiter connections of a branch (of one user, or
+    /// all).
+    pub fn filtered_waiters(
+        &self,
+        tenant: TenantId,
+        branch: BranchId,
+        user: Option<UserId>,
+    ) -> Vec<WaiterRef> {
+        let index = self.index.read();
+        let Some(br) = index
+            .tenants
+            .get(&tenant)
+            .and_then(|t| t.branches.get(&branch))
+        else {
+            return Vec::new();
+        };
+        br.waiters
+            .keys()
+            .filter_map(|id| index.waiter_ref(*id))
+            .filter(|w| user.is_none_or(|u| u == w.user_id))
+            .collect()
+    }
+
+    /// The connection, if it is a sector-filtered waiter.
+    pub fn filtered_waiter(&self, id: ConnId) -> Option<WaiterRef> {
+        self.index.read().waiter_ref(id)
+    }
+
+    /// Filtered waiters whose sectors are unknown in some branch.
+    pub fn waiters_with_unknown_sectors(&self) -> Vec<WaiterRef> {
+        let index = self.index.read();
+        index
+            .conns
+            .iter()
+            .filter(|(_, e)| match &e.member {
+                Member::Staff {
+                    sectors: SectorScope::ByBranch(branches),
+                    ..
+                } => branches.iter().any(|(_, s)| s.is_none()),
+                _ => false,
+            })
+            .filter_map(|(id, _)| index.waiter_ref(*id))
+            .collect()
+    }
+
+    /// Re-indexes a waiter under new sectors; returns whether they changed.
+    pub fn set_sectors(&self, id: ConnId, scope: SectorScope) -> bool {
+        let mut guard = self.index.write();
+        let index = &mut *guard;
+        let Some(entry) = index.conns.get_mut(&id) else {
+            return false;
+        };
+        let Member::Staff {
+            branch_ids,
+            sectors,
+            ..
+        } = &mut entry.member
+        else {
+            return false;
+        };
+        if *sectors == scope || *sectors == SectorScope::All {
+            return false;
         }
+        *sectors = scope;
+        if let Some(tenant) = index.tenants.get_mut(&entry.handle.tenant_id) {
+            for b in branch_ids.iter() {
+                if let Some(branch) = tenant.branches.get_mut(b) {
+                    unindex_in_branch(branch, id);
+                    index_in_branch(branch, &entry.handle, entry.handle.endpoint, *b, sectors);
+                }
+            }
+        }
+        true
+    }
+
+    pub fn handle(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
+        self.index.read().conns.get(&id).map(|e| e.handle.clone())
     }
 
     pub fn index_sizes(&self) -> IndexSizes {
@@ -383,6 +487,23 @@ impl Hub {
 }
 
 impl Index {
+    fn waiter_ref(&self, id: ConnId) -> Option<WaiterRef> {
+        let entry = self.conns.get(&id)?;
+        match &entry.member {
+            Member::Staff {
+                user_id,
+                branch_ids,
+                sectors: SectorScope::ByBranch(_),
+            } if entry.handle.endpoint == Endpoint::Waiter => Some(WaiterRef {
+                id,
+                tenant_id: entry.handle.tenant_id,
+                user_id: *user_id,
+                branch_ids: branch_ids.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// Whether connection `id` was in the audience of `event` on any of the
     /// `prior` channels.
     fn got_already(&self, id: ConnId, prior: &[Channel], event: &Event) -> bool {
@@ -466,138 +587,7 @@ fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Members>, key: &K, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Fields;
-    use axum::extract::ws::Utf8Bytes;
     use tokio::sync::mpsc;
-
-    /// A small deterministic generator (no test dependency needed).
-    struct Lcg(u64);
-    impl Lcg {
-        fn below(&mut self, n: u64) -> i64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 33) % n) as i64
-        }
-    }
-
-    fn random_member(r: &mut Lcg, endpoint: Endpoint) -> Member {
-        if endpoint == Endpoint::Diner {
-            return Member::Diner {
-                branch_id: r.below(3),
-                session_id: r.below(3),
-            };
-        }
-        let mut branch_ids: Vec<i64> = (0..3).filter(|_| r.below(2) == 0).collect();
-        if branch_ids.is_empty() {
-            branch_ids.push(r.below(3));
-        }
-        let sectors = if endpoint == Endpoint::Waiter && r.below(4) != 0 {
-            SectorScope::ByBranch(
-                branch_ids
-                    .iter()
-                    .map(|b| {
-                        let known = r.below(3) != 0;
-                        (
-                            *b,
-                            known.then(|| (0..3).filter(|_| r.below(2) == 0).collect()),
-                        )
-                    })
-                    .collect(),
-            )
-        } else {
-            SectorScope::All
-        };
-        Member::Staff {
-            user_id: r.below(1000),
-            branch_ids,
-            sectors,
-        }
-    }
-
-    fn random_event(r: &mut Lcg) -> Event {
-        let branch = r.below(3);
-        let channel = match r.below(5) {
-            0 => Channel::BranchWaiters(branch),
-            1 => Channel::SectorWaiters(branch, r.below(3)),
-            2 => Channel::BranchKitchen(branch),
-            3 => Channel::BranchAdmin(branch),
-            _ => Channel::Session(r.below(3)),
-        };
-        let sector_id = match channel {
-            Channel::SectorWaiters(_, s) => (r.below(2) == 0).then_some(s),
-            _ => (r.below(2) == 0).then(|| r.below(3)),
-        };
-        let fields = Fields {
-            event_type: "ROUND_READY".into(),
-            tenant_id: r.below(2),
-            branch_id: branch,
-            sector_id,
-            session_id: None,
-            ts_ms: None,
-            event_id: None,
-        };
-        Event::assemble(channel, fields, Utf8Bytes::from_static("{}")).unwrap()
-    }
-
-    #[test]
-    fn the_index_delivers_exactly_to_the_audience_predicate() {
-        let mut r = Lcg(7);
-        for _round in 0..50 {
-            let hub = Arc::new(Hub::new(
-                Limits {
-                    max_total: 10_000,
-                    max_per_user: 10_000,
-                },
-                Arc::new(Metrics::new()),
-            ));
-            let mut conns = Vec::new();
-            for _ in 0..40 {
-                let endpoint = Endpoint::ALL[r.below(4) as usize];
-                let tenant_id = r.below(2);
-                let member = random_member(&mut r, endpoint);
-                let (tx, rx) = mpsc::channel(1000);
-                let reg = hub
-                    .register(Registration {
-                        tenant_id,
-                        endpoint,
-                        member: member.clone(),
-                        expires_at: u64::MAX,
-                        outbound: tx,
-                    })
-                    .unwrap();
-                conns.push((reg, rx, tenant_id, endpoint, member));
-            }
-            // Unregistering some must leave no trace in any index.
-            for _ in 0..5 {
-                let i = r.below(conns.len() as u64) as usize;
-                conns.swap_remove(i);
-            }
-            for _ in 0..30 {
-                let event = random_event(&mut r);
-                let fanout = hub.deliver(&event, &[]);
-                let mut expected = 0;
-                for (_, rx, tenant, endpoint, member) in conns.iter_mut() {
-                    let want = audience::receives(
-                        *tenant,
-                        *endpoint,
-                        member,
-                        event.channel,
-                        &event.fields,
-                    );
-                    let got = rx.try_recv().is_ok();
-                    assert_eq!(
-                        got, want,
-                        "{member:?} on {endpoint:?} of tenant {tenant}, event {event:?}"
-                    );
-                    assert!(rx.try_recv().is_err(), "delivered twice");
-                    expected += want as usize;
-                }
-                assert_eq!(fanout.queued, expected);
-            }
-        }
-    }
 
     #[test]
     fn prior_channels_exclude_those_already_served() {
@@ -621,6 +611,7 @@ mod tests {
                 endpoint: Endpoint::Admin,
                 member: staff(SectorScope::All),
                 expires_at: 0,
+                jti: None,
                 outbound: tx_a,
             })
             .unwrap();
@@ -630,6 +621,7 @@ mod tests {
                 endpoint: Endpoint::Waiter,
                 member: staff(SectorScope::All),
                 expires_at: 0,
+                jti: None,
                 outbound: tx_w,
             })
             .unwrap();

@@ -2,6 +2,7 @@
 //! real HTTP calls.
 #![allow(dead_code)]
 
+pub mod postgres;
 pub mod redis_server;
 pub mod table;
 

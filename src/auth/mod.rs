@@ -1,9 +1,11 @@
 //! Token verification: staff JWTs and diners' table tokens.
 //!
 //! Owns what a token must contain and how it is checked; knows nothing of
-//! sockets or the hub. Verification yields an [`Identity`], the only thing
-//! the rest of the gateway learns from a token. Errors carry no token text,
+//! sockets or the hub. Verification yields a [`StaffIdentity`] or a
+//! [`DinerIdentity`], all the rest of the gateway learns from a token. Errors carry no token text,
 //! so nothing secret can reach a log line through them.
+
+pub mod revocation;
 
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};

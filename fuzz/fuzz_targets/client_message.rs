@@ -1,0 +1,20 @@
+//! Client text messages: classification never panics, and every message
+//! but `refresh_sectors` has a fixed JSON reply.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use wsgateway::auth::Endpoint;
+use wsgateway::connection::ClientMessage;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for endpoint in Endpoint::ALL {
+        let message = ClientMessage::parse(endpoint, text);
+        if message != ClientMessage::RefreshSectors {
+            let reply = message.fixed_reply().expect("a reply");
+            assert!(serde_json::from_str::<serde_json::Value>(reply).is_ok());
+        }
+    }
+});

@@ -1,0 +1,100 @@
+//! Token revocation through a Redis set of `jti`s
+//! (`WSGATEWAY_REVOKED_JTI_KEY`): refused at connect, closed at the next
+//! re-validation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::*;
+use serde_json::json;
+use wsgateway::auth::{mint, unix_now};
+use wsgateway::config::{Secret, Secs};
+
+fn token(sub: i64, jti: Option<&str>) -> String {
+    let mut claims = json!({"sub": sub, "tenant_id": 1, "branch_ids": [5], "roles": ["WAITER"], "exp": unix_now() + 3600});
+    if let Some(jti) = jti {
+        claims["jti"] = json!(jti);
+    }
+    mint(JWT_SECRET, &claims)
+}
+
+fn sadd(server: &RedisServer, jti: &str) {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let _: i64 = redis::cmd("SADD")
+        .arg("revoked:jti")
+        .arg(jti)
+        .query(&mut conn)
+        .unwrap();
+}
+
+#[tokio::test]
+async fn revoked_tokens_are_refused_and_closed_on_revalidation() {
+    let mut server = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        c.redis_url = Some(Secret(server.url()));
+        c.revoked_jti_key = Some("revoked:jti".into());
+        c.jwt_revalidate_s = Secs(Duration::from_millis(300));
+        c.redis_timeout_s = Secs(Duration::from_millis(300));
+    })
+    .await;
+    gw.wait_connected().await;
+    sadd(&server, "jti-revoked");
+    let mut refused = gw.connect("waiter", &token(1, Some("jti-revoked"))).await;
+    assert_eq!(refused.close_code().await, Some(4001));
+
+    let (mut kept, _) = gw.join("waiter", &token(2, Some("jti-kept"))).await;
+    let (mut later, _) = gw.join("waiter", &token(3, Some("jti-later"))).await;
+    let (mut no_jti, _) = gw.join("waiter", &token(4, None)).await;
+    sadd(&server, "jti-later");
+    assert_eq!(
+        later.close_code_within(Duration::from_secs(3)).await,
+        Some(4001)
+    );
+    assert_eq!(kept.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    assert_eq!(no_jti.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    assert_eq!(
+        gw.metric(r#"wsgateway_disconnects_total{reason="token_invalid"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        gw.metric(r#"wsgateway_revocation_checks_total{outcome="revoked"}"#)
+            .await
+            >= 2.0
+    );
+
+    // Without Redis, tokens are accepted (fail open) and the failure counted.
+    server.kill();
+    let (mut during, _) = gw
+        .join("waiter", &token(5, Some("jti-during-outage")))
+        .await;
+    assert_eq!(during.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    assert!(
+        gw.metric(r#"wsgateway_revocation_checks_total{outcome="error"}"#)
+            .await
+            >= 1.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_revocation_key_without_redis_stops_startup() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", "s")
+        .env("TABLE_TOKEN_SECRET", "t")
+        .env("WSGATEWAY_REVOKED_JTI_KEY", "revoked")
+        .env_remove("REDIS_URL")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("REDIS_URL") && err.contains("WSGATEWAY_REVOKED_JTI_KEY"),
+        "{err}"
+    );
+}
