@@ -104,6 +104,10 @@ settings! {
     revoked_jti_key: Option<String> = None, env = "WSGATEWAY_REVOKED_JTI_KEY", flag = "revoked-jti-key";
     /// Browser origins allowed on the staff endpoints (comma list); unset allows any.
     allowed_origins: Option<Origins> = None, env = "ALLOWED_ORIGINS", flag = "allowed-origins";
+    /// Events kept per branch and per table session for resume (`last_event_id`).
+    history_size: usize = Some("1000"), env = "WSGATEWAY_HISTORY_SIZE", flag = "history-size";
+    /// How long events are kept for resume, in seconds.
+    history_ttl_s: Secs = Some("600"), env = "WSGATEWAY_HISTORY_TTL_S", flag = "history-ttl-s";
     /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
     /// Timeout of one Redis connect or command, in seconds.

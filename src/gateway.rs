@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
-    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, RedisBroker, RedisTiming,
+    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBroker,
+    RedisTiming,
 };
 use crate::config::Config;
 use crate::dispatcher::Dispatcher;
@@ -81,8 +82,12 @@ impl Gateway {
             metrics.clone(),
         ));
         let queue = Arc::new(EventQueue::new(config.event_queue_size, metrics.clone()));
+        let history = HistoryLimits {
+            size: config.history_size,
+            ttl: config.history_ttl_s.0,
+        };
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            None => Arc::new(EmbeddedBroker::new(queue.clone())),
+            None => Arc::new(EmbeddedBroker::new(queue.clone(), history)),
             Some(url) => Arc::new(RedisBroker::new(
                 url.expose(),
                 RedisTiming {
@@ -96,6 +101,7 @@ impl Gateway {
                     recovery: config.breaker_recovery_s.0,
                     half_open_calls: config.breaker_half_open_calls,
                 },
+                history,
                 queue.clone(),
                 metrics.clone(),
             )?),

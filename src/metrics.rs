@@ -150,6 +150,10 @@ pub struct Metrics {
     /// `wsgateway_locks_*` (a sharded lock per branch and per user).
     pub hub_index_entries: IntGaugeVec,
     pub event_drop_rate: Gauge,
+    /// Resumes (`last_event_id`), by whether history covered the gap.
+    pub resumes: IntCounterVec,
+    /// Events replayed to resuming clients.
+    pub replayed_events: IntCounter,
     /// Revocation checks, by outcome (`revoked`, `valid`, `error`).
     pub revocation_checks: IntCounterVec,
     /// Sector lookups that reached the database, by outcome.
@@ -293,6 +297,19 @@ impl Metrics {
                 &["index"],
             )
             .unwrap(),
+            resumes: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_resumes_total",
+                    "Connections that asked to resume, by whether they were recovered",
+                ),
+                &["recovered"],
+            )
+            .unwrap(),
+            replayed_events: IntCounter::new(
+                "wsgateway_replayed_events_total",
+                "Events replayed to resuming connections",
+            )
+            .unwrap(),
             revocation_checks: IntCounterVec::new(
                 Opts::new(
                     "wsgateway_revocation_checks_total",
@@ -384,6 +401,8 @@ impl Metrics {
             Box::new(self.event_drop_rate.clone()),
             Box::new(self.sector_queries.clone()),
             Box::new(self.revocation_checks.clone()),
+            Box::new(self.resumes.clone()),
+            Box::new(self.replayed_events.clone()),
             Box::new(self.circuit_breaker_state.clone()),
             Box::new(self.circuit_breaker_failures.clone()),
             Box::new(self.circuit_breaker_transitions.clone()),

@@ -21,9 +21,30 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-use super::{Broker, BrokerError, BrokerStatus, EventIds, EventQueue, Publication};
+use super::history::{Entry, scopes_of};
+use super::{
+    Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Publication, Scope,
+};
+use crate::auth::TenantId;
 use crate::channel::Channel;
+use crate::event::unix_ms;
 use crate::metrics::Metrics;
+
+/// The counter that numbers every event published through the gateway.
+const SEQUENCE_KEY: &str = "wsgateway:history:seq";
+
+/// Publishes a batch atomically and keeps it in history (Redis Streams).
+static PUBLISH: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/publish.lua")));
+
+/// Reads what a resuming client missed.
+static HISTORY: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/history.lua")));
+
+/// Where a caller-supplied `event_id` maps to its sequence number.
+fn caller_id_key(tenant: TenantId, id: &str) -> String {
+    format!("wsgateway:history:{tenant}:eid:{id}")
+}
 
 /// Timing of the Redis connections.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +64,7 @@ pub struct RedisBroker {
     /// True while the subscriber holds live pattern subscriptions.
     subscribed: AtomicBool,
     timing: RedisTiming,
-    ids: EventIds,
+    history: HistoryLimits,
 }
 
 /// Why the Redis broker could not be built (a malformed URL).
@@ -58,6 +79,7 @@ impl RedisBroker {
         url: &str,
         timing: RedisTiming,
         breaker: BreakerConfig,
+        history: HistoryLimits,
         queue: Arc<EventQueue>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BadRedisUrl> {
@@ -78,7 +100,7 @@ impl RedisBroker {
             breaker: CircuitBreaker::new("redis", breaker, metrics),
             subscribed: AtomicBool::new(false),
             timing,
-            ids: EventIds::for_cluster(),
+            history,
         })
     }
 
@@ -178,23 +200,82 @@ impl RedisBroker {
 
 impl Broker for RedisBroker {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
-        // One MULTI/EXEC: a batch is published whole or not at all.
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let ids = batch
-            .into_iter()
-            .map(|publication| {
-                let (id, frame, channels) = self.ids.stamp(publication);
-                for channel in channels {
-                    pipe.publish(channel.to_string(), frame.as_str()).ignore();
+        // One script call: the batch is numbered, kept and published
+        // atomically, so every node sees the same ids.
+        let mut keys: Vec<String> = vec![SEQUENCE_KEY.to_owned()];
+        let mut key_index = |key: String| -> usize {
+            match keys.iter().position(|k| *k == key) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(key);
+                    keys.len()
                 }
-                id
-            })
-            .collect::<Vec<_>>();
+            }
+        };
+        let mut items = Vec::with_capacity(batch.len());
+        let mut payloads = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let streams: Vec<usize> = scopes_of(&p.channels, &p.fields)
+                .into_iter()
+                .map(|scope| key_index(scope.redis_key()))
+                .collect();
+            let (caller, index) = match &p.fields.event_id {
+                Some(id) => (
+                    id.as_str(),
+                    key_index(caller_id_key(p.fields.tenant_id, id)),
+                ),
+                None => ("", 0),
+            };
+            let channels: Vec<String> = p.channels.iter().map(Channel::to_string).collect();
+            items.push(serde_json::json!({"e": caller, "c": channels, "s": streams, "i": index}));
+            payloads.push(p.payload());
+        }
+        let spec = serde_json::json!({
+            "size": self.history.size,
+            "ttl_ms": self.history.ttl.as_millis() as u64,
+            "items": items,
+        });
+        let mut invocation = PUBLISH.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation.arg(spec.to_string());
+        for payload in &payloads {
+            invocation.arg(payload);
+        }
         Box::pin(async move {
             let mut conn = self.publisher.clone();
-            self.call(pipe.query_async::<()>(&mut conn)).await?;
-            Ok(ids)
+            self.call(invocation.invoke_async::<Vec<String>>(&mut conn))
+                .await
+        })
+    }
+
+    fn resume(
+        &self,
+        tenant: TenantId,
+        scopes: Vec<Scope>,
+        cursor: Cursor,
+    ) -> BoxFuture<'_, Result<Found, BrokerError>> {
+        let mut invocation = HISTORY.prepare_invoke();
+        let (id, seq) = match &cursor {
+            Cursor::Seq(n) => (n.to_string(), n.to_string()),
+            Cursor::Caller(id) => (id.clone(), String::new()),
+        };
+        invocation.key(caller_id_key(tenant, &id));
+        for scope in &scopes {
+            invocation.key(scope.redis_key());
+        }
+        invocation.arg(seq).arg(self.history.size);
+        let ttl_ms = self.history.ttl.as_millis() as i64;
+        Box::pin(async move {
+            let mut conn = self.publisher.clone();
+            let raw = self
+                .call(invocation.invoke_async::<redis::Value>(&mut conn))
+                .await?;
+            Ok(read_history(raw, ttl_ms).unwrap_or_else(|| {
+                tracing::warn!("unexpected history answer from Redis; not recovered");
+                Found::default()
+            }))
         })
     }
 
@@ -215,4 +296,97 @@ impl Broker for RedisBroker {
             );
         })
     }
+}
+
+/// Reads the history script's answer (see `lua/history.lua`); `None` when it
+/// is not in the expected shape.
+fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
+    use redis::Value;
+    let Value::Array(mut top) = raw else {
+        return None;
+    };
+    let streams = top.pop()?;
+    let seq = match top.pop()? {
+        Value::Nil => return Some(Found::default()),
+        v => text(&v)?.parse::<u64>().ok()?,
+    };
+    let Value::Array(streams) = streams else {
+        return None;
+    };
+    let mut cursor_kept_ms = None;
+    let mut merged = std::collections::BTreeMap::new();
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            return None;
+        };
+        let entries = parts.pop()?;
+        let first = stream_seq(&text(&parts.pop()?)?)?;
+        let trimmed: i64 = text(&parts.pop()?)?.parse().ok()?;
+        // The size bound removed entries, and what is left starts after the
+        // cursor: some of what the client missed may be gone.
+        if trimmed > 0 && first > seq {
+            return Some(Found::default());
+        }
+        let Value::Array(entries) = entries else {
+            return None;
+        };
+        for entry in entries {
+            let Value::Array(mut entry) = entry else {
+                return None;
+            };
+            let Value::Array(fields) = entry.pop()? else {
+                return None;
+            };
+            let n = stream_seq(&text(&entry.pop()?)?)?;
+            let mut frame = None;
+            let mut channels = Vec::new();
+            let mut kept_ms = 0;
+            for pair in fields.chunks(2) {
+                let [name, value] = pair else { return None };
+                match text(name)?.as_str() {
+                    "f" => frame = Some(text(value)?),
+                    "c" => {
+                        channels = text(value)?
+                            .split(',')
+                            .filter_map(|c| c.parse::<Channel>().ok())
+                            .collect()
+                    }
+                    "t" => kept_ms = text(value)?.parse().ok()?,
+                    _ => {}
+                }
+            }
+            if n == seq {
+                cursor_kept_ms = Some(kept_ms);
+            } else if n > seq {
+                merged.entry(n).or_insert(Entry {
+                    seq: n,
+                    frame: frame?.into(),
+                    channels,
+                    kept_ms,
+                });
+            }
+        }
+    }
+    let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms() - kept <= ttl_ms);
+    if !fresh {
+        return Some(Found::default());
+    }
+    Some(Found {
+        recovered: true,
+        entries: merged.into_values().collect(),
+    })
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The sequence number of a stream id "n-0".
+fn stream_seq(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
 }

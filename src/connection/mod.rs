@@ -8,6 +8,7 @@
 //! logged and turned into a close code, never returned to the acceptor.
 
 mod messages;
+mod resume;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -41,6 +42,8 @@ pub struct ConnectRequest {
     pub token: Option<String>,
     pub origin: Option<String>,
     pub peer: SocketAddr,
+    /// `last_event_id`: resume after this event (DESIGN.md §1.9).
+    pub last_event_id: Option<String>,
     /// The connection's place among pending handshakes, freed once admitted
     /// or refused.
     pub pending: Option<crate::http::server::PendingSlot>,
@@ -68,7 +71,7 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
     if let Some(slot) = &req.pending {
         slot.release();
     }
-    let (registered, mut outbound) = match admitted {
+    let (registered, mut outbound, deferred_hello) = match admitted {
         Ok(admitted) => admitted,
         Err((code, why)) => {
             shared.metrics.rejected(why);
@@ -80,6 +83,34 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
     let handle = registered.handle.clone();
     tracing::Span::current().record("id", handle.id);
     tracing::info!("connected");
+    let mut catch_up = resume::CatchUp::default();
+    if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
+        let replay = resume::replay(&shared, handle.id, last).await;
+        let m = &shared.metrics;
+        m.resumes
+            .with_label_values(&[if replay.recovered { "true" } else { "false" }])
+            .inc();
+        m.replayed_events.inc_by(replay.frames.len() as u64);
+        tracing::info!(
+            recovered = replay.recovered,
+            replayed = replay.frames.len(),
+            "resumed"
+        );
+        hello["recovered"] = replay.recovered.into();
+        let first = std::iter::once(Utf8Bytes::from(hello.to_string()));
+        let sent = tokio::time::timeout(close_timeout, async {
+            for frame in first.chain(replay.frames) {
+                socket.feed(Message::Text(frame)).await?;
+            }
+            socket.flush().await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::info!("disconnected during replay");
+            return;
+        }
+        catch_up = replay.catch_up;
+    }
 
     let limiter = rate_limiter(shared.config.rate_limit_per_s);
     let shutdown = shared.shutdown.clone();
@@ -90,7 +121,7 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
             _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
             Some(frame) = outbound.recv() => {
                 tokio::select! {
-                    written = write_batch(&mut socket, frame, &mut outbound) => match written {
+                    written = write_batch(&mut socket, frame, &mut outbound, &mut catch_up) => match written {
                         Ok(published_ms) if published_ms > 0 => shared
                             .metrics
                             .publish_to_client_seconds
@@ -155,7 +186,14 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
 async fn admit(
     shared: &Arc<Shared>,
     req: &ConnectRequest,
-) -> Result<(Registered, mpsc::Receiver<Outbound>), (u16, Rejection)> {
+) -> Result<
+    (
+        Registered,
+        mpsc::Receiver<Outbound>,
+        Option<serde_json::Value>,
+    ),
+    (u16, Rejection),
+> {
     let config = &shared.config;
     let span = tracing::Span::current();
     let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
@@ -228,9 +266,15 @@ async fn admit(
     };
 
     let (tx, rx) = mpsc::channel(config.send_queue_size);
-    // Queued before registration, so that no event can precede it.
-    tx.try_send(Outbound::reply(Utf8Bytes::from(connected.to_string())))
-        .expect("a new queue has room");
+    // Queued before registration, so that no event can precede it; a
+    // resuming connection writes it itself, before its replay.
+    let deferred = if req.last_event_id.is_some() {
+        Some(connected)
+    } else {
+        tx.try_send(Outbound::reply(Utf8Bytes::from(connected.to_string())))
+            .expect("a new queue has room");
+        None
+    };
     let registered = shared
         .hub
         .register(Registration {
@@ -245,7 +289,7 @@ async fn admit(
             Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
             Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
         })?;
-    Ok((registered, rx))
+    Ok((registered, rx, deferred))
 }
 
 fn auth_refusal(e: AuthError) -> (u16, Rejection) {
@@ -260,21 +304,25 @@ fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
 }
 
 /// Writes `first` and whatever else is already queued (up to a batch), then
-/// flushes once. Returns the newest publish time (`ts`) in the batch, or 0.
+/// flushes once, skipping events a resume already replayed. Returns the
+/// newest publish time (`ts`) in the batch, or 0.
 async fn write_batch(
     socket: &mut WebSocket,
     first: Outbound,
     outbound: &mut mpsc::Receiver<Outbound>,
+    catch_up: &mut resume::CatchUp,
 ) -> Result<i64, axum::Error> {
-    let mut published_ms = first.published_ms;
-    socket.feed(Message::Text(first.frame)).await?;
-    for _ in 1..WRITE_BATCH {
-        match outbound.try_recv() {
-            Ok(next) => {
-                published_ms = published_ms.max(next.published_ms);
-                socket.feed(Message::Text(next.frame)).await?;
-            }
-            Err(_) => break,
+    let mut published_ms = 0;
+    let mut next = Some(first);
+    let mut taken = 0;
+    while let Some(out) = next.take() {
+        if !catch_up.replayed(out.frame.as_str()) {
+            published_ms = published_ms.max(out.published_ms);
+            socket.feed(Message::Text(out.frame)).await?;
+        }
+        taken += 1;
+        if taken < WRITE_BATCH {
+            next = outbound.try_recv().ok();
         }
     }
     socket.flush().await?;

@@ -73,11 +73,15 @@ fn upgrade(
     } else {
         "token"
     };
-    let token = query.as_deref().and_then(|q| {
-        form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == param)
-            .map(|(_, v)| v.into_owned())
-    });
+    let query_param = |name: &str| {
+        query.as_deref().and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    let token = query_param(param);
+    let last_event_id = query_param("last_event_id");
     let origin = headers
         .get(axum::http::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -85,6 +89,7 @@ fn upgrade(
         pending: pending.map(|Extension(slot)| slot),
         endpoint,
         token,
+        last_event_id,
         origin,
         peer,
     };

@@ -461,6 +461,17 @@ impl Hub {
         true
     }
 
+    /// Who a connection is: its tenant, endpoint and membership.
+    pub fn member(&self, id: ConnId) -> Option<(TenantId, Endpoint, Member)> {
+        let index = self.index.read();
+        let entry = index.conns.get(&id)?;
+        Some((
+            entry.handle.tenant_id,
+            entry.handle.endpoint,
+            entry.member.clone(),
+        ))
+    }
+
     pub fn handle(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
         self.index.read().conns.get(&id).map(|e| e.handle.clone())
     }

@@ -1,0 +1,150 @@
+//! Resume after a disconnect (DESIGN.md §1.9): the events of the client's
+//! audience published after its `last_event_id`, read from the broker's
+//! history, in order and once, before any live event.
+//!
+//! The connection is registered in the hub first, so live events queue up
+//! while history is read: nothing falls between replay and live. An event
+//! published around the read can be both replayed and dispatched live a
+//! moment later; live events that the replay already contained are skipped
+//! by their `event_id` for a short while ([`CatchUp`]).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{Map, Value};
+
+use crate::broker::{Cursor, Scope};
+use crate::event::Fields;
+use crate::gateway::Shared;
+use crate::hub::{ConnId, audience};
+
+/// What a resume found.
+pub struct Replay {
+    pub recovered: bool,
+    /// The frames to send after `connected`, in publish order.
+    pub frames: Vec<Utf8Bytes>,
+    /// Their event ids, to skip the same events arriving live.
+    pub catch_up: CatchUp,
+}
+
+/// Reads the history the connection missed and keeps what its audience
+/// rules (tenant, branches, role, sectors, session) let it see.
+pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Replay {
+    // Long enough for anything published before the read to be dispatched.
+    let catch_up_for = shared.config.dedup_window_s.0;
+    let not_recovered = || Replay {
+        recovered: false,
+        frames: Vec::new(),
+        catch_up: CatchUp::default(),
+    };
+    let (Some(cursor), Some((tenant, endpoint, member))) =
+        (Cursor::parse(last_event_id), shared.hub.member(conn))
+    else {
+        return not_recovered();
+    };
+    let scopes = Scope::of_member(tenant, &member);
+    let lookup = shared.broker.resume(tenant, scopes, cursor);
+    let found = match tokio::time::timeout(shared.config.redis_timeout_s.0, lookup).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "history unavailable; not recovered");
+            return not_recovered();
+        }
+        Err(_) => {
+            tracing::warn!("history read timed out; not recovered");
+            return not_recovered();
+        }
+    };
+    if !found.recovered {
+        return not_recovered();
+    }
+    let mut frames = Vec::new();
+    let mut ids = HashSet::new();
+    for entry in found.entries {
+        let Ok(Value::Object(object)) = serde_json::from_str::<Value>(entry.frame.as_str()) else {
+            continue;
+        };
+        let Ok(fields) = Fields::read(&object) else {
+            continue;
+        };
+        let mine = entry
+            .channels
+            .iter()
+            .any(|c| audience::receives(tenant, endpoint, &member, *c, &fields));
+        if mine {
+            if let Some(id) = fields.event_id {
+                ids.insert(id);
+            }
+            frames.push(entry.frame);
+        }
+    }
+    Replay {
+        recovered: true,
+        frames,
+        catch_up: CatchUp::new(ids, catch_up_for),
+    }
+}
+
+/// The replayed event ids, for as long as live events may repeat them.
+#[derive(Default)]
+pub struct CatchUp {
+    ids: HashSet<String>,
+    until: Option<Instant>,
+}
+
+impl CatchUp {
+    pub fn new(ids: HashSet<String>, lasting: Duration) -> CatchUp {
+        let until = (!ids.is_empty()).then(|| Instant::now() + lasting);
+        CatchUp { ids, until }
+    }
+
+    /// Whether a live frame was already replayed.
+    pub fn replayed(&mut self, frame: &str) -> bool {
+        let Some(until) = self.until else {
+            return false;
+        };
+        if Instant::now() > until {
+            *self = CatchUp::default();
+            return false;
+        }
+        event_id(frame).is_some_and(|id| self.ids.contains(id.as_ref()))
+    }
+}
+
+/// The `event_id` of a frame: read straight from the front where the
+/// gateway puts it, else by parsing.
+fn event_id(frame: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(rest) = frame.strip_prefix("{\"event_id\":\"")
+        && let Some(end) = rest.find('"')
+        && !rest[..end].contains('\\')
+    {
+        return Some(rest[..end].into());
+    }
+    match serde_json::from_str::<Map<String, Value>>(frame)
+        .ok()?
+        .remove("event_id")?
+    {
+        Value::String(id) => Some(id.into()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_repeats_of_replayed_events_are_skipped_for_a_while() {
+        let ids: HashSet<String> = ["12", "mine"].iter().map(|s| s.to_string()).collect();
+        let mut c = CatchUp::new(ids, Duration::from_millis(50));
+        assert!(c.replayed(r#"{"event_id":"12","type":"X"}"#));
+        assert!(c.replayed(r#"{"type":"X","event_id":"mine"}"#));
+        assert!(!c.replayed(r#"{"event_id":"13","type":"X"}"#));
+        assert!(!c.replayed(r#"{"type":"X"}"#));
+        assert!(!c.replayed(r#"{"event_id":"1\"2","type":"X"}"#));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!c.replayed(r#"{"event_id":"12","type":"X"}"#), "over");
+        assert!(!CatchUp::default().replayed(r#"{"event_id":"12"}"#));
+    }
+}
