@@ -14,9 +14,11 @@
 //! - [`connection`]: one task per socket, admission to close.
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
-//! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
+//! - [`cli`]: the `serve`, `dev`, `token`, `publish` and `bench` commands.
+//! - [`bench`]: the load generator behind BENCHMARKS.md.
 
 pub mod auth;
+pub mod bench;
 pub mod broker;
 pub mod channel;
 pub mod cli;

@@ -15,6 +15,9 @@ use crate::connection::{self, ConnectRequest};
 use crate::gateway::Shared;
 use crate::http::server::PendingSlot;
 
+/// Initial read buffer of a WebSocket (tungstenite allocates it up front).
+const READ_BUFFER_BYTES: usize = 512;
+
 pub async fn waiter(
     s: State<Arc<Shared>>,
     c: ConnectInfo<SocketAddr>,
@@ -101,6 +104,8 @@ fn upgrade(
         // 1009 cleanly, but not unboundedly larger.
         .max_message_size(max)
         .max_frame_size(max.saturating_mul(2))
-        .read_buffer_size(4096)
+        // Clients send little: a small initial read buffer (it grows for a
+        // large message) keeps idle connections small.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| tasks.track_future(connection::serve(socket, shared, request)))
 }

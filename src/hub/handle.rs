@@ -2,8 +2,8 @@
 //! signal. Everything here is non-blocking, so the dispatcher can push to
 //! ten thousand handles without awaiting once.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
@@ -20,22 +20,37 @@ pub fn monotonic_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// One frame on its way to a client.
+/// One frame on its way to a client: a pointer, so that a connection's
+/// queue slots stay 8 bytes (tokio allocates a queue's first block of 32
+/// slots up front, for every connection, idle or not).
 #[derive(Debug, Clone)]
-pub struct Outbound {
-    pub frame: Utf8Bytes,
+pub struct Outbound(Arc<Frame>);
+
+#[derive(Debug)]
+pub struct Frame {
+    pub text: Utf8Bytes,
     /// The event's `ts` (Unix ms), for the publish-to-client latency; 0
     /// when it has none or the frame is a reply.
     pub published_ms: i64,
 }
 
 impl Outbound {
+    /// An event frame, shared by every recipient.
+    pub fn event(text: Utf8Bytes, published_ms: i64) -> Outbound {
+        Outbound(Arc::new(Frame { text, published_ms }))
+    }
+
     /// A reply to the client (pong, errors, `connected`...).
-    pub fn reply(frame: Utf8Bytes) -> Outbound {
-        Outbound {
-            frame,
-            published_ms: 0,
-        }
+    pub fn reply(text: Utf8Bytes) -> Outbound {
+        Outbound::event(text, 0)
+    }
+
+    pub fn text(&self) -> &Utf8Bytes {
+        &self.0.text
+    }
+
+    pub fn published_ms(&self) -> i64 {
+        self.0.published_ms
     }
 }
 

@@ -277,10 +277,7 @@ impl Hub {
         let Some(tenant) = index.tenants.get(&event.fields.tenant_id) else {
             return fanout;
         };
-        let outbound = Outbound {
-            frame: event.frame.clone(),
-            published_ms: event.fields.ts_ms.unwrap_or(0),
-        };
+        let outbound = Outbound::event(event.frame.clone(), event.fields.ts_ms.unwrap_or(0));
         let mut send = |members: &Members| {
             for (id, handle) in members {
                 if !prior.is_empty() && index.got_already(*id, prior, event) {

@@ -1,0 +1,345 @@
+//! The client fleet: authenticated WebSocket connections that count what
+//! they receive, and check that it was theirs to receive.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+
+use super::gateway::Target;
+use super::{BenchArgs, Plan, Scenario};
+use crate::auth::{StaffClaims, TableClaims, mint, unix_now};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Waiter,
+    Admin,
+    Kitchen,
+    Diner,
+}
+
+impl Role {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Role::Waiter => "waiter",
+            Role::Admin => "admin",
+            Role::Kitchen => "kitchen",
+            Role::Diner => "diner",
+        }
+    }
+
+    /// Whether events on `channel:branch:{b}:waiters` are for this role.
+    fn hears_waiter_events(self) -> bool {
+        matches!(self, Role::Waiter | Role::Admin)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Member {
+    pub tenant: i64,
+    pub branch: i64,
+    pub role: Role,
+}
+
+/// Who connects: spread evenly over tenants × branches.
+pub struct Population {
+    pub members: Vec<Member>,
+    pub pairs: Vec<(i64, i64)>,
+}
+
+impl Population {
+    pub fn plan(plan: &Plan, _args: &BenchArgs) -> Population {
+        let pairs: Vec<(i64, i64)> = (0..plan.tenants as i64)
+            .flat_map(|t| (0..plan.branches as i64).map(move |b| (t + 1, b + 1)))
+            .collect();
+        let members = (0..plan.connections)
+            .map(|i| {
+                let (tenant, branch) = pairs[i % pairs.len()];
+                let role = if plan.scenario == Scenario::Idle {
+                    [Role::Waiter, Role::Kitchen, Role::Admin, Role::Diner][i % 4]
+                } else if (i as f64) < plan.admin_share * plan.connections as f64 {
+                    Role::Admin
+                } else {
+                    Role::Waiter
+                };
+                Member {
+                    tenant,
+                    branch,
+                    role,
+                }
+            })
+            .collect();
+        Population { members, pairs }
+    }
+
+    /// How many connections an event on the waiters channel of (tenant,
+    /// branch) should reach.
+    pub fn audience(&self, tenant: i64, branch: i64) -> u64 {
+        self.members
+            .iter()
+            .filter(|m| m.tenant == tenant && m.branch == branch && m.role.hears_waiter_events())
+            .count() as u64
+    }
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub delivered: u64,
+    pub misrouted: u64,
+    pub latencies_us: Vec<u32>,
+    pub first_us: u64,
+    pub last_us: u64,
+    pub closed_by_server: bool,
+}
+
+pub struct Fleet {
+    tasks: Vec<JoinHandle<ClientStats>>,
+    stop: CancellationToken,
+    delivered: Arc<AtomicU64>,
+    pub opened: usize,
+    pub failed: usize,
+}
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(default)]
+    tenant_id: i64,
+    #[serde(default)]
+    branch_id: i64,
+    #[serde(default)]
+    sent_us: u64,
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Fleet {
+    /// Opens every connection (bounded concurrency) and returns once each
+    /// has been admitted or has failed.
+    pub async fn connect(
+        target: &Target,
+        population: &Population,
+        args: &BenchArgs,
+    ) -> anyhow::Result<Fleet> {
+        let stop = CancellationToken::new();
+        let delivered = Arc::new(AtomicU64::new(0));
+        let ready = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+        let exp = unix_now() + 24 * 3600;
+        let mut tasks = Vec::with_capacity(population.members.len());
+        for (i, member) in population.members.iter().copied().enumerate() {
+            let token = match member.role {
+                Role::Diner => mint(
+                    &args.table_token_secret,
+                    &TableClaims {
+                        tenant_id: member.tenant,
+                        branch_id: member.branch,
+                        table_id: i as i64,
+                        session_id: i as i64,
+                        exp,
+                    },
+                ),
+                role => mint(
+                    &args.jwt_secret,
+                    &StaffClaims {
+                        sub: i as i64 + 1,
+                        tenant_id: member.tenant,
+                        branch_ids: vec![member.branch],
+                        roles: vec![match role {
+                            Role::Admin => "ADMIN".into(),
+                            Role::Kitchen => "KITCHEN".into(),
+                            _ => "WAITER".into(),
+                        }],
+                        exp,
+                        iat: None,
+                        jti: None,
+                    },
+                ),
+            };
+            let param = if member.role == Role::Diner {
+                "table_token"
+            } else {
+                "token"
+            };
+            let url = format!(
+                "ws://{}/ws/{}?{param}={token}",
+                target.addr,
+                member.role.endpoint()
+            );
+            let local = Ipv4Addr::new(
+                127,
+                0,
+                0,
+                1 + (i % args.client_addresses.max(1) as usize) as u8,
+            );
+            let (gate, stop, delivered, ready, failed) = (
+                gate.clone(),
+                stop.clone(),
+                delivered.clone(),
+                ready.clone(),
+                failed.clone(),
+            );
+            let server = target.addr;
+            tasks.push(tokio::spawn(async move {
+                let permit = gate.acquire_owned().await.expect("never closed");
+                let ws = match open(server, local, &url).await {
+                    Ok(ws) => ws,
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("bench: connection failed: {e:#}");
+                        }
+                        return ClientStats::default();
+                    }
+                };
+                drop(permit);
+                ready.fetch_add(1, Ordering::Relaxed);
+                read(ws, member, stop, delivered).await
+            }));
+        }
+        let total = population.members.len();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while ready.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < total {
+            if Instant::now() > deadline {
+                anyhow::bail!("connections not done after 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Fleet {
+            tasks,
+            stop,
+            delivered,
+            opened: ready.load(Ordering::Relaxed),
+            failed: failed.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Waits until `expected` deliveries arrived, or none for `quiet`.
+    pub async fn wait_for(&self, expected: u64, quiet: Duration) {
+        let mut last = 0;
+        let mut since = Instant::now();
+        loop {
+            let now = self.delivered.load(Ordering::Relaxed);
+            if now >= expected {
+                return;
+            }
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() > quiet {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every client and merges what they saw.
+    pub async fn finish(&mut self) -> ClientStats {
+        self.stop.cancel();
+        let mut all = ClientStats {
+            first_us: u64::MAX,
+            ..Default::default()
+        };
+        let mut closed = 0;
+        for task in self.tasks.drain(..) {
+            let Ok(s) = task.await else { continue };
+            all.delivered += s.delivered;
+            all.misrouted += s.misrouted;
+            all.latencies_us.extend(s.latencies_us);
+            if s.delivered > 0 {
+                all.first_us = all.first_us.min(s.first_us);
+                all.last_us = all.last_us.max(s.last_us);
+            }
+            closed += s.closed_by_server as usize;
+        }
+        all.closed_by_server = closed > 0;
+        if closed > 0 {
+            eprintln!("bench: {closed} connections were closed by the gateway");
+        }
+        all
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn open(server: SocketAddr, local: Ipv4Addr, url: &str) -> anyhow::Result<Ws> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(local.into(), 0))?;
+    let stream = socket.connect(server).await?;
+    stream.set_nodelay(true)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => Ok(ws),
+        other => anyhow::bail!("no connected message: {other:?}"),
+    }
+}
+
+async fn read(
+    mut ws: Ws,
+    me: Member,
+    stop: CancellationToken,
+    delivered: Arc<AtomicU64>,
+) -> ClientStats {
+    let mut stats = ClientStats::default();
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = ws.next() => m,
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let now = now_us();
+                let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+                    continue;
+                };
+                if frame.kind == "connected" {
+                    continue;
+                }
+                let mine = frame.tenant_id == me.tenant
+                    && frame.branch_id == me.branch
+                    && me.role.hears_waiter_events();
+                if !mine {
+                    stats.misrouted += 1;
+                    continue;
+                }
+                stats.delivered += 1;
+                delivered.fetch_add(1, Ordering::Relaxed);
+                if frame.sent_us > 0 {
+                    stats
+                        .latencies_us
+                        .push(now.saturating_sub(frame.sent_us).min(u32::MAX as u64) as u32);
+                }
+                if stats.first_us == 0 {
+                    stats.first_us = now;
+                }
+                stats.last_us = now;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                stats.closed_by_server = !stop.is_cancelled();
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    stats
+}

@@ -1,0 +1,147 @@
+//! The gateway under test: started by the bench (the default) or already
+//! running, and its memory and CPU as /proc reports them.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::{BenchArgs, Plan, Via};
+
+pub struct Target {
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+    pub redis_url: Option<String>,
+    child: Option<tokio::process::Child>,
+}
+
+/// One reading of the gateway process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub rss_kib: u64,
+    /// utime + stime, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+impl Target {
+    pub async fn resolve(args: &BenchArgs, plan: &Plan) -> anyhow::Result<Target> {
+        let redis_url = match plan.via {
+            Via::Redis => Some(
+                args.redis_url
+                    .clone()
+                    .context("--via redis needs --redis-url (or REDIS_URL)")?,
+            ),
+            Via::Api => args.redis_url.clone(),
+        };
+        if let Some(url) = &args.url {
+            let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+            let addr = tokio::net::lookup_host(hostport)
+                .await?
+                .next()
+                .with_context(|| format!("cannot resolve {url}"))?;
+            return Ok(Target {
+                addr,
+                pid: args.gateway_pid,
+                redis_url,
+                child: None,
+            });
+        }
+        let exe = std::env::current_exe()?;
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("JWT_SECRET", &args.jwt_secret)
+            .env("TABLE_TOKEN_SECRET", &args.table_token_secret)
+            .env("WSGATEWAY_API_KEY", &args.api_key)
+            .env("WSGATEWAY_MAX_CONNECTIONS", "1000000")
+            .env("WSGATEWAY_MAX_PENDING_CONNECTIONS", "4096")
+            .env("RUST_LOG", "warn,wsgateway::cli=info")
+            .env_remove("REDIS_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(url) = &redis_url {
+            command.env("REDIS_URL", url);
+        }
+        let mut child = command.spawn().context("cannot start the gateway")?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    return anyhow::Ok(rest.split_whitespace().next().unwrap_or_default().parse()?);
+                }
+            }
+            bail!("the gateway exited before listening")
+        })
+        .await
+        .context("the gateway did not start within 30 s")??;
+        // Keep draining its log so that it never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("gateway: {line}");
+            }
+        });
+        let target = Target {
+            addr,
+            pid: child.id(),
+            redis_url,
+            child: Some(child),
+        };
+        if target.redis_url.is_some() {
+            target.wait_for_broker().await?;
+        }
+        Ok(target)
+    }
+
+    async fn wait_for_broker(&self) -> anyhow::Result<()> {
+        let url = format!("http://{}/ws/health/detailed", self.addr);
+        for _ in 0..200 {
+            let body: serde_json::Value = reqwest::get(&url).await?.json().await?;
+            if body["broker"]["status"] == "connected" {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the gateway never connected to Redis")
+    }
+
+    pub fn sample(&self) -> Sample {
+        self.pid.map(read_proc).unwrap_or_default()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(child) = &mut self.child {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        }
+    }
+}
+
+fn read_proc(pid: u32) -> Sample {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    // Fields 14 and 15 of /proc/PID/stat, after the parenthesized name.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Sample {
+        rss_kib,
+        cpu_ticks: ticks(11) + ticks(12),
+    }
+}

@@ -1,0 +1,226 @@
+//! `wsgateway bench`: the project's load generator.
+//!
+//! It opens authenticated WebSocket connections (spread over tenants and
+//! branches, with client addresses spread over 127.0.0.0/8 to get past the
+//! ephemeral-port limit of one address), publishes events through the
+//! publish API or straight on Redis, and reports deliveries, end-to-end
+//! latency, missing and misrouted deliveries, and the gateway's memory per
+//! connection and CPU time per delivery (from /proc). By default it starts
+//! the gateway itself, so one command reproduces a figure.
+
+mod clients;
+mod gateway;
+mod publish;
+mod report;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use crate::cli::dev::{DEV_API_KEY, DEV_JWT_SECRET, DEV_TABLE_TOKEN_SECRET};
+
+/// The scenarios; each sets defaults that flags override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Hold N idle authenticated connections; report memory per connection.
+    Idle,
+    /// 5 000 connections, 1 000 events published at once.
+    Burst,
+    /// 10 000 connections of one branch, 10 events/s.
+    Broadcast,
+    /// 1 000 connections, 100 events/s.
+    Steady,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Via {
+    Api,
+    Redis,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which scenario's defaults to use.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Connections to open.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Tenants to spread connections over.
+    #[arg(long)]
+    pub tenants: Option<usize>,
+    /// Branches per tenant to spread connections over.
+    #[arg(long)]
+    pub branches: Option<usize>,
+    /// Share of connections on /ws/admin (the rest on /ws/waiter); idle
+    /// also uses kitchen and diner connections.
+    #[arg(long, default_value_t = 0.0)]
+    pub admin_share: f64,
+    /// Events to publish (burst) or events per second (broadcast, steady).
+    #[arg(long)]
+    pub events: Option<usize>,
+    /// Events per second; 0 publishes all at once.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long to publish at the rate, or to hold idle connections, in seconds.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
+    /// Publish through the API or straight on Redis.
+    #[arg(long, value_enum, default_value_t = Via::Api)]
+    pub via: Via,
+    /// A running gateway to use (http://host:port) instead of starting one.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The running gateway's process id, for its memory and CPU figures.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Redis for `--via redis`, and for the started gateway.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Client addresses: 127.0.0.1 up to 127.0.0.<N>.
+    #[arg(long, default_value_t = 50)]
+    pub client_addresses: u8,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Runs of the scenario (a fresh gateway each); the summary gives the
+    /// median of each figure.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
+    pub jwt_secret: String,
+    #[arg(long, env = "TABLE_TOKEN_SECRET", hide_env_values = true, default_value = DEV_TABLE_TOKEN_SECRET)]
+    pub table_token_secret: String,
+    #[arg(long, env = "WSGATEWAY_API_KEY", hide_env_values = true, default_value = DEV_API_KEY)]
+    pub api_key: String,
+}
+
+/// The resolved plan of one run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub connections: usize,
+    pub tenants: usize,
+    pub branches: usize,
+    pub admin_share: f64,
+    /// Total events to publish.
+    pub events: usize,
+    /// Events per second; 0: all at once.
+    pub rate: f64,
+    pub hold: Duration,
+    pub via: Via,
+}
+
+impl Plan {
+    fn from(args: &BenchArgs) -> Plan {
+        let (connections, tenants, branches, events, rate, duration) = match args.scenario {
+            // The load generator shares the 20 000 open-files limit: leave it
+            // room for its own files.
+            Scenario::Idle => (19_500, 4, 10, 0, 0.0, 5.0),
+            Scenario::Burst => (5_000, 1, 17, 1_000, 0.0, 0.0),
+            Scenario::Broadcast => (10_000, 1, 1, 100, 10.0, 10.0),
+            Scenario::Steady => (1_000, 2, 5, 1_000, 100.0, 10.0),
+        };
+        let rate = args.rate.unwrap_or(rate);
+        let duration = args.duration_s.unwrap_or(duration);
+        let events = args.events.unwrap_or(if rate > 0.0 {
+            (rate * duration).round() as usize
+        } else {
+            events
+        });
+        Plan {
+            scenario: args.scenario,
+            connections: args.connections.unwrap_or(connections),
+            tenants: args.tenants.unwrap_or(tenants).max(1),
+            branches: args.branches.unwrap_or(branches).max(1),
+            admin_share: args.admin_share.clamp(0.0, 1.0),
+            events,
+            rate,
+            hold: Duration::from_secs_f64(duration),
+            via: args.via,
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let plan = Plan::from(&args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut reports = Vec::new();
+        for run in 1..=args.runs.max(1) {
+            let target = gateway::Target::resolve(&args, &plan)
+                .await
+                .context("cannot start or reach the gateway")?;
+            let result = run_plan(&args, &plan, &target).await;
+            target.stop().await;
+            let report = result?;
+            if !args.json {
+                println!("--- run {run} of {}", args.runs.max(1));
+                print!("{report}");
+            }
+            reports.push(report.to_json());
+        }
+        let summary = report::median(&reports);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"runs": reports, "median": summary})
+                )?
+            );
+        } else if reports.len() > 1 {
+            println!("--- median of {} runs", reports.len());
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        Ok(())
+    })
+}
+
+async fn run_plan(
+    args: &BenchArgs,
+    plan: &Plan,
+    target: &gateway::Target,
+) -> anyhow::Result<report::Report> {
+    let before = target.sample();
+    let started = Instant::now();
+    let population = clients::Population::plan(plan, args);
+    let mut fleet = clients::Fleet::connect(target, &population, args).await?;
+    let connect_time = started.elapsed();
+    // Let allocations settle before reading memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let connected = target.sample();
+    if plan.scenario == Scenario::Idle {
+        tokio::time::sleep(plan.hold).await;
+    }
+    let idle = target.sample();
+
+    let mut outcome = publish::Outcome::default();
+    if plan.events > 0 {
+        let publisher = publish::Publisher::new(target, args, plan).await?;
+        outcome = publisher.run(&population).await?;
+        fleet
+            .wait_for(outcome.expected, Duration::from_secs(20))
+            .await;
+    }
+    let after = target.sample();
+    let stats = fleet.finish().await;
+    Ok(report::Report {
+        plan: plan.clone(),
+        connect_time,
+        opened: fleet.opened,
+        failed: fleet.failed,
+        before,
+        connected,
+        idle,
+        after,
+        outcome,
+        stats,
+    })
+}

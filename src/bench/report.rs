@@ -1,0 +1,167 @@
+//! The bench's figures, as text or JSON.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::Plan;
+use super::clients::ClientStats;
+use super::gateway::Sample;
+use super::publish::Outcome;
+
+/// Clock ticks per second of /proc/PID/stat (USER_HZ, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+pub struct Report {
+    pub plan: Plan,
+    pub connect_time: Duration,
+    pub opened: usize,
+    pub failed: usize,
+    pub before: Sample,
+    pub connected: Sample,
+    pub idle: Sample,
+    pub after: Sample,
+    pub outcome: Outcome,
+    pub stats: ClientStats,
+}
+
+impl Report {
+    fn rss_per_connection_kib(&self) -> Option<f64> {
+        (self.opened > 0 && self.connected.rss_kib > 0).then(|| {
+            self.connected.rss_kib.saturating_sub(self.before.rss_kib) as f64 / self.opened as f64
+        })
+    }
+
+    fn cpu_us_per_delivery(&self) -> Option<f64> {
+        (self.stats.delivered > 0 && self.after.cpu_ticks > 0).then(|| {
+            let ticks = self.after.cpu_ticks.saturating_sub(self.idle.cpu_ticks) as f64;
+            ticks / TICKS_PER_S * 1e6 / self.stats.delivered as f64
+        })
+    }
+
+    fn deliveries_per_s(&self) -> f64 {
+        let span = self.stats.last_us.saturating_sub(self.stats.first_us) as f64 / 1e6;
+        if span > 0.0 {
+            self.stats.delivered as f64 / span
+        } else {
+            0.0
+        }
+    }
+
+    fn percentile_ms(&self, p: f64) -> Option<f64> {
+        let mut l = self.stats.latencies_us.clone();
+        if l.is_empty() {
+            return None;
+        }
+        l.sort_unstable();
+        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+        Some(l[i] as f64 / 1000.0)
+    }
+
+    fn missing(&self) -> u64 {
+        self.outcome.expected.saturating_sub(self.stats.delivered)
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "scenario": format!("{:?}", self.plan.scenario).to_lowercase(),
+            "connections": {"planned": self.plan.connections, "opened": self.opened, "failed": self.failed,
+                            "connect_s": self.connect_time.as_secs_f64()},
+            "events": {"published": self.outcome.published, "rate_per_s": self.plan.rate,
+                       "via": format!("{:?}", self.plan.via).to_lowercase()},
+            "deliveries": {"expected": self.outcome.expected, "delivered": self.stats.delivered,
+                           "missing": self.missing(), "misrouted": self.stats.misrouted,
+                           "per_s": self.deliveries_per_s()},
+            "latency_ms": {"p50": self.percentile_ms(0.50), "p99": self.percentile_ms(0.99),
+                           "max": self.percentile_ms(1.0)},
+            "gateway": {"rss_kib_before": self.before.rss_kib, "rss_kib_connected": self.connected.rss_kib,
+                        "rss_kib_per_connection": self.rss_per_connection_kib(),
+                        "cpu_us_per_delivery": self.cpu_us_per_delivery(),
+                        "cpu_s_publish_phase": self.after.cpu_ticks.saturating_sub(self.idle.cpu_ticks) as f64 / TICKS_PER_S},
+        })
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt =
+            |v: Option<f64>, digits: usize| v.map_or("n/a".into(), |v| format!("{v:.digits$}"));
+        writeln!(f, "scenario        {:?}", self.plan.scenario)?;
+        writeln!(
+            f,
+            "connections     {} opened, {} failed, in {:.1} s",
+            self.opened,
+            self.failed,
+            self.connect_time.as_secs_f64()
+        )?;
+        writeln!(
+            f,
+            "events          {} published via {:?} ({})",
+            self.outcome.published,
+            self.plan.via,
+            if self.plan.rate > 0.0 {
+                format!("{}/s", self.plan.rate)
+            } else {
+                "all at once".into()
+            }
+        )?;
+        writeln!(
+            f,
+            "deliveries      {} of {} expected: {} missing, {} misrouted; {:.0}/s",
+            self.stats.delivered,
+            self.outcome.expected,
+            self.missing(),
+            self.stats.misrouted,
+            self.deliveries_per_s()
+        )?;
+        writeln!(
+            f,
+            "latency         p50 {} ms, p99 {} ms, max {} ms",
+            opt(self.percentile_ms(0.5), 2),
+            opt(self.percentile_ms(0.99), 2),
+            opt(self.percentile_ms(1.0), 2)
+        )?;
+        writeln!(
+            f,
+            "gateway RSS     {} KiB before, {} KiB connected: {} KiB per connection",
+            self.before.rss_kib,
+            self.connected.rss_kib,
+            opt(self.rss_per_connection_kib(), 2)
+        )?;
+        writeln!(
+            f,
+            "gateway CPU     {} µs per delivery",
+            opt(self.cpu_us_per_delivery(), 3)
+        )
+    }
+}
+
+/// The median of every number in the runs' reports, by path.
+pub fn median(runs: &[Value]) -> Value {
+    fn walk(runs: &[&Value]) -> Value {
+        match runs.first() {
+            Some(Value::Object(first)) => Value::Object(
+                first
+                    .keys()
+                    .map(|k| {
+                        let parts: Vec<&Value> = runs.iter().filter_map(|r| r.get(k)).collect();
+                        (k.clone(), walk(&parts))
+                    })
+                    .collect(),
+            ),
+            Some(Value::Number(_)) => {
+                let mut numbers: Vec<f64> = runs.iter().filter_map(|v| v.as_f64()).collect();
+                numbers.sort_by(|a, b| a.total_cmp(b));
+                match numbers.len() {
+                    0 => Value::Null,
+                    // The lower median for an even count: a figure of a real run.
+                    n => json!(numbers[(n - 1) / 2]),
+                }
+            }
+            Some(other) => (*other).clone(),
+            None => Value::Null,
+        }
+    }
+    walk(&runs.iter().collect::<Vec<_>>())
+}

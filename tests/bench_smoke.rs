@@ -1,0 +1,38 @@
+//! A small run of the load generator, as CI can afford: it asserts only that
+//! nothing is missing or misrouted (figures are for BENCHMARKS.md, not CI).
+
+use serde_json::Value;
+
+#[tokio::test]
+async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
+        .args([
+            "bench",
+            "steady",
+            "--connections",
+            "1000",
+            "--rate",
+            "50",
+            "--duration-s",
+            "2",
+        ])
+        .args(["--admin-share", "0.1", "--json"])
+        .env_remove("REDIS_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["connections"]["opened"], 1000, "{run}");
+    assert_eq!(run["events"]["published"], 100);
+    let d = &run["deliveries"];
+    assert!(d["expected"].as_u64().unwrap() > 0);
+    assert_eq!(d["delivered"], d["expected"], "{run}");
+    assert_eq!(d["missing"], 0);
+    assert_eq!(d["misrouted"], 0);
+}
