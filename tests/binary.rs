@@ -43,26 +43,8 @@ fn terminate(child: &Child) {
 
 #[tokio::test]
 async fn sigterm_closes_every_client_with_1001_and_exits_0() {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("JWT_SECRET", JWT_SECRET)
-        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = wait_for_line(&mut stderr, "listening").await;
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let gateway = ServeProcess::start(&[]).await;
+    let addr = gateway.addr.clone();
     let mut clients = Vec::new();
     for (endpoint, token) in [
         ("waiter", staff(1, 1, &[5], &["WAITER"])),
@@ -79,28 +61,16 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
         assert_eq!(c.next_json().await.unwrap()["type"], "connected");
         clients.push(c);
     }
-    terminate(&child);
+    gateway.terminate();
     for c in &mut clients {
         assert_eq!(c.close_code().await, Some(1001));
     }
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits within the grace period")
-        .unwrap();
+    let (status, log) = gateway.wait().await;
     assert!(status.success(), "{status:?}");
     // Nothing secret was logged on the way.
-    let rest = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut all = String::new();
-        while let Ok(Some(l)) = stderr.next_line().await {
-            all.push_str(&l);
-        }
-        all
-    })
-    .await
-    .unwrap();
     assert!(
-        !rest.contains(JWT_SECRET) && !rest.contains("token="),
-        "{rest}"
+        !log.contains(JWT_SECRET) && !log.contains("token="),
+        "{log}"
     );
 }
 
@@ -216,35 +186,9 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
 #[tokio::test]
 async fn nothing_secret_is_logged_even_at_trace_level() {
     let api_key = "api-key-that-must-not-leak";
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("JWT_SECRET", JWT_SECRET)
-        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
-        .env("WSGATEWAY_API_KEY", api_key)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = wait_for_line(&mut stderr, "listening").await;
-    let addr = line
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    let log = tokio::spawn(async move {
-        let mut all = String::new();
-        while let Ok(Some(l)) = stderr.next_line().await {
-            all.push_str(&l);
-            all.push('\n');
-        }
-        all
-    });
+    let gateway =
+        ServeProcess::start(&[("WSGATEWAY_API_KEY", api_key), ("RUST_LOG", "trace")]).await;
+    let addr = gateway.addr.clone();
     let good = staff(1, 1, &[5], &["WAITER"]);
     let forbidden = staff(2, 1, &[5], &["KITCHEN"]);
     let table = diner(1, 5, 1, 77);
@@ -269,9 +213,9 @@ async fn nothing_secret_is_logged_even_at_trace_level() {
             .unwrap();
     }
     drop((c, d));
-    terminate(&child);
-    assert!(child.wait().await.unwrap().success());
-    let log = log.await.unwrap();
+    gateway.terminate();
+    let (status, log) = gateway.wait().await;
+    assert!(status.success());
     assert!(log.lines().count() > 20, "trace logging is on: {log}");
     for secret in tokens.iter().map(String::as_str).chain([
         JWT_SECRET,

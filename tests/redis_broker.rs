@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::redis_server::*;
 use common::table::*;
 use common::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use wsgateway::config::{Secret, Secs};
 
 fn redis(url: &str) -> impl FnOnce(&mut wsgateway::Config) {
@@ -311,31 +309,11 @@ async fn two_gateway_processes_on_one_redis_both_deliver() {
     let server = RedisServer::start();
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("JWT_SECRET", JWT_SECRET)
-            .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
-            .env("WSGATEWAY_API_KEY", API_KEY)
-            .env("REDIS_URL", server.url())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .unwrap()
-                .unwrap()
-                .expect("the node prints its address");
-            if let Some(rest) = line.split("addr=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        // Keep reading its log so that the pipe never fills.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        nodes.push((child, addr));
+        let url = server.url();
+        let node =
+            ServeProcess::start(&[("WSGATEWAY_API_KEY", API_KEY), ("REDIS_URL", &url)]).await;
+        let addr = node.addr.clone();
+        nodes.push((node, addr));
     }
     let mut clients = Vec::new();
     for (_, addr) in &nodes {

@@ -14,14 +14,15 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
+use crate::auth::Endpoint;
 use crate::gateway::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let mut router = Router::new()
-        .route("/ws/waiter", get(ws::waiter))
-        .route("/ws/kitchen", get(ws::kitchen))
-        .route("/ws/admin", get(ws::admin))
-        .route("/ws/diner", get(ws::diner))
+        .route("/ws/waiter", ws::route(Endpoint::Waiter))
+        .route("/ws/kitchen", ws::route(Endpoint::Kitchen))
+        .route("/ws/admin", ws::route(Endpoint::Admin))
+        .route("/ws/diner", ws::route(Endpoint::Diner))
         .route("/ws/health", get(health::health))
         .route("/ws/health/detailed", get(health::detailed))
         .route("/ws/metrics", get(health::metrics));

@@ -9,6 +9,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::routing::{MethodRouter, get};
 
 use crate::auth::Endpoint;
 use crate::connection::{self, ConnectRequest};
@@ -18,48 +19,17 @@ use crate::http::server::PendingSlot;
 /// Initial read buffer of a WebSocket (tungstenite allocates it up front).
 const READ_BUFFER_BYTES: usize = 512;
 
-pub async fn waiter(
-    s: State<Arc<Shared>>,
-    c: ConnectInfo<SocketAddr>,
-    q: RawQuery,
-    h: HeaderMap,
-    p: Option<Extension<PendingSlot>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    upgrade(Endpoint::Waiter, s, c, q, h, p, ws)
-}
-
-pub async fn kitchen(
-    s: State<Arc<Shared>>,
-    c: ConnectInfo<SocketAddr>,
-    q: RawQuery,
-    h: HeaderMap,
-    p: Option<Extension<PendingSlot>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    upgrade(Endpoint::Kitchen, s, c, q, h, p, ws)
-}
-
-pub async fn admin(
-    s: State<Arc<Shared>>,
-    c: ConnectInfo<SocketAddr>,
-    q: RawQuery,
-    h: HeaderMap,
-    p: Option<Extension<PendingSlot>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    upgrade(Endpoint::Admin, s, c, q, h, p, ws)
-}
-
-pub async fn diner(
-    s: State<Arc<Shared>>,
-    c: ConnectInfo<SocketAddr>,
-    q: RawQuery,
-    h: HeaderMap,
-    p: Option<Extension<PendingSlot>>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    upgrade(Endpoint::Diner, s, c, q, h, p, ws)
+/// The route of one endpoint: every endpoint is the same handler, told
+/// which endpoint it serves.
+pub fn route(endpoint: Endpoint) -> MethodRouter<Arc<Shared>> {
+    get(
+        move |s: State<Arc<Shared>>,
+              c: ConnectInfo<SocketAddr>,
+              q: RawQuery,
+              h: HeaderMap,
+              p: Option<Extension<PendingSlot>>,
+              ws: WebSocketUpgrade| async move { upgrade(endpoint, s, c, q, h, p, ws) },
+    )
 }
 
 fn upgrade(

@@ -335,3 +335,73 @@ impl Client {
         got
     }
 }
+
+/// A `wsgateway serve` process on 127.0.0.1:<random port>, with the test
+/// secrets and `env` on top; its log (standard error) is collected.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    pub addr: String,
+    log: tokio::task::JoinHandle<String>,
+}
+
+impl ServeProcess {
+    pub async fn start(env: &[(&str, &str)]) -> ServeProcess {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("JWT_SECRET", JWT_SECRET)
+            .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                log.push_str(&line);
+                log.push('\n');
+                if let Some(rest) = line.split("addr=").nth(1) {
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
+            }
+            panic!("the gateway exited before listening:\n{log}");
+        })
+        .await
+        .expect("the gateway listens within 30 s");
+        let log = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                log.push_str(&line);
+                log.push('\n');
+            }
+            log
+        });
+        ServeProcess { child, addr, log }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the exit; returns its status and the whole log.
+    pub async fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("exits within the grace period")
+            .unwrap();
+        (status, self.log.await.unwrap())
+    }
+}
