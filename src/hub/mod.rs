@@ -368,11 +368,6 @@ impl Hub {
         }
     }
 
-    /// Asks every connection to close with `code`.
-    pub fn close_all(&self, code: u16) -> usize {
-        self.close_where(code, |_| true)
-    }
-
     fn close_where(&self, code: u16, pick: impl Fn(&Entry) -> bool) -> usize {
         let index = self.index.read();
         let mut n = 0;
