@@ -187,20 +187,20 @@ mod tests {
             metrics.clone(),
         ));
         let queue = Arc::new(EventQueue::new(10, metrics.clone()));
-        let (tx, mut rx) = tokio::sync::mpsc::channel(10);
         let member = Member::Staff {
             user_id: 1,
             branch_ids: vec![5],
             sectors: SectorScope::All,
         };
-        let _reg = hub
+        let reg = hub
             .register(Registration {
                 tenant_id: 1,
                 endpoint: crate::auth::Endpoint::Admin,
                 member,
                 expires_at: 0,
                 jti: None,
-                outbound: tx,
+                queue_capacity: 10,
+                greeting: None,
             })
             .unwrap();
         let mut d = Dispatcher::new(
@@ -217,9 +217,9 @@ mod tests {
         };
         d.dispatch(ev(now - 30_001), now);
         assert_eq!(metrics.dropped_count(Drop::Stale), 1);
-        assert!(rx.try_recv().is_err());
+        assert!(reg.handle.pop().is_none());
         d.dispatch(ev(now - 29_000), now);
-        assert!(rx.try_recv().is_ok());
+        assert!(reg.handle.pop().is_some());
         assert_eq!(metrics.events_processed.get(), 1);
     }
 

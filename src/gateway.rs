@@ -40,7 +40,9 @@ pub struct Shared {
     /// Requests to the sector sync task (refreshes, assignment changes).
     pub sector_sync: SectorSync,
     pub metrics: Arc<Metrics>,
-    /// Cancelled once, at shutdown; every task watches it.
+    /// Cancelled once, at shutdown: background tasks watch it; connections
+    /// are closed through the hub ([`Hub::close_all`]) and check it once
+    /// when admitted.
     pub shutdown: CancellationToken,
     /// Every connection and background task, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -211,6 +213,9 @@ impl Gateway {
         )
         .await;
         shared.shutdown.cancel();
+        // Connections admitted from here on close themselves on seeing the
+        // cancelled token; these are the ones already in the hub.
+        shared.hub.close_all(crate::close::GOING_AWAY);
         shared.tasks.close();
         let grace = shared.config.shutdown_grace_s.0;
         if tokio::time::timeout(grace, shared.tasks.wait())

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use proptest::prelude::*;
-use tokio::sync::mpsc;
 use wsgateway::auth::Endpoint;
 use wsgateway::channel::Channel;
 use wsgateway::event::{Event, Fields};
@@ -126,11 +125,11 @@ proptest! {
                     },
                 },
             };
-            let (tx, rx) = mpsc::channel(100);
             let reg = hub.register(Registration {
-                tenant_id: c.tenant, endpoint: c.endpoint, member, expires_at: u64::MAX, jti: None, outbound: tx,
+                tenant_id: c.tenant, endpoint: c.endpoint, member, expires_at: u64::MAX, jti: None,
+                queue_capacity: 100, greeting: None,
             }).unwrap();
-            open.push((reg, rx, c));
+            open.push((reg, c));
         }
         for (channel, tenant, branch, sector) in events {
             let fields = Fields {
@@ -140,11 +139,11 @@ proptest! {
             let event = Event::assemble(channel, fields, Utf8Bytes::from_static("{}")).unwrap();
             let fanout = hub.deliver(&event, &[]);
             let mut expected = 0;
-            for (_, rx, c) in open.iter_mut() {
+            for (reg, c) in open.iter_mut() {
                 let want = audience(c, channel, tenant, branch, sector);
-                let got = rx.try_recv().is_ok();
+                let got = reg.handle.pop().is_some();
                 prop_assert_eq!(got, want, "{:?} for {:?} t{} b{} s{:?}", c, channel, tenant, branch, sector);
-                prop_assert!(rx.try_recv().is_err(), "delivered twice");
+                prop_assert!(reg.handle.pop().is_none(), "delivered twice");
                 prop_assert!(!got || c.tenant == tenant, "crossed tenants");
                 expected += want as usize;
             }

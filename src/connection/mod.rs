@@ -1,11 +1,12 @@
-//! One WebSocket connection, from admission to close, in one task.
+//! One WebSocket connection, from admission to close.
 //!
 //! [`serve`] reads top to bottom: admit (origin → token, revocation included
-//! → role → sectors → capacity → per-user limit, DESIGN.md §1.2), send
-//! `connected`, then loop over three
-//! sources — close requests (from the hub or shutdown), the outbound queue,
-//! and the socket — until something closes it. Errors end here: they are
-//! logged and turned into a close code, never returned to the acceptor.
+//! → role → sectors → capacity → per-user limit, DESIGN.md §1.2), queue
+//! `connected` (or replay, on resume), then hand the connection to a task of
+//! its own ([`Live`]) that loops over two sources — its hub handle (close
+//! requests first, then queued frames) and the socket — until something
+//! closes it. Errors end here: they are logged and turned into a close code,
+//! never returned to the acceptor.
 
 mod messages;
 mod resume;
@@ -19,7 +20,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 pub use messages::ClientMessage;
@@ -28,7 +28,9 @@ use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
 use crate::close;
 use crate::event::unix_ms;
 use crate::gateway::Shared;
-use crate::hub::{Member, Outbound, Refusal, Registered, Registration, SectorScope};
+use crate::hub::{
+    ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
+};
 use crate::metrics::{Disconnect, Rejection};
 use crate::sectors::sync::SectorCommand;
 
@@ -50,6 +52,13 @@ pub struct ConnectRequest {
 }
 
 /// Runs one connection to its end.
+///
+/// Two tasks: the one that upgraded the socket admits the connection (and
+/// replays what it missed), then hands it to a task of its own for the rest
+/// of its life. The long-lived task then holds only the loop's state (under
+/// a kilobyte), not the upgrade's, the admission's and this function's
+/// arguments, which would otherwise stay in its future for as long as the
+/// connection is open (about 3 KiB more, per connection).
 pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
     let span = tracing::info_span!(
         "conn",
@@ -62,32 +71,49 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) 
         session = tracing::field::Empty,
         id = tracing::field::Empty,
     );
-    run(socket, shared, req).instrument(span).await
+    let tasks = shared.tasks.clone();
+    if let Some(live) = open(socket, shared, req).instrument(span.clone()).await {
+        tasks.spawn(live.run().instrument(span));
+    }
 }
 
-async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
+/// An admitted connection: what its loop needs, and nothing else.
+struct Live {
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    registered: Registered,
+    endpoint: Endpoint,
+    catch_up: resume::CatchUp,
+    limiter: DefaultDirectRateLimiter,
+}
+
+/// Admits the connection and replays what it missed; `None` once it is
+/// refused or gone.
+async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectRequest) -> Option<Live> {
     let close_timeout = shared.config.close_timeout_s.0;
-    // Boxed, like the other one-off phases below: the task's future keeps
-    // only the state of the loop, which lives as long as the connection.
-    let admitted = Box::pin(admit(&shared, &req)).await;
-    if let Some(slot) = &req.pending {
+    let admitted = admit(&shared, &mut req).await;
+    if let Some(slot) = req.pending.take() {
         slot.release();
     }
-    let (registered, mut outbound, deferred_hello) = match admitted {
+    let (registered, deferred_hello) = match admitted {
         Ok(admitted) => admitted,
         Err((code, why)) => {
             shared.metrics.rejected(why);
             tracing::info!(code, reason = why.as_str(), "connection refused");
-            Box::pin(close_socket(&mut socket, code, close_timeout)).await;
-            return;
+            close_socket(&mut socket, code, close_timeout).await;
+            return None;
         }
     };
-    let handle = registered.handle.clone();
+    let handle = &registered.handle;
     tracing::Span::current().record("id", handle.id);
     tracing::info!("connected");
+    // Shutdown closes what the hub holds; one admitted after that closes here.
+    if shared.shutdown.is_cancelled() {
+        handle.close(close::GOING_AWAY);
+    }
     let mut catch_up = resume::CatchUp::default();
     if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
-        let replay = Box::pin(resume::replay(&shared, handle.id, last)).await;
+        let replay = resume::replay(&shared, handle.id, last).await;
         let m = &shared.metrics;
         m.resumes
             .with_label_values(&[if replay.recovered { "true" } else { "false" }])
@@ -100,86 +126,113 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
         );
         hello["recovered"] = replay.recovered.into();
         let first = std::iter::once(Utf8Bytes::from(hello.to_string()));
-        let sent = Box::pin(tokio::time::timeout(close_timeout, async {
+        let sent = tokio::time::timeout(close_timeout, async {
             for frame in first.chain(replay.frames) {
                 socket.feed(Message::Text(frame)).await?;
             }
             socket.flush().await
-        }))
+        })
         .await;
         if !matches!(sent, Ok(Ok(()))) {
             tracing::info!("disconnected during replay");
-            return;
+            return None;
         }
         catch_up = replay.catch_up;
     }
-
     let limiter = rate_limiter(shared.config.rate_limit_per_s);
-    let shutdown = shared.shutdown.clone();
-    let code = loop {
-        tokio::select! {
-            biased;
-            code = handle.close_requested() => break Some(code),
-            _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
-            Some(frame) = outbound.recv() => {
+    Some(Live {
+        socket,
+        registered,
+        endpoint: req.endpoint,
+        catch_up,
+        limiter,
+        shared,
+    })
+}
+
+impl Live {
+    /// The connection's life: close requests, queued frames and the socket,
+    /// until something closes it.
+    fn run(self) -> impl Future<Output = ()> {
+        // An async block rather than an `async fn`: the fields are used in
+        // place, where an `async fn` would keep a second copy of `self` (its
+        // argument, moved into a local) for the connection's whole life.
+        let mut this = self;
+        async move {
+            let handle = &this.registered.handle;
+            let shared = &this.shared;
+            let socket = &mut this.socket;
+            let close_timeout = shared.config.close_timeout_s.0;
+            let code = loop {
                 tokio::select! {
-                    written = write_batch(&mut socket, frame, &mut outbound, &mut catch_up) => match written {
-                        Ok(published_ms) if published_ms > 0 => shared
-                            .metrics
-                            .publish_to_client_seconds
-                            .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "write failed");
-                            break None;
+                    biased;
+                    signal = handle.signal() => {
+                        if let Signal::Close(code) = signal {
+                            break Some(code);
                         }
-                    },
-                    code = handle.close_requested() => break Some(code),
-                    _ = shutdown.cancelled() => break Some(close::GOING_AWAY),
-                }
-            }
-            inbound = socket.recv() => {
-                let message = match inbound {
-                    None => break None,
-                    Some(Err(e)) => break read_error_code(e),
-                    Some(Ok(m)) => m,
-                };
-                handle.touch();
-                match message {
-                    Message::Text(text) => {
-                        if limiter.check().is_err() {
-                            break Some(close::RATE_LIMITED);
+                        // A write stuck on a client that does not read still
+                        // yields to a close request (slow consumer, shutdown).
+                        tokio::select! {
+                            biased;
+                            code = handle.close_requested() => break Some(code),
+                            written = write_queued(socket, handle, &mut this.catch_up) => match written {
+                                Ok(published_ms) if published_ms > 0 => shared
+                                    .metrics
+                                    .publish_to_client_seconds
+                                    .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "write failed");
+                                    break None;
+                                }
+                            },
                         }
-                        match ClientMessage::parse(req.endpoint, text.as_str()) {
-                            // Answered by the sector sync task with `sectors_updated`.
-                            ClientMessage::RefreshSectors => {
-                                shared.sector_sync.send(SectorCommand::Refresh(handle.id));
+                    }
+                    inbound = socket.recv() => {
+                        let message = match inbound {
+                            None => break None,
+                            Some(Err(e)) => break read_error_code(e),
+                            Some(Ok(m)) => m,
+                        };
+                        handle.touch();
+                        match message {
+                            Message::Text(text) => {
+                                if this.limiter.check().is_err() {
+                                    break Some(close::RATE_LIMITED);
+                                }
+                                match ClientMessage::parse(this.endpoint, text.as_str()) {
+                                    // Answered by the sector sync task with `sectors_updated`.
+                                    ClientMessage::RefreshSectors => {
+                                        shared.sector_sync.send(SectorCommand::Refresh(handle.id));
+                                    }
+                                    // Replies share the outbound queue: one writer, in order.
+                                    other => {
+                                        let reply = other.fixed_reply().unwrap_or_default();
+                                        handle.push(Outbound::reply(Utf8Bytes::from_static(reply)));
+                                    }
+                                }
                             }
-                            // Replies share the outbound queue: one writer, in order.
-                            other => {
-                                let reply = other.fixed_reply().unwrap_or_default();
-                                handle.push(Outbound::reply(Utf8Bytes::from_static(reply)));
+                            Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
+                            Message::Ping(_) | Message::Pong(_) => {}
+                            Message::Close(_) => {
+                                // Lets tungstenite send its reply to the client's close.
+                                let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
+                                break None;
                             }
                         }
                     }
-                    Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
-                    Message::Ping(_) | Message::Pong(_) => {}
-                    Message::Close(_) => {
-                        // Lets tungstenite send its reply to the client's close.
-                        let _ = tokio::time::timeout(close_timeout, socket.flush()).await;
-                        break None;
-                    }
                 }
+            };
+            drop(this.registered);
+            if let Some(code) = code {
+                record_close(shared, code, shared.shutdown.is_cancelled());
+                tracing::info!(code, reason = close::reason(code), "closing");
+                // Boxed: a one-off phase, kept out of the loop's state.
+                Box::pin(close_socket(socket, code, close_timeout)).await;
+            } else {
+                tracing::info!("disconnected");
             }
         }
-    };
-    drop(registered);
-    if let Some(code) = code {
-        record_close(&shared, code, shutdown.is_cancelled());
-        tracing::info!(code, reason = close::reason(code), "closing");
-        Box::pin(close_socket(&mut socket, code, close_timeout)).await;
-    } else {
-        tracing::info!("disconnected");
     }
 }
 
@@ -187,22 +240,18 @@ async fn run(mut socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
 /// connection is in the hub and `connected` is first in its queue.
 async fn admit(
     shared: &Arc<Shared>,
-    req: &ConnectRequest,
-) -> Result<
-    (
-        Registered,
-        mpsc::Receiver<Outbound>,
-        Option<serde_json::Value>,
-    ),
-    (u16, Rejection),
-> {
+    req: &mut ConnectRequest,
+) -> Result<(Registered, Option<serde_json::Value>), (u16, Rejection)> {
+    // The token is not kept past admission (nor is the origin).
+    let token = req.token.take();
+    let origin = req.origin.take();
     let config = &shared.config;
     let span = tracing::Span::current();
     let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
     let (tenant_id, member, expires_at, jti, connected) = if req.endpoint == Endpoint::Diner {
         let id: DinerIdentity = shared
             .verifier
-            .table(req.token.as_deref())
+            .table(token.as_deref())
             .map_err(auth_refusal)?;
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::display(id.branch_id));
@@ -218,14 +267,14 @@ async fn admit(
         };
         (id.tenant_id, member, id.exp, None, connected)
     } else {
-        if let (Some(allowed), Some(origin)) = (&config.allowed_origins, &req.origin)
+        if let (Some(allowed), Some(origin)) = (&config.allowed_origins, &origin)
             && !allowed.allows(origin.trim_end_matches('/'))
         {
             return Err((close::FORBIDDEN, Rejection::Origin));
         }
         let id: StaffIdentity = shared
             .verifier
-            .staff(req.token.as_deref())
+            .staff(token.as_deref())
             .map_err(auth_refusal)?;
         span.record("user", id.user_id);
         span.record("tenant", id.tenant_id);
@@ -267,15 +316,13 @@ async fn admit(
         (id.tenant_id, member, id.exp, jti, connected)
     };
 
-    let (tx, rx) = mpsc::channel(config.send_queue_size);
-    // Queued before registration, so that no event can precede it; a
-    // resuming connection writes it itself, before its replay.
-    let deferred = if req.last_event_id.is_some() {
-        Some(connected)
+    // `connected` is queued before registration, so that no event can
+    // precede it; a resuming connection writes it itself, before its replay.
+    let (greeting, deferred) = if req.last_event_id.is_some() {
+        (None, Some(connected))
     } else {
-        tx.try_send(Outbound::reply(Utf8Bytes::from(connected.to_string())))
-            .expect("a new queue has room");
-        None
+        let text = Utf8Bytes::from(connected.to_string());
+        (Some(Outbound::reply(text)), None)
     };
     let registered = shared
         .hub
@@ -285,13 +332,14 @@ async fn admit(
             member,
             expires_at,
             jti,
-            outbound: tx,
+            queue_capacity: config.send_queue_size,
+            greeting,
         })
         .map_err(|refusal| match refusal {
             Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
             Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
         })?;
-    Ok((registered, rx, deferred))
+    Ok((registered, deferred))
 }
 
 fn auth_refusal(e: AuthError) -> (u16, Rejection) {
@@ -309,26 +357,20 @@ fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
     RateLimiter::direct_with_clock(Quota::per_second(n), clock)
 }
 
-/// Writes `first` and whatever else is already queued (up to a batch), then
-/// flushes once, skipping events a resume already replayed. Returns the
-/// newest publish time (`ts`) in the batch, or 0.
-async fn write_batch(
+/// Writes what is queued (up to a batch), then flushes once, skipping
+/// events a resume already replayed. Returns the newest publish time (`ts`)
+/// in the batch, or 0.
+async fn write_queued(
     socket: &mut WebSocket,
-    first: Outbound,
-    outbound: &mut mpsc::Receiver<Outbound>,
+    handle: &ConnHandle,
     catch_up: &mut resume::CatchUp,
 ) -> Result<i64, axum::Error> {
     let mut published_ms = 0;
-    let mut next = Some(first);
-    let mut taken = 0;
-    while let Some(out) = next.take() {
+    for _ in 0..WRITE_BATCH {
+        let Some(out) = handle.pop() else { break };
         if !catch_up.replayed(out.text().as_str()) {
             published_ms = published_ms.max(out.published_ms());
             socket.feed(Message::Text(out.text().clone())).await?;
-        }
-        taken += 1;
-        if taken < WRITE_BATCH {
-            next = outbound.try_recv().ok();
         }
     }
     socket.flush().await?;
@@ -392,4 +434,22 @@ async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) {
         }
     };
     let _ = tokio::time::timeout(timeout, handshake).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future a function returns, without calling it.
+    fn future_size<A, F>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The loop's future is what every open connection holds for its whole
+    /// life (BENCHMARKS.md, memory per idle connection): keep it small.
+    #[test]
+    fn the_live_connection_future_stays_under_a_kilobyte() {
+        let size = future_size(Live::run);
+        assert!(size <= 1024, "Live::run's future is {size} bytes");
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 pub use audience::{Member, SectorScope};
-pub use handle::{ConnHandle, ConnId, Outbound, Push, monotonic_ms};
+pub use handle::{ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms};
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
@@ -51,7 +51,10 @@ pub struct Registration {
     pub expires_at: u64,
     /// The token's id, for revocation checks.
     pub jti: Option<Box<str>>,
-    pub outbound: tokio::sync::mpsc::Sender<Outbound>,
+    /// Frames the connection's queue holds before it counts as slow.
+    pub queue_capacity: usize,
+    /// Queued before the connection is indexed, so no event precedes it.
+    pub greeting: Option<Outbound>,
 }
 
 /// A waiter-endpoint connection whose sectors are looked up (not MANAGER
@@ -145,6 +148,7 @@ pub struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.hub.unregister(self.handle.id);
+        self.handle.detach();
     }
 }
 
@@ -166,8 +170,11 @@ impl Hub {
             id,
             reg.tenant_id,
             reg.endpoint,
-            reg.outbound,
+            reg.queue_capacity,
         ));
+        if let Some(greeting) = reg.greeting {
+            handle.push(greeting);
+        }
         let mut index = self.index.write();
         if index.counts.total >= self.limits.max_total {
             return Err(Refusal::AtCapacity);
@@ -356,6 +363,11 @@ impl Hub {
             .iter()
             .filter_map(|(id, e)| e.jti.clone().map(|jti| (*id, jti)))
             .collect()
+    }
+
+    /// Asks every connection to close with `code` (shutdown).
+    pub fn close_all(&self, code: u16) -> usize {
+        self.close_where(code, |_| true)
     }
 
     /// Asks the given connections to close with `code`.
@@ -590,7 +602,6 @@ fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Members>, key: &K, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::mpsc;
 
     #[test]
     fn prior_channels_exclude_those_already_served() {
@@ -606,26 +617,26 @@ mod tests {
             branch_ids: vec![5],
             sectors,
         };
-        let (tx_a, mut rx_a) = mpsc::channel(10);
-        let (tx_w, mut rx_w) = mpsc::channel(10);
-        let _a = hub
+        let a = hub
             .register(Registration {
                 tenant_id: 1,
                 endpoint: Endpoint::Admin,
                 member: staff(SectorScope::All),
                 expires_at: 0,
                 jti: None,
-                outbound: tx_a,
+                queue_capacity: 10,
+                greeting: None,
             })
             .unwrap();
-        let _w = hub
+        let w = hub
             .register(Registration {
                 tenant_id: 1,
                 endpoint: Endpoint::Waiter,
                 member: staff(SectorScope::All),
                 expires_at: 0,
                 jti: None,
-                outbound: tx_w,
+                queue_capacity: 10,
+                greeting: None,
             })
             .unwrap();
         let text = r#"{"type":"X","tenant_id":1,"branch_id":5}"#;
@@ -643,7 +654,7 @@ mod tests {
                 repeated: 1
             }
         );
-        assert!(rx_a.try_recv().is_err() && rx_w.try_recv().is_err());
+        assert!(a.handle.pop().is_none() && w.handle.pop().is_none());
         assert_eq!(hub.close_expired(|exp| exp > 0), 2);
     }
 }
