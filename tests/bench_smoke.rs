@@ -36,3 +36,23 @@ async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
     assert_eq!(d["missing"], 0);
     assert_eq!(d["misrouted"], 0);
 }
+
+#[tokio::test]
+async fn the_kernel_floor_scenario_counts_every_write() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
+        .args(["bench", "floor", "--connections", "200"])
+        .args(["--rate", "20", "--duration-s", "1", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["writes"], 200 * 20, "{run}");
+    assert_eq!(run["missing"], 0, "{run}");
+    assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+}

@@ -284,7 +284,7 @@ async fn open(server: SocketAddr, local: Ipv4Addr, url: &str) -> anyhow::Result<
     let stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0);
     let (mut ws, _) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
@@ -301,12 +301,21 @@ async fn read(
     delivered: Arc<AtomicU64>,
 ) -> ClientStats {
     let mut stats = ClientStats::default();
+    // One stop future for the connection's life, not one per message: the
+    // fleet shares the gateway's cores, so its own cost shows in latency.
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        () = read_all(&mut ws, me, &delivered, &mut stats) => {
+            stats.closed_by_server = !stop.is_cancelled();
+        }
+    }
+    stats
+}
+
+/// Counts what arrives until the gateway closes the connection.
+async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut ClientStats) {
     loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = ws.next() => m,
-        };
-        match message {
+        match ws.next().await {
             Some(Ok(Message::Text(text))) => {
                 let now = now_us();
                 let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
@@ -334,12 +343,8 @@ async fn read(
                 }
                 stats.last_us = now;
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                stats.closed_by_server = !stop.is_cancelled();
-                break;
-            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
             Some(Ok(_)) => {}
         }
     }
-    stats
 }

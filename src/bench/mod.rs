@@ -9,6 +9,7 @@
 //! the gateway itself, so one command reproduces a figure.
 
 mod clients;
+mod floor;
 mod gateway;
 mod publish;
 mod report;
@@ -31,6 +32,9 @@ pub enum Scenario {
     Broadcast,
     /// 1 000 connections, 100 events/s.
     Steady,
+    /// No gateway: plain blocking writes to 9 900 loopback sockets, 10
+    /// events/s; the kernel's floor under the broadcast figures.
+    Floor,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,6 +128,8 @@ impl Plan {
             Scenario::Burst => (5_000, 1, 17, 1_000, 0.0, 0.0),
             Scenario::Broadcast => (10_000, 1, 1, 100, 10.0, 10.0),
             Scenario::Steady => (1_000, 2, 5, 1_000, 100.0, 10.0),
+            // Both ends in this process: 2 × 9 900 files under the 20 000 limit.
+            Scenario::Floor => (9_900, 1, 1, 100, 10.0, 10.0),
         };
         let rate = args.rate.unwrap_or(rate);
         let duration = args.duration_s.unwrap_or(duration);
@@ -155,6 +161,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let mut reports = Vec::new();
         for run in 1..=args.runs.max(1) {
+            if plan.scenario == Scenario::Floor {
+                let floor = floor::run(&plan, &args).await?.to_json();
+                if !args.json {
+                    println!("--- run {run} of {}", args.runs.max(1));
+                    println!("{}", serde_json::to_string_pretty(&floor)?);
+                }
+                reports.push(floor);
+                continue;
+            }
             let target = gateway::Target::resolve(&args, &plan)
                 .await
                 .context("cannot start or reach the gateway")?;

@@ -50,13 +50,7 @@ impl Report {
     }
 
     fn percentile_ms(&self, p: f64) -> Option<f64> {
-        let mut l = self.stats.latencies_us.clone();
-        if l.is_empty() {
-            return None;
-        }
-        l.sort_unstable();
-        let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
-        Some(l[i] as f64 / 1000.0)
+        percentile_ms(&self.stats.latencies_us, p)
     }
 
     fn missing(&self) -> u64 {
@@ -138,6 +132,17 @@ impl fmt::Display for Report {
 }
 
 /// The median of every number in the runs' reports, by path.
+/// The `p` quantile (0..=1) of latencies in microseconds, in milliseconds.
+pub fn percentile_ms(latencies_us: &[u32], p: f64) -> Option<f64> {
+    let mut l = latencies_us.to_vec();
+    if l.is_empty() {
+        return None;
+    }
+    l.sort_unstable();
+    let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
+    Some(l[i] as f64 / 1000.0)
+}
+
 pub fn median(runs: &[Value]) -> Value {
     fn walk(runs: &[&Value]) -> Value {
         match runs.first() {
