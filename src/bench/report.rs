@@ -71,6 +71,7 @@ impl Report {
                            "max": self.percentile_ms(1.0)},
             "gateway": {"rss_kib_before": self.before.rss_kib, "rss_kib_connected": self.connected.rss_kib,
                         "rss_kib_per_connection": self.rss_per_connection_kib(),
+                        "rss_kib_after": self.after.rss_kib,
                         "cpu_us_per_delivery": self.cpu_us_per_delivery(),
                         "cpu_s_publish_phase": self.after.cpu_ticks.saturating_sub(self.idle.cpu_ticks) as f64 / TICKS_PER_S},
         })
@@ -118,10 +119,11 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "gateway RSS     {} KiB before, {} KiB connected: {} KiB per connection",
+            "gateway RSS     {} KiB before, {} KiB connected: {} KiB per connection; {} KiB after the events",
             self.before.rss_kib,
             self.connected.rss_kib,
-            opt(self.rss_per_connection_kib(), 2)
+            opt(self.rss_per_connection_kib(), 2),
+            self.after.rss_kib,
         )?;
         writeln!(
             f,
