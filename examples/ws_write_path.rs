@@ -23,6 +23,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use wsgateway::bench::procfs::{TICKS_PER_S, thread_cpu_ticks};
 
 const FRAMES: usize = 100_000;
 const ROUNDS: usize = 7;
@@ -184,7 +185,7 @@ fn over_loopback(writer: Writer, payload: &str) -> f64 {
             let before = thread_cpu_ticks();
             write_frames(writer, stream, &payload).await;
             let ticks = thread_cpu_ticks().saturating_sub(before);
-            ticks as f64 * 10_000.0 / FRAMES as f64
+            ticks as f64 / TICKS_PER_S * 1e6 / FRAMES as f64
         })
     })
     .join()
@@ -195,18 +196,4 @@ fn over_loopback(writer: Writer, payload: &str) -> f64 {
         "the reader got {received} bytes"
     );
     cpu_us
-}
-
-/// This thread's utime + stime, in 10 ms clock ticks.
-fn thread_cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }

@@ -18,13 +18,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket};
 
 use super::clients::now_us;
+use super::procfs::{TICKS_PER_S, thread_cpu_ticks};
 use super::{BenchArgs, Plan};
 
 /// Bytes per write: about the size of an event frame in the broadcast.
 const FRAME_BYTES: usize = 200;
-
-/// Clock ticks per second of /proc/.../stat (USER_HZ).
-const TICKS_PER_S: f64 = 100.0;
 
 pub struct Floor {
     pub writes: u64,
@@ -169,19 +167,4 @@ async fn read_frames(mut stream: tokio::net::TcpStream, received: Arc<AtomicU64>
         filled -= whole;
     }
     latencies
-}
-
-/// This thread's utime + stime, in clock ticks.
-fn thread_cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; after the name, 12 and 13.
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }

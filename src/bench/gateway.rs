@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::{BenchArgs, Plan, Via};
+use super::{BenchArgs, Plan, Via, procfs};
 
 pub struct Target {
     pub addr: SocketAddr,
@@ -124,24 +124,8 @@ impl Target {
 }
 
 fn read_proc(pid: u32) -> Sample {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    // Fields 14 and 15 of /proc/PID/stat, after the parenthesized name.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     Sample {
-        rss_kib,
-        cpu_ticks: ticks(11) + ticks(12),
+        rss_kib: procfs::rss_kib(pid),
+        cpu_ticks: procfs::cpu_ticks(&format!("/proc/{pid}/stat")),
     }
 }

@@ -11,6 +11,7 @@
 mod clients;
 mod floor;
 mod gateway;
+pub mod procfs;
 mod publish;
 mod report;
 

@@ -8,10 +8,8 @@ use serde_json::{Value, json};
 use super::Plan;
 use super::clients::ClientStats;
 use super::gateway::Sample;
+use super::procfs::TICKS_PER_S;
 use super::publish::Outcome;
-
-/// Clock ticks per second of /proc/PID/stat (USER_HZ, 100 on Linux).
-const TICKS_PER_S: f64 = 100.0;
 
 pub struct Report {
     pub plan: Plan,
