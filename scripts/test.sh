@@ -77,16 +77,8 @@ ensure_postgres() {
     url="$ours"
     export TEST_DATABASE_URL="$url"
   fi
-  PGOPTIONS='-c client_min_messages=warning' psql "$url" -q -v ON_ERROR_STOP=1 <<'SQL' >/dev/null
-CREATE TABLE IF NOT EXISTS waiter_sector_assignment (
-  id              bigserial PRIMARY KEY,
-  tenant_id       bigint NOT NULL,
-  branch_id       bigint NOT NULL,
-  sector_id       bigint NOT NULL,
-  waiter_id       bigint NOT NULL,
-  assignment_date date   NOT NULL DEFAULT CURRENT_DATE
-);
-SQL
+  PGOPTIONS='-c client_min_messages=warning' psql "$url" -q -v ON_ERROR_STOP=1 \
+    -f tests/fixtures/waiter_sector_assignment.sql >/dev/null
 }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"

@@ -25,18 +25,10 @@ pub async fn connect() -> tokio_postgres::Client {
     tokio::spawn(connection);
     // Serialized: concurrent CREATE ... IF NOT EXISTS can still collide.
     client
-        .batch_execute(
-            "SELECT pg_advisory_lock(80010);
-             CREATE TABLE IF NOT EXISTS waiter_sector_assignment (
-               id              bigserial PRIMARY KEY,
-               tenant_id       bigint NOT NULL,
-               branch_id       bigint NOT NULL,
-               sector_id       bigint NOT NULL,
-               waiter_id       bigint NOT NULL,
-               assignment_date date   NOT NULL DEFAULT CURRENT_DATE
-             );
-             SELECT pg_advisory_unlock(80010);",
-        )
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock(80010); {} SELECT pg_advisory_unlock(80010);",
+            include_str!("../fixtures/waiter_sector_assignment.sql")
+        ))
         .await
         .unwrap();
     client
