@@ -82,7 +82,6 @@ struct Live {
     socket: WebSocket,
     shared: Arc<Shared>,
     registered: Registered,
-    endpoint: Endpoint,
     catch_up: resume::CatchUp,
     limiter: DefaultDirectRateLimiter,
 }
@@ -143,7 +142,6 @@ async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectReques
     Some(Live {
         socket,
         registered,
-        endpoint: req.endpoint,
         catch_up,
         limiter,
         shared,
@@ -200,7 +198,7 @@ impl Live {
                                 if this.limiter.check().is_err() {
                                     break Some(close::RATE_LIMITED);
                                 }
-                                match ClientMessage::parse(this.endpoint, text.as_str()) {
+                                match ClientMessage::parse(handle.endpoint, text.as_str()) {
                                     // Answered by the sector sync task with `sectors_updated`.
                                     ClientMessage::RefreshSectors => {
                                         shared.sector_sync.send(SectorCommand::Refresh(handle.id));
@@ -225,7 +223,7 @@ impl Live {
             };
             drop(this.registered);
             if let Some(code) = code {
-                record_close(shared, code, shared.shutdown.is_cancelled());
+                record_close(shared, code);
                 tracing::info!(code, reason = close::reason(code), "closing");
                 // Boxed: a one-off phase, kept out of the loop's state.
                 Box::pin(close_socket(socket, code, close_timeout)).await;
@@ -398,11 +396,11 @@ fn read_error_code(e: axum::Error) -> Option<u16> {
     }
 }
 
-fn record_close(shared: &Shared, code: u16, shutting_down: bool) {
+fn record_close(shared: &Shared, code: u16) {
     let m = &shared.metrics;
     let why = match code {
         close::RATE_LIMITED => return m.rejected(Rejection::RateLimit),
-        close::GOING_AWAY if shutting_down => Disconnect::Shutdown,
+        close::GOING_AWAY if shared.shutdown.is_cancelled() => Disconnect::Shutdown,
         close::GOING_AWAY => Disconnect::Heartbeat,
         close::SLOW_CONSUMER => Disconnect::SlowConsumer,
         close::UNSUPPORTED_DATA => Disconnect::Binary,
