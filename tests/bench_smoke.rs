@@ -3,20 +3,13 @@
 
 use serde_json::Value;
 
-#[tokio::test]
-async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
+/// Runs `wsgateway bench <args> --json` (embedded broker) and returns its
+/// first run's report.
+async fn bench(args: &[&str]) -> Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
-        .args([
-            "bench",
-            "steady",
-            "--connections",
-            "1000",
-            "--rate",
-            "50",
-            "--duration-s",
-            "2",
-        ])
-        .args(["--admin-share", "0.1", "--json"])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .env_remove("REDIS_URL")
         .output()
         .await
@@ -27,7 +20,23 @@ async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let run = &report["runs"][0];
+    report["runs"][0].clone()
+}
+
+#[tokio::test]
+async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
+    let run = &bench(&[
+        "steady",
+        "--connections",
+        "1000",
+        "--rate",
+        "50",
+        "--duration-s",
+        "2",
+        "--admin-share",
+        "0.1",
+    ])
+    .await;
     assert_eq!(run["connections"]["opened"], 1000, "{run}");
     assert_eq!(run["events"]["published"], 100);
     let d = &run["deliveries"];
@@ -39,19 +48,16 @@ async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
 
 #[tokio::test]
 async fn the_kernel_floor_scenario_counts_every_write() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
-        .args(["bench", "floor", "--connections", "200"])
-        .args(["--rate", "20", "--duration-s", "1", "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let run = &report["runs"][0];
+    let run = &bench(&[
+        "floor",
+        "--connections",
+        "200",
+        "--rate",
+        "20",
+        "--duration-s",
+        "1",
+    ])
+    .await;
     assert_eq!(run["writes"], 200 * 20, "{run}");
     assert_eq!(run["missing"], 0, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
