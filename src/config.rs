@@ -114,9 +114,12 @@ settings! {
     redis_timeout_s: Secs = Some("2"), env = "WSGATEWAY_REDIS_TIMEOUT_S", flag = "redis-timeout-s";
     /// First reconnect delay after losing Redis (decorrelated jitter), in seconds.
     redis_retry_base_s: Secs = Some("0.5"), env = "WSGATEWAY_REDIS_RETRY_BASE_S", flag = "redis-retry-base-s";
-    /// Longest reconnect delay, in seconds.
-    redis_retry_max_s: Secs = Some("10"), env = "WSGATEWAY_REDIS_RETRY_MAX_S", flag = "redis-retry-max-s";
-    /// Period of the Redis health check (PING), in seconds.
+    /// Longest reconnect delay, in seconds (short: live delivery is back
+    /// within this, plus a moment, of Redis accepting connections again).
+    redis_retry_max_s: Secs = Some("2"), env = "WSGATEWAY_REDIS_RETRY_MAX_S", flag = "redis-retry-max-s";
+    /// Period of the Redis health check: every Redis connection (the
+    /// subscription too) is PINGed this often, with the command timeout as
+    /// deadline, in seconds.
     redis_health_check_s: Secs = Some("1"), env = "WSGATEWAY_REDIS_HEALTH_CHECK_S", flag = "redis-health-check-s";
     /// Consecutive Redis failures that open the circuit breaker.
     breaker_failure_threshold: u32 = Some("5"), env = "WSGATEWAY_BREAKER_FAILURE_THRESHOLD", flag = "breaker-failure-threshold";

@@ -74,7 +74,7 @@ impl Dispatcher {
 
     fn dispatch(&mut self, event: Event, now_ms: i64) {
         let age_ms = event.age_ms(now_ms);
-        if age_ms.is_some_and(|age| age > self.stale_after_ms) {
+        if !event.from_history && age_ms.is_some_and(|age| age > self.stale_after_ms) {
             self.metrics.dropped(Drop::Stale);
             tracing::debug!(channel = %event.channel, event_type = %event.fields.event_type, "stale event dropped");
             return;

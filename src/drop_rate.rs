@@ -41,9 +41,9 @@ impl DropRate {
         self.slot().1 += 1;
     }
 
-    /// Records a drop; returns the rate when it calls for an alert now.
-    pub fn dropped(&mut self) -> Option<f64> {
-        self.slot().2 += 1;
+    /// Records `n` drops; returns the rate when it calls for an alert now.
+    pub fn dropped(&mut self, n: u64) -> Option<f64> {
+        self.slot().2 += n;
         let rate = self.rate();
         let cooled = self
             .last_alert
@@ -82,11 +82,11 @@ mod tests {
             r.processed();
         }
         for _ in 0..5 {
-            assert_eq!(r.dropped(), None, "5 of 105 is under 5 %");
+            assert_eq!(r.dropped(1), None, "5 of 105 is under 5 %");
         }
-        let alert = r.dropped().expect("6 of 106 is over 5 %");
+        let alert = r.dropped(1).expect("6 of 106 is over 5 %");
         assert!((alert - 6.0 / 106.0).abs() < 1e-9);
-        assert_eq!(r.dropped(), None, "cooldown");
+        assert_eq!(r.dropped(1), None, "cooldown");
         assert!(r.rate() > 0.05);
     }
 }

@@ -125,6 +125,15 @@ impl Fields {
         })
     }
 
+    /// Reads the fields of an event's JSON text.
+    pub fn parse(text: &str) -> Result<Fields, InvalidEvent> {
+        let value: Value = serde_json::from_str(text).map_err(|_| InvalidEvent::NotJson)?;
+        let Value::Object(obj) = value else {
+            return Err(InvalidEvent::NotObject);
+        };
+        Fields::read(&obj)
+    }
+
     /// Checks that the event agrees with the channel it arrived on: the
     /// channel decides the branch (and the sector or session it names).
     pub fn check_channel(&self, channel: Channel) -> Result<(), InvalidEvent> {
@@ -199,6 +208,10 @@ pub struct Event {
     pub frame: Utf8Bytes,
     /// When the gateway received it, for latency metrics.
     pub received_at: Instant,
+    /// Read from history to fill a gap in the broker subscription: it is
+    /// delivered however old (history's age bound decides), not dropped as
+    /// stale.
+    pub from_history: bool,
 }
 
 impl Event {
@@ -206,12 +219,7 @@ impl Event {
     /// message). The bytes become the frame unchanged.
     pub fn parse(channel: Channel, payload: Bytes) -> Result<Event, InvalidEvent> {
         let frame = Utf8Bytes::try_from(payload).map_err(|_| InvalidEvent::NotUtf8)?;
-        let value: Value =
-            serde_json::from_str(frame.as_str()).map_err(|_| InvalidEvent::NotJson)?;
-        let Value::Object(obj) = value else {
-            return Err(InvalidEvent::NotObject);
-        };
-        let fields = Fields::read(&obj)?;
+        let fields = Fields::parse(frame.as_str())?;
         Self::assemble(channel, fields, frame)
     }
 
@@ -228,6 +236,7 @@ impl Event {
             fields,
             frame,
             received_at: Instant::now(),
+            from_history: false,
         })
     }
 

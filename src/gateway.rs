@@ -61,10 +61,14 @@ pub enum StartError {
     Database(#[from] BadDatabaseUrl),
     #[error("invalid setting REDIS_URL (--redis-url): {0}")]
     Revocations(String),
+    #[error("{0}")]
+    RedisVersion(String),
 }
 
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// The Redis broker, when configured, for the start-up check.
+    redis: Option<Arc<RedisBroker>>,
     sector_commands: tokio::sync::mpsc::Receiver<SectorCommand>,
 }
 
@@ -88,25 +92,34 @@ impl Gateway {
             size: config.history_size,
             ttl: config.history_ttl_s.0,
         };
+        let mut redis_broker = None;
         let broker: Arc<dyn Broker> = match &config.redis_url {
             None => Arc::new(EmbeddedBroker::new(queue.clone(), history)),
-            Some(url) => Arc::new(RedisBroker::new(
-                url.expose(),
-                RedisTiming {
-                    timeout: config.redis_timeout_s.0,
-                    retry_base: config.redis_retry_base_s.0,
-                    retry_max: config.redis_retry_max_s.0,
-                    health_check: config.redis_health_check_s.0,
-                },
-                BreakerConfig {
-                    failure_threshold: config.breaker_failure_threshold,
-                    recovery: config.breaker_recovery_s.0,
-                    half_open_calls: config.breaker_half_open_calls,
-                },
-                history,
-                queue.clone(),
-                metrics.clone(),
-            )?),
+            Some(url) => {
+                let broker = Arc::new(RedisBroker::new(
+                    url.expose(),
+                    RedisTiming {
+                        timeout: config.redis_timeout_s.0,
+                        retry_base: config.redis_retry_base_s.0,
+                        retry_max: config.redis_retry_max_s.0,
+                        health_check: config.redis_health_check_s.0,
+                    },
+                    BreakerConfig {
+                        failure_threshold: config.breaker_failure_threshold,
+                        recovery: config.breaker_recovery_s.0,
+                        half_open_calls: config.breaker_half_open_calls,
+                        // Trials are single commands: a round not decided
+                        // within a few command timeouts has gone wrong.
+                        trial_deadline: config.redis_timeout_s.0 * 3,
+                    },
+                    history,
+                    queue.clone(),
+                    hub.clone(),
+                    metrics.clone(),
+                )?);
+                redis_broker = Some(broker.clone());
+                broker
+            }
         };
         tracing::info!(broker = broker.status().kind, "broker");
         let sectors = Arc::new(match &config.database_url {
@@ -149,7 +162,18 @@ impl Gateway {
                 demo_page: false,
             }),
             sector_commands,
+            redis: redis_broker,
         })
+    }
+
+    /// Checks what can only be checked by connecting: a Redis server too
+    /// old for the gateway is refused at start. Redis being unreachable is
+    /// not an error (the gateway serves, and keeps trying).
+    pub async fn preflight(&self) -> Result<(), StartError> {
+        match &self.redis {
+            Some(redis) => redis.preflight().await.map_err(StartError::RedisVersion),
+            None => Ok(()),
+        }
     }
 
     /// Serves the demo page at `/` as well (for `wsgateway dev`).

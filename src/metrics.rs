@@ -105,14 +105,26 @@ pub enum Drop {
     Invalid,
     /// Older than the stale limit at dispatch.
     Stale,
+    /// Published while this node was not subscribed, and gone from history
+    /// before the node could fill the gap (a lower bound: one per scope
+    /// whose history was trimmed past the gap's start).
+    Gap,
 }
 
 impl Drop {
+    /// Whether this loss is the backpressure or outage kind that the
+    /// drop-rate alert watches. Invalid and stale events are the
+    /// publisher's fault, counted but not alerted on.
+    pub fn is_loss(self) -> bool {
+        matches!(self, Drop::QueueFull | Drop::Gap)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Drop::QueueFull => "queue_full",
             Drop::Invalid => "invalid",
             Drop::Stale => "stale",
+            Drop::Gap => "gap",
         }
     }
 }
@@ -162,6 +174,14 @@ pub struct Metrics {
     pub circuit_breaker_state: IntGaugeVec,
     pub circuit_breaker_failures: IntGaugeVec,
     pub circuit_breaker_transitions: IntCounterVec,
+    /// Gaps in the broker subscription, by outcome (`filled`, `lost`).
+    pub subscription_gaps: IntCounterVec,
+    /// Events read from history to fill subscription gaps.
+    pub gap_filled_events: IntCounter,
+    /// Connections told to reload their state after a gap (`resync`).
+    pub resync_notices: IntCounter,
+    /// Redis connections found dead or lost and replaced, by connection.
+    pub redis_reconnects: IntCounterVec,
     drop_rate: Mutex<DropRate>,
 }
 
@@ -355,6 +375,32 @@ impl Metrics {
                 &["name", "to"],
             )
             .unwrap(),
+            subscription_gaps: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_subscription_gaps_total",
+                    "Gaps in the broker subscription, by whether history filled them",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
+            gap_filled_events: IntCounter::new(
+                "wsgateway_gap_filled_events_total",
+                "Events read from history to fill subscription gaps",
+            )
+            .unwrap(),
+            resync_notices: IntCounter::new(
+                "wsgateway_resync_notices_total",
+                "Connections told to reload their state after an unrecoverable gap",
+            )
+            .unwrap(),
+            redis_reconnects: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_redis_connections_lost_total",
+                    "Redis connections found dead or closed and replaced, by connection",
+                ),
+                &["connection"],
+            )
+            .unwrap(),
             drop_rate: Mutex::new(drop_rate),
             registry,
         };
@@ -406,6 +452,10 @@ impl Metrics {
             Box::new(self.circuit_breaker_state.clone()),
             Box::new(self.circuit_breaker_failures.clone()),
             Box::new(self.circuit_breaker_transitions.clone()),
+            Box::new(self.subscription_gaps.clone()),
+            Box::new(self.gap_filled_events.clone()),
+            Box::new(self.resync_notices.clone()),
+            Box::new(self.redis_reconnects.clone()),
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");
@@ -423,9 +473,23 @@ impl Metrics {
     }
 
     pub fn dropped(&self, why: Drop) {
-        self.events_dropped.with_label_values(&[why.as_str()]).inc();
+        self.dropped_n(why, 1);
+    }
+
+    /// Counts `n` events not delivered; losses (see [`Drop::is_loss`]) feed
+    /// the drop-rate tracker and its alert.
+    pub fn dropped_n(&self, why: Drop, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.events_dropped
+            .with_label_values(&[why.as_str()])
+            .inc_by(n);
+        if !why.is_loss() {
+            return;
+        }
         let mut tracker = self.drop_rate.lock();
-        let alert = tracker.dropped();
+        let alert = tracker.dropped(n);
         self.event_drop_rate.set(tracker.rate());
         drop(tracker);
         if let Some(rate) = alert {

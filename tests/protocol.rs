@@ -179,7 +179,7 @@ async fn health_counts_connections_by_endpoint() {
     assert_eq!(detailed["status"], "healthy");
     assert_eq!(
         detailed["broker"],
-        json!({"kind": "embedded", "status": "connected"})
+        json!({"kind": "embedded", "status": "connected", "publishing": true})
     );
     assert_eq!(detailed["sector_repository"]["status"], "disabled");
     assert_eq!(detailed["event_processing"]["queue_size"], 0);

@@ -8,15 +8,15 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use crate::broker::{LinkError, RedisLink};
 
 /// How many `jti`s one SMISMEMBER asks about.
 const CHUNK: usize = 1000;
 
 pub struct Revocations {
-    redis: ConnectionManager,
+    /// Its own connection, replaced when found dead like the broker's.
+    redis: RedisLink,
     key: String,
-    timeout: Duration,
 }
 
 /// Why a revocation check gave no answer.
@@ -31,18 +31,10 @@ pub enum RevocationError {
 impl Revocations {
     /// Connects lazily: the gateway starts without Redis.
     pub fn new(url: &str, key: &str, timeout: Duration) -> Result<Revocations, String> {
-        let client =
-            redis::Client::open(url).map_err(|e| format!("not a Redis URL ({:?})", e.kind()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let redis = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("{:?}", e.kind()))?;
+        let client = crate::broker::redis_client(url)?;
         Ok(Revocations {
-            redis,
+            redis: RedisLink::new(client, timeout, None),
             key: key.to_owned(),
-            timeout,
         })
     }
 
@@ -55,14 +47,17 @@ impl Revocations {
     pub async fn revoked_among(&self, jtis: &[&str]) -> Result<Vec<bool>, RevocationError> {
         let mut answers = Vec::with_capacity(jtis.len());
         for chunk in jtis.chunks(CHUNK) {
-            let mut conn = self.redis.clone();
             let mut cmd = redis::cmd("SMISMEMBER");
             cmd.arg(&self.key).arg(chunk);
-            let query = cmd.query_async::<Vec<bool>>(&mut conn);
-            match tokio::time::timeout(self.timeout, query).await {
-                Ok(Ok(found)) => answers.extend(found),
-                Ok(Err(e)) => return Err(RevocationError::Redis(format!("{:?}", e.kind()))),
-                Err(_) => return Err(RevocationError::Timeout),
+            let query = |mut c: redis::aio::MultiplexedConnection| async move {
+                cmd.query_async::<Vec<bool>>(&mut c).await
+            };
+            match self.redis.call(query).await {
+                Ok(found) => answers.extend(found),
+                Err(LinkError::Unknown(why)) if why == "timed out" => {
+                    return Err(RevocationError::Timeout);
+                }
+                Err(e) => return Err(RevocationError::Redis(e.to_string())),
             }
         }
         Ok(answers)

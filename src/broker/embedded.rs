@@ -100,6 +100,8 @@ impl Broker for EmbeddedBroker {
         BrokerStatus {
             kind: "embedded",
             connected: true,
+            publishing: true,
+            reason: None,
             breaker: None,
         }
     }

@@ -51,9 +51,21 @@ impl Scope {
 
     /// The Redis Stream that holds this scope's history.
     pub fn redis_key(self) -> String {
+        format!("wsgateway:history:{}:{}", self.tenant(), self.suffix())
+    }
+
+    /// The scope within its tenant: `branch:{b}` or `session:{s}`, as the
+    /// Redis keys and scope channels name it.
+    pub fn suffix(self) -> String {
         match self {
-            Scope::Branch(t, b) => format!("wsgateway:history:{t}:branch:{b}"),
-            Scope::Session(t, s) => format!("wsgateway:history:{t}:session:{s}"),
+            Scope::Branch(_, b) => format!("branch:{b}"),
+            Scope::Session(_, s) => format!("session:{s}"),
+        }
+    }
+
+    pub fn tenant(self) -> TenantId {
+        match self {
+            Scope::Branch(t, _) | Scope::Session(t, _) => t,
         }
     }
 }

@@ -19,6 +19,7 @@ use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+pub use self::redis::link::{LinkError, RedisLink, client as redis_client};
 pub use self::redis::{BadRedisUrl, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
@@ -50,18 +51,37 @@ impl Publication {
 /// Why a broker could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// Nothing was published (the breaker is open, no connection).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The request reached the broker but no answer came in time: it may
+    /// have been published. A caller that set `event_id` can retry safely.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 /// What `/ws/health/detailed` reports of a broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerStatus {
     pub kind: &'static str,
-    /// Whether events published now would reach this node.
+    /// Whether events published now would reach this node's connections.
     pub connected: bool,
+    /// Whether this node can publish (and read history) now.
+    pub publishing: bool,
+    /// Why it cannot deliver or publish, while it cannot.
+    pub reason: Option<String>,
     /// The circuit breaker's state and consecutive failures, if it has one.
     pub breaker: Option<(BreakerState, u32)>,
+}
+
+/// What a broker needs of this node's connections to fill a gap in its
+/// subscription (implemented by the hub).
+pub trait Listeners: Send + Sync {
+    /// The history scopes of the open connections, sorted, each once.
+    fn scopes(&self) -> Vec<Scope>;
+    /// Tells the connections in `scopes` (sorted; all, when `None`) that
+    /// events they should have had are lost; returns how many were told.
+    fn events_lost(&self, scopes: Option<&[Scope]>, reason: &'static str) -> usize;
 }
 
 pub trait Broker: Send + Sync {

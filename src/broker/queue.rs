@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::channel::Channel;
-use crate::event::Event;
+use axum::extract::ws::Utf8Bytes;
+
+use crate::event::{Event, Fields};
 use crate::metrics::{Drop, Metrics};
 
 pub struct EventQueue {
@@ -64,6 +66,31 @@ impl EventQueue {
             Err(reason) => {
                 self.metrics.dropped(Drop::Invalid);
                 tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), %reason, "invalid event dropped");
+            }
+        }
+    }
+
+    /// Queues one numbered event (read once) on each of its channels;
+    /// `from_history` marks one filled into a subscription gap.
+    pub fn ingest_numbered(&self, channels: &[Channel], frame: Utf8Bytes, from_history: bool) {
+        let fields = match Fields::parse(frame.as_str()) {
+            Ok(fields) => fields,
+            Err(reason) => {
+                self.metrics.dropped(Drop::Invalid);
+                tracing::warn!(%reason, "invalid numbered event dropped");
+                return;
+            }
+        };
+        for channel in channels {
+            match Event::assemble(*channel, fields.clone(), frame.clone()) {
+                Ok(mut event) => {
+                    event.from_history = from_history;
+                    self.push(event);
+                }
+                Err(reason) => {
+                    self.metrics.dropped(Drop::Invalid);
+                    tracing::warn!(%channel, %reason, "invalid event dropped");
+                }
             }
         }
     }

@@ -15,6 +15,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let gateway = Gateway::new(config)?;
+        gateway.preflight().await?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
         gateway.serve(listener, shutdown_signal()).await?;
         Ok(())

@@ -31,7 +31,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
     let broker = shared.broker.status();
     let m = &shared.metrics;
     let processed = m.events_processed.get();
-    let dropped: u64 = [Drop::QueueFull, Drop::Invalid, Drop::Stale]
+    let dropped: u64 = [Drop::QueueFull, Drop::Invalid, Drop::Stale, Drop::Gap]
         .iter()
         .map(|d| m.dropped_count(*d))
         .sum();
@@ -42,16 +42,26 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         None => json!({}),
     };
     let sectors = shared.sectors.status();
+    // Unhealthy when events cannot reach this node's connections; degraded
+    // when they can but publishing or sector lookups cannot work now.
     let status = if !broker.connected {
         "unhealthy"
-    } else if sectors == "degraded" {
+    } else if sectors == "degraded" || !broker.publishing {
         "degraded"
     } else {
         "healthy"
     };
+    let mut broker_json = json!({
+        "kind": broker.kind,
+        "status": if broker.connected { "connected" } else { "disconnected" },
+        "publishing": broker.publishing,
+    });
+    if let Some(reason) = &broker.reason {
+        broker_json["reason"] = reason.as_str().into();
+    }
     let body = json!({
         "status": status,
-        "broker": {"kind": broker.kind, "status": if broker.connected { "connected" } else { "disconnected" }},
+        "broker": broker_json,
         "circuit_breaker": breakers,
         "connections": connections(&shared),
         "rate_limiter": {

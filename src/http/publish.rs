@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::broker::Publication;
+use crate::broker::{BrokerError, Publication};
 use crate::channel::Channel;
 use crate::event::{Fields, unix_ms};
 use crate::gateway::Shared;
@@ -80,12 +80,24 @@ pub async fn publish(
             shared.metrics.events_published.inc_by(n);
             (StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response()
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "publish failed");
+        Err(BrokerError::Unavailable(why)) => {
+            tracing::warn!(reason = %why, "publish refused: nothing was published");
             ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "broker_unavailable",
-                detail: "the broker cannot take events now; retry later".into(),
+                detail: "the broker cannot take events now; nothing was published; retry later"
+                    .into(),
+            }
+            .into_response()
+        }
+        Err(BrokerError::OutcomeUnknown(why)) => {
+            tracing::warn!(reason = %why, "publish outcome unknown");
+            ApiError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                code: "outcome_unknown",
+                detail: "the broker did not answer in time: the events may have been published; \
+                         retry with the same event_id to publish each at most once"
+                    .into(),
             }
             .into_response()
         }

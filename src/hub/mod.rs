@@ -499,6 +499,55 @@ impl Hub {
     pub fn counts(&self) -> Counts {
         self.index.read().counts
     }
+
+    /// The history scopes of the open connections, each once: what a node
+    /// must catch up on after a gap in its broker subscription.
+    pub fn scopes(&self) -> Vec<crate::broker::Scope> {
+        use crate::broker::Scope;
+        let index = self.index.read();
+        let mut scopes = Vec::new();
+        for (tenant_id, tenant) in &index.tenants {
+            scopes.extend(
+                tenant
+                    .branches
+                    .keys()
+                    .map(|b| Scope::Branch(*tenant_id, *b)),
+            );
+            scopes.extend(
+                tenant
+                    .sessions
+                    .keys()
+                    .map(|(_, s)| Scope::Session(*tenant_id, *s)),
+            );
+        }
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes
+    }
+
+    /// Queues `frame` to every connection with a scope in `scopes` (every
+    /// connection, when `None`); returns how many got it.
+    pub fn notify_scopes(
+        &self,
+        scopes: Option<&[crate::broker::Scope]>,
+        frame: &Outbound,
+    ) -> usize {
+        use crate::broker::Scope;
+        let index = self.index.read();
+        let mut notified = 0;
+        for entry in index.conns.values() {
+            let tenant = entry.handle.tenant_id;
+            let affected = scopes.is_none_or(|wanted| {
+                Scope::of_member(tenant, &entry.member)
+                    .iter()
+                    .any(|s| wanted.binary_search(s).is_ok())
+            });
+            if affected && matches!(entry.handle.push(frame.clone()), Push::Queued) {
+                notified += 1;
+            }
+        }
+        notified
+    }
 }
 
 impl Index {
@@ -596,6 +645,25 @@ fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Members>, key: &K, 
         if members.is_empty() {
             map.remove(key);
         }
+    }
+}
+
+/// The frame that tells a client events were lost in a gap the gateway
+/// could not fill (PROTOCOL.md: `resync`): reload state from the backend.
+pub fn resync_frame(reason: &str) -> Outbound {
+    let text = serde_json::json!({"type": "resync", "reason": reason}).to_string();
+    Outbound::reply(text.into())
+}
+
+impl crate::broker::Listeners for Hub {
+    fn scopes(&self) -> Vec<crate::broker::Scope> {
+        Hub::scopes(self)
+    }
+
+    fn events_lost(&self, scopes: Option<&[crate::broker::Scope]>, reason: &'static str) -> usize {
+        let n = self.notify_scopes(scopes, &resync_frame(reason));
+        self.metrics.resync_notices.inc_by(n as u64);
+        n
     }
 }
 

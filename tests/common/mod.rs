@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod postgres;
+pub mod proxy;
 pub mod redis_server;
 pub mod table;
 

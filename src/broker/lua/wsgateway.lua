@@ -1,0 +1,178 @@
+#!lua name=wsgateway
+-- The wsgateway Redis function library (Redis 7 functions), loaded by every
+-- gateway node when it connects. It numbers, keeps and publishes events in
+-- one atomic step, for the gateway's publish API and for backends that
+-- publish straight to Redis:
+--
+--   FCALL wsgateway_publish 0 <channel> [<channel> ...] <event JSON>
+--
+-- returns the event's id (the caller's `event_id`, or the sequence number).
+--
+-- Every event gets the next number n of one counter; it is appended, with
+-- the stream id "n-0", to the history stream of each scope (a tenant's
+-- branch or table session) its channels name, and published once per scope
+-- on the gateway's scope channel as "n\n<channels>\n<frame>", so that a node
+-- knows the number of every event it receives and can fill a gap from
+-- history. A frame without a caller id gets "event_id":"n" as its first
+-- field. Caller ids map to their number (the resume cursor) for the
+-- history's age.
+
+local SEQ = 'wsgateway:history:seq'
+local CONFIG = 'wsgateway:config'
+local MAX_EVENT_ID_BYTES = 128
+
+local function fail(code, detail)
+  return redis.error_reply('ERR wsgateway ' .. code .. ': ' .. detail)
+end
+
+local function is_integer(v)
+  return type(v) == 'number' and v == math.floor(v) and v > -2 ^ 63 and v < 2 ^ 63
+end
+
+-- The scope suffix ("branch:5", "session:77") of a channel, and the branch it
+-- names (nil for a session channel); nil when it is not a channel.
+local function parse_channel(name)
+  local b, role = string.match(name, '^channel:branch:(%d+):(%a+)$')
+  if b and (role == 'waiters' or role == 'kitchen' or role == 'admin') then
+    return 'branch:' .. b, b, nil, nil
+  end
+  local sb, s = string.match(name, '^channel:sector:(%d+):(%d+):waiters$')
+  if sb then
+    return 'branch:' .. sb, sb, s, nil
+  end
+  local session = string.match(name, '^channel:session:(%d+)$')
+  if session then
+    return 'session:' .. session, nil, nil, session
+  end
+  return nil
+end
+
+local function digits(n)
+  return string.format('%d', n)
+end
+
+-- Numbers, keeps and publishes one event. `scopes` are distinct scope
+-- suffixes, `channels` the channel names, `payload` the event's JSON text.
+local function keep_and_publish(tenant, caller_id, channels, scopes, payload, size, ttl_ms, now)
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  -- Numbering starts from the clock (in microseconds), so that a counter
+  -- lost with Redis's data never reuses a number a client may still hold as
+  -- a cursor.
+  redis.call('SET', SEQ, now[1] .. string.format('%06d', tonumber(now[2])), 'NX')
+  local n = digits(redis.call('INCR', SEQ))
+  local id, frame
+  if caller_id ~= '' then
+    id = caller_id
+    frame = payload
+    redis.call('SET', 'wsgateway:history:' .. tenant .. ':eid:' .. caller_id, n, 'PX', ttl_ms)
+  else
+    id = n
+    local rest = string.sub(payload, 2)
+    if string.match(rest, '^%s*}') then
+      frame = '{"event_id":"' .. id .. '"' .. rest
+    else
+      frame = '{"event_id":"' .. id .. '",' .. rest
+    end
+  end
+  local list = table.concat(channels, ',')
+  local message = n .. '\n' .. list .. '\n' .. frame
+  for _, scope in ipairs(scopes) do
+    local stream = 'wsgateway:history:' .. tenant .. ':' .. scope
+    redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'f', frame, 'c', list, 't', now_ms)
+    redis.call('PEXPIRE', stream, ttl_ms)
+    redis.call('PUBLISH', 'wsgateway:events:' .. tenant .. ':' .. scope, message)
+  end
+  return id
+end
+
+local function settings()
+  local kept = redis.call('HMGET', CONFIG, 'size', 'ttl_ms')
+  return tonumber(kept[1]) or 1000, tonumber(kept[2]) or 600000
+end
+
+-- For backends: validates like the gateway's subscriber and publish API.
+local function publish(keys, args)
+  if #args < 2 then
+    return fail('invalid_body', 'usage: FCALL wsgateway_publish 0 <channel> [<channel> ...] <event JSON>')
+  end
+  local payload = string.match(args[#args], '^%s*(.-)%s*$')
+  local ok, event = pcall(cjson.decode, payload)
+  if not ok or type(event) ~= 'table' or string.sub(payload, 1, 1) ~= '{' then
+    return fail('invalid_event', 'the event is not a JSON object')
+  end
+  if type(event.type) ~= 'string' or event.type == '' then
+    return fail('invalid_event', 'the event lacks the required field `type`')
+  end
+  if not is_integer(event.tenant_id) then
+    return fail('invalid_event', '`tenant_id` must be an integer')
+  end
+  if not is_integer(event.branch_id) then
+    return fail('invalid_event', '`branch_id` must be an integer')
+  end
+  for _, field in ipairs({'sector_id', 'session_id', 'table_id'}) do
+    if event[field] ~= nil and event[field] ~= cjson.null and not is_integer(event[field]) then
+      return fail('invalid_event', '`' .. field .. '` must be an integer')
+    end
+  end
+  local caller_id = ''
+  if event.event_id ~= nil and event.event_id ~= cjson.null then
+    if type(event.event_id) ~= 'string' or event.event_id == '' or #event.event_id > MAX_EVENT_ID_BYTES then
+      return fail('invalid_event', '`event_id` must be a non-empty string of at most 128 bytes')
+    end
+    caller_id = event.event_id
+  end
+  local tenant = digits(event.tenant_id)
+  local branch = digits(event.branch_id)
+  local channels, scopes, seen_channel, seen_scope = {}, {}, {}, {}
+  for i = 1, #args - 1 do
+    local name = args[i]
+    local scope, b, s, session = parse_channel(name)
+    if not scope then
+      return fail('unknown_channel', 'unknown channel ' .. string.sub(name, 1, 200))
+    end
+    if b and b ~= branch then
+      return fail('invalid_event', "the event's `branch_id` differs from its channel's (" .. name .. ')')
+    end
+    if s and is_integer(event.sector_id) and digits(event.sector_id) ~= s then
+      return fail('invalid_event', "the event's `sector_id` differs from its channel's (" .. name .. ')')
+    end
+    if session and is_integer(event.session_id) and digits(event.session_id) ~= session then
+      return fail('invalid_event', "the event's `session_id` differs from its channel's (" .. name .. ')')
+    end
+    if not seen_channel[name] then
+      seen_channel[name] = true
+      channels[#channels + 1] = name
+    end
+    if not seen_scope[scope] then
+      seen_scope[scope] = true
+      scopes[#scopes + 1] = scope
+    end
+  end
+  local size, ttl_ms = settings()
+  return keep_and_publish(tenant, caller_id, channels, scopes, payload, size, ttl_ms, redis.call('TIME'))
+end
+
+-- For the gateway's publish API, which has validated the batch already:
+-- ARGV[1] is {"size": N, "ttl_ms": N, "items": [{"t": tenant, "e": caller
+-- id or "", "c": [channels], "s": [scope suffixes]}, ...]}, ARGV[2..] the
+-- event texts, one per item. Returns the ids, one per item.
+local function publish_batch(keys, args)
+  local spec = cjson.decode(args[1])
+  local now = redis.call('TIME')
+  local ids = {}
+  for i, item in ipairs(spec.items) do
+    ids[i] = keep_and_publish(item.t, item.e, item.c, item.s, args[i + 1], spec.size, spec.ttl_ms, now)
+  end
+  return ids
+end
+
+-- Records the history bounds for wsgateway_publish (the gateway calls it
+-- with its own settings when it loads the library).
+local function configure(keys, args)
+  redis.call('HSET', CONFIG, 'size', args[1], 'ttl_ms', args[2])
+  return 'OK'
+end
+
+redis.register_function('wsgateway_publish', publish)
+redis.register_function('wsgateway_publish_batch', publish_batch)
+redis.register_function('wsgateway_configure', configure)

@@ -1,0 +1,521 @@
+//! The Redis broker: several gateway nodes share one Redis.
+//!
+//! Two connections, as Redis wants them:
+//! - the subscription ([`subscriber`]): pattern subscriptions to the seed's
+//!   channels (plain `PUBLISH`es from any backend, delivered live) and to the
+//!   gateway's scope channels (events numbered and kept in history by the
+//!   `wsgateway` function library). It PINGs on its own schedule, so a
+//!   silently dead path is found within the command timeout, and after any
+//!   gap it fills what history kept before reading live messages again.
+//! - a command connection ([`link::RedisLink`]) for publishing, history
+//!   reads, and health PINGs, replaced as soon as a call finds it dead.
+//!
+//! The circuit breaker guards calls (publish, resume), never the
+//! subscription: the subscriber reconnects on its own jittered schedule, so
+//! live delivery follows Redis's return within seconds, and a health probe
+//! outside the breaker half-opens it early once Redis answers.
+
+pub mod link;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use self::link::{LinkError, RedisLink};
+use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+use super::history::{Entry, scopes_of};
+use super::{
+    Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Listeners,
+    Publication, Scope,
+};
+use crate::auth::TenantId;
+use crate::channel::Channel;
+use crate::event::unix_ms;
+use crate::metrics::Metrics;
+
+/// The function library (`FUNCTION LOAD`): numbers, keeps and publishes.
+const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
+
+/// Reads what a resuming client missed.
+static HISTORY: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("../lua/history.lua")));
+
+/// The oldest Redis major version with functions and `max-deleted-entry-id`.
+const MIN_MAJOR: u32 = 7;
+
+/// Where a caller-supplied `event_id` maps to its sequence number.
+fn caller_id_key(tenant: TenantId, id: &str) -> String {
+    format!("wsgateway:history:{tenant}:eid:{id}")
+}
+
+/// Timing of the Redis connections.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisTiming {
+    /// One connect or one command.
+    pub timeout: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// How often each connection is PINGed.
+    pub health_check: Duration,
+}
+
+/// What health reports of the Redis connections.
+#[derive(Debug, Default)]
+struct Condition {
+    /// True while the subscription is live and caught up.
+    subscribed: bool,
+    /// Why the subscription is not live.
+    subscription: Option<String>,
+    /// Why the command connection failed its last PING.
+    commands: Option<String>,
+    /// Set when the server cannot serve the gateway.
+    incompatible: Option<String>,
+}
+
+pub struct RedisBroker {
+    client: redis::Client,
+    link: RedisLink,
+    queue: Arc<EventQueue>,
+    listeners: Arc<dyn Listeners>,
+    breaker: CircuitBreaker,
+    condition: Mutex<Condition>,
+    timing: RedisTiming,
+    history: HistoryLimits,
+    metrics: Arc<Metrics>,
+}
+
+/// Why the Redis broker could not be built (a malformed URL).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting REDIS_URL (--redis-url): {0}")]
+pub struct BadRedisUrl(String);
+
+impl RedisBroker {
+    /// Builds the broker without connecting: the gateway starts, and serves,
+    /// whether Redis is up or not.
+    pub fn new(
+        url: &str,
+        timing: RedisTiming,
+        breaker: BreakerConfig,
+        history: HistoryLimits,
+        queue: Arc<EventQueue>,
+        listeners: Arc<dyn Listeners>,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBroker, BadRedisUrl> {
+        let client = link::client(url).map_err(BadRedisUrl)?;
+        let ttl_ms = history.ttl.as_millis() as u64;
+        let size = history.size;
+        let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, size, ttl_ms)));
+        Ok(RedisBroker {
+            link: RedisLink::new(client.clone(), timing.timeout, Some(prepare)),
+            client,
+            queue,
+            listeners,
+            breaker: CircuitBreaker::new("redis", breaker, metrics.clone()),
+            condition: Mutex::new(Condition {
+                subscription: Some("not subscribed yet".into()),
+                ..Condition::default()
+            }),
+            timing,
+            history,
+            metrics,
+        })
+    }
+
+    /// Checks the server once, at start: an incompatible one (older than
+    /// 7.0) is an error; an unreachable one is not (the gateway starts and
+    /// keeps trying).
+    pub async fn preflight(&self) -> Result<(), String> {
+        let ping = |mut c: redis::aio::MultiplexedConnection| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        };
+        match self.link.call(ping).await {
+            Err(LinkError::Incompatible(why)) => Err(why),
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis is not reachable yet; starting anyway");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Runs one call through the breaker, sorting out what its failure
+    /// means for the caller: 503 when nothing was sent, 504 when it may
+    /// have run.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(permit) = self.breaker.allow() else {
+            return Err(BrokerError::Unavailable("circuit breaker open".into()));
+        };
+        let mut result = self.link.call(&op).await;
+        if let Err(LinkError::Refused(why)) = &result
+            && why.contains("Function not found")
+        {
+            // Redis lost its functions (a restart without persistence):
+            // nothing ran. Load the library on a fresh connection, once.
+            self.link.reset();
+            result = self.link.call(&op).await;
+        }
+        match result {
+            Ok(value) => {
+                permit.success();
+                Ok(value)
+            }
+            Err(e) => {
+                self.note_incompatible(&e);
+                permit.failure();
+                Err(match e {
+                    LinkError::Unknown(why) => BrokerError::OutcomeUnknown(why),
+                    other => BrokerError::Unavailable(other.to_string()),
+                })
+            }
+        }
+    }
+
+    fn note_incompatible(&self, e: &LinkError) {
+        if let LinkError::Incompatible(why) = e {
+            let mut condition = self.condition.lock();
+            if condition.incompatible.is_none() {
+                tracing::error!("{why}");
+            }
+            condition.incompatible = Some(why.clone());
+        }
+    }
+
+    /// PINGs the command connection periodically, so that a dead one is
+    /// replaced and an outage is seen (and the breaker moves) even when
+    /// nothing is published. While the breaker is open, the PING is a probe
+    /// outside it: an answer half-opens the breaker at once.
+    async fn check_health_forever(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(self.timing.health_check);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ping = |mut c: redis::aio::MultiplexedConnection| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let permit = self.breaker.allow();
+            let result = self.link.call(ping).await;
+            let failed = result.as_ref().err().map(|e| {
+                self.note_incompatible(e);
+                format!("command connection: {e}")
+            });
+            match (permit, &result) {
+                (Some(permit), Ok(_)) => permit.success(),
+                (Some(permit), Err(_)) => permit.failure(),
+                (None, Ok(_)) => self.breaker.probe_succeeded(),
+                (None, Err(_)) => {}
+            }
+            let mut condition = self.condition.lock();
+            if failed.is_some() && condition.commands.is_none() {
+                self.metrics
+                    .redis_reconnects
+                    .with_label_values(&["commands"])
+                    .inc();
+                tracing::warn!(
+                    reason = failed.as_deref().unwrap_or(""),
+                    "Redis command connection failing"
+                );
+            } else if failed.is_none() && condition.commands.is_some() {
+                tracing::info!("Redis command connection back");
+            }
+            condition.commands = failed;
+            if result.is_ok() {
+                condition.incompatible = None;
+            }
+        }
+    }
+
+    fn set_subscribed(&self, subscribed: bool, reason: Option<String>) {
+        let mut condition = self.condition.lock();
+        condition.subscribed = subscribed;
+        condition.subscription = reason;
+    }
+}
+
+/// Prepares a new command connection: checks the server's version, loads
+/// the function library (again: a restarted Redis may have lost it) and
+/// records the history bounds for direct publishers.
+async fn prepare(
+    mut conn: redis::aio::MultiplexedConnection,
+    size: usize,
+    ttl_ms: u64,
+) -> Result<(), LinkError> {
+    let refused = |e: redis::RedisError| LinkError::NotSent(link::describe(&e));
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .map_err(refused)?;
+    check_version(&info).map_err(LinkError::Incompatible)?;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+        .query_async::<String>(&mut conn)
+        .await
+        .map_err(refused)?;
+    redis::cmd("FCALL")
+        .arg("wsgateway_configure")
+        .arg(0)
+        .arg(size)
+        .arg(ttl_ms)
+        .query_async::<String>(&mut conn)
+        .await
+        .map_err(refused)?;
+    Ok(())
+}
+
+/// Refuses a server older than Redis 7.0 (Valkey reports a Redis-compatible
+/// `redis_version`, 7.2.4 for Valkey 7.2 and later).
+fn check_version(info: &str) -> Result<(), String> {
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(m) if m >= MIN_MAJOR => Ok(()),
+        _ => Err(format!(
+            "Redis {version} is not supported: wsgateway needs Redis 7.0 or later (or Valkey 7.2 or later)"
+        )),
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
+        // One function call: the batch is numbered, kept and published
+        // atomically, so every node sees the same ids.
+        let mut items = Vec::with_capacity(batch.len());
+        let mut payloads = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let scopes: Vec<String> = scopes_of(&p.channels, &p.fields)
+                .into_iter()
+                .map(Scope::suffix)
+                .collect();
+            let channels: Vec<String> = p.channels.iter().map(Channel::to_string).collect();
+            items.push(serde_json::json!({
+                "t": p.fields.tenant_id.to_string(),
+                "e": p.fields.event_id.as_deref().unwrap_or(""),
+                "c": channels,
+                "s": scopes,
+            }));
+            payloads.push(p.payload());
+        }
+        let spec = serde_json::json!({
+            "size": self.history.size,
+            "ttl_ms": self.history.ttl.as_millis() as u64,
+            "items": items,
+        })
+        .to_string();
+        let mut fcall = redis::cmd("FCALL");
+        fcall.arg("wsgateway_publish_batch").arg(0).arg(spec);
+        for payload in &payloads {
+            fcall.arg(payload);
+        }
+        Box::pin(async move {
+            self.call(|mut c| {
+                let fcall = fcall.clone();
+                async move { fcall.query_async::<Vec<String>>(&mut c).await }
+            })
+            .await
+        })
+    }
+
+    fn resume(
+        &self,
+        tenant: TenantId,
+        scopes: Vec<Scope>,
+        cursor: Cursor,
+    ) -> BoxFuture<'_, Result<Found, BrokerError>> {
+        let (id, seq) = match &cursor {
+            Cursor::Seq(n) => (n.to_string(), n.to_string()),
+            Cursor::Caller(id) => (id.clone(), String::new()),
+        };
+        let mut keys = vec![caller_id_key(tenant, &id)];
+        keys.extend(scopes.iter().map(|s| s.redis_key()));
+        let size = self.history.size;
+        let ttl_ms = self.history.ttl.as_millis() as i64;
+        Box::pin(async move {
+            let raw = self
+                .call(|mut c| {
+                    let mut invocation = HISTORY.prepare_invoke();
+                    for key in &keys {
+                        invocation.key(key);
+                    }
+                    invocation.arg(&seq).arg(size);
+                    async move { invocation.invoke_async::<redis::Value>(&mut c).await }
+                })
+                .await?;
+            Ok(read_history(raw, ttl_ms).unwrap_or_else(|| {
+                tracing::warn!("unexpected history answer from Redis; not recovered");
+                Found::default()
+            }))
+        })
+    }
+
+    fn status(&self) -> BrokerStatus {
+        let (state, failures) = self.breaker.snapshot();
+        let condition = self.condition.lock();
+        let reason = condition
+            .incompatible
+            .clone()
+            .or_else(|| condition.subscription.clone())
+            .or_else(|| condition.commands.clone())
+            .or_else(|| (state == BreakerState::Open).then(|| "circuit breaker open".to_owned()));
+        BrokerStatus {
+            kind: "redis",
+            connected: condition.subscribed && condition.incompatible.is_none(),
+            publishing: state != BreakerState::Open
+                && condition.commands.is_none()
+                && condition.incompatible.is_none(),
+            reason,
+            breaker: Some((state, failures)),
+        }
+    }
+
+    fn run(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            tokio::join!(
+                subscriber::run(self.clone(), shutdown.clone()),
+                self.check_health_forever(shutdown),
+            );
+        })
+    }
+}
+
+/// Reads the history script's answer (see `lua/history.lua`); `None` when it
+/// is not in the expected shape.
+fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
+    use redis::Value;
+    let Value::Array(mut top) = raw else {
+        return None;
+    };
+    let streams = top.pop()?;
+    let seq = match top.pop()? {
+        Value::Nil => return Some(Found::default()),
+        v => text(&v)?.parse::<u64>().ok()?,
+    };
+    let Value::Array(streams) = streams else {
+        return None;
+    };
+    let mut cursor_kept_ms = None;
+    let mut merged = std::collections::BTreeMap::new();
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            return None;
+        };
+        let entries = parts.pop()?;
+        let first = stream_seq(&text(&parts.pop()?)?)?;
+        let trimmed: i64 = text(&parts.pop()?)?.parse().ok()?;
+        // The size bound removed entries, and what is left starts after the
+        // cursor: some of what the client missed may be gone.
+        if trimmed > 0 && first > seq {
+            return Some(Found::default());
+        }
+        for entry in read_entries(entries)? {
+            if entry.seq == seq {
+                cursor_kept_ms = Some(entry.kept_ms);
+            } else if entry.seq > seq {
+                merged.entry(entry.seq).or_insert(entry);
+            }
+        }
+    }
+    let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms() - kept <= ttl_ms);
+    if !fresh {
+        return Some(Found::default());
+    }
+    Some(Found {
+        recovered: true,
+        entries: merged.into_values().collect(),
+    })
+}
+
+/// Reads raw XRANGE entries (`n-0`, fields `f` frame, `c` channels, `t`
+/// kept at); `None` when one is not in that shape.
+fn read_entries(raw: redis::Value) -> Option<Vec<Entry>> {
+    use redis::Value;
+    let Value::Array(entries) = raw else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(mut entry) = entry else {
+            return None;
+        };
+        let Value::Array(fields) = entry.pop()? else {
+            return None;
+        };
+        let n = stream_seq(&text(&entry.pop()?)?)?;
+        let mut frame = None;
+        let mut channels = Vec::new();
+        let mut kept_ms = 0;
+        for pair in fields.chunks(2) {
+            let [name, value] = pair else { return None };
+            match text(name)?.as_str() {
+                "f" => frame = Some(text(value)?),
+                "c" => {
+                    channels = text(value)?
+                        .split(',')
+                        .filter_map(|c| c.parse::<Channel>().ok())
+                        .collect()
+                }
+                "t" => kept_ms = text(value)?.parse().ok()?,
+                _ => {}
+            }
+        }
+        out.push(Entry {
+            seq: n,
+            frame: frame?.into(),
+            channels,
+            kept_ms,
+        });
+    }
+    Some(out)
+}
+
+fn text(v: &redis::Value) -> Option<String> {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        redis::Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The sequence number of a stream id "n-0".
+fn stream_seq(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_servers_older_than_7() {
+        assert!(
+            check_version("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n").is_ok()
+        );
+        assert!(
+            check_version("redis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.0.1\r\n")
+                .is_ok()
+        );
+        let old = check_version("redis_version:6.2.14\r\n").unwrap_err();
+        assert!(old.contains("Redis 6.2.14 is not supported"), "{old}");
+        assert!(check_version("nothing").is_err());
+    }
+}
