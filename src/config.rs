@@ -161,6 +161,11 @@ settings! {
     max_message_bytes: usize = Some("65536"), env = "WSGATEWAY_MAX_MESSAGE_BYTES", flag = "max-message-bytes";
     /// Largest `POST /api/publish` body, in bytes; a larger one is a 413.
     max_publish_bytes: usize = Some("1048576"), env = "WSGATEWAY_MAX_PUBLISH_BYTES", flag = "max-publish-bytes";
+    /// Most items in one `POST /api/publish` request; more is a 400 `too_many_items`.
+    max_publish_items: usize = Some("1000"), env = "WSGATEWAY_MAX_PUBLISH_ITEMS", flag = "max-publish-items";
+    /// Most channel names in one publish item (duplicates count); more is a
+    /// 400 `too_many_channels`. Also bounds `FCALL wsgateway_publish`.
+    max_publish_channels: usize = Some("100"), env = "WSGATEWAY_MAX_PUBLISH_CHANNELS", flag = "max-publish-channels";
     /// Client messages allowed per second and connection (token bucket, same burst); beyond it, 4029.
     rate_limit_per_s: u32 = Some("20"), env = "WSGATEWAY_RATE_LIMIT_PER_S", flag = "rate-limit-per-s";
     /// Heartbeat interval advertised to clients in `connected`, in seconds.

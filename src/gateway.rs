@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
-    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBroker,
-    RedisTiming,
+    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds,
+    RedisBroker, RedisTiming,
 };
 use crate::config::Config;
 use crate::dispatcher::Dispatcher;
@@ -112,7 +112,10 @@ impl Gateway {
                         // within a few command timeouts has gone wrong.
                         trial_deadline: config.redis_timeout_s.0 * 3,
                     },
-                    history,
+                    RedisBounds {
+                        history,
+                        max_channels: config.max_publish_channels,
+                    },
                     queue.clone(),
                     hub.clone(),
                     metrics.clone(),

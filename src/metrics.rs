@@ -145,6 +145,8 @@ pub struct Metrics {
     pub events_unknown_type: IntCounter,
     pub events_deduplicated: IntCounter,
     pub events_published: IntCounter,
+    /// Publish API requests refused (4xx), by error code.
+    pub publish_rejected: IntCounterVec,
     /// Event received → last recipient queued, seconds.
     pub dispatch_seconds: Histogram,
     /// Recipients per dispatched event.
@@ -264,6 +266,14 @@ impl Metrics {
             events_published: IntCounter::new(
                 "wsgateway_events_published_total",
                 "Events accepted by the publish API",
+            )
+            .unwrap(),
+            publish_rejected: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_publish_rejected_total",
+                    "Publish API requests refused (4xx), by error code",
+                ),
+                &["reason"],
             )
             .unwrap(),
             dispatch_seconds: Histogram::with_opts(
@@ -438,6 +448,7 @@ impl Metrics {
             Box::new(self.events_unknown_type.clone()),
             Box::new(self.events_deduplicated.clone()),
             Box::new(self.events_published.clone()),
+            Box::new(self.publish_rejected.clone()),
             Box::new(self.dispatch_seconds.clone()),
             Box::new(self.fanout_size.clone()),
             Box::new(self.publish_to_queue_seconds.clone()),

@@ -414,6 +414,48 @@ async fn bad_inputs_get_their_documented_answer_and_break_nothing() {
         assert_eq!(gw.publish_raw(Some(API_KEY), huge).await.0, 413);
     })
     .await;
+    // Over the default bounds (1000 items, 100 channels per item): refused
+    // whole and counted, on channels no bystander is in, so that a body
+    // wrongly accepted shows as its status and not as a bystander's loss.
+    let far = |channels: Vec<String>| {
+        json!({"channels": channels,
+               "event": {"type": "X", "tenant_id": 1, "branch_id": 5}})
+    };
+    let sessions = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("channel:session:{}", 10_000 + i))
+            .collect()
+    };
+    for (what, body, code) in [
+        (
+            "1001 items",
+            Value::Array(vec![far(sessions(1)); 1001]),
+            "too_many_items",
+        ),
+        (
+            "an item of 101 channels",
+            json!([far(sessions(1)), far(sessions(101))]),
+            "too_many_channels",
+        ),
+        (
+            "an item naming one channel 101 times",
+            far(vec!["channel:session:10000".into(); 101]),
+            "too_many_channels",
+        ),
+    ] {
+        s.input(gw, &format!("publish {what}: 400 {code}"), async {
+            let sample = format!("wsgateway_publish_rejected_total{{reason=\"{code}\"}}");
+            let before = metric_value(&gw.metrics().await, &sample).unwrap_or(0.0);
+            let (status, answer) = gw.publish(&body).await;
+            assert_eq!(
+                (status, answer["error"].as_str()),
+                (400, Some(code)),
+                "{what}"
+            );
+            assert_eq!(gw.metric(&sample).await, before + 1.0, "{what} counted");
+        })
+        .await;
+    }
     s.input(gw, "an unknown endpoint: 404", async {
         assert!(
             raw_http(addr, "GET /ws/chef HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -472,7 +514,7 @@ async fn bad_inputs_get_their_documented_answer_and_break_nothing() {
     })
     .await;
 
-    assert_eq!(s.inputs, 47, "every input was tried");
+    assert_eq!(s.inputs, 50, "every input was tried");
     let (status, health) = gw.get_json("/ws/health").await;
     assert_eq!(status, 200);
     assert!(health["connections"]["total"].as_u64().unwrap() >= 4);

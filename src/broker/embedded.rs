@@ -14,6 +14,7 @@ use super::{
     Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Publication, Scope,
 };
 use crate::auth::TenantId;
+use crate::channel::Channel;
 use crate::event::Event;
 
 pub struct EmbeddedBroker {
@@ -40,18 +41,17 @@ impl EmbeddedBroker {
             .map(|publication| {
                 let payload = publication.payload();
                 let caller_id = publication.fields.event_id.is_some();
-                let (id, frame) =
-                    self.history
-                        .append(&publication.channels, &publication.fields, |id| {
-                            if caller_id {
-                                payload
-                            } else {
-                                frame_with_id(id, &payload)
-                            }
-                        });
+                let channels: Arc<[Channel]> = publication.channels.into();
+                let (id, frame) = self.history.append(&channels, &publication.fields, |id| {
+                    if caller_id {
+                        payload
+                    } else {
+                        frame_with_id(id, &payload)
+                    }
+                });
                 let mut fields = publication.fields;
                 fields.event_id = Some(id.clone());
-                for channel in publication.channels {
+                for &channel in channels.iter() {
                     match Event::assemble(channel, fields.clone(), frame.clone()) {
                         Ok(e) => self.queue.push(e),
                         // Publications are validated before they get here.

@@ -11,7 +11,8 @@
 //! [`MemoryHistory`] is the embedded broker's; the Redis broker keeps the
 //! same model in Redis Streams (see `redis.rs`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -78,6 +79,17 @@ pub fn scopes_of(channels: &[Channel], fields: &Fields) -> Vec<Scope> {
     scopes
 }
 
+/// A publication's channels grouped by the scope each is kept in, in scope
+/// order, each channel in its first place. Linear (a map from scope to its
+/// channels), for C channels in S scopes: O(C log S).
+pub fn group_by_scope(channels: &[Channel], fields: &Fields) -> Vec<(Scope, Vec<Channel>)> {
+    let mut groups: BTreeMap<Scope, Vec<Channel>> = BTreeMap::new();
+    for &c in channels {
+        groups.entry(Scope::of(c, fields)).or_default().push(c);
+    }
+    groups.into_iter().collect()
+}
+
 /// Where a resume starts: after the event with this id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cursor {
@@ -103,8 +115,11 @@ impl Cursor {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub seq: u64,
+    /// Shared by the entries of every scope of the publication.
     pub frame: Utf8Bytes,
-    pub channels: Vec<Channel>,
+    /// Shared likewise: a publication on C channels in S scopes keeps its
+    /// list once, not S times (memory linear in its size, DESIGN.md §1.7).
+    pub channels: Arc<[Channel]>,
     /// When it was kept, Unix ms.
     pub kept_ms: i64,
 }
@@ -117,6 +132,49 @@ pub struct Found {
     /// The events after the cursor in the client's scopes, in sequence
     /// order, each once (not yet filtered by audience).
     pub entries: Vec<Entry>,
+}
+
+/// Entries read from several scopes' histories, merged into one per event
+/// in sequence order. Redis keeps in each scope's entry only the channels
+/// of that scope, so the channels of one event's entries are united (each
+/// once: entries written before that carry the whole list). Linear in what
+/// was read.
+#[derive(Default)]
+pub struct Merged {
+    by_seq: BTreeMap<u64, (Entry, Vec<Channel>, HashSet<Channel>)>,
+}
+
+impl Merged {
+    pub fn add(&mut self, entry: Entry) {
+        let (_, channels, seen) = self
+            .by_seq
+            .entry(entry.seq)
+            .or_insert_with(|| (entry.clone(), Vec::new(), HashSet::new()));
+        for &c in entry.channels.iter() {
+            if seen.insert(c) {
+                channels.push(c);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_seq.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_seq.is_empty()
+    }
+
+    /// The merged entries, in sequence order.
+    pub fn into_entries(self) -> Vec<Entry> {
+        self.by_seq
+            .into_values()
+            .map(|(entry, channels, _)| Entry {
+                channels: channels.into(),
+                ..entry
+            })
+            .collect()
+    }
 }
 
 /// The bounds of history, per scope.
@@ -199,7 +257,7 @@ impl MemoryHistory {
     /// Returns the id and the frame.
     pub fn append(
         &self,
-        channels: &[Channel],
+        channels: &Arc<[Channel]>,
         fields: &Fields,
         frame_for: impl FnOnce(&str) -> String,
     ) -> (String, Utf8Bytes) {
@@ -237,7 +295,7 @@ impl MemoryHistory {
             log.entries.push_back(Entry {
                 seq,
                 frame: frame.clone(),
-                channels: channels.to_vec(),
+                channels: channels.clone(),
                 kept_ms: now,
             });
             while log.entries.len() > self.limits.size
@@ -313,8 +371,32 @@ mod tests {
     }
 
     fn keep(h: &MemoryHistory, channel: Channel, f: &Fields) -> String {
-        h.append(&[channel], f, |id| frame_with_id(id, r#"{"type":"X"}"#))
-            .0
+        h.append(&Arc::from([channel]), f, |id| {
+            frame_with_id(id, r#"{"type":"X"}"#)
+        })
+        .0
+    }
+
+    #[test]
+    fn a_publication_in_many_scopes_keeps_its_channels_once() {
+        let h = MemoryHistory::new(HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+        });
+        let f = fields(1, 5, None);
+        let cursor = keep(&h, Channel::BranchAdmin(5), &f);
+        let channels: Arc<[Channel]> = (0..100).map(Channel::Session).collect();
+        h.append(&channels, &f, |id| frame_with_id(id, r#"{"type":"X"}"#));
+        let cursor = Cursor::parse(&cursor).unwrap();
+        let all: Vec<Scope> = std::iter::once(Scope::Branch(1, 5))
+            .chain((0..100).map(|s| Scope::Session(1, s)))
+            .collect();
+        let found = h.after(1, &all, &cursor);
+        assert!(found.recovered);
+        assert_eq!(found.entries.len(), 1, "one event, once");
+        // One list for the 100 scopes' entries (and this test's handle).
+        assert!(Arc::ptr_eq(&found.entries[0].channels, &channels));
+        assert_eq!(Arc::strong_count(&channels), 100 + 2);
     }
 
     #[test]
@@ -386,6 +468,31 @@ mod tests {
         assert!(
             !old.after(1, &b5, &Cursor::parse(&id).unwrap()).recovered,
             "too old"
+        );
+    }
+
+    #[test]
+    fn merged_entries_unite_their_scopes_channels_once() {
+        let entry = |seq, channels: &[Channel]| Entry {
+            seq,
+            frame: "{}".into(),
+            channels: channels.into(),
+            kept_ms: 0,
+        };
+        let mut m = Merged::default();
+        m.add(entry(2, &[Channel::Session(1)]));
+        m.add(entry(1, &[Channel::BranchAdmin(5), Channel::Session(1)]));
+        m.add(entry(2, &[Channel::Session(2), Channel::Session(1)]));
+        m.add(entry(1, &[Channel::BranchAdmin(5), Channel::Session(1)]));
+        let out = m.into_entries();
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            &*out[0].channels,
+            &[Channel::BranchAdmin(5), Channel::Session(1)]
+        );
+        assert_eq!(
+            &*out[1].channels,
+            &[Channel::Session(1), Channel::Session(2)]
         );
     }
 }

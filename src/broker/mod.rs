@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use self::redis::link::{LinkError, RedisLink, client as redis_client};
-pub use self::redis::{BadRedisUrl, RedisBroker, RedisTiming};
+pub use self::redis::{BadRedisUrl, RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
 pub use history::{Cursor, Found, HistoryLimits, Scope};

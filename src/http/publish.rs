@@ -1,6 +1,7 @@
 //! `POST /api/publish`: validate a batch completely, then publish it whole
 //! through the broker, or answer why not and publish nothing.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::Json;
@@ -49,57 +50,72 @@ pub async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    match answer(&shared, headers, body).await {
+        Ok(response) => response,
+        Err(e) => {
+            if e.status.is_client_error() {
+                shared
+                    .metrics
+                    .publish_rejected
+                    .with_label_values(&[e.code])
+                    .inc();
+            }
+            e.into_response()
+        }
+    }
+}
+
+/// What a request gets: the broker's answer, or why not.
+async fn answer(shared: &Shared, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let Some(key) = &shared.config.api_key else {
-        return StatusCode::NOT_FOUND.into_response();
+        return Ok(StatusCode::NOT_FOUND.into_response());
     };
     if !bearer_matches(&headers, key.expose()) {
-        return ApiError {
+        return Err(ApiError {
             status: StatusCode::UNAUTHORIZED,
             code: "unauthorized",
             detail: "a valid `Authorization: Bearer <key>` header is required".into(),
-        }
-        .into_response();
+        });
     }
     let limit = shared.config.max_publish_bytes;
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
-        return ApiError {
+        return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             code: "body_too_large",
             detail: format!("the body exceeds {limit} bytes (WSGATEWAY_MAX_PUBLISH_BYTES)"),
-        }
-        .into_response();
+        });
     };
-    let stale_ms = shared.config.stale_event_s.0.as_millis() as i64;
-    let batch = match read_batch(&body, unix_ms(), stale_ms) {
-        Ok(batch) => batch,
-        Err(e) => return e.into_response(),
+    let rules = Rules {
+        now_ms: unix_ms(),
+        stale_ms: shared.config.stale_event_s.0.as_millis() as i64,
+        max_items: shared.config.max_publish_items,
+        max_channels: shared.config.max_publish_channels,
     };
+    let batch = read_batch(&body, &rules)?;
     let n = batch.len() as u64;
     match shared.broker.publish(batch).await {
         Ok(ids) => {
             shared.metrics.events_published.inc_by(n);
-            (StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response()
+            Ok((StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response())
         }
         Err(BrokerError::Unavailable(why)) => {
             tracing::warn!(reason = %why, "publish refused: nothing was published");
-            ApiError {
+            Err(ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "broker_unavailable",
                 detail: "the broker cannot take events now; nothing was published; retry later"
                     .into(),
-            }
-            .into_response()
+            })
         }
         Err(BrokerError::OutcomeUnknown(why)) => {
             tracing::warn!(reason = %why, "publish outcome unknown");
-            ApiError {
+            Err(ApiError {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 code: "outcome_unknown",
                 detail: "the broker did not answer in time: the events may have been published; \
                          retry with the same event_id to publish each at most once"
                     .into(),
-            }
-            .into_response()
+            })
         }
     }
 }
@@ -115,13 +131,35 @@ fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
     given.trim().as_bytes().ct_eq(key.as_bytes()).into()
 }
 
+/// What a request is checked against.
+struct Rules {
+    now_ms: i64,
+    stale_ms: i64,
+    /// `WSGATEWAY_MAX_PUBLISH_ITEMS`.
+    max_items: usize,
+    /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
+    max_channels: usize,
+}
+
 /// Reads and validates a whole request body: one item or an array of items.
-fn read_batch(body: &[u8], now_ms: i64, stale_ms: i64) -> Result<Vec<Publication>, ApiError> {
+/// Both bounds are checked before any item is read further, so the work
+/// and memory of a refused request stay within the body's size.
+fn read_batch(body: &[u8], rules: &Rules) -> Result<Vec<Publication>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("invalid_body", format!("the body is not JSON: {e}")))?;
     let items = match value {
         Value::Array(items) if items.is_empty() => {
             return Err(ApiError::bad("invalid_body", "the array is empty"));
+        }
+        Value::Array(items) if items.len() > rules.max_items => {
+            return Err(ApiError::bad(
+                "too_many_items",
+                format!(
+                    "{} items; at most {} per request (WSGATEWAY_MAX_PUBLISH_ITEMS)",
+                    items.len(),
+                    rules.max_items
+                ),
+            ));
         }
         Value::Array(items) => items,
         single => vec![single],
@@ -130,7 +168,7 @@ fn read_batch(body: &[u8], now_ms: i64, stale_ms: i64) -> Result<Vec<Publication
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            read_item(item, now_ms, stale_ms).map_err(|mut e| {
+            read_item(item, rules).map_err(|mut e| {
                 e.detail = format!("item {i}: {}", e.detail);
                 e
             })
@@ -138,7 +176,7 @@ fn read_batch(body: &[u8], now_ms: i64, stale_ms: i64) -> Result<Vec<Publication
         .collect()
 }
 
-fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, ApiError> {
+fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
     let Value::Object(mut item) = item else {
         return Err(ApiError::bad("invalid_body", "an item must be an object"));
     };
@@ -158,7 +196,20 @@ fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, Api
             ));
         }
     };
+    // Names are counted as given, duplicates included: the bound is on
+    // what the request makes the gateway read.
+    if names.len() > rules.max_channels {
+        return Err(ApiError::bad(
+            "too_many_channels",
+            format!(
+                "{} channels; at most {} per item (WSGATEWAY_MAX_PUBLISH_CHANNELS)",
+                names.len(),
+                rules.max_channels
+            ),
+        ));
+    }
     let mut channels = Vec::with_capacity(names.len());
+    let mut seen = HashSet::with_capacity(names.len());
     for name in names {
         let Value::String(name) = name else {
             return Err(ApiError::bad(
@@ -169,7 +220,8 @@ fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, Api
         let channel: Channel = name.parse().map_err(|e: crate::channel::UnknownChannel| {
             ApiError::bad("unknown_channel", e.to_string())
         })?;
-        if !channels.contains(&channel) {
+        // A channel named twice is published once, in its first place.
+        if seen.insert(channel) {
             channels.push(channel);
         }
     }
@@ -190,7 +242,10 @@ fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, Api
             .check_channel(*channel)
             .map_err(|e| ApiError::bad("invalid_event", format!("{e} ({channel})")))?;
     }
-    if fields.ts_ms.is_some_and(|ts| now_ms - ts > stale_ms) {
+    if fields
+        .ts_ms
+        .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
+    {
         return Err(ApiError::bad(
             "stale_event",
             "the event's `ts` is older than the stale limit",
@@ -207,8 +262,15 @@ fn read_item(item: Value, now_ms: i64, stale_ms: i64) -> Result<Publication, Api
 mod tests {
     use super::*;
 
+    const RULES: Rules = Rules {
+        now_ms: 1_000_000,
+        stale_ms: 30_000,
+        max_items: 3,
+        max_channels: 4,
+    };
+
     fn read(body: &str) -> Result<Vec<Publication>, &'static str> {
-        read_batch(body.as_bytes(), 1_000_000, 30_000).map_err(|e| e.code)
+        read_batch(body.as_bytes(), &RULES).map_err(|e| e.code)
     }
 
     #[test]
@@ -263,5 +325,46 @@ mod tests {
             r#"[{{"channel":"channel:branch:5:kitchen","event":{ev}}},{{"channel":"bad","event":{ev}}}]"#
         );
         assert_eq!(read(&arr).unwrap_err(), "unknown_channel");
+    }
+
+    #[test]
+    fn bounds_items_and_channels() {
+        let ev = json!({"type":"ROUND_READY","tenant_id":1,"branch_id":5});
+        let item = |channels: Vec<String>| json!({"channels": channels, "event": ev});
+        let sessions = |n: usize| (0..n).map(|s| format!("channel:session:{s}")).collect();
+        let body = |items: Vec<Value>| Value::Array(items).to_string();
+        let full = body(vec![item(sessions(4)); 3]);
+        let read_full = read(&full).unwrap();
+        assert_eq!(read_full.len(), 3);
+        assert_eq!(read_full[2].channels.len(), 4);
+        assert_eq!(
+            read(&body(vec![item(sessions(1)); 4])).unwrap_err(),
+            "too_many_items"
+        );
+        assert_eq!(
+            read(&body(vec![item(sessions(1)), item(sessions(5))])).unwrap_err(),
+            "too_many_channels"
+        );
+        let twice = vec!["channel:session:1".to_owned(); 5];
+        assert_eq!(
+            read(&item(twice).to_string()).unwrap_err(),
+            "too_many_channels",
+            "duplicates count"
+        );
+    }
+
+    #[test]
+    fn a_channel_named_twice_is_kept_once_in_its_first_place() {
+        let ev = json!({"type":"ROUND_READY","tenant_id":1,"branch_id":5});
+        let names = [
+            "channel:session:2",
+            "channel:session:1",
+            "channel:session:2",
+        ];
+        let read = read(&json!({"channels": names, "event": ev}).to_string()).unwrap();
+        assert_eq!(
+            read[0].channels,
+            vec![Channel::Session(2), Channel::Session(1)]
+        );
     }
 }

@@ -13,9 +13,11 @@
 -- branch or table session) its channels name, and published once per scope
 -- on the gateway's scope channel as "n\n<channels>\n<frame>", so that a node
 -- knows the number of every event it receives and can fill a gap from
--- history. A frame without a caller id gets "event_id":"n" as its first
--- field. Caller ids map to their number (the resume cursor) for the
--- history's age.
+-- history. Each scope's entry and message carry only the channels of that
+-- scope (a node unites them by number), so that what an event keeps is
+-- linear in its channels, not channels times scopes. A frame without a
+-- caller id gets "event_id":"n" as its first field. Caller ids map to their
+-- number (the resume cursor) for the history's age.
 
 local SEQ = 'wsgateway:history:seq'
 local CONFIG = 'wsgateway:config'
@@ -52,8 +54,9 @@ local function digits(n)
 end
 
 -- Numbers, keeps and publishes one event. `scopes` are distinct scope
--- suffixes, `channels` the channel names, `payload` the event's JSON text.
-local function keep_and_publish(tenant, caller_id, channels, scopes, payload, size, ttl_ms, now)
+-- suffixes, `channels[k]` the channel names of scope k (each name in one
+-- scope only), `payload` the event's JSON text.
+local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now)
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   -- Numbering starts from the clock (in microseconds), so that a counter
   -- lost with Redis's data never reuses a number a client may still hold as
@@ -74,9 +77,9 @@ local function keep_and_publish(tenant, caller_id, channels, scopes, payload, si
       frame = '{"event_id":"' .. id .. '",' .. rest
     end
   end
-  local list = table.concat(channels, ',')
-  local message = n .. '\n' .. list .. '\n' .. frame
-  for _, scope in ipairs(scopes) do
+  for k, scope in ipairs(scopes) do
+    local list = table.concat(channels[k], ',')
+    local message = n .. '\n' .. list .. '\n' .. frame
     local stream = 'wsgateway:history:' .. tenant .. ':' .. scope
     redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'f', frame, 'c', list, 't', now_ms)
     redis.call('PEXPIRE', stream, ttl_ms)
@@ -86,14 +89,19 @@ local function keep_and_publish(tenant, caller_id, channels, scopes, payload, si
 end
 
 local function settings()
-  local kept = redis.call('HMGET', CONFIG, 'size', 'ttl_ms')
-  return tonumber(kept[1]) or 1000, tonumber(kept[2]) or 600000
+  local kept = redis.call('HMGET', CONFIG, 'size', 'ttl_ms', 'max_channels')
+  return tonumber(kept[1]) or 1000, tonumber(kept[2]) or 600000, tonumber(kept[3]) or 100
 end
 
 -- For backends: validates like the gateway's subscriber and publish API.
 local function publish(keys, args)
   if #args < 2 then
     return fail('invalid_body', 'usage: FCALL wsgateway_publish 0 <channel> [<channel> ...] <event JSON>')
+  end
+  local size, ttl_ms, max_channels = settings()
+  if #args - 1 > max_channels then
+    return fail('too_many_channels', (#args - 1) .. ' channels; at most ' .. max_channels
+      .. ' per event (WSGATEWAY_MAX_PUBLISH_CHANNELS)')
   end
   local payload = string.match(args[#args], '^%s*(.-)%s*$')
   local ok, event = pcall(cjson.decode, payload)
@@ -123,7 +131,7 @@ local function publish(keys, args)
   end
   local tenant = digits(event.tenant_id)
   local branch = digits(event.branch_id)
-  local channels, scopes, seen_channel, seen_scope = {}, {}, {}, {}
+  local channels, scopes, seen_channel, scope_index = {}, {}, {}, {}
   for i = 1, #args - 1 do
     local name = args[i]
     local scope, b, s, session = parse_channel(name)
@@ -141,35 +149,37 @@ local function publish(keys, args)
     end
     if not seen_channel[name] then
       seen_channel[name] = true
-      channels[#channels + 1] = name
-    end
-    if not seen_scope[scope] then
-      seen_scope[scope] = true
-      scopes[#scopes + 1] = scope
+      local k = scope_index[scope]
+      if not k then
+        k = #scopes + 1
+        scope_index[scope] = k
+        scopes[k] = scope
+        channels[k] = {}
+      end
+      channels[k][#channels[k] + 1] = name
     end
   end
-  local size, ttl_ms = settings()
-  return keep_and_publish(tenant, caller_id, channels, scopes, payload, size, ttl_ms, redis.call('TIME'))
+  return keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, redis.call('TIME'))
 end
 
 -- For the gateway's publish API, which has validated the batch already:
 -- ARGV[1] is {"size": N, "ttl_ms": N, "items": [{"t": tenant, "e": caller
--- id or "", "c": [channels], "s": [scope suffixes]}, ...]}, ARGV[2..] the
--- event texts, one per item. Returns the ids, one per item.
+-- id or "", "s": [scope suffixes], "c": [[channels of each scope]]}, ...]},
+-- ARGV[2..] the event texts, one per item. Returns the ids, one per item.
 local function publish_batch(keys, args)
   local spec = cjson.decode(args[1])
   local now = redis.call('TIME')
   local ids = {}
   for i, item in ipairs(spec.items) do
-    ids[i] = keep_and_publish(item.t, item.e, item.c, item.s, args[i + 1], spec.size, spec.ttl_ms, now)
+    ids[i] = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now)
   end
   return ids
 end
 
--- Records the history bounds for wsgateway_publish (the gateway calls it
--- with its own settings when it loads the library).
+-- Records the history bounds and the channel bound for wsgateway_publish
+-- (the gateway calls it with its own settings when it loads the library).
 local function configure(keys, args)
-  redis.call('HSET', CONFIG, 'size', args[1], 'ttl_ms', args[2])
+  redis.call('HSET', CONFIG, 'size', args[1], 'ttl_ms', args[2], 'max_channels', args[3] or 100)
   return 'OK'
 end
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::link::{LinkError, RedisLink};
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-use super::history::{Entry, scopes_of};
+use super::history::{Entry, Merged, group_by_scope};
 use super::{
     Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Listeners,
     Publication, Scope,
@@ -61,6 +61,15 @@ pub struct RedisTiming {
     pub retry_max: Duration,
     /// How often each connection is PINGed.
     pub health_check: Duration,
+}
+
+/// The bounds the function library applies, recorded in `wsgateway:config`
+/// for backends that call `wsgateway_publish` directly.
+#[derive(Debug, Clone, Copy)]
+pub struct RedisBounds {
+    pub history: HistoryLimits,
+    /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
+    pub max_channels: usize,
 }
 
 /// What health reports of the Redis connections.
@@ -100,15 +109,14 @@ impl RedisBroker {
         url: &str,
         timing: RedisTiming,
         breaker: BreakerConfig,
-        history: HistoryLimits,
+        bounds: RedisBounds,
         queue: Arc<EventQueue>,
         listeners: Arc<dyn Listeners>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BadRedisUrl> {
         let client = link::client(url).map_err(BadRedisUrl)?;
-        let ttl_ms = history.ttl.as_millis() as u64;
-        let size = history.size;
-        let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, size, ttl_ms)));
+        let history = bounds.history;
+        let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds)));
         Ok(RedisBroker {
             link: RedisLink::new(client.clone(), timing.timeout, Some(prepare)),
             client,
@@ -244,11 +252,10 @@ impl RedisBroker {
 
 /// Prepares a new command connection: checks the server's version, loads
 /// the function library (again: a restarted Redis may have lost it) and
-/// records the history bounds for direct publishers.
+/// records the bounds for direct publishers.
 async fn prepare(
     mut conn: redis::aio::MultiplexedConnection,
-    size: usize,
-    ttl_ms: u64,
+    bounds: RedisBounds,
 ) -> Result<(), LinkError> {
     let refused = |e: redis::RedisError| LinkError::NotSent(link::describe(&e));
     let info: String = redis::cmd("INFO")
@@ -267,8 +274,9 @@ async fn prepare(
     redis::cmd("FCALL")
         .arg("wsgateway_configure")
         .arg(0)
-        .arg(size)
-        .arg(ttl_ms)
+        .arg(bounds.history.size)
+        .arg(bounds.history.ttl.as_millis() as u64)
+        .arg(bounds.max_channels)
         .query_async::<String>(&mut conn)
         .await
         .map_err(refused)?;
@@ -302,16 +310,24 @@ impl Broker for RedisBroker {
         let mut items = Vec::with_capacity(batch.len());
         let mut payloads = Vec::with_capacity(batch.len());
         for p in &batch {
-            let scopes: Vec<String> = scopes_of(&p.channels, &p.fields)
-                .into_iter()
-                .map(Scope::suffix)
-                .collect();
-            let channels: Vec<String> = p.channels.iter().map(Channel::to_string).collect();
+            // Each scope's history entry and envelope carry only the
+            // channels of that scope: a publication's channels are written
+            // once in all, not once per scope.
+            let (scopes, channels): (Vec<String>, Vec<Vec<String>>) =
+                group_by_scope(&p.channels, &p.fields)
+                    .into_iter()
+                    .map(|(scope, channels)| {
+                        (
+                            scope.suffix(),
+                            channels.iter().map(Channel::to_string).collect(),
+                        )
+                    })
+                    .unzip();
             items.push(serde_json::json!({
                 "t": p.fields.tenant_id.to_string(),
                 "e": p.fields.event_id.as_deref().unwrap_or(""),
-                "c": channels,
                 "s": scopes,
+                "c": channels,
             }));
             payloads.push(p.payload());
         }
@@ -413,7 +429,7 @@ fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
         return None;
     };
     let mut cursor_kept_ms = None;
-    let mut merged = std::collections::BTreeMap::new();
+    let mut merged = Merged::default();
     for stream in streams {
         let Value::Array(mut parts) = stream else {
             return None;
@@ -430,7 +446,7 @@ fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
             if entry.seq == seq {
                 cursor_kept_ms = Some(entry.kept_ms);
             } else if entry.seq > seq {
-                merged.entry(entry.seq).or_insert(entry);
+                merged.add(entry);
             }
         }
     }
@@ -440,7 +456,7 @@ fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
     }
     Some(Found {
         recovered: true,
-        entries: merged.into_values().collect(),
+        entries: merged.into_entries(),
     })
 }
 
@@ -461,7 +477,7 @@ fn read_entries(raw: redis::Value) -> Option<Vec<Entry>> {
         };
         let n = stream_seq(&text(&entry.pop()?)?)?;
         let mut frame = None;
-        let mut channels = Vec::new();
+        let mut channels: Vec<Channel> = Vec::new();
         let mut kept_ms = 0;
         for pair in fields.chunks(2) {
             let [name, value] = pair else { return None };
@@ -480,7 +496,7 @@ fn read_entries(raw: redis::Value) -> Option<Vec<Entry>> {
         out.push(Entry {
             seq: n,
             frame: frame?.into(),
-            channels,
+            channels: channels.into(),
             kept_ms,
         });
     }

@@ -17,7 +17,7 @@
 //! give back (trimmed, expired, or plain `PUBLISH`es never seen) is counted,
 //! and the affected connections get a `resync` frame.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::{RedisBroker, link, read_entries, text};
 use crate::broker::Scope;
 use crate::broker::backoff::Backoff;
-use crate::broker::history::Entry;
+use crate::broker::history::Merged;
 use crate::channel::Channel;
 use crate::metrics::Drop;
 
@@ -49,6 +49,11 @@ static GAP: std::sync::LazyLock<redis::Script> =
 struct Position {
     /// The highest number delivered (live or filled).
     delivered: u64,
+    /// The channels that number was delivered on so far: the function
+    /// publishes an event once per scope, each message with that scope's
+    /// channels only, so one number arrives several times, on disjoint
+    /// channels.
+    delivered_on: HashSet<Channel>,
     /// The sequence counter when the current subscription started: every
     /// number after it reaches this node live.
     baseline: u64,
@@ -61,6 +66,23 @@ impl Position {
     /// subscription.
     fn high(&self) -> u64 {
         self.delivered.max(self.baseline)
+    }
+
+    /// Records event `seq` arriving on `channels`; returns those it was not
+    /// delivered on yet (none for an older number, already delivered).
+    fn fresh(&mut self, seq: u64, channels: &[Channel]) -> Vec<Channel> {
+        if seq < self.delivered {
+            return Vec::new();
+        }
+        if seq > self.delivered {
+            self.delivered = seq;
+            self.delivered_on.clear();
+        }
+        channels
+            .iter()
+            .copied()
+            .filter(|c| self.delivered_on.insert(*c))
+            .collect()
     }
 }
 
@@ -184,13 +206,12 @@ fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
         tracing::warn!(%channel, "malformed numbered event dropped");
         return;
     };
-    // The same event published on another of its scopes, or already
-    // delivered by a gap fill.
-    if seq <= position.delivered {
-        return;
+    // Another scope's share of an event is new; a share already delivered
+    // (by a gap fill, or a repeat) is skipped.
+    let fresh = position.fresh(seq, &channels);
+    if !fresh.is_empty() {
+        broker.queue.ingest_numbered(&fresh, frame, false);
     }
-    position.delivered = seq;
-    broker.queue.ingest_numbered(&channels, frame, false);
 }
 
 /// Reads `n\n<channels>\n<frame>`.
@@ -215,7 +236,7 @@ struct Filled {
     /// The sequence counter when read (`None`: Redis has none yet).
     counter: Option<u64>,
     /// Kept events after the gap's start, by number.
-    entries: BTreeMap<u64, Entry>,
+    entries: Merged,
     /// Scopes whose history was trimmed past the gap's start.
     trimmed: Vec<Scope>,
 }
@@ -228,7 +249,14 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         Some(_) => broker.listeners.scopes(),
         None => Vec::new(),
     };
-    let after = gap.map_or(position.high(), |g| g.after);
+    // The last event delivered before the gap is read again: only some of
+    // its scopes' messages may have arrived (the rest are filled, the
+    // channels already delivered skipped).
+    let after = match gap {
+        Some(g) if g.after == position.delivered => g.after.saturating_sub(1),
+        Some(g) => g.after,
+        None => position.high(),
+    };
     let read = read_gap(broker, &scopes, after).await;
     let Some(gap) = gap else {
         if let Ok(Filled {
@@ -248,12 +276,13 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             return;
         }
     };
-    let count = filled.entries.len();
-    for (seq, entry) in filled.entries {
-        broker
-            .queue
-            .ingest_numbered(&entry.channels, entry.frame, true);
-        position.delivered = position.delivered.max(seq);
+    let mut count = 0;
+    for entry in filled.entries.into_entries() {
+        let fresh = position.fresh(entry.seq, &entry.channels);
+        if !fresh.is_empty() {
+            count += 1;
+            broker.queue.ingest_numbered(&fresh, entry.frame, true);
+        }
     }
     if let Some(n) = filled.counter {
         position.baseline = position.baseline.max(n);
@@ -365,7 +394,7 @@ fn read_gap_answer(
             filled.trimmed.push(*scope);
         }
         for entry in entries.into_iter().filter(|e| e.seq > after) {
-            filled.entries.entry(entry.seq).or_insert(entry);
+            filled.entries.add(entry);
         }
     }
     Some(())
@@ -386,5 +415,21 @@ mod tests {
         assert!(read_numbered(b"x\nchannel:branch:5:admin\n{}").is_none());
         assert!(read_numbered(b"1\nchannel:nope\n{}").is_none());
         assert!(read_numbered(b"1\n{}").is_none());
+    }
+
+    #[test]
+    fn each_scopes_share_of_an_event_is_delivered_once() {
+        let mut p = Position::default();
+        let (a, b, c) = (
+            Channel::Session(1),
+            Channel::Session(2),
+            Channel::BranchAdmin(5),
+        );
+        assert_eq!(p.fresh(7, &[a]), vec![a]);
+        assert_eq!(p.fresh(7, &[b, c]), vec![b, c], "another scope's share");
+        assert_eq!(p.fresh(7, &[a, b, c]), vec![], "a whole-list repeat");
+        assert_eq!(p.fresh(6, &[a]), vec![], "older");
+        assert_eq!(p.fresh(8, &[a]), vec![a]);
+        assert_eq!(p.delivered, 8);
     }
 }
