@@ -24,7 +24,7 @@ use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
-use crate::sectors::sync::{SectorCommand, SectorSync};
+use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
 
 /// What every request handler and connection task shares.
@@ -69,7 +69,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     /// The Redis broker, when configured, for the start-up check.
     redis: Option<Arc<RedisBroker>>,
-    sector_commands: tokio::sync::mpsc::Receiver<SectorCommand>,
+    sector_commands: SectorQueue,
 }
 
 impl Gateway {
@@ -135,7 +135,7 @@ impl Gateway {
                 metrics.clone(),
             )?,
         });
-        let (sector_sync, sector_commands) = SectorSync::channel(1024);
+        let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
         let revocations = match (&config.revoked_jti_key, &config.redis_url) {
             (Some(key), Some(url)) => Some(
                 Revocations::new(url.expose(), key, config.redis_timeout_s.0)

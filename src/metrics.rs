@@ -170,6 +170,10 @@ pub struct Metrics {
     pub revocation_checks: IntCounterVec,
     /// Sector lookups that reached the database, by outcome.
     pub sector_queries: IntCounterVec,
+    /// `refresh_sectors` that joined one already pending for the connection.
+    pub sector_refreshes_coalesced: IntCounter,
+    /// `SECTOR_ASSIGNMENT_CHANGED` re-reads dropped on a full queue.
+    pub sector_changes_dropped: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGaugeVec,
     pub circuit_breaker_failures: IntGaugeVec,
@@ -346,6 +350,16 @@ impl Metrics {
                 &["outcome"],
             )
             .unwrap(),
+            sector_refreshes_coalesced: IntCounter::new(
+                "wsgateway_sector_refreshes_coalesced_total",
+                "refresh_sectors messages answered by a refresh already pending for the connection",
+            )
+            .unwrap(),
+            sector_changes_dropped: IntCounter::new(
+                "wsgateway_sector_changes_dropped_total",
+                "Sector assignment changes not re-read because the sync queue was full",
+            )
+            .unwrap(),
             event_drop_rate: Gauge::new(
                 "wsgateway_event_drop_rate",
                 "Dropped / (processed + dropped) events over the drop-rate window",
@@ -446,6 +460,8 @@ impl Metrics {
             Box::new(self.hub_index_entries.clone()),
             Box::new(self.event_drop_rate.clone()),
             Box::new(self.sector_queries.clone()),
+            Box::new(self.sector_refreshes_coalesced.clone()),
+            Box::new(self.sector_changes_dropped.clone()),
             Box::new(self.revocation_checks.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.replayed_events.clone()),
