@@ -157,6 +157,8 @@ settings! {
     max_connections: usize = Some("100000"), env = "WSGATEWAY_MAX_CONNECTIONS", flag = "max-connections";
     /// Staff connections allowed per user (tenant + sub); beyond it, 4008.
     max_connections_per_user: usize = Some("3"), env = "WSGATEWAY_MAX_CONNECTIONS_PER_USER", flag = "max-connections-per-user";
+    /// Diner connections allowed per table session (tenant + branch + session); beyond it, 4008.
+    max_connections_per_session: usize = Some("20"), env = "WSGATEWAY_MAX_CONNECTIONS_PER_SESSION", flag = "max-connections-per-session";
     /// Largest inbound WebSocket message, in bytes; a larger one closes with 1009.
     max_message_bytes: usize = Some("65536"), env = "WSGATEWAY_MAX_MESSAGE_BYTES", flag = "max-message-bytes";
     /// Largest `POST /api/publish` body, in bytes; a larger one is a 413.
@@ -477,6 +479,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:8001");
         assert_eq!(c.max_connections, 100_000);
         assert_eq!(c.max_connections_per_user, 3);
+        assert_eq!(c.max_connections_per_session, 20);
         assert_eq!(c.event_queue_size, 5000);
         assert_eq!(c.rate_limit_per_s, 20);
         assert_eq!(c.heartbeat_timeout_s.0, Duration::from_secs(60));

@@ -84,6 +84,7 @@ impl Gateway {
             Limits {
                 max_total: config.max_connections,
                 max_per_user: config.max_connections_per_user,
+                max_per_session: config.max_connections_per_session,
             },
             metrics.clone(),
         ));

@@ -23,18 +23,21 @@ pub enum Rejection {
     Origin,
     MaxTotal,
     MaxPerUser,
+    /// Diner connections per table session (`WSGATEWAY_MAX_CONNECTIONS_PER_SESSION`).
+    MaxPerSession,
     RateLimit,
     /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`).
     HandshakeLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Auth,
         Rejection::Forbidden,
         Rejection::Origin,
         Rejection::MaxTotal,
         Rejection::MaxPerUser,
+        Rejection::MaxPerSession,
         Rejection::RateLimit,
         Rejection::HandshakeLimit,
     ];
@@ -46,6 +49,7 @@ impl Rejection {
             Rejection::Origin => "origin",
             Rejection::MaxTotal => "max_total",
             Rejection::MaxPerUser => "max_per_user",
+            Rejection::MaxPerSession => "max_per_session",
             Rejection::RateLimit => "rate_limit",
             Rejection::HandshakeLimit => "handshake_limit",
         }
