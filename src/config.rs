@@ -108,6 +108,8 @@ settings! {
     history_size: usize = Some("1000"), env = "WSGATEWAY_HISTORY_SIZE", flag = "history-size";
     /// How long events are kept for resume, in seconds.
     history_ttl_s: Secs = Some("600"), env = "WSGATEWAY_HISTORY_TTL_S", flag = "history-ttl-s";
+    /// Most events one resume may read after its cursor; beyond it, `recovered: false`. Unset: the history size.
+    resume_max_events: Option<usize> = None, env = "WSGATEWAY_RESUME_MAX_EVENTS", flag = "resume-max-events";
     /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
     /// Timeout of one Redis connect or command, in seconds.

@@ -92,6 +92,7 @@ impl Gateway {
         let history = HistoryLimits {
             size: config.history_size,
             ttl: config.history_ttl_s.0,
+            max_replay: config.resume_max_events.unwrap_or(config.history_size),
         };
         let mut redis_broker = None;
         let broker: Arc<dyn Broker> = match &config.redis_url {

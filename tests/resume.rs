@@ -206,6 +206,69 @@ async fn caller_ids_are_cursors_and_other_audiences_never_leak(gw: &TestGateway)
     );
 }
 
+/// With `WSGATEWAY_RESUME_MAX_EVENTS` = 5: an admin of branches 5 and 6
+/// that missed 6 events (both scopes together) is not recovered, though
+/// history holds them all; 5 are replayed.
+async fn a_resume_beyond_its_bound_is_not_recovered(gw: &TestGateway) {
+    let token = staff(11, 1, &[5, 6], &["ADMIN"]);
+    let publish = |b: i64| {
+        gw.publish_one(
+            if b == 5 {
+                "channel:branch:5:admin"
+            } else {
+                "channel:branch:6:admin"
+            },
+            event("ROUND_READY", 1, b),
+        )
+    };
+    let cursor = publish(5).await;
+    for b in [5, 6, 5, 6, 5, 6] {
+        publish(b).await;
+    }
+    let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
+    assert_eq!(
+        hello["recovered"], false,
+        "6 events after the cursor: {hello}"
+    );
+    assert!(
+        c.next_json_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing replayed"
+    );
+    let cursor = publish(6).await;
+    let mut missed = Vec::new();
+    for b in [5, 6, 6, 5, 5] {
+        missed.push(publish(b).await);
+    }
+    let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
+    assert_eq!(
+        hello["recovered"], true,
+        "5 events after the cursor: {hello}"
+    );
+    assert_eq!(ids(&c.drain(Duration::from_millis(400)).await), missed);
+}
+
+#[tokio::test]
+async fn resume_reads_at_most_resume_max_events() {
+    let bounded = |c: &mut wsgateway::Config| {
+        c.history_size = 50;
+        c.resume_max_events = Some(5);
+    };
+    let gw = TestGateway::start_with(bounded).await;
+    a_resume_beyond_its_bound_is_not_recovered(&gw).await;
+    gw.stop().await;
+    let server = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        bounded(c);
+        c.redis_url = Some(Secret(server.url()));
+    })
+    .await;
+    gw.wait_connected().await;
+    a_resume_beyond_its_bound_is_not_recovered(&gw).await;
+    gw.stop().await;
+}
+
 async fn all_scenarios(gw: &TestGateway) {
     missed_events_are_replayed_in_order_then_live(gw).await;
     events_published_during_the_replay_are_neither_lost_nor_repeated(gw).await;
