@@ -110,6 +110,10 @@ settings! {
     history_ttl_s: Secs = Some("600"), env = "WSGATEWAY_HISTORY_TTL_S", flag = "history-ttl-s";
     /// Most events one resume may read after its cursor; beyond it, `recovered: false`. Unset: the history size.
     resume_max_events: Option<usize> = None, env = "WSGATEWAY_RESUME_MAX_EVENTS", flag = "resume-max-events";
+    /// History reads (resumes) run at once per node; the others wait for a place.
+    resume_concurrency: usize = Some("16"), env = "WSGATEWAY_RESUME_CONCURRENCY", flag = "resume-concurrency";
+    /// Longest wait for a place among the history reads, in seconds; beyond it, `recovered: false`.
+    resume_wait_s: Secs = Some("10"), env = "WSGATEWAY_RESUME_WAIT_S", flag = "resume-wait-s";
     /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
     /// Timeout of one Redis connect or command, in seconds.

@@ -39,6 +39,11 @@ pub struct Shared {
     pub sectors: Arc<SectorAssignments>,
     /// Requests to the sector sync task (refreshes, assignment changes).
     pub sector_sync: SectorSync,
+    /// `WSGATEWAY_RESUME_CONCURRENCY` places for history reads: in a
+    /// reconnect storm resumes queue here, rather than sending Redis
+    /// thousands of reads whose replies then time out together (dropping
+    /// the shared command connection and opening the breaker).
+    pub resume_reads: tokio::sync::Semaphore,
     pub metrics: Arc<Metrics>,
     /// Cancelled once, at shutdown: background tasks watch it; connections
     /// are closed through the hub ([`Hub::close_all`]) and check it once
@@ -148,6 +153,7 @@ impl Gateway {
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
+        let resume_reads = tokio::sync::Semaphore::new(config.resume_concurrency);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -158,6 +164,7 @@ impl Gateway {
                 broker,
                 sectors,
                 sector_sync,
+                resume_reads,
                 metrics,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),

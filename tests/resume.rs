@@ -269,6 +269,72 @@ async fn resume_reads_at_most_resume_max_events() {
     gw.stop().await;
 }
 
+/// One place for history reads, a wait of 0.3 s for it, and Redis busy
+/// for 1 s (a script spinning): of two clients resuming at once, one gets
+/// the place and is recovered once Redis answers; the other is not
+/// recovered, after waiting for the place in vain.
+#[tokio::test]
+async fn resumes_wait_for_a_place_among_history_reads() {
+    let server = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        c.redis_url = Some(Secret(server.url()));
+        c.resume_concurrency = 1;
+        c.resume_wait_s = Secs(Duration::from_millis(300));
+        c.redis_timeout_s = Secs(Duration::from_secs(3));
+    })
+    .await;
+    gw.wait_connected().await;
+    let cursor = gw
+        .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
+        .await;
+    let missed = gw
+        .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
+        .await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut busy = client.get_connection().unwrap();
+    let spin = std::thread::spawn(move || {
+        let script = "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
+            while true do local n = redis.call('TIME') \
+            if n[1] * 1000000 + n[2] - start > 1000000 then return 1 end end";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .query(&mut busy)
+            .unwrap();
+    });
+    // Busy: a PING goes unanswered.
+    let mut probe = client.get_connection().unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "Redis never got busy");
+    }
+    let (a, b) = (
+        staff(21, 1, &[5], &["WAITER"]),
+        staff(22, 1, &[5], &["WAITER"]),
+    );
+    let ((mut ca, ha), (mut cb, hb)) = tokio::join!(
+        resume(&gw, "waiter", &a, &cursor),
+        resume(&gw, "waiter", &b, &cursor)
+    );
+    spin.join().unwrap();
+    let mut outcomes = [ha["recovered"].clone(), hb["recovered"].clone()];
+    outcomes.sort_by_key(|v| v.to_string());
+    assert_eq!(outcomes, [json!(false), json!(true)], "{ha} {hb}");
+    let winner = if ha["recovered"] == true {
+        &mut ca
+    } else {
+        &mut cb
+    };
+    assert_eq!(
+        ids(&winner.drain(Duration::from_millis(300)).await),
+        vec![missed]
+    );
+    gw.stop().await;
+}
+
 async fn all_scenarios(gw: &TestGateway) {
     missed_events_are_replayed_in_order_then_live(gw).await;
     events_published_during_the_replay_are_neither_lost_nor_repeated(gw).await;
