@@ -270,7 +270,7 @@ async fn resume_reads_at_most_resume_max_events() {
 }
 
 /// One place for history reads, a wait of 0.3 s for it, and Redis busy
-/// for 1 s (a script spinning): of two clients resuming at once, one gets
+/// for 2 s (a script spinning): of two clients resuming at once, one gets
 /// the place and is recovered once Redis answers; the other is not
 /// recovered, after waiting for the place in vain.
 #[tokio::test]
@@ -280,7 +280,7 @@ async fn resumes_wait_for_a_place_among_history_reads() {
         c.redis_url = Some(Secret(server.url()));
         c.resume_concurrency = 1;
         c.resume_wait_s = Secs(Duration::from_millis(300));
-        c.redis_timeout_s = Secs(Duration::from_secs(3));
+        c.redis_timeout_s = Secs(Duration::from_secs(5));
     })
     .await;
     gw.wait_connected().await;
@@ -291,11 +291,16 @@ async fn resumes_wait_for_a_place_among_history_reads() {
         .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
         .await;
     let client = redis::Client::open(server.url()).unwrap();
+    // Both connections made before Redis is busy (connecting talks to it).
     let mut busy = client.get_connection().unwrap();
+    let mut probe = client.get_connection().unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let spin = std::thread::spawn(move || {
         let script = "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
             while true do local n = redis.call('TIME') \
-            if n[1] * 1000000 + n[2] - start > 1000000 then return 1 end end";
+            if n[1] * 1000000 + n[2] - start > 2000000 then return 1 end end";
         let _: i64 = redis::cmd("EVAL")
             .arg(script)
             .arg(0)
@@ -303,10 +308,6 @@ async fn resumes_wait_for_a_place_among_history_reads() {
             .unwrap();
     });
     // Busy: a PING goes unanswered.
-    let mut probe = client.get_connection().unwrap();
-    probe
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
         assert!(std::time::Instant::now() < deadline, "Redis never got busy");
