@@ -20,7 +20,8 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 pub const UNAUTHORIZED: u16 = 4001;
 /// Role or origin not allowed.
 pub const FORBIDDEN: u16 = 4003;
-/// The user already has the maximum number of connections.
+/// The user (staff) or table session (diners) already has the maximum
+/// number of connections.
 pub const USER_LIMIT: u16 = 4008;
 /// Too many messages per second.
 pub const RATE_LIMITED: u16 = 4029;

@@ -108,6 +108,12 @@ settings! {
     history_size: usize = Some("1000"), env = "WSGATEWAY_HISTORY_SIZE", flag = "history-size";
     /// How long events are kept for resume, in seconds.
     history_ttl_s: Secs = Some("600"), env = "WSGATEWAY_HISTORY_TTL_S", flag = "history-ttl-s";
+    /// Most events one resume may read after its cursor; beyond it, `recovered: false`. Unset: the history size.
+    resume_max_events: Option<usize> = None, env = "WSGATEWAY_RESUME_MAX_EVENTS", flag = "resume-max-events";
+    /// History reads (resumes) run at once per node; the others wait for a place.
+    resume_concurrency: usize = Some("16"), env = "WSGATEWAY_RESUME_CONCURRENCY", flag = "resume-concurrency";
+    /// Longest wait for a place among the history reads, in seconds; beyond it, `recovered: false`.
+    resume_wait_s: Secs = Some("10"), env = "WSGATEWAY_RESUME_WAIT_S", flag = "resume-wait-s";
     /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
     /// Timeout of one Redis connect or command, in seconds.
@@ -157,6 +163,8 @@ settings! {
     max_connections: usize = Some("100000"), env = "WSGATEWAY_MAX_CONNECTIONS", flag = "max-connections";
     /// Staff connections allowed per user (tenant + sub); beyond it, 4008.
     max_connections_per_user: usize = Some("3"), env = "WSGATEWAY_MAX_CONNECTIONS_PER_USER", flag = "max-connections-per-user";
+    /// Diner connections allowed per table session (tenant + branch + session); beyond it, 4008.
+    max_connections_per_session: usize = Some("20"), env = "WSGATEWAY_MAX_CONNECTIONS_PER_SESSION", flag = "max-connections-per-session";
     /// Largest inbound WebSocket message, in bytes; a larger one closes with 1009.
     max_message_bytes: usize = Some("65536"), env = "WSGATEWAY_MAX_MESSAGE_BYTES", flag = "max-message-bytes";
     /// Largest `POST /api/publish` body, in bytes; a larger one is a 413.
@@ -482,6 +490,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:8001");
         assert_eq!(c.max_connections, 100_000);
         assert_eq!(c.max_connections_per_user, 3);
+        assert_eq!(c.max_connections_per_session, 20);
         assert_eq!(c.event_queue_size, 5000);
         assert_eq!(c.rate_limit_per_s, 20);
         assert_eq!(c.heartbeat_timeout_s.0, Duration::from_secs(60));

@@ -183,6 +183,7 @@ mod tests {
             Limits {
                 max_total: 10,
                 max_per_user: 10,
+                max_per_session: 10,
             },
             metrics.clone(),
         ));

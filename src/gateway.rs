@@ -24,7 +24,7 @@ use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
-use crate::sectors::sync::{SectorCommand, SectorSync};
+use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
 
 /// What every request handler and connection task shares.
@@ -39,6 +39,11 @@ pub struct Shared {
     pub sectors: Arc<SectorAssignments>,
     /// Requests to the sector sync task (refreshes, assignment changes).
     pub sector_sync: SectorSync,
+    /// `WSGATEWAY_RESUME_CONCURRENCY` places for history reads: in a
+    /// reconnect storm resumes queue here, rather than sending Redis
+    /// thousands of reads whose replies then time out together (dropping
+    /// the shared command connection and opening the breaker).
+    pub resume_reads: tokio::sync::Semaphore,
     pub metrics: Arc<Metrics>,
     /// Cancelled once, at shutdown: background tasks watch it; connections
     /// are closed through the hub ([`Hub::close_all`]) and check it once
@@ -69,7 +74,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     /// The Redis broker, when configured, for the start-up check.
     redis: Option<Arc<RedisBroker>>,
-    sector_commands: tokio::sync::mpsc::Receiver<SectorCommand>,
+    sector_commands: SectorQueue,
 }
 
 impl Gateway {
@@ -84,6 +89,7 @@ impl Gateway {
             Limits {
                 max_total: config.max_connections,
                 max_per_user: config.max_connections_per_user,
+                max_per_session: config.max_connections_per_session,
             },
             metrics.clone(),
         ));
@@ -91,6 +97,7 @@ impl Gateway {
         let history = HistoryLimits {
             size: config.history_size,
             ttl: config.history_ttl_s.0,
+            max_replay: config.resume_max_events.unwrap_or(config.history_size),
         };
         let mut redis_broker = None;
         let broker: Arc<dyn Broker> = match &config.redis_url {
@@ -138,7 +145,7 @@ impl Gateway {
                 metrics.clone(),
             )?,
         });
-        let (sector_sync, sector_commands) = SectorSync::channel(1024);
+        let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
         let revocations = match (&config.revoked_jti_key, &config.redis_url) {
             (Some(key), Some(url)) => Some(
                 Revocations::new(url.expose(), key, config.redis_timeout_s.0)
@@ -149,6 +156,7 @@ impl Gateway {
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
+        let resume_reads = tokio::sync::Semaphore::new(config.resume_concurrency);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -159,6 +167,7 @@ impl Gateway {
                 broker,
                 sectors,
                 sector_sync,
+                resume_reads,
                 metrics,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),

@@ -23,18 +23,21 @@ pub enum Rejection {
     Origin,
     MaxTotal,
     MaxPerUser,
+    /// Diner connections per table session (`WSGATEWAY_MAX_CONNECTIONS_PER_SESSION`).
+    MaxPerSession,
     RateLimit,
     /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`).
     HandshakeLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Auth,
         Rejection::Forbidden,
         Rejection::Origin,
         Rejection::MaxTotal,
         Rejection::MaxPerUser,
+        Rejection::MaxPerSession,
         Rejection::RateLimit,
         Rejection::HandshakeLimit,
     ];
@@ -46,6 +49,7 @@ impl Rejection {
             Rejection::Origin => "origin",
             Rejection::MaxTotal => "max_total",
             Rejection::MaxPerUser => "max_per_user",
+            Rejection::MaxPerSession => "max_per_session",
             Rejection::RateLimit => "rate_limit",
             Rejection::HandshakeLimit => "handshake_limit",
         }
@@ -172,6 +176,10 @@ pub struct Metrics {
     pub revocation_checks: IntCounterVec,
     /// Sector lookups that reached the database, by outcome.
     pub sector_queries: IntCounterVec,
+    /// `refresh_sectors` that joined one already pending for the connection.
+    pub sector_refreshes_coalesced: IntCounter,
+    /// `SECTOR_ASSIGNMENT_CHANGED` re-reads dropped on a full queue.
+    pub sector_changes_dropped: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGaugeVec,
     pub circuit_breaker_failures: IntGaugeVec,
@@ -356,6 +364,16 @@ impl Metrics {
                 &["outcome"],
             )
             .unwrap(),
+            sector_refreshes_coalesced: IntCounter::new(
+                "wsgateway_sector_refreshes_coalesced_total",
+                "refresh_sectors messages answered by a refresh already pending for the connection",
+            )
+            .unwrap(),
+            sector_changes_dropped: IntCounter::new(
+                "wsgateway_sector_changes_dropped_total",
+                "Sector assignment changes not re-read because the sync queue was full",
+            )
+            .unwrap(),
             event_drop_rate: Gauge::new(
                 "wsgateway_event_drop_rate",
                 "Dropped / (processed + dropped) events over the drop-rate window",
@@ -457,6 +475,8 @@ impl Metrics {
             Box::new(self.hub_index_entries.clone()),
             Box::new(self.event_drop_rate.clone()),
             Box::new(self.sector_queries.clone()),
+            Box::new(self.sector_refreshes_coalesced.clone()),
+            Box::new(self.sector_changes_dropped.clone()),
             Box::new(self.revocation_checks.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.replayed_events.clone()),

@@ -62,3 +62,19 @@ async fn the_kernel_floor_scenario_counts_every_write() {
     assert_eq!(run["missing"], 0, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
 }
+
+#[tokio::test]
+async fn the_reconnect_storm_replays_the_whole_history_to_every_client() {
+    let run = &bench(&["resume", "--connections", "50", "--events", "100"]).await;
+    assert_eq!(run["broker"], "embedded", "{run}");
+    let clients = &run["clients"];
+    assert_eq!(clients["connected"], 50, "{run}");
+    assert_eq!(clients["recovered"], 50, "{run}");
+    assert_eq!(clients["complete"], 50, "{run}");
+    assert_eq!(run["replay"]["expected_per_client"], 99);
+    assert_eq!(run["replay"]["missing"], 0, "{run}");
+    assert!(
+        run["replay_done_ms"]["p99"].as_f64().unwrap() > 0.0,
+        "{run}"
+    );
+}

@@ -169,6 +169,71 @@ async fn capacity_closes_1013_and_user_limit_4008() {
 }
 
 #[tokio::test]
+async fn table_sessions_close_4008_beyond_their_limit() {
+    let gw = TestGateway::start_with(|c| {
+        c.max_connections = 6;
+        c.max_connections_per_session = 2;
+    })
+    .await;
+    let mut by = bystander(&gw).await;
+    let table = diner(1, 5, 3, 77);
+    let mut seated = Vec::new();
+    for _ in 0..2 {
+        seated.push(gw.join("diner", &table).await.0);
+    }
+    let mut third = gw.connect("diner", &table).await;
+    assert_eq!(third.close_code().await, Some(4008));
+    // Another token of the same session counts against the same limit;
+    // the same session id in another branch or tenant is another session.
+    let mut other_table = gw.connect("diner", &diner(1, 5, 4, 77)).await;
+    assert_eq!(other_table.close_code().await, Some(4008));
+    seated.push(gw.join("diner", &diner(1, 6, 3, 77)).await.0);
+    seated.push(gw.join("diner", &diner(2, 5, 3, 77)).await.0);
+    // The session's diners are still served.
+    let session_event =
+        json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "session_id": 77});
+    let id = gw.publish_one("channel:session:77", session_event).await;
+    for d in &mut seated[..2] {
+        assert_eq!(
+            d.next_json().await.expect("the event")["event_id"],
+            id.as_str()
+        );
+    }
+    // Order of the checks (DESIGN.md §1.2): the token before the limit...
+    let expired = diner_exp(1, 5, 3, 77, unix_now() - 60);
+    let mut late = gw.connect("diner", &expired).await;
+    assert_eq!(late.close_code().await, Some(4001));
+    // ...and the total capacity before it (6 of 6 now, bystander included).
+    seated.push(gw.join("diner", &diner(1, 5, 9, 78)).await.0);
+    let mut full = gw.connect("diner", &table).await;
+    assert_eq!(full.close_code().await, Some(1013));
+    assert_eq!(
+        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_per_session"}"#)
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_total"}"#)
+            .await,
+        1.0
+    );
+    // A diner leaving frees a seat.
+    drop(seated.remove(0));
+    drop(seated.pop());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut again = gw.connect("diner", &table).await;
+        match again.next_json().await {
+            Some(hello) if hello["type"] == "connected" => break,
+            _ => assert!(std::time::Instant::now() < deadline, "no seat freed"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_still_served(&gw, &mut by).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn oversized_messages_close_1009_at_the_exact_limit() {
     let gw = TestGateway::start().await;
     let mut by = bystander(&gw).await;
@@ -294,5 +359,36 @@ async fn expired_tokens_close_4001_on_revalidation() {
         Some(4001)
     );
     assert_eq!(long.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn expired_table_tokens_close_4001_at_connect_and_on_revalidation() {
+    let gw = TestGateway::start_with(|c| {
+        c.jwt_leeway_s = 0;
+        c.jwt_revalidate_s = Secs(Duration::from_millis(300));
+        c.cleanup_interval_s = Secs(Duration::from_millis(300));
+    })
+    .await;
+    let mut by = bystander(&gw).await;
+    let mut refused = gw
+        .connect("diner", &diner_exp(1, 5, 3, 77, unix_now() - 60))
+        .await;
+    assert_eq!(refused.close_code().await, Some(4001));
+    let (mut short, _) = gw
+        .join("diner", &diner_exp(1, 5, 3, 77, unix_now() + 2))
+        .await;
+    let (mut long, _) = gw.join("diner", &diner(1, 5, 3, 77)).await;
+    assert_eq!(
+        short.close_code_within(Duration::from_secs(6)).await,
+        Some(4001)
+    );
+    assert_eq!(long.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    assert_eq!(
+        gw.metric(r#"wsgateway_connections_rejected_total{reason="auth"}"#)
+            .await,
+        1.0
+    );
+    assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }

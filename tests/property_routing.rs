@@ -110,7 +110,7 @@ proptest! {
         conns in prop::collection::vec(conn(), 1..40),
         events in prop::collection::vec(event(), 1..25),
     ) {
-        let hub = Arc::new(Hub::new(Limits { max_total: 1000, max_per_user: 1000 }, Arc::new(Metrics::new())));
+        let hub = Arc::new(Hub::new(Limits { max_total: 1000, max_per_user: 1000, max_per_session: 1000 }, Arc::new(Metrics::new())));
         let mut open = Vec::new();
         for (user, c) in conns.iter().enumerate() {
             let member = match c.endpoint {

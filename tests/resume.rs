@@ -206,6 +206,136 @@ async fn caller_ids_are_cursors_and_other_audiences_never_leak(gw: &TestGateway)
     );
 }
 
+/// With `WSGATEWAY_RESUME_MAX_EVENTS` = 5: an admin of branches 5 and 6
+/// that missed 6 events (both scopes together) is not recovered, though
+/// history holds them all; 5 are replayed.
+async fn a_resume_beyond_its_bound_is_not_recovered(gw: &TestGateway) {
+    let token = staff(11, 1, &[5, 6], &["ADMIN"]);
+    let publish = |b: i64| {
+        gw.publish_one(
+            if b == 5 {
+                "channel:branch:5:admin"
+            } else {
+                "channel:branch:6:admin"
+            },
+            event("ROUND_READY", 1, b),
+        )
+    };
+    let cursor = publish(5).await;
+    for b in [5, 6, 5, 6, 5, 6] {
+        publish(b).await;
+    }
+    let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
+    assert_eq!(
+        hello["recovered"], false,
+        "6 events after the cursor: {hello}"
+    );
+    assert!(
+        c.next_json_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing replayed"
+    );
+    let cursor = publish(6).await;
+    let mut missed = Vec::new();
+    for b in [5, 6, 6, 5, 5] {
+        missed.push(publish(b).await);
+    }
+    let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
+    assert_eq!(
+        hello["recovered"], true,
+        "5 events after the cursor: {hello}"
+    );
+    assert_eq!(ids(&c.drain(Duration::from_millis(400)).await), missed);
+}
+
+#[tokio::test]
+async fn resume_reads_at_most_resume_max_events() {
+    let bounded = |c: &mut wsgateway::Config| {
+        c.history_size = 50;
+        c.resume_max_events = Some(5);
+    };
+    let gw = TestGateway::start_with(bounded).await;
+    a_resume_beyond_its_bound_is_not_recovered(&gw).await;
+    gw.stop().await;
+    let server = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        bounded(c);
+        c.redis_url = Some(Secret(server.url()));
+    })
+    .await;
+    gw.wait_connected().await;
+    a_resume_beyond_its_bound_is_not_recovered(&gw).await;
+    gw.stop().await;
+}
+
+/// One place for history reads, a wait of 0.3 s for it, and Redis busy
+/// for 2 s (a script spinning): of two clients resuming at once, one gets
+/// the place and is recovered once Redis answers; the other is not
+/// recovered, after waiting for the place in vain.
+#[tokio::test]
+async fn resumes_wait_for_a_place_among_history_reads() {
+    let server = RedisServer::start();
+    let gw = TestGateway::start_with(|c| {
+        c.redis_url = Some(Secret(server.url()));
+        c.resume_concurrency = 1;
+        c.resume_wait_s = Secs(Duration::from_millis(300));
+        c.redis_timeout_s = Secs(Duration::from_secs(5));
+    })
+    .await;
+    gw.wait_connected().await;
+    let cursor = gw
+        .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
+        .await;
+    let missed = gw
+        .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
+        .await;
+    let client = redis::Client::open(server.url()).unwrap();
+    // Both connections made before Redis is busy (connecting talks to it).
+    let mut busy = client.get_connection().unwrap();
+    let mut probe = client.get_connection().unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let spin = std::thread::spawn(move || {
+        let script = "local t = redis.call('TIME') local start = t[1] * 1000000 + t[2] \
+            while true do local n = redis.call('TIME') \
+            if n[1] * 1000000 + n[2] - start > 2000000 then return 1 end end";
+        let _: i64 = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .query(&mut busy)
+            .unwrap();
+    });
+    // Busy: a PING goes unanswered.
+    let deadline = std::time::Instant::now() + WAIT;
+    while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "Redis never got busy");
+    }
+    let (a, b) = (
+        staff(21, 1, &[5], &["WAITER"]),
+        staff(22, 1, &[5], &["WAITER"]),
+    );
+    let ((mut ca, ha), (mut cb, hb)) = tokio::join!(
+        resume(&gw, "waiter", &a, &cursor),
+        resume(&gw, "waiter", &b, &cursor)
+    );
+    spin.join().unwrap();
+    let mut outcomes = [ha["recovered"].clone(), hb["recovered"].clone()];
+    outcomes.sort_by_key(|v| v.to_string());
+    assert_eq!(outcomes, [json!(false), json!(true)], "{ha} {hb}");
+    let winner = if ha["recovered"] == true {
+        &mut ca
+    } else {
+        &mut cb
+    };
+    assert_eq!(
+        ids(&winner.drain(Duration::from_millis(300)).await),
+        vec![missed]
+    );
+    gw.stop().await;
+}
+
 async fn all_scenarios(gw: &TestGateway) {
     missed_events_are_replayed_in_order_then_live(gw).await;
     events_published_during_the_replay_are_neither_lost_nor_repeated(gw).await;

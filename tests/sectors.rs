@@ -174,6 +174,93 @@ async fn delivery_follows_refresh_sectors_and_assignment_changes() {
     gw.stop().await;
 }
 
+/// Waiters 100 and up flood `refresh_sectors` while their lookups are slow
+/// (50 ms each, in the query itself); a branch-wide change must still reach
+/// the other waiters at once, with the routing it implies.
+#[tokio::test]
+async fn a_flood_of_refreshes_does_not_starve_assignment_changes() {
+    use futures_util::{SinkExt, StreamExt};
+    let db = connect().await;
+    let t = fresh_tenant();
+    assign(&db, t, B, 1, &[10]).await;
+    assign(&db, t, B, 2, &[10]).await;
+    let flooders = [101, 102, 103, 104];
+    for w in flooders {
+        assign(&db, t, B, w, &[10]).await;
+    }
+    let gw = gateway(|c| {
+        c.rate_limit_per_s = 1000;
+        c.sector_query = Some(
+            "SELECT sector_id FROM waiter_sector_assignment, \
+             pg_sleep(CASE WHEN $1::bigint >= 100 THEN 0.05 ELSE 0 END) \
+             WHERE waiter_id = $1 AND branch_id = $2 AND tenant_id = $3 \
+             AND assignment_date = CURRENT_DATE"
+                .into(),
+        );
+    })
+    .await;
+    let (mut w1, _) = gw.join("waiter", &staff(1, t, &[B], &["WAITER"])).await;
+    let (mut w2, _) = gw.join("waiter", &staff(2, t, &[B], &["WAITER"])).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut floods = tokio::task::JoinSet::new();
+    for w in flooders {
+        let (client, _) = gw.join("waiter", &staff(w, t, &[B], &["WAITER"])).await;
+        let (mut tx, mut rx) = client.ws.split();
+        // Replies are read (and discarded) so that the flooder is no slow consumer.
+        floods.spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+        let (stop, sent) = (stop.clone(), sent.clone());
+        floods.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(5));
+            while !stop.is_cancelled() {
+                every.tick().await;
+                let refresh = r#"{"type":"refresh_sectors"}"#;
+                if tx
+                    .send(tokio_tungstenite::tungstenite::Message::text(refresh))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    // Well past the 1024 commands that the old single queue held.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < 1500 {
+        assert!(Instant::now() < deadline, "the flood did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assign(&db, t, B, 1, &[11]).await;
+    assign(&db, t, B, 2, &[12]).await;
+    let change = json!({"type": "SECTOR_ASSIGNMENT_CHANGED", "tenant_id": t, "branch_id": B, "tag": "change-all"});
+    gw.publish_one("channel:branch:5:admin", change).await;
+    for (w, sectors) in [(&mut w1, json!([11])), (&mut w2, json!([12]))] {
+        assert_eq!(
+            w.next_json().await,
+            Some(json!({"type": "sectors_updated", "sector_ids": sectors})),
+            "the change reached the waiter during the flood"
+        );
+    }
+    for (tag, s) in [("c10", 10), ("c11", 11), ("c12", 12)] {
+        gw.publish_one("channel:branch:5:waiters", ev(t, tag, Some(s)))
+            .await;
+    }
+    assert_eq!(tags(&mut w1).await.0, set(&["c11"]));
+    assert_eq!(tags(&mut w2).await.0, set(&["c12"]));
+    assert!(
+        gw.metric("wsgateway_sector_refreshes_coalesced_total")
+            .await
+            > 0.0,
+        "refreshes joined pending ones"
+    );
+    stop.cancel();
+    floods.abort_all();
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn repeated_connections_within_the_ttl_issue_one_query() {
     let db = connect().await;

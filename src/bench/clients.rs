@@ -279,6 +279,16 @@ impl Fleet {
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn open(server: SocketAddr, local: Ipv4Addr, url: &str) -> anyhow::Result<Ws> {
+    Ok(handshake(server, local, url).await?.0)
+}
+
+/// Connects from `local` and returns the socket once `connected` came, with
+/// that frame's text.
+pub(super) async fn handshake(
+    server: SocketAddr,
+    local: Ipv4Addr,
+    url: &str,
+) -> anyhow::Result<(Ws, String)> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(local.into(), 0))?;
     let stream = socket.connect(server).await?;
@@ -289,7 +299,9 @@ async fn open(server: SocketAddr, local: Ipv4Addr, url: &str) -> anyhow::Result<
     let (mut ws, _) =
         tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => Ok(ws),
+        Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => {
+            Ok((ws, t.as_str().to_owned()))
+        }
         other => anyhow::bail!("no connected message: {other:?}"),
     }
 }

@@ -14,6 +14,7 @@ mod gateway;
 pub mod procfs;
 mod publish;
 mod report;
+mod storm;
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,11 @@ pub enum Scenario {
     /// No gateway: plain blocking writes to 9 900 loopback sockets, 10
     /// events/s; the kernel's floor under the broadcast figures.
     Floor,
+    /// Reconnect storm: 1 000 events in one branch's history, then 2 000
+    /// clients resume at once from its first (`last_event_id`); time to
+    /// each one's last replayed event, gateway CPU and peak RSS. With
+    /// `--redis-url`, the gateway keeps history in Redis.
+    Resume,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +137,8 @@ impl Plan {
             Scenario::Steady => (1_000, 2, 5, 1_000, 100.0, 10.0),
             // Both ends in this process: 2 × 9 900 files under the 20 000 limit.
             Scenario::Floor => (9_900, 1, 1, 100, 10.0, 10.0),
+            // The events fill the default history (1 000 per branch).
+            Scenario::Resume => (2_000, 1, 1, 1_000, 0.0, 0.0),
         };
         let rate = args.rate.unwrap_or(rate);
         let duration = args.duration_s.unwrap_or(duration);
@@ -174,6 +182,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let target = gateway::Target::resolve(&args, &plan)
                 .await
                 .context("cannot start or reach the gateway")?;
+            if plan.scenario == Scenario::Resume {
+                let result = storm::run(&target, &args, &plan).await;
+                target.stop().await;
+                let storm = result?;
+                if !args.json {
+                    println!("--- run {run} of {}", args.runs.max(1));
+                    println!("{}", serde_json::to_string_pretty(&storm)?);
+                }
+                reports.push(storm);
+                continue;
+            }
             let result = run_plan(&args, &plan, &target).await;
             target.stop().await;
             let report = result?;

@@ -182,6 +182,10 @@ impl Merged {
 pub struct HistoryLimits {
     pub size: usize,
     pub ttl: Duration,
+    /// The most events one resume may read after its cursor, all its scopes
+    /// together: a resume that would read more is "not recovered", so that
+    /// a reconnect storm costs each client a bounded read and send.
+    pub max_replay: usize,
 }
 
 /// Frames carry `event_id` first: `{"event_id":"<id>",` + the rest of the
@@ -344,6 +348,9 @@ impl MemoryHistory {
         for log in logs {
             for e in log.entries.iter().filter(|e| e.seq > seq) {
                 merged.entry(e.seq).or_insert_with(|| e.clone());
+                if merged.len() > self.limits.max_replay {
+                    return Found::default();
+                }
             }
         }
         Found {
@@ -413,6 +420,7 @@ mod tests {
         let h = MemoryHistory::new(HistoryLimits {
             size: 10,
             ttl: Duration::from_secs(60),
+            max_replay: 10,
         });
         let b5 = Scope::Branch(1, 5);
         let b6 = Scope::Branch(1, 6);
@@ -443,6 +451,7 @@ mod tests {
         let h = MemoryHistory::new(HistoryLimits {
             size: 3,
             ttl: Duration::from_secs(60),
+            max_replay: 10,
         });
         let ids: Vec<String> = (0..5)
             .map(|_| keep(&h, Channel::BranchWaiters(5), &fields(1, 5, None)))
@@ -462,6 +471,7 @@ mod tests {
         let old = MemoryHistory::new(HistoryLimits {
             size: 3,
             ttl: Duration::from_millis(1),
+            max_replay: 10,
         });
         let id = keep(&old, Channel::BranchWaiters(5), &fields(1, 5, None));
         std::thread::sleep(Duration::from_millis(5));

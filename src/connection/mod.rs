@@ -336,6 +336,7 @@ async fn admit(
         .map_err(|refusal| match refusal {
             Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
             Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
+            Refusal::SessionLimit => (close::USER_LIMIT, Rejection::MaxPerSession),
         })?;
     Ok((registered, deferred))
 }

@@ -43,6 +43,11 @@ pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Repla
     else {
         return not_recovered();
     };
+    let wait = shared.config.resume_wait_s.0;
+    let Ok(Ok(place)) = tokio::time::timeout(wait, shared.resume_reads.acquire()).await else {
+        tracing::warn!("no history read free in time; not recovered");
+        return not_recovered();
+    };
     let scopes = Scope::of_member(tenant, &member);
     let lookup = shared.broker.resume(tenant, scopes, cursor);
     let found = match tokio::time::timeout(shared.config.redis_timeout_s.0, lookup).await {
@@ -56,6 +61,7 @@ pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Repla
             return not_recovered();
         }
     };
+    drop(place);
     if !found.recovered {
         return not_recovered();
     }

@@ -31,6 +31,9 @@ type Members = HashMap<ConnId, Arc<ConnHandle>>;
 pub struct Limits {
     pub max_total: usize,
     pub max_per_user: usize,
+    /// Diner connections per table session: a leaked table token cannot
+    /// take the whole node.
+    pub max_per_session: usize,
 }
 
 /// Why the hub refused a connection.
@@ -40,6 +43,8 @@ pub enum Refusal {
     AtCapacity,
     /// The user holds `max_per_user` staff connections (4008).
     UserLimit,
+    /// The table session holds `max_per_session` diner connections (4008).
+    SessionLimit,
 }
 
 /// What the hub needs to index a new connection.
@@ -163,7 +168,7 @@ impl Hub {
     }
 
     /// Indexes a connection, unless a limit forbids it. The total limit is
-    /// checked before the per-user one (DESIGN.md §1.2).
+    /// checked before the per-user or per-session one (DESIGN.md §1.2).
     pub fn register(self: &Arc<Self>, reg: Registration) -> Result<Registered, Refusal> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ConnHandle::new(
@@ -203,11 +208,15 @@ impl Hub {
                 branch_id,
                 session_id,
             } => {
-                tenant
-                    .sessions
-                    .entry((*branch_id, *session_id))
-                    .or_default()
-                    .insert(id, handle.clone());
+                let key = (*branch_id, *session_id);
+                let mine = tenant.sessions.entry(key).or_default();
+                if mine.len() >= self.limits.max_per_session {
+                    if mine.is_empty() {
+                        tenant.sessions.remove(&key);
+                    }
+                    return Err(Refusal::SessionLimit);
+                }
+                mine.insert(id, handle.clone());
             }
         }
         index.counts.total += 1;
@@ -677,6 +686,7 @@ mod tests {
             Limits {
                 max_total: 10,
                 max_per_user: 10,
+                max_per_session: 10,
             },
             Arc::new(Metrics::new()),
         ));

@@ -217,6 +217,11 @@ pub fn staff(sub: i64, tenant: i64, branches: &[i64], roles: &[&str]) -> String 
 }
 
 pub fn diner(tenant: i64, branch: i64, table: i64, session: i64) -> String {
+    diner_exp(tenant, branch, table, session, unix_now() + 3600)
+}
+
+/// A table token that expires at `exp` (Unix seconds).
+pub fn diner_exp(tenant: i64, branch: i64, table: i64, session: i64, exp: u64) -> String {
     mint(
         TABLE_SECRET,
         &TableClaims {
@@ -224,7 +229,7 @@ pub fn diner(tenant: i64, branch: i64, table: i64, session: i64) -> String {
             branch_id: branch,
             table_id: table,
             session_id: session,
-            exp: unix_now() + 3600,
+            exp,
         },
     )
 }

@@ -363,7 +363,9 @@ impl Broker for RedisBroker {
         };
         let mut keys = vec![caller_id_key(tenant, &id)];
         keys.extend(scopes.iter().map(|s| s.redis_key()));
-        let size = self.history.size;
+        // Per stream: one past the resume bound is enough to see it crossed.
+        let max_replay = self.history.max_replay;
+        let size = self.history.size.min(max_replay.saturating_add(1));
         let ttl_ms = self.history.ttl.as_millis() as i64;
         Box::pin(async move {
             let raw = self
@@ -376,7 +378,7 @@ impl Broker for RedisBroker {
                     async move { invocation.invoke_async::<redis::Value>(&mut c).await }
                 })
                 .await?;
-            Ok(read_history(raw, ttl_ms).unwrap_or_else(|| {
+            Ok(read_history(raw, ttl_ms, max_replay).unwrap_or_else(|| {
                 tracing::warn!("unexpected history answer from Redis; not recovered");
                 Found::default()
             }))
@@ -414,8 +416,9 @@ impl Broker for RedisBroker {
 }
 
 /// Reads the history script's answer (see `lua/history.lua`); `None` when it
-/// is not in the expected shape.
-fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
+/// is not in the expected shape. More than `max_replay` events after the
+/// cursor is "not recovered".
+fn read_history(raw: redis::Value, ttl_ms: i64, max_replay: usize) -> Option<Found> {
     use redis::Value;
     let Value::Array(mut top) = raw else {
         return None;
@@ -451,7 +454,7 @@ fn read_history(raw: redis::Value, ttl_ms: i64) -> Option<Found> {
         }
     }
     let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms() - kept <= ttl_ms);
-    if !fresh {
+    if !fresh || merged.len() > max_replay {
         return Some(Found::default());
     }
     Some(Found {

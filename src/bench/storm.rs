@@ -1,0 +1,218 @@
+//! The reconnect storm: history filled, then every client reconnects at
+//! once with the same `last_event_id` and reads its replay.
+//!
+//! The events go through the publish API (events `PUBLISH`ed straight on
+//! Redis are not kept for resume), all on one branch, so each client's
+//! replay is the whole history after the cursor. Times are from the moment
+//! the storm starts (every connection opened at once) to each client's
+//! `connected` and to its last replayed event; the gateway's CPU is its
+//! utime + stime over the storm, its memory the highest VmRSS sampled
+//! every 20 ms during it.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::clients::handshake;
+use super::gateway::{Sample, Target};
+use super::procfs::TICKS_PER_S;
+use super::report::percentile_ms;
+use super::{BenchArgs, Plan};
+use crate::auth::{StaffClaims, mint, unix_now};
+
+/// Events per publish request.
+const BATCH: usize = 100;
+/// The most a client waits for its whole replay.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// What one client saw, in microseconds from the storm's start.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    connected_us: Option<u32>,
+    recovered: bool,
+    replayed: u64,
+    /// When the last expected replayed event arrived.
+    done_us: Option<u32>,
+}
+
+pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Result<Value> {
+    let (tenant, branch) = (1, 1);
+    let cursor = fill_history(target, args, plan.events, tenant, branch).await?;
+    let expected = plan.events.saturating_sub(1) as u64;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = target.sample();
+
+    // Sampled while the storm lasts, for the peak.
+    let peak_rss = Arc::new(AtomicU64::new(before.rss_kib));
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (peak, stop, pid) = (peak_rss.clone(), sampling.clone(), target.pid);
+        tokio::spawn(async move {
+            let Some(pid) = pid else { return };
+            let mut every = tokio::time::interval(Duration::from_millis(20));
+            while !stop.is_cancelled() {
+                every.tick().await;
+                peak.fetch_max(super::procfs::rss_kib(pid), Ordering::Relaxed);
+            }
+        })
+    };
+
+    let exp = unix_now() + 24 * 3600;
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(plan.connections);
+    for i in 0..plan.connections {
+        let token = mint(
+            &args.jwt_secret,
+            &StaffClaims {
+                sub: i as i64 + 1,
+                tenant_id: tenant,
+                branch_ids: vec![branch],
+                roles: vec!["WAITER".into()],
+                exp,
+                iat: None,
+                jti: None,
+            },
+        );
+        let url = format!(
+            "ws://{}/ws/waiter?token={token}&last_event_id={cursor}",
+            target.addr
+        );
+        let local = Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % args.client_addresses.max(1) as usize) as u8,
+        );
+        let server = target.addr;
+        clients.push(tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let since =
+                |at: Instant| at.duration_since(started).as_micros().min(u32::MAX as u128) as u32;
+            let read = async {
+                let (mut ws, hello) = handshake(server, local, &url).await?;
+                seen.connected_us = Some(since(Instant::now()));
+                seen.recovered = hello.contains("\"recovered\":true");
+                // Not recovered: nothing is replayed, nothing to wait for.
+                while seen.recovered && seen.replayed < expected {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(_))) => seen.replayed += 1,
+                        Some(Ok(_)) => {}
+                        _ => anyhow::bail!("closed after {} replayed events", seen.replayed),
+                    }
+                }
+                if seen.recovered {
+                    seen.done_us = Some(since(Instant::now()));
+                }
+                anyhow::Ok(ws)
+            };
+            match tokio::time::timeout(PATIENCE, read).await {
+                Ok(Ok(ws)) => (seen, Some(ws)),
+                Ok(Err(_)) | Err(_) => (seen, None),
+            }
+        }));
+    }
+    let mut seen = Vec::with_capacity(clients.len());
+    // Held open until every client is done, so that none leaves early.
+    let mut open = Vec::with_capacity(clients.len());
+    for client in clients {
+        if let Ok((s, ws)) = client.await {
+            seen.push(s);
+            open.extend(ws);
+        }
+    }
+    let storm = started.elapsed();
+    let during = target.sample();
+    sampling.cancel();
+    let _ = sampler.await;
+    drop(open);
+    Ok(report(
+        plan,
+        target,
+        expected,
+        &seen,
+        storm,
+        before,
+        during,
+        peak_rss.load(Ordering::Relaxed),
+    ))
+}
+
+/// Publishes `events` on one branch's waiters channel, in order; returns
+/// the first event's id, the clients' cursor.
+async fn fill_history(
+    target: &Target,
+    args: &BenchArgs,
+    events: usize,
+    tenant: i64,
+    branch: i64,
+) -> anyhow::Result<String> {
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/api/publish", target.addr);
+    let mut first = None;
+    for start in (0..events).step_by(BATCH) {
+        let items: Vec<Value> = (start..(start + BATCH).min(events))
+            .map(|k| {
+                json!({"channel": format!("channel:branch:{branch}:waiters"),
+                       "event": {"type": "ROUND_READY", "tenant_id": tenant, "branch_id": branch,
+                                 "seq": k, "round": {"items": 3, "table_id": k % 40, "note": "bench"}}})
+            })
+            .collect();
+        let response = http
+            .post(&url)
+            .bearer_auth(&args.api_key)
+            .json(&items)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 202,
+            "publish answered {}",
+            response.status()
+        );
+        let answer: Value = response.json().await?;
+        if first.is_none() {
+            first = answer["event_ids"][0].as_str().map(str::to_owned);
+        }
+    }
+    first.context("nothing published")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    plan: &Plan,
+    target: &Target,
+    expected: u64,
+    seen: &[Seen],
+    storm: Duration,
+    before: Sample,
+    during: Sample,
+    peak_rss_kib: u64,
+) -> Value {
+    let connected: Vec<u32> = seen.iter().filter_map(|s| s.connected_us).collect();
+    let done: Vec<u32> = seen.iter().filter_map(|s| s.done_us).collect();
+    let replayed: u64 = seen.iter().map(|s| s.replayed).sum();
+    let cpu_s = during.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_S;
+    json!({
+        "scenario": "resume",
+        "broker": if target.redis_url.is_some() { "redis" } else { "embedded" },
+        "history_events": plan.events,
+        "clients": {"planned": plan.connections, "connected": connected.len(),
+                    "recovered": seen.iter().filter(|s| s.recovered).count(),
+                    "complete": done.len()},
+        "replay": {"expected_per_client": expected, "replayed": replayed,
+                   "missing": (expected * plan.connections as u64).saturating_sub(replayed)},
+        "connected_ms": {"p50": percentile_ms(&connected, 0.5), "p99": percentile_ms(&connected, 0.99)},
+        "replay_done_ms": {"p50": percentile_ms(&done, 0.5), "p99": percentile_ms(&done, 0.99),
+                           "max": percentile_ms(&done, 1.0)},
+        "storm_s": storm.as_secs_f64(),
+        "gateway": {"cpu_s": cpu_s,
+                    "cpu_us_per_replayed_event": (replayed > 0).then(|| cpu_s * 1e6 / replayed as f64),
+                    "rss_kib_before": before.rss_kib, "rss_kib_peak": peak_rss_kib,
+                    "rss_kib_done": during.rss_kib},
+    })
+}
