@@ -183,6 +183,39 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
     assert!(child.wait().await.unwrap().success());
 }
 
+/// `dev` signs with public secrets, so a public address (here from
+/// `WSGATEWAY_LISTEN`, as a developer's shell might carry for `serve`) is
+/// refused with a warning naming it, and `dev` listens on loopback.
+#[tokio::test]
+async fn dev_listens_on_loopback_only_and_says_so() {
+    let mut child = Command::new(BIN)
+        .args(["dev"])
+        .env("WSGATEWAY_LISTEN", "0.0.0.0:0")
+        .env_remove("JWT_SECRET")
+        .env_remove("TABLE_TOKEN_SECRET")
+        .env_remove("WSGATEWAY_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let warning = wait_for_line(&mut stderr, "not listening on").await;
+    assert!(warning.contains("0.0.0.0:0"), "{warning}");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = wait_for_line(&mut stdout, "listening on http://").await;
+    let addr = listening.split("http://").nth(1).unwrap();
+    let addr: std::net::SocketAddr = addr.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback(), "{listening}");
+    let admin = wait_for_line(&mut stdout, "/ws/admin?token=").await;
+    let url = admin.split_whitespace().nth(1).unwrap();
+    assert!(url.starts_with(&format!("ws://{addr}/")), "{url}");
+    let mut c = Client::open(url, None).await;
+    assert_eq!(c.next_json().await.unwrap()["type"], "connected");
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}
+
 #[tokio::test]
 async fn nothing_secret_is_logged_even_at_trace_level() {
     let api_key = "api-key-that-must-not-leak";
