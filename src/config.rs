@@ -151,6 +151,8 @@ settings! {
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
     handshake_timeout_s: Secs = Some("10"), env = "WSGATEWAY_HANDSHAKE_TIMEOUT_S", flag = "handshake-timeout-s";
+    /// Address of a second listener serving only `/ws/metrics`; unset: metrics on the public address. When set, the public `/ws/metrics` answers 404.
+    metrics_listen: Option<SocketAddr> = None, env = "WSGATEWAY_METRICS_LISTEN", flag = "metrics-listen";
     /// Largest request head (request line and headers, token included), in bytes; beyond it, 431.
     max_header_bytes: usize = Some("16384"), env = "WSGATEWAY_MAX_HEADER_BYTES", flag = "max-header-bytes";
     /// Open connections allowed in total (every endpoint); beyond it, 1013.

@@ -74,6 +74,44 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     );
 }
 
+/// `serve` with `WSGATEWAY_METRICS_LISTEN` logs the metrics address,
+/// serves `/ws/metrics` there and 404 on the public port, and stops both
+/// on SIGTERM.
+#[tokio::test]
+async fn serve_with_metrics_listen_scrapes_only_there() {
+    let gateway = ServeProcess::start(&[("WSGATEWAY_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let addr = gateway.addr.clone();
+    let metrics_addr = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(found) = gateway.log_so_far().await.lines().find_map(|l| {
+                l.split("metrics=")
+                    .nth(1)
+                    .map(|r| r.split_whitespace().next().unwrap().to_owned())
+            }) {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the metrics address is logged");
+    let get = |url: String| async move { reqwest::get(url).await.unwrap() };
+    let scraped = get(format!("http://{metrics_addr}/ws/metrics")).await;
+    assert_eq!(scraped.status(), 200);
+    assert!(
+        scraped
+            .text()
+            .await
+            .unwrap()
+            .contains("wsgateway_connections_total")
+    );
+    assert_eq!(get(format!("http://{addr}/ws/metrics")).await.status(), 404);
+    gateway.terminate();
+    let (status, _) = gateway.wait().await;
+    assert!(status.success(), "{status:?}");
+    assert!(tokio::net::TcpStream::connect(&metrics_addr).await.is_err());
+}
+
 #[tokio::test]
 async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
     let out = Command::new(BIN)
