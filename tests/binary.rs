@@ -141,6 +141,28 @@ async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
     );
 }
 
+/// One secret for staff and table tokens would let the holder of the
+/// diners' secret sign staff tokens: `serve` refuses to start, with one
+/// line that names both settings and not the secret.
+#[tokio::test]
+async fn serve_refuses_the_same_secret_for_staff_and_table_tokens() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", "one-shared-secret-value")
+        .env("TABLE_TOKEN_SECRET", "one-shared-secret-value")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("JWT_SECRET") && err.contains("TABLE_TOKEN_SECRET"),
+        "{err}"
+    );
+    assert!(!err.contains("one-shared-secret-value"), "{err}");
+}
+
 #[tokio::test]
 async fn dev_prints_tokens_and_a_publish_command_that_work() {
     let mut child = Command::new(BIN)
