@@ -96,6 +96,10 @@ settings! {
     jwt_algorithm: JwtAlgorithm = Some("HS256"), env = "WSGATEWAY_JWT_ALGORITHM", flag = "jwt-algorithm";
     /// PEM public key file for RS256 or ES256 staff JWTs.
     jwt_public_key_file: Option<PathBuf> = None, env = "WSGATEWAY_JWT_PUBLIC_KEY_FILE", flag = "jwt-public-key-file";
+    /// Issuer staff tokens must name in `iss`; unset: `iss` is not checked.
+    jwt_issuer: Option<String> = None, env = "WSGATEWAY_JWT_ISSUER", flag = "jwt-issuer";
+    /// Audience staff tokens must list in `aud` (a string or an array); unset: `aud` is not checked.
+    jwt_audience: Option<String> = None, env = "WSGATEWAY_JWT_AUDIENCE", flag = "jwt-audience";
     /// Clock leeway on `exp` and `nbf`, in seconds.
     jwt_leeway_s: u64 = Some("5"), env = "WSGATEWAY_JWT_LEEWAY_S", flag = "jwt-leeway-s";
     /// How often open connections have their token re-validated, in seconds.
@@ -157,6 +161,8 @@ settings! {
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
     handshake_timeout_s: Secs = Some("10"), env = "WSGATEWAY_HANDSHAKE_TIMEOUT_S", flag = "handshake-timeout-s";
+    /// Address of a second listener serving only `/ws/metrics`; unset: metrics on the public address. When set, the public `/ws/metrics` answers 404.
+    metrics_listen: Option<SocketAddr> = None, env = "WSGATEWAY_METRICS_LISTEN", flag = "metrics-listen";
     /// Largest request head (request line and headers, token included), in bytes; beyond it, 431.
     max_header_bytes: usize = Some("16384"), env = "WSGATEWAY_MAX_HEADER_BYTES", flag = "max-header-bytes";
     /// Open connections allowed in total (every endpoint); beyond it, 1013.
@@ -220,6 +226,15 @@ impl Config {
         }
         if self.table_token_secret.is_none() {
             return Err(missing("TABLE_TOKEN_SECRET", "table-token-secret"));
+        }
+        // One secret for both would let whoever holds the diners' secret
+        // sign staff tokens too.
+        if self.jwt_secret.is_some() && self.jwt_secret == self.table_token_secret {
+            return Err(ConfigError::Invalid {
+                env: "JWT_SECRET",
+                flag: "jwt-secret",
+                reason: "equals TABLE_TOKEN_SECRET; the two must differ".into(),
+            });
         }
         match self.jwt_algorithm {
             JwtAlgorithm::Hs256 if self.jwt_secret.is_none() => {
@@ -543,6 +558,15 @@ mod tests {
         let err = c.check_for_serve().unwrap_err().to_string();
         assert!(err.contains("TABLE_TOKEN_SECRET"), "{err}");
         assert!(Config::with_secrets("a", "b").check_for_serve().is_ok());
+        let err = Config::with_secrets("same", "same")
+            .check_for_serve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("JWT_SECRET") && err.contains("TABLE_TOKEN_SECRET"),
+            "{err}"
+        );
+        assert!(!err.contains("same"), "no secret in the message: {err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Lifecycle: build the parts, run them under one cancellation token, and
 //! shut down in one written-down sequence.
 //!
-//! Shutdown: the signal fires → the listener stops accepting → the token is
+//! Shutdown: the signal fires → the listeners (public, and metrics when
+//! `WSGATEWAY_METRICS_LISTEN` is set) stop accepting → the token is
 //! cancelled, so every connection closes with 1001 and the dispatcher and
 //! cleanup tasks stop → wait for all of them under the grace timeout.
 
@@ -75,6 +76,9 @@ pub struct Gateway {
     /// The Redis broker, when configured, for the start-up check.
     redis: Option<Arc<RedisBroker>>,
     sector_commands: SectorQueue,
+    /// The metrics listener, when bound before serving (see
+    /// [`Gateway::with_metrics_listener`]).
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Gateway {
@@ -175,6 +179,7 @@ impl Gateway {
             }),
             sector_commands,
             redis: redis_broker,
+            metrics_listener: None,
         })
     }
 
@@ -196,6 +201,19 @@ impl Gateway {
         self
     }
 
+    /// Serves `/ws/metrics` on `listener` only (not on the public one), as
+    /// `WSGATEWAY_METRICS_LISTEN` does; bound by the caller so that a bad
+    /// address stops start-up and tests can use port 0.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> std::io::Result<Gateway> {
+        let addr = listener.local_addr()?;
+        Arc::get_mut(&mut self.shared)
+            .expect("not shared before serving")
+            .config
+            .metrics_listen = Some(addr);
+        self.metrics_listener = Some(listener);
+        Ok(self)
+    }
+
     /// Runs until `signal` resolves, then shuts down gracefully.
     pub async fn serve(
         self,
@@ -204,6 +222,11 @@ impl Gateway {
     ) -> std::io::Result<()> {
         let shared = self.shared;
         let config = &shared.config;
+        let metrics_listener = match (self.metrics_listener, config.metrics_listen) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+            (None, None) => None,
+        };
         let dispatcher = Dispatcher::new(
             shared.hub.clone(),
             shared.queue.clone(),
@@ -238,6 +261,18 @@ impl Gateway {
             handshake_timeout: config.handshake_timeout_s.0,
             max_header_bytes: config.max_header_bytes,
         };
+        if let Some(listener) = metrics_listener {
+            // Its own pending budget: a flood of the public port does not
+            // blind monitoring. Stops accepting with the public listener.
+            shared.tasks.spawn(crate::http::server::serve(
+                listener,
+                crate::http::metrics_router(shared.clone()),
+                limits,
+                shared.metrics.clone(),
+                shared.shutdown.clone(),
+                shared.tasks.clone(),
+            ));
+        }
         // Returns once the shutdown token is cancelled: accepting stops.
         crate::http::server::serve(
             listener,

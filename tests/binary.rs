@@ -74,6 +74,44 @@ async fn sigterm_closes_every_client_with_1001_and_exits_0() {
     );
 }
 
+/// `serve` with `WSGATEWAY_METRICS_LISTEN` logs the metrics address,
+/// serves `/ws/metrics` there and 404 on the public port, and stops both
+/// on SIGTERM.
+#[tokio::test]
+async fn serve_with_metrics_listen_scrapes_only_there() {
+    let gateway = ServeProcess::start(&[("WSGATEWAY_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let addr = gateway.addr.clone();
+    let metrics_addr = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(found) = gateway.log_so_far().await.lines().find_map(|l| {
+                l.split("metrics=")
+                    .nth(1)
+                    .map(|r| r.split_whitespace().next().unwrap().to_owned())
+            }) {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the metrics address is logged");
+    let get = |url: String| async move { reqwest::get(url).await.unwrap() };
+    let scraped = get(format!("http://{metrics_addr}/ws/metrics")).await;
+    assert_eq!(scraped.status(), 200);
+    assert!(
+        scraped
+            .text()
+            .await
+            .unwrap()
+            .contains("wsgateway_connections_total")
+    );
+    assert_eq!(get(format!("http://{addr}/ws/metrics")).await.status(), 404);
+    gateway.terminate();
+    let (status, _) = gateway.wait().await;
+    assert!(status.success(), "{status:?}");
+    assert!(tokio::net::TcpStream::connect(&metrics_addr).await.is_err());
+}
+
 #[tokio::test]
 async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
     let out = Command::new(BIN)
@@ -101,6 +139,28 @@ async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
             .unwrap()
             .contains("TABLE_TOKEN_SECRET")
     );
+}
+
+/// One secret for staff and table tokens would let the holder of the
+/// diners' secret sign staff tokens: `serve` refuses to start, with one
+/// line that names both settings and not the secret.
+#[tokio::test]
+async fn serve_refuses_the_same_secret_for_staff_and_table_tokens() {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", "one-shared-secret-value")
+        .env("TABLE_TOKEN_SECRET", "one-shared-secret-value")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("JWT_SECRET") && err.contains("TABLE_TOKEN_SECRET"),
+        "{err}"
+    );
+    assert!(!err.contains("one-shared-secret-value"), "{err}");
 }
 
 #[tokio::test]
@@ -179,6 +239,39 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
     .await
     .unwrap();
     assert!(page.contains("wsgateway dev"));
+    terminate(&child);
+    assert!(child.wait().await.unwrap().success());
+}
+
+/// `dev` signs with public secrets, so a public address (here from
+/// `WSGATEWAY_LISTEN`, as a developer's shell might carry for `serve`) is
+/// refused with a warning naming it, and `dev` listens on loopback.
+#[tokio::test]
+async fn dev_listens_on_loopback_only_and_says_so() {
+    let mut child = Command::new(BIN)
+        .args(["dev"])
+        .env("WSGATEWAY_LISTEN", "0.0.0.0:0")
+        .env_remove("JWT_SECRET")
+        .env_remove("TABLE_TOKEN_SECRET")
+        .env_remove("WSGATEWAY_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let warning = wait_for_line(&mut stderr, "not listening on").await;
+    assert!(warning.contains("0.0.0.0:0"), "{warning}");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = wait_for_line(&mut stdout, "listening on http://").await;
+    let addr = listening.split("http://").nth(1).unwrap();
+    let addr: std::net::SocketAddr = addr.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback(), "{listening}");
+    let admin = wait_for_line(&mut stdout, "/ws/admin?token=").await;
+    let url = admin.split_whitespace().nth(1).unwrap();
+    assert!(url.starts_with(&format!("ws://{addr}/")), "{url}");
+    let mut c = Client::open(url, None).await;
+    assert_eq!(c.next_json().await.unwrap()["type"], "connected");
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
 }

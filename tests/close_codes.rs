@@ -392,3 +392,71 @@ async fn expired_table_tokens_close_4001_at_connect_and_on_revalidation() {
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
+
+/// `WSGATEWAY_JWT_ISSUER` and `WSGATEWAY_JWT_AUDIENCE`: a staff token of
+/// another issuer or audience gets 4001 (an auth rejection); the right
+/// one, with `aud` as a string or an array, is admitted; table tokens are
+/// not bound.
+#[tokio::test]
+async fn issuer_and_audience_bind_staff_tokens_4001() {
+    let gw = TestGateway::start_with(|c| {
+        c.jwt_issuer = Some("https://auth.example".into());
+        c.jwt_audience = Some("wsgateway".into());
+    })
+    .await;
+    let token = |extra: serde_json::Value| {
+        let mut claims = json!({"sub": 7, "tenant_id": 1, "branch_ids": [5],
+            "roles": ["KITCHEN"], "exp": unix_now() + 3600});
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        wsgateway::auth::mint(JWT_SECRET, &claims)
+    };
+    let iss = "https://auth.example";
+    let by_token = token(json!({"sub": 900, "iss": iss, "aud": "wsgateway"}));
+    let mut by = gw.join("kitchen", &by_token).await.0;
+    let cases = [
+        (json!({}), Some(4001)),
+        (json!({"aud": "wsgateway"}), Some(4001)),
+        (
+            json!({"iss": "https://other.example", "aud": "wsgateway"}),
+            Some(4001),
+        ),
+        (json!({"iss": iss}), Some(4001)),
+        (json!({"iss": iss, "aud": "another-service"}), Some(4001)),
+        (json!({"iss": iss, "aud": ["a", "b"]}), Some(4001)),
+        (
+            json!({"iss": iss, "aud": ["another-service", "wsgateway"]}),
+            None,
+        ),
+        (json!({"iss": iss, "aud": "wsgateway"}), None),
+    ];
+    let mut admitted = Vec::new();
+    for (extra, answer) in cases {
+        let mut c = gw.connect("kitchen", &token(extra.clone())).await;
+        match answer {
+            Some(code) => assert_eq!(c.close_code().await, Some(code), "{extra}"),
+            None => {
+                assert_eq!(c.next_json().await.unwrap()["type"], "connected", "{extra}");
+                admitted.push(c);
+            }
+        }
+    }
+    // Table tokens carry neither claim and are unaffected.
+    let (_diner, _) = gw.join("diner", &diner(1, 5, 1, 77)).await;
+    assert_eq!(
+        gw.metric(r#"wsgateway_connections_rejected_total{reason="auth"}"#)
+            .await,
+        6.0
+    );
+    assert_still_served(&gw, &mut by).await;
+    for c in &mut admitted {
+        assert_eq!(
+            c.next_json().await.unwrap()["type"],
+            "ROUND_IN_KITCHEN",
+            "admitted clients are served too"
+        );
+    }
+    gw.stop().await;
+}

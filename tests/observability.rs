@@ -327,3 +327,66 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics() {
     assert!(checked > 20);
     gw.stop().await;
 }
+
+/// `WSGATEWAY_METRICS_LISTEN`: the platform's counts are served on the
+/// metrics address only; the public port answers 404 there and still
+/// serves everything else; both listeners stop at shutdown.
+#[tokio::test]
+async fn metrics_listen_moves_metrics_off_the_public_port() {
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let private = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = public.local_addr().unwrap();
+    let metrics_addr = private.local_addr().unwrap();
+    let gateway = wsgateway::Gateway::new(config())
+        .unwrap()
+        .with_metrics_listener(private)
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(gateway.serve(public, stop.clone().cancelled_owned()));
+    let gw = TestGateway { addr, stop, task };
+
+    let (_waiter, _) = gw.join("waiter", &staff(1, 1, &[5], &["WAITER"])).await;
+    let status = |url: String| async move { reqwest::get(url).await.unwrap().status().as_u16() };
+    assert_eq!(status(gw.url("/ws/metrics")).await, 404);
+    assert_eq!(status(gw.url("/ws/health")).await, 200);
+    let scraped = reqwest::get(format!("http://{metrics_addr}/ws/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
+    let text = scraped.text().await.unwrap();
+    assert_eq!(
+        metric_value(&text, "wsgateway_connections_total"),
+        Some(1.0)
+    );
+    // The metrics listener serves nothing else.
+    assert_eq!(
+        status(format!("http://{metrics_addr}/ws/health")).await,
+        404
+    );
+
+    gw.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), gw.task)
+        .await
+        .expect("shutdown within the grace period")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(metrics_addr).await.is_err(),
+        "the metrics listener is closed after shutdown"
+    );
+}
+
+/// Without `WSGATEWAY_METRICS_LISTEN`, metrics stay on the public port.
+#[tokio::test]
+async fn without_metrics_listen_metrics_are_on_the_public_port() {
+    let gw = TestGateway::start().await;
+    let resp = reqwest::get(gw.url("/ws/metrics")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("wsgateway_connections_total")
+    );
+    gw.stop().await;
+}

@@ -171,7 +171,7 @@ impl Verifier {
         };
         Ok(Verifier {
             staff_key,
-            staff_validation: validation(algorithm, config.jwt_leeway_s),
+            staff_validation: staff_validation(algorithm, config),
             table_key: config
                 .table_token_secret
                 .as_ref()
@@ -229,6 +229,26 @@ fn read_public_key(path: &std::path::Path, alg: JwtAlgorithm) -> Result<Decoding
         path: shown,
         reason: e.to_string(),
     })
+}
+
+/// The table token's checks plus the token binding of §1.2: with
+/// `WSGATEWAY_JWT_ISSUER` / `WSGATEWAY_JWT_AUDIENCE` set, a staff token
+/// must carry that `iss` / an `aud` (string or array, RFC 7519 §4.1.3)
+/// holding that value; absent counts as wrong. Table tokens are not bound.
+fn staff_validation(algorithm: Algorithm, config: &Config) -> Validation {
+    let mut v = validation(algorithm, config.jwt_leeway_s);
+    let mut required = vec!["exp"];
+    if let Some(issuer) = &config.jwt_issuer {
+        v.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    if let Some(audience) = &config.jwt_audience {
+        v.set_audience(&[audience]);
+        v.validate_aud = true;
+        required.push("aud");
+    }
+    v.set_required_spec_claims(&required);
+    v
 }
 
 fn validation(algorithm: Algorithm, leeway: u64) -> Validation {
@@ -406,6 +426,53 @@ mod tests {
         // A table token is not a staff token.
         let table = mint(TABLE, &claims);
         assert_eq!(v.staff(Some(&table)), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn issuer_and_audience_bind_staff_tokens_only() {
+        let mut config = Config::with_secrets(SECRET, TABLE);
+        config.jwt_issuer = Some("https://auth.example".into());
+        config.jwt_audience = Some("wsgateway".into());
+        let v = Verifier::new(&config).unwrap();
+        let exp = in_an_hour();
+        let with = |extra: serde_json::Value| {
+            let mut claims = json!({"sub": 7, "tenant_id": 1, "branch_ids": [5], "exp": exp});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v.staff(Some(&mint(SECRET, &claims))).map(|id| id.user_id)
+        };
+        let iss = "https://auth.example";
+        assert_eq!(with(json!({"iss": iss, "aud": "wsgateway"})), Ok(7));
+        assert_eq!(
+            with(json!({"iss": iss, "aud": ["other", "wsgateway"]})),
+            Ok(7)
+        );
+        for bad in [
+            json!({"aud": "wsgateway"}),
+            json!({"iss": "https://evil.example", "aud": "wsgateway"}),
+            json!({"iss": iss}),
+            json!({"iss": iss, "aud": "other"}),
+            json!({"iss": iss, "aud": ["other", "more"]}),
+            json!({"iss": iss, "aud": []}),
+        ] {
+            assert_eq!(with(bad.clone()), Err(AuthError::Invalid), "{bad}");
+        }
+        let table =
+            json!({"tenant_id": 1, "branch_id": 5, "table_id": 12, "session_id": 77, "exp": exp});
+        assert!(v.table(Some(&mint(TABLE, &table))).is_ok());
+        // Unset, neither is checked (the default).
+        assert_eq!(
+            verifier()
+                .staff(Some(&mint(
+                    SECRET,
+                    &json!({"sub": 7, "tenant_id": 1,
+                    "branch_ids": [5], "exp": exp, "iss": "x", "aud": "y"})
+                )))
+                .map(|id| id.user_id),
+            Ok(7)
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! `wsgateway dev`: a gateway ready to try, with everything printed.
 
+use std::net::{Ipv4Addr, SocketAddr};
+
 use anyhow::Context;
 
 use super::{ServeArgs, init_tracing, runtime, shutdown_signal};
@@ -18,6 +20,13 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let s = &mut args.settings;
     s.listen.get_or_insert_with(|| "127.0.0.1:8001".into());
     let mut config = args.load()?;
+    let (listen, refused) = loopback_only(config.listen);
+    if let Some(refused) = refused {
+        eprintln!(
+            "wsgateway dev: not listening on {refused} (the development secrets are public); listening on {listen} instead"
+        );
+    }
+    config.listen = listen;
     // `dev` is the one-node development gateway: always the embedded broker.
     if config.redis_url.take().is_some() {
         eprintln!("wsgateway dev: ignoring REDIS_URL (dev always uses the embedded broker)");
@@ -50,7 +59,21 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-fn print_banner(addr: std::net::SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret) {
+/// `dev` signs with public secrets: anyone who can reach it can mint an
+/// ADMIN token. So it listens on loopback only, whatever address it is
+/// given (typically a `WSGATEWAY_LISTEN` meant for `serve`), keeping the
+/// port. Returns the address to listen on and, when it differs, the one
+/// refused.
+fn loopback_only(given: SocketAddr) -> (SocketAddr, Option<SocketAddr>) {
+    if given.ip().is_loopback() {
+        (given, None)
+    } else {
+        let loopback = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), given.port());
+        (loopback, Some(given))
+    }
+}
+
+fn print_banner(addr: SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret) {
     let exp = unix_now() + 24 * 3600;
     let staff = |sub: i64, roles: &[&str]| {
         mint(
@@ -107,4 +130,34 @@ fn print_banner(addr: std::net::SocketAddr, jwt: &Secret, table: &Secret, api_ke
         "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:session:77\",\"event\":{{\"type\":\"PAYMENT_APPROVED\",\"tenant_id\":1,\"branch_id\":5,\"session_id\":77}}}}'"
     );
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_listens_on_loopback_only_keeping_the_port() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            loopback_only(addr("127.0.0.1:9000")),
+            (addr("127.0.0.1:9000"), None)
+        );
+        assert_eq!(
+            loopback_only(addr("[::1]:9000")),
+            (addr("[::1]:9000"), None)
+        );
+        assert_eq!(
+            loopback_only(addr("0.0.0.0:9000")),
+            (addr("127.0.0.1:9000"), Some(addr("0.0.0.0:9000")))
+        );
+        assert_eq!(
+            loopback_only(addr("[::]:8001")),
+            (addr("127.0.0.1:8001"), Some(addr("[::]:8001")))
+        );
+        assert_eq!(
+            loopback_only(addr("192.0.2.7:8001")),
+            (addr("127.0.0.1:8001"), Some(addr("192.0.2.7:8001")))
+        );
+    }
 }

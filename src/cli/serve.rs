@@ -14,9 +14,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let gateway = Gateway::new(config)?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                    format!("cannot listen on {addr} (WSGATEWAY_METRICS_LISTEN)")
+                })?)
+            }
+            None => None,
+        };
+        let mut gateway = Gateway::new(config)?;
         gateway.preflight().await?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        if let Some(metrics) = metrics {
+            tracing::info!(metrics = %metrics.local_addr()?, "serving /ws/metrics");
+            gateway = gateway.with_metrics_listener(metrics)?;
+        }
         gateway.serve(listener, shutdown_signal()).await?;
         Ok(())
     })

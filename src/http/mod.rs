@@ -24,8 +24,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/admin", ws::route(Endpoint::Admin))
         .route("/ws/diner", ws::route(Endpoint::Diner))
         .route("/ws/health", get(health::health))
-        .route("/ws/health/detailed", get(health::detailed))
-        .route("/ws/metrics", get(health::metrics));
+        .route("/ws/health/detailed", get(health::detailed));
+    // With a metrics address, the platform's counts (tenants, branches,
+    // sessions) are not told to anyone who can reach the public port.
+    if shared.config.metrics_listen.is_none() {
+        router = router.route("/ws/metrics", get(health::metrics));
+    }
     // Without a key the publish API does not exist (404).
     if shared.config.api_key.is_some() {
         // The handler reads the body itself, after checking the key, with
@@ -39,4 +43,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         router = router.route("/", get(demo::page));
     }
     router.with_state(shared)
+}
+
+/// The routes of the metrics listener (`WSGATEWAY_METRICS_LISTEN`): only
+/// `/ws/metrics`.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/ws/metrics", get(health::metrics))
+        .with_state(shared)
 }

@@ -347,7 +347,9 @@ impl Client {
 pub struct ServeProcess {
     pub child: tokio::process::Child,
     pub addr: String,
-    log: tokio::task::JoinHandle<String>,
+    /// Its stderr so far; complete once the process has exited.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_task: tokio::task::JoinHandle<()>,
 }
 
 impl ServeProcess {
@@ -380,14 +382,21 @@ impl ServeProcess {
         })
         .await
         .expect("the gateway listens within 30 s");
-        let log = tokio::spawn(async move {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+        let sink = log.clone();
+        let log_task = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = sink.lock().unwrap();
                 log.push_str(&line);
                 log.push('\n');
             }
-            log
         });
-        ServeProcess { child, addr, log }
+        ServeProcess {
+            child,
+            addr,
+            log,
+            log_task,
+        }
     }
 
     /// Sends SIGTERM.
@@ -408,6 +417,13 @@ impl ServeProcess {
             .await
             .expect("exits within the grace period")
             .unwrap();
-        (status, self.log.await.unwrap())
+        self.log_task.await.unwrap();
+        let log = self.log.lock().unwrap().clone();
+        (status, log)
+    }
+
+    /// The log written so far.
+    pub async fn log_so_far(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 }
