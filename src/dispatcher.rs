@@ -72,7 +72,10 @@ impl Dispatcher {
         }
     }
 
-    fn dispatch(&mut self, event: Event, now_ms: i64) {
+    /// Routes one event as of `now_ms` (Unix ms): what [`Dispatcher::run`]
+    /// does with each event it takes off the queue. Public so that tests
+    /// drive the real window and fan-out without a queue in between.
+    pub fn dispatch(&mut self, event: Event, now_ms: i64) {
         let age_ms = event.age_ms(now_ms);
         if !event.from_history && age_ms.is_some_and(|age| age > self.stale_after_ms) {
             self.metrics.dropped(Drop::Stale);
@@ -225,9 +228,65 @@ mod tests {
     }
 
     #[test]
+    fn equal_event_ids_of_two_tenants_are_two_events() {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: 10,
+                max_per_user: 10,
+                max_per_session: 10,
+            },
+            metrics.clone(),
+        ));
+        let admin = |tenant| {
+            hub.register(Registration {
+                tenant_id: tenant,
+                endpoint: crate::auth::Endpoint::Admin,
+                member: Member::Staff {
+                    user_id: 1,
+                    branch_ids: vec![5],
+                    sectors: SectorScope::All,
+                },
+                expires_at: 0,
+                jti: None,
+                queue_capacity: 10,
+                greeting: None,
+            })
+            .unwrap()
+        };
+        let (one, two) = (admin(1), admin(2));
+        let queue = Arc::new(EventQueue::new(10, metrics.clone()));
+        let mut d = Dispatcher::new(
+            hub.clone(),
+            queue,
+            metrics.clone(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        );
+        let ev = |tenant: i64| {
+            let text = format!(
+                r#"{{"event_id":"order-1","type":"X","tenant_id":{tenant},"branch_id":5}}"#
+            );
+            Event::parse(Channel::BranchAdmin(5), bytes::Bytes::from(text)).unwrap()
+        };
+        let now = unix_ms();
+        d.dispatch(ev(1), now);
+        d.dispatch(ev(2), now);
+        assert!(one.handle.pop().is_some() && one.handle.pop().is_none());
+        assert!(two.handle.pop().is_some(), "tenant 2's own order-1");
+        assert_eq!(metrics.events_deduplicated.get(), 0);
+        d.dispatch(ev(2), now);
+        assert!(two.handle.pop().is_none(), "a repeat within tenant 2");
+        assert_eq!(metrics.events_deduplicated.get(), 1);
+    }
+
+    #[test]
     fn repeats_within_the_window_report_prior_channels() {
         let mut r = Recent::new(Duration::from_secs(5));
-        let k = DedupKey::Id("e1".into());
+        let k = DedupKey::Id {
+            tenant: 1,
+            id: "e1".into(),
+        };
         let t0 = Instant::now();
         let a = Channel::BranchWaiters(5);
         let b = Channel::BranchAdmin(5);

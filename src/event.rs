@@ -174,22 +174,36 @@ fn optional_int(
 }
 
 /// What makes two arrivals "the same event" for de-duplication (§1.3): the
-/// `event_id`, or else the exact JSON text (kept as a keyed 64-bit hash and
-/// the length, not the text itself).
+/// same tenant and the same `event_id`, or else the exact JSON text (kept as
+/// a keyed 64-bit hash and the length, not the text itself). The tenant is
+/// part of the key because event ids are the publisher's: two tenants' order
+/// numbers repeat, and one tenant's event must never suppress another's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DedupKey {
-    Id(Box<str>),
-    Text { hash: u64, len: usize },
+    Id {
+        tenant: TenantId,
+        id: Box<str>,
+    },
+    Text {
+        tenant: TenantId,
+        hash: u64,
+        len: usize,
+    },
 }
 
 impl DedupKey {
     fn of(fields: &Fields, text: &str) -> DedupKey {
+        let tenant = fields.tenant_id;
         match &fields.event_id {
-            Some(id) => DedupKey::Id(id.as_str().into()),
+            Some(id) => DedupKey::Id {
+                tenant,
+                id: id.as_str().into(),
+            },
             None => {
                 // Random keys per process: a publisher cannot aim collisions.
                 static STATE: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
                 DedupKey::Text {
+                    tenant,
                     hash: STATE.get_or_init(Default::default).hash_one(text),
                     len: text.len(),
                 }
@@ -377,6 +391,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.key, b.key);
+        let other_tenant = parse(
+            "channel:branch:5:admin",
+            r#"{"type":"X","tenant_id":2,"branch_id":5,"event_id":"e1"}"#,
+        )
+        .unwrap();
+        assert_ne!(a.key, other_tenant.key, "event ids are per tenant");
         let c = parse(
             "channel:branch:5:admin",
             r#"{"type":"X","tenant_id":1,"branch_id":5}"#,

@@ -1,16 +1,22 @@
 //! Property: for random populations of connections across tenants and
 //! random events, the hub delivers each event to exactly the audience that
 //! DESIGN.md §1.3 defines (computed here independently), and never across
-//! tenants.
+//! tenants. Through the dispatcher, with two tenants drawing event ids from
+//! one small pool, each connection gets each of its tenant's events once,
+//! and one tenant's id never suppresses another tenant's event.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use proptest::prelude::*;
 use wsgateway::auth::Endpoint;
+use wsgateway::broker::EventQueue;
 use wsgateway::channel::Channel;
+use wsgateway::dispatcher::Dispatcher;
 use wsgateway::event::{Event, Fields};
-use wsgateway::hub::{Hub, Limits, Member, Registration, SectorScope};
+use wsgateway::hub::{Hub, Limits, Member, Registered, Registration, SectorScope};
 use wsgateway::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -72,6 +78,68 @@ fn event() -> impl Strategy<Value = (Channel, i64, i64, Option<i64>)> {
         })
 }
 
+/// Opens one hub registration per drawn connection.
+fn register<'a>(hub: &Arc<Hub>, conns: &'a [Conn]) -> Vec<(Registered, &'a Conn)> {
+    let mut open = Vec::new();
+    for (user, c) in conns.iter().enumerate() {
+        let member = match c.endpoint {
+            Endpoint::Diner => Member::Diner {
+                branch_id: c.seat.0,
+                session_id: c.seat.1,
+            },
+            endpoint => Member::Staff {
+                user_id: user as i64,
+                branch_ids: c.branches.clone(),
+                sectors: if endpoint != Endpoint::Waiter || c.unfiltered {
+                    SectorScope::All
+                } else {
+                    SectorScope::ByBranch(
+                        c.branches
+                            .iter()
+                            .map(|b| (*b, c.sectors[*b as usize].clone()))
+                            .collect(),
+                    )
+                },
+            },
+        };
+        let reg = hub
+            .register(Registration {
+                tenant_id: c.tenant,
+                endpoint: c.endpoint,
+                member,
+                expires_at: u64::MAX,
+                jti: None,
+                queue_capacity: 100,
+                greeting: None,
+            })
+            .unwrap();
+        open.push((reg, c));
+    }
+    open
+}
+
+/// The event ids both tenants draw from: few, so that they collide.
+const ID_POOL: i64 = 3;
+
+/// What an event with an id is about, per tenant and id: its branch and its
+/// sector (an id names one event, however many channels carry it).
+fn contents() -> impl Strategy<Value = Vec<(i64, Option<i64>)>> {
+    prop::collection::vec((0..4i64, prop::option::of(0..4i64)), (2 * ID_POOL) as usize)
+}
+
+/// An arrival: tenant 0 or 1, a channel family, an id from the pool (or
+/// none), and the channel's sector and session.
+fn arrival() -> impl Strategy<Value = (i64, u8, Option<i64>, i64, i64, i64)> {
+    (
+        0..2i64,
+        0..5u8,
+        prop::option::of(0..ID_POOL),
+        0..4i64,
+        0..4i64,
+        0..3i64,
+    )
+}
+
 /// DESIGN.md §1.3, written without the gateway's code.
 fn audience(c: &Conn, channel: Channel, tenant: i64, branch: i64, sector: Option<i64>) -> bool {
     if c.tenant != tenant {
@@ -111,26 +179,7 @@ proptest! {
         events in prop::collection::vec(event(), 1..25),
     ) {
         let hub = Arc::new(Hub::new(Limits { max_total: 1000, max_per_user: 1000, max_per_session: 1000 }, Arc::new(Metrics::new())));
-        let mut open = Vec::new();
-        for (user, c) in conns.iter().enumerate() {
-            let member = match c.endpoint {
-                Endpoint::Diner => Member::Diner { branch_id: c.seat.0, session_id: c.seat.1 },
-                endpoint => Member::Staff {
-                    user_id: user as i64,
-                    branch_ids: c.branches.clone(),
-                    sectors: if endpoint != Endpoint::Waiter || c.unfiltered {
-                        SectorScope::All
-                    } else {
-                        SectorScope::ByBranch(c.branches.iter().map(|b| (*b, c.sectors[*b as usize].clone())).collect())
-                    },
-                },
-            };
-            let reg = hub.register(Registration {
-                tenant_id: c.tenant, endpoint: c.endpoint, member, expires_at: u64::MAX, jti: None,
-                queue_capacity: 100, greeting: None,
-            }).unwrap();
-            open.push((reg, c));
-        }
+        let mut open = register(&hub, &conns);
         for (channel, tenant, branch, sector) in events {
             let fields = Fields {
                 event_type: "ROUND_READY".into(), tenant_id: tenant, branch_id: branch, sector_id: sector,
@@ -148,6 +197,53 @@ proptest! {
                 expected += want as usize;
             }
             prop_assert_eq!(fanout.queued, expected);
+        }
+    }
+
+    #[test]
+    fn each_tenants_event_reaches_each_connection_once(
+        conns in prop::collection::vec(conn(), 1..40),
+        contents in contents(),
+        arrivals in prop::collection::vec(arrival(), 1..30),
+    ) {
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(Limits { max_total: 1000, max_per_user: 1000, max_per_session: 1000 }, metrics.clone()));
+        let queue = Arc::new(EventQueue::new(10, metrics.clone()));
+        let long = Duration::from_secs(3600);
+        let mut dispatcher = Dispatcher::new(hub.clone(), queue, metrics, long, long);
+        let mut open = register(&hub, &conns);
+        // Per connection, the (tenant, event id) pairs it has had.
+        let mut had: HashMap<usize, HashSet<(i64, i64)>> = HashMap::new();
+        for (n, (tenant, family, id, drawn_branch, drawn_sector, session)) in arrivals.into_iter().enumerate() {
+            let (branch, sector) = match id {
+                Some(i) => contents[(tenant * ID_POOL + i) as usize],
+                None => (drawn_branch, Some(drawn_sector).filter(|s| s % 2 == 0)),
+            };
+            let channel = match family {
+                0 => Channel::BranchWaiters(branch),
+                1 => Channel::SectorWaiters(branch, sector.unwrap_or(drawn_sector)),
+                2 => Channel::BranchKitchen(branch),
+                3 => Channel::BranchAdmin(branch),
+                _ => Channel::Session(session),
+            };
+            let id_field = id.map(|i| format!(r#""event_id":"order-{i}","#)).unwrap_or_default();
+            let sector_field = sector.map(|s| format!(r#","sector_id":{s}"#)).unwrap_or_default();
+            // Id-less events are told apart by their text.
+            let text = format!(
+                r#"{{{id_field}"type":"ROUND_READY","tenant_id":{tenant},"branch_id":{branch}{sector_field},"n":{n}}}"#
+            );
+            let event = Event::parse(channel, text.into()).unwrap();
+            dispatcher.dispatch(event, 0);
+            for (k, (reg, c)) in open.iter_mut().enumerate() {
+                let seen = had.entry(k).or_default();
+                let mut want = audience(c, channel, tenant, branch, sector);
+                if let Some(i) = id {
+                    want = want && seen.insert((tenant, i));
+                }
+                let got = reg.handle.pop().is_some();
+                prop_assert_eq!(got, want, "{:?} for {:?} t{} b{} s{:?} id {:?}", c, channel, tenant, branch, sector, id);
+                prop_assert!(reg.handle.pop().is_none(), "delivered twice");
+            }
         }
     }
 }

@@ -191,3 +191,40 @@ async fn health_counts_connections_by_endpoint() {
     assert_eq!(gw.metric("wsgateway_connections_total").await, 4.0);
     gw.stop().await;
 }
+
+/// DESIGN.md §1.3 "once per connection" is per tenant: event ids are the
+/// publisher's, so two tenants' `order-1` are two events.
+#[tokio::test]
+async fn equal_event_ids_of_two_tenants_are_two_events() {
+    let gw = TestGateway::start().await;
+    let (mut one, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    let (mut two, _) = gw.join("admin", &staff(1, 2, &[5], &["ADMIN"])).await;
+    let order = |tenant: i64| {
+        json!({"event_id": "order-1", "type": "ROUND_SUBMITTED", "tenant_id": tenant,
+               "branch_id": 5, "tenant": tenant})
+    };
+    assert_eq!(
+        gw.publish_one("channel:branch:5:admin", order(1)).await,
+        "order-1"
+    );
+    assert_eq!(
+        gw.publish_one("channel:branch:5:admin", order(2)).await,
+        "order-1"
+    );
+    let got = two.next_json().await.expect("tenant 2's own order-1");
+    assert_eq!(got["tenant"], 2, "{got}");
+    // Tenant 1 gets its own, and only its own: a marker published after
+    // comes next.
+    gw.publish_one("channel:branch:5:admin", event("ROUND_READY", 1, 5))
+        .await;
+    assert_eq!(one.next_json().await.unwrap()["tenant"], 1);
+    assert_eq!(one.next_json().await.unwrap()["type"], "ROUND_READY");
+    assert_eq!(gw.metric("wsgateway_events_deduplicated_total").await, 0.0);
+    // A repeat within one tenant is still one event.
+    gw.publish_one("channel:branch:5:admin", order(2)).await;
+    gw.publish_one("channel:branch:5:admin", event("ROUND_READY", 2, 5))
+        .await;
+    assert_eq!(two.next_json().await.unwrap()["type"], "ROUND_READY");
+    assert_eq!(gw.metric("wsgateway_events_deduplicated_total").await, 1.0);
+    gw.stop().await;
+}

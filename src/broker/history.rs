@@ -389,6 +389,7 @@ mod tests {
         let h = MemoryHistory::new(HistoryLimits {
             size: 10,
             ttl: Duration::from_secs(60),
+            max_replay: 10,
         });
         let f = fields(1, 5, None);
         let cursor = keep(&h, Channel::BranchAdmin(5), &f);

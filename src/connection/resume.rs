@@ -93,6 +93,10 @@ pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Repla
 }
 
 /// The replayed event ids, for as long as live events may repeat them.
+///
+/// Bare ids suffice, without the tenant that DESIGN.md §1.3 keys
+/// de-duplication by: a `CatchUp` belongs to one connection, which is only
+/// ever given its own tenant's events, replayed or live.
 #[derive(Default)]
 pub struct CatchUp {
     ids: HashSet<String>,
