@@ -339,15 +339,15 @@ async fn close_revoked(shared: &Shared, revocations: &Revocations) {
     if open.is_empty() {
         return;
     }
-    let jtis: Vec<&str> = open.iter().map(|(_, jti)| &**jti).collect();
+    let tokens: Vec<_> = open.iter().map(|(_, t, jti)| (*t, &**jti)).collect();
     let checks = &shared.metrics.revocation_checks;
-    match revocations.revoked_among(&jtis).await {
+    match revocations.revoked_among(&tokens).await {
         Ok(revoked) => {
             let ids: Vec<_> = open
                 .iter()
                 .zip(revoked)
                 .filter(|(_, r)| *r)
-                .map(|((id, _), _)| *id)
+                .map(|((id, _, _), _)| *id)
                 .collect();
             checks
                 .with_label_values(&["revoked"])

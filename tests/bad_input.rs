@@ -456,6 +456,29 @@ async fn bad_inputs_get_their_documented_answer_and_break_nothing() {
         })
         .await;
     }
+    // Numbers at the edge of their type: answered, never a panic or a wrap.
+    // On a channel no bystander is in.
+    let ts = |ts: &str| {
+        format!(
+            r#"{{"channel":"channel:session:10000","event":{{"type":"X","tenant_id":1,"branch_id":5,"ts":{ts}}}}}"#
+        )
+    };
+    for (raw, status) in [
+        ("-9223372036854775808", 400),
+        ("-1e300", 400),
+        ("9223372036854775807", 202),
+        ("18446744073709551615", 202),
+        ("1e300", 202),
+    ] {
+        s.input(gw, &format!("publish ts {raw}: {status}"), async {
+            let (got, body) = gw.publish_raw(Some(API_KEY), ts(raw)).await;
+            assert_eq!(got, status, "ts {raw}: {body}");
+            if status == 400 {
+                assert_eq!(body["error"], "stale_event", "ts {raw}: {body}");
+            }
+        })
+        .await;
+    }
     s.input(gw, "an unknown endpoint: 404", async {
         assert!(
             raw_http(addr, "GET /ws/chef HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -514,7 +537,7 @@ async fn bad_inputs_get_their_documented_answer_and_break_nothing() {
     })
     .await;
 
-    assert_eq!(s.inputs, 50, "every input was tried");
+    assert_eq!(s.inputs, 55, "every input was tried");
     let (status, health) = gw.get_json("/ws/health").await;
     assert_eq!(status, 200);
     assert!(health["connections"]["total"].as_u64().unwrap() >= 4);
@@ -540,4 +563,33 @@ async fn a_valid_rs256_token_is_accepted() {
         .join("admin", &rs256(&with(claims(), "sub", json!("42"))))
         .await;
     assert_eq!(hello["user_id"], 42);
+}
+
+/// A token whose `exp` is near `u64::MAX` is valid (for ever), and the
+/// re-validation pass that adds the leeway to it must neither wrap (and so
+/// close it) nor panic (in a debug build, which would stop every later pass
+/// of the whole process): a short-lived token opened beside it is still
+/// closed with 4001 when it expires.
+#[tokio::test]
+async fn an_exp_near_the_end_of_time_breaks_no_pass() {
+    let gw = TestGateway::start_with(|c| {
+        c.jwt_leeway_s = 5;
+        c.jwt_revalidate_s = Secs(Duration::from_millis(200));
+    })
+    .await;
+    let forever = |sub| staff_token_exp(json!(sub), 1, &[5], &["WAITER"], u64::MAX - 1);
+    let (mut staff, _) = gw.join("waiter", &forever(1)).await;
+    let (mut table, _) = gw.join("diner", &diner_exp(1, 5, 1, 77, u64::MAX)).await;
+    // Expired already, but within the leeway: admitted, then closed by the
+    // first pass after the leeway runs out.
+    let short = staff_token_exp(json!(2), 1, &[5], &["WAITER"], unix_now() - 4);
+    let (mut expiring, _) = gw.join("waiter", &short).await;
+    assert_eq!(
+        expiring.close_code_within(Duration::from_secs(10)).await,
+        Some(4001),
+        "the pass still runs"
+    );
+    assert_eq!(staff.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    assert_eq!(table.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.stop().await;
 }

@@ -326,6 +326,12 @@ async fn direct_publishers_get_numbering_history_and_resume_through_the_function
             json!({"type": "X", "branch_id": 5}),
             "invalid_event",
         ),
+        // 2^53 + 1: a Lua double would read it as tenant 2^53.
+        (
+            vec!["channel:branch:5:kitchen"],
+            json!({"type": "X", "tenant_id": 9_007_199_254_740_993_i64, "branch_id": 5}),
+            "invalid_event",
+        ),
     ] {
         let err = fcall(&url, &channels, &event).unwrap_err().to_string();
         assert!(err.contains(code), "{err}");

@@ -206,6 +206,44 @@ async fn caller_ids_are_cursors_and_other_audiences_never_leak(gw: &TestGateway)
     );
 }
 
+/// `0042` is not the event numbered 42, but it is a publisher's `0042`.
+async fn a_cursor_means_exactly_its_text(gw: &TestGateway) {
+    let token = staff(12, 1, &[5], &["ADMIN"]);
+    let publish = |id: Option<&str>| {
+        let mut e = event("ROUND_READY", 1, 5);
+        if let Some(id) = id {
+            e["event_id"] = json!(id);
+        }
+        gw.publish_one("channel:branch:5:admin", e)
+    };
+    let numbered = publish(None).await;
+    let padded = format!("00{numbered}");
+    let after_numbered = publish(None).await;
+    publish(Some("0042")).await;
+    let after_0042 = publish(None).await;
+
+    let (mut c, hello) = resume(gw, "admin", &token, &numbered).await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    let replayed = ids(&c.drain(Duration::from_millis(400)).await);
+    assert_eq!(replayed[0], after_numbered, "{replayed:?}");
+
+    let (mut c, hello) = resume(gw, "admin", &token, &padded).await;
+    assert_eq!(hello["recovered"], false, "{padded} is no event: {hello}");
+    assert!(
+        c.next_json_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing replayed after {padded}"
+    );
+
+    let (mut c, hello) = resume(gw, "admin", &token, "0042").await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(
+        ids(&c.drain(Duration::from_millis(400)).await),
+        vec![after_0042]
+    );
+}
+
 /// With `WSGATEWAY_RESUME_MAX_EVENTS` = 5: an admin of branches 5 and 6
 /// that missed 6 events (both scopes together) is not recovered, though
 /// history holds them all; 5 are replayed.
@@ -340,6 +378,7 @@ async fn all_scenarios(gw: &TestGateway) {
     missed_events_are_replayed_in_order_then_live(gw).await;
     events_published_during_the_replay_are_neither_lost_nor_repeated(gw).await;
     caller_ids_are_cursors_and_other_audiences_never_leak(gw).await;
+    a_cursor_means_exactly_its_text(gw).await;
 }
 
 fn history(c: &mut wsgateway::Config) {

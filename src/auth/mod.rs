@@ -209,8 +209,9 @@ impl Verifier {
     }
 
     /// Whether a token that expires at `exp` is still acceptable now.
+    /// Saturating: `exp` is the token's, and may be near `u64::MAX`.
     pub fn still_valid(&self, exp: u64) -> bool {
-        exp + self.staff_validation.leeway >= unix_now()
+        exp.saturating_add(self.staff_validation.leeway) >= unix_now()
     }
 }
 

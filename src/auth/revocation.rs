@@ -1,6 +1,9 @@
-//! Token revocation: a Redis set of revoked `jti`s
+//! Token revocation: a Redis set of revoked tokens
 //! (`WSGATEWAY_REVOKED_JTI_KEY`), checked at connect and at every
 //! re-validation pass.
+//!
+//! A member is `{tenant_id}:{jti}`: a `jti` is the issuer's and may repeat
+//! across tenants, so revoking one tenant's token must not revoke another's.
 //!
 //! When Redis cannot answer, tokens are accepted (fail open) and the failure
 //! is logged and counted: losing Redis must not lock every waiter out, and
@@ -8,6 +11,7 @@
 
 use std::time::Duration;
 
+use crate::auth::TenantId;
 use crate::broker::{LinkError, RedisLink};
 
 /// How many `jti`s one SMISMEMBER asks about.
@@ -38,17 +42,21 @@ impl Revocations {
         })
     }
 
-    /// Whether `jti` is in the revoked set.
-    pub async fn is_revoked(&self, jti: &str) -> Result<bool, RevocationError> {
-        Ok(self.revoked_among(&[jti]).await?[0])
+    /// Whether the token `jti` of `tenant` is in the revoked set.
+    pub async fn is_revoked(&self, tenant: TenantId, jti: &str) -> Result<bool, RevocationError> {
+        Ok(self.revoked_among(&[(tenant, jti)]).await?[0])
     }
 
-    /// For each `jti`, whether it is revoked.
-    pub async fn revoked_among(&self, jtis: &[&str]) -> Result<Vec<bool>, RevocationError> {
-        let mut answers = Vec::with_capacity(jtis.len());
-        for chunk in jtis.chunks(CHUNK) {
+    /// For each (tenant, `jti`), whether it is revoked.
+    pub async fn revoked_among(
+        &self,
+        tokens: &[(TenantId, &str)],
+    ) -> Result<Vec<bool>, RevocationError> {
+        let mut answers = Vec::with_capacity(tokens.len());
+        for chunk in tokens.chunks(CHUNK) {
+            let members: Vec<String> = chunk.iter().map(|&(t, jti)| member(t, jti)).collect();
             let mut cmd = redis::cmd("SMISMEMBER");
-            cmd.arg(&self.key).arg(chunk);
+            cmd.arg(&self.key).arg(members);
             let query = |mut c: redis::aio::MultiplexedConnection| async move {
                 cmd.query_async::<Vec<bool>>(&mut c).await
             };
@@ -62,4 +70,9 @@ impl Revocations {
         }
         Ok(answers)
     }
+}
+
+/// The set member that revokes token `jti` of `tenant`.
+pub fn member(tenant: TenantId, jti: &str) -> String {
+    format!("{tenant}:{jti}")
 }

@@ -100,12 +100,15 @@ pub enum Cursor {
 }
 
 impl Cursor {
+    /// A cursor means exactly its text: only the canonical decimal form of
+    /// a number (`42`, never `0042` or `+42`) is a sequence number; any
+    /// other text is a caller's id, so `0042` is not the event `42`.
     pub fn parse(id: &str) -> Option<Cursor> {
         if id.is_empty() || id.len() > crate::event::MAX_EVENT_ID_BYTES {
             return None;
         }
         Some(match id.parse::<u64>() {
-            Ok(n) if id.bytes().all(|b| b.is_ascii_digit()) => Cursor::Seq(n),
+            Ok(n) if n.to_string() == id => Cursor::Seq(n),
             _ => Cursor::Caller(id.to_owned()),
         })
     }
@@ -339,7 +342,7 @@ impl MemoryHistory {
             .iter()
             .flat_map(|log| log.entries.iter())
             .find(|e| e.seq == seq);
-        let fresh = cursor_entry.is_some_and(|e| now - e.kept_ms <= ttl_ms);
+        let fresh = cursor_entry.is_some_and(|e| now.saturating_sub(e.kept_ms) <= ttl_ms);
         let cut = logs.iter().any(|log| log.max_trimmed > seq);
         if !fresh || cut {
             return Found::default();
@@ -405,6 +408,20 @@ mod tests {
         // One list for the 100 scopes' entries (and this test's handle).
         assert!(Arc::ptr_eq(&found.entries[0].channels, &channels));
         assert_eq!(Arc::strong_count(&channels), 100 + 2);
+    }
+
+    #[test]
+    fn a_cursor_means_exactly_its_text() {
+        assert_eq!(Cursor::parse("42"), Some(Cursor::Seq(42)));
+        assert_eq!(Cursor::parse("0"), Some(Cursor::Seq(0)));
+        for text in ["0042", "00", "+42", "18446744073709551616", "4 2"] {
+            assert_eq!(
+                Cursor::parse(text),
+                Some(Cursor::Caller(text.to_owned())),
+                "{text}"
+            );
+        }
+        assert_eq!(Cursor::parse(""), None);
     }
 
     #[test]

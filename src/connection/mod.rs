@@ -279,7 +279,7 @@ async fn admit(
         span.record("branches", tracing::field::debug(&id.branch_ids));
         if let (Some(revocations), Some(jti)) = (&shared.revocations, &id.jti) {
             let checks = &shared.metrics.revocation_checks;
-            match revocations.is_revoked(jti).await {
+            match revocations.is_revoked(id.tenant_id, jti).await {
                 Ok(true) => {
                     checks.with_label_values(&["revoked"]).inc();
                     tracing::debug!("token revoked");

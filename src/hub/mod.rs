@@ -364,13 +364,16 @@ impl Hub {
         self.close_where(crate::close::UNAUTHORIZED, |e| !valid(e.expires_at))
     }
 
-    /// The token ids of the open connections that have one.
-    pub fn token_ids(&self) -> Vec<(ConnId, Box<str>)> {
+    /// The tenant and token id of the open connections whose token has one.
+    pub fn token_ids(&self) -> Vec<(ConnId, TenantId, Box<str>)> {
         let index = self.index.read();
         index
             .conns
             .iter()
-            .filter_map(|(id, e)| e.jti.clone().map(|jti| (*id, jti)))
+            .filter_map(|(id, e)| {
+                let jti = e.jti.clone()?;
+                Some((*id, e.handle.tenant_id, jti))
+            })
             .collect()
     }
 

@@ -138,6 +138,22 @@ impl TestGateway {
         metric_value(&text, sample).unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
     }
 
+    /// Polls one sample of `/ws/metrics` until `check` holds on its value
+    /// (a missing sample is 0); returns it. Panics after 10 s.
+    pub async fn wait_metric(&self, sample: &str, check: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let value = metric_value(&self.metrics().await, sample).unwrap_or(0.0);
+            if check(value) {
+                return value;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{sample} never satisfied the check; last: {value}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `/ws/health/detailed` until `check` holds; returns the last
     /// answer (status, body). Panics after `within`.
     pub async fn wait_health(

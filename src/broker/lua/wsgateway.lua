@@ -27,8 +27,11 @@ local function fail(code, detail)
   return redis.error_reply('ERR wsgateway ' .. code .. ': ' .. detail)
 end
 
+-- Lua numbers are doubles: beyond 2^53 two ids share one double (an event
+-- of tenant 9007199254740993 would be published as tenant
+-- 9007199254740992's), so only integers a double holds exactly are ids.
 local function is_integer(v)
-  return type(v) == 'number' and v == math.floor(v) and v > -2 ^ 63 and v < 2 ^ 63
+  return type(v) == 'number' and v == math.floor(v) and v > -2 ^ 53 and v < 2 ^ 53
 end
 
 -- The scope suffix ("branch:5", "session:77") of a channel, and the branch it

@@ -453,7 +453,7 @@ fn read_history(raw: redis::Value, ttl_ms: i64, max_replay: usize) -> Option<Fou
             }
         }
     }
-    let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms() - kept <= ttl_ms);
+    let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms().saturating_sub(kept) <= ttl_ms);
     if !fresh || merged.len() > max_replay {
         return Some(Found::default());
     }
