@@ -100,10 +100,7 @@ impl Fields {
         };
         let ts_ms = match obj.get("ts") {
             None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(ms) => Some(ms),
-                None => n.as_f64().map(|f| f as i64),
-            },
+            Some(Value::Number(n)) => Some(ts_to_ms(n)),
             Some(_) => return Err(InvalidEvent::WrongType("ts")),
         };
         let event_id = match obj.get("event_id") {
@@ -260,6 +257,30 @@ impl Event {
     }
 }
 
+/// Below this a `ts` is in seconds (a Python backend's `time.time()`), at or
+/// above it in milliseconds (DESIGN.md §1.4): 10^11 s is the year 5138, and
+/// 10^11 ms is March 1973, so no real timestamp is ambiguous.
+const TS_SECONDS_BELOW: i64 = 100_000_000_000;
+
+/// A `ts` (seconds or milliseconds, integer or fractional) as Unix
+/// milliseconds; saturating, and a fraction of a millisecond truncated.
+fn ts_to_ms(n: &serde_json::Number) -> i64 {
+    match n.as_i64() {
+        Some(v) if v < TS_SECONDS_BELOW => v.saturating_mul(1000),
+        Some(ms) => ms,
+        None => {
+            // A fraction, or an integer beyond i64 (then far above the bound).
+            let f = n.as_f64().unwrap_or(f64::MAX);
+            let ms = if f < TS_SECONDS_BELOW as f64 {
+                f * 1000.0
+            } else {
+                f
+            };
+            ms as i64
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -278,6 +299,28 @@ mod tests {
             channel.parse().unwrap(),
             Bytes::copy_from_slice(text.as_bytes()),
         )
+    }
+
+    #[test]
+    fn ts_is_seconds_below_ten_to_the_eleven_and_milliseconds_above() {
+        let ts = |raw: &str| {
+            let text = format!(r#"{{"type":"X","tenant_id":1,"branch_id":5,"ts":{raw}}}"#);
+            parse("channel:branch:5:waiters", &text)
+                .unwrap()
+                .fields
+                .ts_ms
+                .unwrap()
+        };
+        assert_eq!(ts("1764680000"), 1_764_680_000_000, "integer seconds");
+        assert_eq!(ts("1764680000.1234"), 1_764_680_000_123, "time.time()");
+        assert_eq!(ts("1764680000123"), 1_764_680_000_123, "milliseconds");
+        assert_eq!(ts("1764680000123.9"), 1_764_680_000_123, "fractional ms");
+        assert_eq!(ts("99999999999"), 99_999_999_999_000, "just below: seconds");
+        assert_eq!(ts("100000000000"), 100_000_000_000, "the bound: ms");
+        assert_eq!(ts("-9223372036854775808"), i64::MIN, "saturates");
+        assert_eq!(ts("18446744073709551615"), i64::MAX);
+        assert_eq!(ts("1e300"), i64::MAX);
+        assert_eq!(ts("-1e300"), i64::MIN);
     }
 
     #[test]

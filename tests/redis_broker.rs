@@ -381,3 +381,68 @@ async fn two_gateway_processes_on_one_redis_both_deliver() {
         );
     }
 }
+
+/// A Python backend writes `ts: time.time()`: seconds, fractional. Below
+/// 10^11 a `ts` is seconds, above it milliseconds (DESIGN.md §1.4), read
+/// the same way by the publish API, a plain PUBLISH and the Redis function;
+/// a stale one in seconds is still stale.
+#[tokio::test]
+async fn timestamps_in_seconds_or_milliseconds_are_read_everywhere() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let gw = TestGateway::start_with(redis(&url)).await;
+    gw.wait_connected().await;
+    gw.wait_health(Duration::from_secs(10), |_, b| b["status"] == "healthy")
+        .await;
+    let (mut admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    let now_s = || wsgateway::event::unix_ms() as f64 / 1000.0;
+    let ev = |n: &str, ts: Value| json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "n": n, "ts": ts});
+    let channel = "channel:branch:5:admin";
+
+    // The publish API: fresh seconds (fractional, integer) and milliseconds
+    // are published; seconds a minute old are stale.
+    gw.publish_one(channel, ev("api-fraction", json!(now_s())))
+        .await;
+    gw.publish_one(channel, ev("api-integer", json!(now_s() as i64)))
+        .await;
+    gw.publish_one(channel, ev("api-ms", json!(wsgateway::event::unix_ms())))
+        .await;
+    let (status, answer) = gw
+        .publish(&json!({"channel": channel, "event": ev("api-stale", json!(now_s() - 60.0))}))
+        .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (400, Some("stale_event"))
+    );
+    // A plain PUBLISH: dispatched by its age.
+    server.publish(channel, &ev("publish-fraction", json!(now_s())).to_string());
+    server.publish(
+        channel,
+        &ev("publish-stale", json!(now_s() - 60.0)).to_string(),
+    );
+    // The function keeps and publishes; the dispatcher reads the age.
+    fcall(&url, &[channel], &ev("fcall-fraction", json!(now_s()))).unwrap();
+
+    let got: Vec<Value> = admin
+        .drain(Duration::from_millis(600))
+        .await
+        .into_iter()
+        .map(|f| f["n"].clone())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            json!("api-fraction"),
+            json!("api-integer"),
+            json!("api-ms"),
+            json!("publish-fraction"),
+            json!("fcall-fraction")
+        ]
+    );
+    assert_eq!(
+        gw.metric(r#"wsgateway_events_dropped_total{reason="stale"}"#)
+            .await,
+        1.0
+    );
+    gw.stop().await;
+}

@@ -14,18 +14,6 @@ use common::*;
 use serde_json::{Value, json};
 use wsgateway::config::{Secret, Secs};
 
-/// `FCALL wsgateway_publish`, as a backend publishing straight to Redis.
-fn fcall(url: &str, channels: &[&str], event: &Value) -> redis::RedisResult<String> {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg("wsgateway_publish").arg(0);
-    for c in channels {
-        cmd.arg(*c);
-    }
-    cmd.arg(event.to_string()).query(&mut conn)
-}
-
 fn numbered(kind: &str, n: usize) -> Value {
     json!({"type": kind, "tenant_id": 1, "branch_id": 5, "n": n, "ts": wsgateway::event::unix_ms()})
 }

@@ -99,6 +99,23 @@ pub fn publish_to(url: &str, channel: &str, payload: &str) -> i64 {
         .unwrap()
 }
 
+/// `FCALL wsgateway_publish`, as a backend publishing straight to Redis:
+/// the event's id, or the function's refusal.
+pub fn fcall(
+    url: &str,
+    channels: &[&str],
+    event: &serde_json::Value,
+) -> redis::RedisResult<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg("wsgateway_publish").arg(0);
+    for c in channels {
+        cmd.arg(*c);
+    }
+    cmd.arg(event.to_string()).query(&mut conn)
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
