@@ -32,13 +32,21 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// A new `redis-server` on a free port. The port is free when chosen,
+    /// but another process (a parallel test) may take it first; then this
+    /// server exits and another port is tried, so that a test never talks
+    /// to someone else's Redis.
     pub fn start() -> RedisServer {
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-        };
-        server.restart();
-        server
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                child: None,
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server could not bind a free port in 5 tries");
     }
 
     pub fn url(&self) -> String {
@@ -47,22 +55,51 @@ impl RedisServer {
 
     /// Starts (again) on the same port, and waits until it answers.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        assert!(
+            self.spawn(),
+            "redis-server on port {} did not start",
+            self.port
+        );
+    }
+
+    /// Starts `redis-server` on `self.port`; true once the server answering
+    /// there is this child (its `process_id`), false when the child exited
+    /// first (the port was taken).
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.answers() {
-                return;
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+            if self.answers() && self.process_id() == Some(pid) {
+                self.child = Some(child);
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// The `process_id` of the Redis answering on the port.
+    fn process_id(&self) -> Option<u32> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_millis(500))
+            .ok()?;
+        let info: String = redis::cmd("INFO").arg("server").query(&mut conn).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     fn answers(&self) -> bool {
