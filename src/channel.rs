@@ -6,9 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::auth::{BranchId, SectorId, SessionId};
+use crate::auth::{BranchId, SectorId, SessionId, UserId};
 
-/// One of the five channel families of DESIGN.md §1.3.
+/// One of the seven channel families of DESIGN.md §1.3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
     /// `channel:branch:{b}:waiters`
@@ -21,31 +21,40 @@ pub enum Channel {
     BranchAdmin(BranchId),
     /// `channel:session:{id}`
     Session(SessionId),
+    /// `channel:user:{u}`: every staff connection of user `u` (the seed's
+    /// `send_to_user`).
+    User(UserId),
+    /// `channel:tenant:staff`: every staff connection of the event's tenant
+    /// (the seed's `broadcast`, never across tenants).
+    TenantStaff,
 }
 
 impl Channel {
-    /// The branch the channel names; sessions name none.
+    /// The branch the channel names; sessions, users and the tenant's
+    /// staff name none.
     pub fn branch(self) -> Option<BranchId> {
         match self {
             Channel::BranchWaiters(b)
             | Channel::SectorWaiters(b, _)
             | Channel::BranchKitchen(b)
             | Channel::BranchAdmin(b) => Some(b),
-            Channel::Session(_) => None,
+            Channel::Session(_) | Channel::User(_) | Channel::TenantStaff => None,
         }
     }
 
     /// The Redis patterns that cover every channel family.
-    pub const PATTERNS: [&'static str; 5] = [
+    pub const PATTERNS: [&'static str; 7] = [
         "channel:branch:*:waiters",
         "channel:sector:*:waiters",
         "channel:branch:*:kitchen",
         "channel:branch:*:admin",
         "channel:session:*",
+        "channel:user:*",
+        "channel:tenant:staff",
     ];
 }
 
-/// A channel name that is not one of the five families.
+/// A channel name that is not one of the seven families.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown channel {0:?}")]
 pub struct UnknownChannel(pub String);
@@ -57,7 +66,12 @@ impl FromStr for Channel {
         let unknown = || UnknownChannel(s.chars().take(200).collect());
         let parts: Vec<&str> = s.split(':').collect();
         let id = |p: &str| -> Result<i64, UnknownChannel> {
-            if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) {
+            // Canonical decimal only: `05` is not branch 5, so that each
+            // channel (and the history key of its scope) has one name.
+            if p.is_empty()
+                || !p.bytes().all(|c| c.is_ascii_digit())
+                || (p.len() > 1 && p.starts_with('0'))
+            {
                 return Err(unknown());
             }
             p.parse().map_err(|_| unknown())
@@ -68,6 +82,8 @@ impl FromStr for Channel {
             ["channel", "branch", b, "admin"] => Ok(Channel::BranchAdmin(id(b)?)),
             ["channel", "sector", b, s, "waiters"] => Ok(Channel::SectorWaiters(id(b)?, id(s)?)),
             ["channel", "session", s] => Ok(Channel::Session(id(s)?)),
+            ["channel", "user", u] => Ok(Channel::User(id(u)?)),
+            ["channel", "tenant", "staff"] => Ok(Channel::TenantStaff),
             _ => Err(unknown()),
         }
     }
@@ -81,6 +97,8 @@ impl fmt::Display for Channel {
             Channel::BranchKitchen(b) => write!(f, "channel:branch:{b}:kitchen"),
             Channel::BranchAdmin(b) => write!(f, "channel:branch:{b}:admin"),
             Channel::Session(s) => write!(f, "channel:session:{s}"),
+            Channel::User(u) => write!(f, "channel:user:{u}"),
+            Channel::TenantStaff => f.write_str("channel:tenant:staff"),
         }
     }
 }
@@ -97,6 +115,8 @@ mod tests {
             Channel::BranchKitchen(5),
             Channel::BranchAdmin(5),
             Channel::Session(77),
+            Channel::User(7),
+            Channel::TenantStaff,
         ] {
             assert_eq!(c.to_string().parse::<Channel>(), Ok(c));
         }
@@ -115,6 +135,14 @@ mod tests {
             "channel:session:1:2",
             "channel:branch:99999999999999999999:admin",
             "channel:branch:+5:admin",
+            "channel:branch:05:admin",
+            "channel:session:0077",
+            "channel:user:",
+            "channel:user:x",
+            "channel:user:7:waiters",
+            "channel:tenant",
+            "channel:tenant:1",
+            "channel:tenant:staff:1",
         ] {
             assert!(bad.parse::<Channel>().is_err(), "{bad}");
         }

@@ -214,7 +214,7 @@ mod tests {
             Duration::from_secs(30),
             Duration::from_secs(5),
         );
-        let now = 1_000_000_000;
+        let now = 1_764_680_000_000;
         let ev = |ts: i64| {
             let text = format!(r#"{{"type":"X","tenant_id":1,"branch_id":5,"ts":{ts}}}"#);
             Event::parse(Channel::BranchAdmin(5), bytes::Bytes::from(text)).unwrap()

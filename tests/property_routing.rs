@@ -1,5 +1,5 @@
 //! Property: for random populations of connections across tenants and
-//! random events, the hub delivers each event to exactly the audience that
+//! users, and random events on every channel family, the hub delivers each event to exactly the audience that
 //! DESIGN.md §1.3 defines (computed here independently), and never across
 //! tenants. Through the dispatcher, with two tenants drawing event ids from
 //! one small pool, each connection gets each of its tenant's events once,
@@ -30,6 +30,9 @@ struct Conn {
     sectors: Vec<Option<Vec<i64>>>,
     /// Diners: (branch, session).
     seat: (i64, i64),
+    /// Staff: the user, from a small pool so that users have several
+    /// connections.
+    user: i64,
 }
 
 fn conn() -> impl Strategy<Value = Conn> {
@@ -40,22 +43,24 @@ fn conn() -> impl Strategy<Value = Conn> {
         any::<bool>(),
         prop::collection::vec(prop::option::of(prop::collection::vec(0..4i64, 0..3)), 4),
         (0..4i64, 0..3i64),
+        0..3i64,
     )
         .prop_map(
-            |(tenant, endpoint, branches, unfiltered, sectors, seat)| Conn {
+            |(tenant, endpoint, branches, unfiltered, sectors, seat, user)| Conn {
                 tenant,
                 endpoint,
                 branches: branches.into_iter().collect(),
                 unfiltered,
                 sectors,
                 seat,
+                user,
             },
         )
 }
 
 fn event() -> impl Strategy<Value = (Channel, i64, i64, Option<i64>)> {
     (
-        0..5u8,
+        0..7u8,
         0..3i64,
         0..4i64,
         0..4i64,
@@ -68,7 +73,9 @@ fn event() -> impl Strategy<Value = (Channel, i64, i64, Option<i64>)> {
                 1 => Channel::SectorWaiters(branch, sector),
                 2 => Channel::BranchKitchen(branch),
                 3 => Channel::BranchAdmin(branch),
-                _ => Channel::Session(session),
+                4 => Channel::Session(session),
+                5 => Channel::User(session),
+                _ => Channel::TenantStaff,
             };
             let event_sector = match channel {
                 Channel::SectorWaiters(_, s) => event_sector.map(|_| s),
@@ -81,14 +88,14 @@ fn event() -> impl Strategy<Value = (Channel, i64, i64, Option<i64>)> {
 /// Opens one hub registration per drawn connection.
 fn register<'a>(hub: &Arc<Hub>, conns: &'a [Conn]) -> Vec<(Registered, &'a Conn)> {
     let mut open = Vec::new();
-    for (user, c) in conns.iter().enumerate() {
+    for c in conns {
         let member = match c.endpoint {
             Endpoint::Diner => Member::Diner {
                 branch_id: c.seat.0,
                 session_id: c.seat.1,
             },
             endpoint => Member::Staff {
-                user_id: user as i64,
+                user_id: c.user,
                 branch_ids: c.branches.clone(),
                 sectors: if endpoint != Endpoint::Waiter || c.unfiltered {
                     SectorScope::All
@@ -132,7 +139,7 @@ fn contents() -> impl Strategy<Value = Vec<(i64, Option<i64>)>> {
 fn arrival() -> impl Strategy<Value = (i64, u8, Option<i64>, i64, i64, i64)> {
     (
         0..2i64,
-        0..5u8,
+        0..7u8,
         prop::option::of(0..ID_POOL),
         0..4i64,
         0..4i64,
@@ -156,6 +163,8 @@ fn audience(c: &Conn, channel: Channel, tenant: i64, branch: i64, sector: Option
     match (channel, c.endpoint) {
         (Channel::Session(s), Diner) => c.seat == (branch, s),
         (Channel::Session(_), _) | (_, Diner) => false,
+        (Channel::User(u), _) => c.user == u,
+        (Channel::TenantStaff, _) => true,
         (
             Channel::BranchWaiters(b)
             | Channel::SectorWaiters(b, _)
@@ -224,7 +233,9 @@ proptest! {
                 1 => Channel::SectorWaiters(branch, sector.unwrap_or(drawn_sector)),
                 2 => Channel::BranchKitchen(branch),
                 3 => Channel::BranchAdmin(branch),
-                _ => Channel::Session(session),
+                4 => Channel::Session(session),
+                5 => Channel::User(session),
+                _ => Channel::TenantStaff,
             };
             let id_field = id.map(|i| format!(r#""event_id":"order-{i}","#)).unwrap_or_default();
             let sector_field = sector.map(|s| format!(r#","sector_id":{s}"#)).unwrap_or_default();

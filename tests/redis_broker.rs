@@ -68,6 +68,30 @@ async fn plain_redis_publishes_reach_exactly_their_audience() {
     gw.stop().await;
 }
 
+/// The same table through Redis: half the events by the publish API, half
+/// by the function, as a backend publishing straight to Redis would.
+#[tokio::test]
+async fn the_publish_api_and_the_function_route_every_family_through_redis() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let gw = TestGateway::start_with(redis(&url)).await;
+    gw.wait_connected().await;
+    gw.wait_health(Duration::from_secs(10), |_, b| b["status"] == "healthy")
+        .await;
+    let mut clients = connect_all(&gw, [1, 2]).await;
+    let published = events([1, 2]);
+    for (n, (p, ev)) in published.iter().enumerate() {
+        if n % 2 == 0 {
+            gw.publish_one(&p.channel, ev.clone()).await;
+        } else {
+            assert_eq!(fcall(&url, &[&p.channel], ev).unwrap(), p.id);
+        }
+    }
+    let got = received(&mut clients).await;
+    assert_routed(&clients, &published, &got);
+    gw.stop().await;
+}
+
 fn rand_u32() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -244,6 +244,45 @@ async fn a_cursor_means_exactly_its_text(gw: &TestGateway) {
     );
 }
 
+/// A user's channel and the tenant's staff channel keep history in their
+/// own scopes: a resuming staff connection gets its user's and its
+/// tenant's events, whatever their branch, and nobody else's.
+async fn a_users_and_the_tenants_staff_events_are_replayed(gw: &TestGateway) {
+    let token = staff(31, 1, &[5], &["KITCHEN"]);
+    let (mut c, _) = gw.join("kitchen", &token).await;
+    let ev = |tenant: i64, branch: i64, id: &str| json!({"type": "SERVICE_CALL_CREATED", "tenant_id": tenant, "branch_id": branch, "event_id": id});
+    gw.publish_one("channel:user:31", ev(1, 5, "u31-cursor"))
+        .await;
+    assert_eq!(c.next_json().await.unwrap()["event_id"], "u31-cursor");
+    drop(c);
+    for (channel, event) in [
+        ("channel:user:31", ev(1, 9, "u31-other-branch")),
+        ("channel:user:32", ev(1, 5, "u32")),
+        ("channel:user:31", ev(2, 5, "u31-of-tenant-2")),
+        ("channel:tenant:staff", ev(1, 9, "staff-1")),
+        ("channel:tenant:staff", ev(2, 5, "staff-2")),
+        ("channel:session:77", ev(1, 5, "diners")),
+        ("channel:branch:5:kitchen", ev(1, 5, "kitchen-5")),
+    ] {
+        gw.publish_one(channel, event).await;
+    }
+    let (mut c, hello) = resume(gw, "kitchen", &token, "u31-cursor").await;
+    assert_eq!(hello["recovered"], true, "{hello}");
+    assert_eq!(
+        ids(&c.drain(Duration::from_millis(400)).await),
+        vec!["u31-other-branch", "staff-1", "kitchen-5"]
+    );
+    // Tenant 2's user 31 has its own history: the cursor is unknown there.
+    let (_, hello) = resume(
+        gw,
+        "kitchen",
+        &staff(31, 2, &[5], &["KITCHEN"]),
+        "u31-cursor",
+    )
+    .await;
+    assert_eq!(hello["recovered"], false, "{hello}");
+}
+
 /// With `WSGATEWAY_RESUME_MAX_EVENTS` = 5: an admin of branches 5 and 6
 /// that missed 6 events (both scopes together) is not recovered, though
 /// history holds them all; 5 are replayed.
@@ -379,6 +418,7 @@ async fn all_scenarios(gw: &TestGateway) {
     events_published_during_the_replay_are_neither_lost_nor_repeated(gw).await;
     caller_ids_are_cursors_and_other_audiences_never_leak(gw).await;
     a_cursor_means_exactly_its_text(gw).await;
+    a_users_and_the_tenants_staff_events_are_replayed(gw).await;
 }
 
 fn history(c: &mut wsgateway::Config) {

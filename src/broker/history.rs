@@ -2,8 +2,8 @@
 //!
 //! Every event published through the gateway gets a sequence number from one
 //! counter, so that numbers order events across branches and sessions; the
-//! event is kept in the history of each scope (a tenant's branch or table
-//! session) that one of its channels names. A resume reads the client's
+//! event is kept in the history of each scope (a tenant's branch, table
+//! session, user, or its whole staff) that one of its channels names. A resume reads the client's
 //! scopes after its cursor and merges them by sequence number. History is
 //! bounded per scope by size and age; when a bound has cut into the events a
 //! client missed, or the cursor is unknown, the answer is "not recovered".
@@ -18,33 +18,46 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 
-use crate::auth::{BranchId, SessionId, TenantId};
+use crate::auth::{BranchId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
 use crate::event::{Fields, unix_ms};
 use crate::hub::Member;
 
-/// A tenant's branch or table session: the unit history is kept in.
+/// A tenant's branch, table session, user or whole staff: the unit history
+/// is kept in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
     Branch(TenantId, BranchId),
     Session(TenantId, SessionId),
+    /// `channel:user:{u}`'s events.
+    User(TenantId, UserId),
+    /// `channel:tenant:staff`'s events.
+    TenantStaff(TenantId),
 }
 
 impl Scope {
     /// The scope an event published on `channel` is kept in.
     pub fn of(channel: Channel, fields: &Fields) -> Scope {
+        let t = fields.tenant_id;
         match channel {
-            Channel::Session(s) => Scope::Session(fields.tenant_id, s),
-            other => Scope::Branch(fields.tenant_id, other.branch().unwrap_or(fields.branch_id)),
+            Channel::Session(s) => Scope::Session(t, s),
+            Channel::User(u) => Scope::User(t, u),
+            Channel::TenantStaff => Scope::TenantStaff(t),
+            other => Scope::Branch(t, other.branch().unwrap_or(fields.branch_id)),
         }
     }
 
     /// The scopes whose events a connection may be in the audience of.
     pub fn of_member(tenant: TenantId, member: &Member) -> Vec<Scope> {
         match member {
-            Member::Staff { branch_ids, .. } => branch_ids
+            Member::Staff {
+                user_id,
+                branch_ids,
+                ..
+            } => branch_ids
                 .iter()
                 .map(|b| Scope::Branch(tenant, *b))
+                .chain([Scope::User(tenant, *user_id), Scope::TenantStaff(tenant)])
                 .collect(),
             Member::Diner { session_id, .. } => vec![Scope::Session(tenant, *session_id)],
         }
@@ -55,18 +68,24 @@ impl Scope {
         format!("wsgateway:history:{}:{}", self.tenant(), self.suffix())
     }
 
-    /// The scope within its tenant: `branch:{b}` or `session:{s}`, as the
-    /// Redis keys and scope channels name it.
+    /// The scope within its tenant: `branch:{b}`, `session:{s}`,
+    /// `user:{u}` or `staff`, as the Redis keys and scope channels name it
+    /// (`lua/wsgateway.lua` names them alike).
     pub fn suffix(self) -> String {
         match self {
             Scope::Branch(_, b) => format!("branch:{b}"),
             Scope::Session(_, s) => format!("session:{s}"),
+            Scope::User(_, u) => format!("user:{u}"),
+            Scope::TenantStaff(_) => "staff".to_owned(),
         }
     }
 
     pub fn tenant(self) -> TenantId {
         match self {
-            Scope::Branch(t, _) | Scope::Session(t, _) => t,
+            Scope::Branch(t, _)
+            | Scope::Session(t, _)
+            | Scope::User(t, _)
+            | Scope::TenantStaff(t) => t,
         }
     }
 }

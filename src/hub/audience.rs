@@ -97,12 +97,19 @@ pub fn receives(
         (Member::Diner { .. }, _) | (_, Endpoint::Diner) => false,
         (
             Member::Staff {
+                user_id,
                 branch_ids,
                 sectors,
-                ..
             },
             endpoint,
         ) => {
+            // A user's and the tenant's staff channels reach every staff
+            // endpoint and ignore the event's branch.
+            match channel {
+                Channel::User(u) => return *user_id == u,
+                Channel::TenantStaff => return true,
+                _ => {}
+            }
             let Some(b) = channel.branch() else {
                 return false;
             };

@@ -1,7 +1,8 @@
 //! The hub: the index of open connections, and fan-out over it.
 //!
 //! Every index is reached through a tenant first (`tenant → branch → role`,
-//! `tenant → (branch, session)`, `tenant → user`), so a lookup for one
+//! `tenant → (branch, session)`, `tenant → user`, which is also the
+//! tenant's staff), so a lookup for one
 //! tenant cannot return another's connection; each push also re-checks the
 //! connection's tenant as defence in depth. The index sits behind one
 //! `parking_lot::RwLock` held only for short synchronous sections: nothing
@@ -345,6 +346,13 @@ impl Hub {
                     send(diners);
                 }
             }
+            Channel::User(u) => {
+                if let Some(mine) = tenant.users.get(&u) {
+                    send(mine);
+                }
+            }
+            // Each staff connection is in exactly one user's set.
+            Channel::TenantStaff => tenant.users.values().for_each(&mut send),
         }
         fanout
     }
@@ -531,6 +539,10 @@ impl Hub {
                     .keys()
                     .map(|(_, s)| Scope::Session(*tenant_id, *s)),
             );
+            scopes.extend(tenant.users.keys().map(|u| Scope::User(*tenant_id, *u)));
+            if !tenant.users.is_empty() {
+                scopes.push(Scope::TenantStaff(*tenant_id));
+            }
         }
         scopes.sort_unstable();
         scopes.dedup();

@@ -1,6 +1,7 @@
 //! The routing table shared by the embedded and Redis routing tests: two
-//! tenants × two branches × every role, with sessions, and an oracle written
-//! from DESIGN.md §1.3 independently of the gateway's code.
+//! tenants × two branches × every role, with sessions and one user on three
+//! endpoints in both tenants, and an oracle written from DESIGN.md §1.3
+//! independently of the gateway's code.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,8 @@ pub struct Conn {
     pub tenant: i64,
     pub endpoint: &'static str,
     pub branches: Vec<i64>,
+    /// Staff: the token's `sub`.
+    pub user: Option<i64>,
     /// Diners: (branch, session).
     pub seat: Option<(i64, i64)>,
 }
@@ -46,15 +49,23 @@ pub fn oracle(c: &Conn, e: &Published) -> bool {
         ["channel", "session", s] => {
             c.endpoint == "diner" && c.seat == Some((e.branch, s.parse().unwrap()))
         }
+        ["channel", "user", u] => c.user == Some(u.parse().unwrap()),
+        ["channel", "tenant", "staff"] => c.endpoint != "diner",
         _ => unreachable!(),
     }
 }
 
 pub fn population(tenants: [i64; 2]) -> Vec<(Conn, String)> {
     let mut out = Vec::new();
-    let mut sub = 100;
+    let mut next_sub = 100;
     let mut staff_conn = |label: String, tenant, endpoint, branches: Vec<i64>, roles: &[&str]| {
-        sub += 1;
+        // Sub 900 is one user on several endpoints; the others are unique.
+        let sub = if label.contains("-u900@") {
+            900
+        } else {
+            next_sub += 1;
+            next_sub
+        };
         let token = staff(sub, tenant, &branches, roles);
         (
             Conn {
@@ -62,6 +73,7 @@ pub fn population(tenants: [i64; 2]) -> Vec<(Conn, String)> {
                 tenant,
                 endpoint,
                 branches,
+                user: Some(sub),
                 seat: None,
             },
             token,
@@ -112,6 +124,20 @@ pub fn population(tenants: [i64; 2]) -> Vec<(Conn, String)> {
             vec![10, 20],
             &["WAITER"],
         ));
+        // User 900 of each tenant, on three endpoints and both branches.
+        for (endpoint, branches, role) in [
+            ("waiter", vec![10], "WAITER"),
+            ("kitchen", vec![20], "KITCHEN"),
+            ("admin", vec![10, 20], "ADMIN"),
+        ] {
+            out.push(staff_conn(
+                format!("t{t}-u900@{endpoint}"),
+                t,
+                endpoint,
+                branches,
+                &[role],
+            ));
+        }
         // Session ids repeat across tenants and branches on purpose.
         for (b, s) in [(10, 100), (20, 200), (10, 200)] {
             let conn = Conn {
@@ -119,6 +145,7 @@ pub fn population(tenants: [i64; 2]) -> Vec<(Conn, String)> {
                 tenant: t,
                 endpoint: "diner",
                 branches: vec![b],
+                user: None,
                 seat: Some((b, s)),
             };
             out.push((conn, diner(t, b, 1, s)));
@@ -174,6 +201,11 @@ pub fn events(tenants: [i64; 2]) -> Vec<(Published, Value)> {
                 json!({"session_id": s}),
             );
         }
+        // A user's channel ignores the branch; user 101 is tenant 1's only.
+        add("channel:user:900".into(), t, 10, json!({}));
+        add("channel:user:900".into(), t, 30, json!({}));
+        add("channel:user:101".into(), t, 20, json!({}));
+        add("channel:tenant:staff".into(), t, 20, json!({}));
     }
     out
 }

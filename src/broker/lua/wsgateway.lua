@@ -10,7 +10,7 @@
 --
 -- Every event gets the next number n of one counter; it is appended, with
 -- the stream id "n-0", to the history stream of each scope (a tenant's
--- branch or table session) its channels name, and published once per scope
+-- branch, table session, user or whole staff) its channels name, and published once per scope
 -- on the gateway's scope channel as "n\n<channels>\n<frame>", so that a node
 -- knows the number of every event it receives and can fill a gap from
 -- history. Each scope's entry and message carry only the channels of that
@@ -34,20 +34,41 @@ local function is_integer(v)
   return type(v) == 'number' and v == math.floor(v) and v > -2 ^ 53 and v < 2 ^ 53
 end
 
--- The scope suffix ("branch:5", "session:77") of a channel, and the branch it
--- names (nil for a session channel); nil when it is not a channel.
+-- A channel's id as the gateway reads it (a signed 64-bit integer, in
+-- decimal), or nil: "0077" and ids beyond 2^63 - 1 are no ids, so that the
+-- scope key the function writes is the one a resume reads.
+local function id(digits)
+  if not digits or (#digits > 1 and string.sub(digits, 1, 1) == '0') then
+    return nil
+  end
+  if #digits > 19 or (#digits == 19 and digits > '9223372036854775807') then
+    return nil
+  end
+  return digits
+end
+
+-- The scope suffix ("branch:5", "session:77", "user:7", "staff") of a
+-- channel, and the branch, sector and session it names; nil when it is not
+-- a channel.
 local function parse_channel(name)
+  if name == 'channel:tenant:staff' then
+    return 'staff', nil, nil, nil
+  end
   local b, role = string.match(name, '^channel:branch:(%d+):(%a+)$')
-  if b and (role == 'waiters' or role == 'kitchen' or role == 'admin') then
+  if id(b) and (role == 'waiters' or role == 'kitchen' or role == 'admin') then
     return 'branch:' .. b, b, nil, nil
   end
   local sb, s = string.match(name, '^channel:sector:(%d+):(%d+):waiters$')
-  if sb then
+  if id(sb) and id(s) then
     return 'branch:' .. sb, sb, s, nil
   end
-  local session = string.match(name, '^channel:session:(%d+)$')
+  local session = id(string.match(name, '^channel:session:(%d+)$'))
   if session then
     return 'session:' .. session, nil, nil, session
+  end
+  local user = id(string.match(name, '^channel:user:(%d+)$'))
+  if user then
+    return 'user:' .. user, nil, nil, nil
   end
   return nil
 end
