@@ -157,7 +157,7 @@ settings! {
     database_pool_size: usize = Some("16"), env = "WSGATEWAY_DATABASE_POOL_SIZE", flag = "database-pool-size";
     /// Bearer key of `POST /api/publish`; unset disables the publish API.
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
-    /// Connections allowed between accept and admission (slow handshakes); beyond it, new ones are closed at once.
+    /// Connections allowed between accept and admission (slow handshakes); beyond it, a new one evicts the oldest still sending its request head, or is closed at once when none is.
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
     handshake_timeout_s: Secs = Some("10"), env = "WSGATEWAY_HANDSHAKE_TIMEOUT_S", flag = "handshake-timeout-s";

@@ -26,7 +26,8 @@ pub enum Rejection {
     /// Diner connections per table session (`WSGATEWAY_MAX_CONNECTIONS_PER_SESSION`).
     MaxPerSession,
     RateLimit,
-    /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`).
+    /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`),
+    /// each past its request head, so that none could be evicted.
     HandshakeLimit,
 }
 
@@ -139,6 +140,9 @@ pub struct Metrics {
     pub connections_total: IntGauge,
     pub connections_by_endpoint: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
+    /// Connections still sending their request head, closed unanswered to
+    /// give their place in a full pending budget to a new connection.
+    pub handshakes_evicted: IntCounter,
     pub disconnects: IntCounterVec,
     /// Frames queued to connections.
     pub broadcasts_total: IntCounter,
@@ -228,6 +232,11 @@ impl Metrics {
                     "Connections refused or closed for breaking a rule, by reason",
                 ),
                 &["reason"],
+            )
+            .unwrap(),
+            handshakes_evicted: IntCounter::new(
+                "wsgateway_handshakes_evicted_total",
+                "Connections still sending their request head, closed unanswered to make room for a new one while the pending budget was full",
             )
             .unwrap(),
             disconnects: IntCounterVec::new(
@@ -458,6 +467,7 @@ impl Metrics {
             Box::new(self.connections_total.clone()),
             Box::new(self.connections_by_endpoint.clone()),
             Box::new(self.connections_rejected.clone()),
+            Box::new(self.handshakes_evicted.clone()),
             Box::new(self.disconnects.clone()),
             Box::new(self.broadcasts_total.clone()),
             Box::new(self.broadcasts_failed.clone()),

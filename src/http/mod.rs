@@ -4,6 +4,7 @@
 
 mod demo;
 mod health;
+mod pending;
 mod publish;
 pub mod server;
 mod ws;

@@ -5,8 +5,11 @@
 //! (slowloris), they may not exceed the header size limit (431), and at most
 //! `max_pending` connections may be between accept and "known" at once —
 //! known meaning a complete request was answered, or, for a WebSocket, the
-//! connection was admitted or refused. Beyond that, new TCP connections are
-//! closed at once and counted.
+//! connection was admitted or refused. When the budget is spent, a new
+//! connection takes the place of the oldest one still reading its request
+//! head, which is dropped unanswered (see `pending.rs`); only when every
+//! pending connection is past its head is the new one closed at once.
+//! Either way it is counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,14 +22,13 @@ use axum::middleware::Next;
 use axum::response::Response;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+pub use super::pending::PendingSlot;
+use super::pending::{Admission, Pending, PendingBudget};
 use crate::metrics::{Metrics, Rejection};
 
 /// Bounds on connections that have not yet said who they are.
@@ -35,17 +37,6 @@ pub struct ServerLimits {
     pub max_pending: usize,
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
-}
-
-/// A connection's place in the pending budget; released once the
-/// connection is known (see the module doc). Cloned into the request.
-#[derive(Clone, Default)]
-pub struct PendingSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
-
-impl PendingSlot {
-    pub fn release(&self) {
-        self.0.lock().take();
-    }
 }
 
 /// Serves `router` on `listener` until `shutdown`; connection tasks are
@@ -58,7 +49,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let pending = Arc::new(Semaphore::new(limits.max_pending));
+    let budget = PendingBudget::new(limits.max_pending);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
@@ -79,26 +70,51 @@ pub async fn serve(
                 }
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            metrics.rejected(Rejection::HandshakeLimit);
-            drop(tcp);
-            continue;
+        let Pending {
+            slot,
+            head,
+            evicted,
+        } = match budget.admit() {
+            Admission::Free(pending) => pending,
+            Admission::Evicted(pending) => {
+                metrics.handshakes_evicted.inc();
+                pending
+            }
+            Admission::Full => {
+                metrics.rejected(Rejection::HandshakeLimit);
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
-        let slot = PendingSlot(Arc::new(Mutex::new(Some(permit))));
         let router = router.clone();
-        let service = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        // hyper calls this as soon as a request head is parsed: from then on
+        // the connection is no longer evictable. `head` lives as long as the
+        // connection, and leaves the register when dropped. A connection
+        // evicted just before is not served: the error makes hyper drop it.
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            let kept = head.complete();
             req.extensions_mut().insert(ConnectInfo(peer));
             req.extensions_mut().insert(slot.clone());
-            router.clone().oneshot(req.map(axum::body::Body::new))
+            let answer = router.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                if !kept {
+                    return Err(std::io::Error::other("evicted while its head was read"));
+                }
+                Ok(answer.await.unwrap_or_else(|never| match never {}))
+            }
         });
         let connection = http
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+            .serve_connection(TokioIo::new(tcp), service)
             .with_upgrades();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
+                biased;
+                // A newer connection took its place while it was still
+                // reading its head: dropped, unanswered.
+                _ = evicted.cancelled() => tracing::debug!(%peer, "evicted while sending its request head"),
                 result = connection.as_mut() => log_end(result, peer),
                 _ = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
