@@ -36,6 +36,11 @@ async fn a_repeated_event_reaches_each_connection_once() {
     // The same event on the same channel twice.
     gw.publish_one("channel:branch:10:waiters", t1("C")).await;
     gw.publish_one("channel:branch:10:waiters", t1("C")).await;
+    // One event on a user's, the tenant's staff and a branch channel, then
+    // again on the user's: every staff connection once, diners never.
+    gw.publish(&json!({"channels": ["channel:user:900", "channel:tenant:staff", "channel:branch:10:waiters"], "event": t1("D")}))
+        .await;
+    gw.publish_one("channel:user:900", t1("D")).await;
     let got = received(&mut clients).await;
     let expect = |label: &str, ids: &[&str]| {
         assert_eq!(
@@ -44,12 +49,16 @@ async fn a_repeated_event_reaches_each_connection_once() {
             "{label}"
         );
     };
-    expect("t1b10-admin", &["A", "B", "C"]);
-    expect("t1-manager@admin-both", &["A", "B", "C"]);
-    expect("t1b10-waiter", &["A", "C"]);
-    expect("t1-waiter-both", &["A", "C"]);
-    expect("t1b10-kitchen", &["B"]);
-    expect("t1b20-admin", &[]);
+    expect("t1b10-admin", &["A", "B", "C", "D"]);
+    expect("t1-manager@admin-both", &["A", "B", "C", "D"]);
+    expect("t1b10-waiter", &["A", "C", "D"]);
+    expect("t1-waiter-both", &["A", "C", "D"]);
+    expect("t1b10-kitchen", &["B", "D"]);
+    expect("t1b20-admin", &["D"]);
+    expect("t1-u900@admin", &["A", "B", "C", "D"]);
+    expect("t1-u900@kitchen", &["D"]);
+    expect("t1b10s100-diner", &[]);
     expect("t2b10-admin", &[]);
+    expect("t2-u900@kitchen", &[]);
     gw.stop().await;
 }

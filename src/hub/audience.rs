@@ -182,6 +182,49 @@ mod tests {
     }
 
     #[test]
+    fn user_and_tenant_staff_channels_reach_staff_on_every_endpoint_and_branch() {
+        let user7 = waiter(SectorScope::ByBranch(vec![(5, Some(vec![]))]));
+        let elsewhere = fields(1, 9, Some(3));
+        for endpoint in [Endpoint::Waiter, Endpoint::Kitchen, Endpoint::Admin] {
+            assert!(receives(1, endpoint, &user7, Channel::User(1), &elsewhere));
+            assert!(!receives(1, endpoint, &user7, Channel::User(2), &elsewhere));
+            assert!(receives(
+                1,
+                endpoint,
+                &user7,
+                Channel::TenantStaff,
+                &elsewhere
+            ));
+            assert!(!receives(
+                2,
+                endpoint,
+                &user7,
+                Channel::TenantStaff,
+                &elsewhere
+            ));
+            assert!(!receives(2, endpoint, &user7, Channel::User(1), &elsewhere));
+        }
+        let diner = Member::Diner {
+            branch_id: 9,
+            session_id: 1,
+        };
+        assert!(!receives(
+            1,
+            Endpoint::Diner,
+            &diner,
+            Channel::TenantStaff,
+            &elsewhere
+        ));
+        assert!(!receives(
+            1,
+            Endpoint::Diner,
+            &diner,
+            Channel::User(1),
+            &elsewhere
+        ));
+    }
+
+    #[test]
     fn tenants_never_cross() {
         let admin = waiter(SectorScope::All);
         assert!(receives(
