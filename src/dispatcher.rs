@@ -15,8 +15,9 @@ use crate::broker::EventQueue;
 use crate::channel::Channel;
 use crate::event::{DedupKey, Event, unix_ms};
 use crate::hub::Hub;
-use crate::metrics::{Drop, Metrics};
+use crate::metrics::{Drop, Metrics, Undelivered};
 use crate::sectors::sync::{SectorCommand, SectorSync};
+use crate::unknown_types::Tracker;
 
 /// Events taken off the queue per lock.
 const BATCH: usize = 64;
@@ -32,6 +33,8 @@ pub struct Dispatcher {
     stale_after_ms: i64,
     recent: Recent,
     sectors: Option<SectorSync>,
+    /// Unknown event types by name: owned here, so counting one takes no lock.
+    unknown: Tracker,
 }
 
 impl Dispatcher {
@@ -49,6 +52,7 @@ impl Dispatcher {
             stale_after_ms: stale_after.as_millis() as i64,
             recent: Recent::new(dedup_window),
             sectors: None,
+            unknown: Tracker::default(),
         }
     }
 
@@ -105,10 +109,12 @@ impl Dispatcher {
         let m = &self.metrics;
         m.processed();
         if !event.fields.is_known_type() {
-            m.events_unknown_type.inc();
+            self.unknown
+                .record(&m.unknown_types, &event.fields.event_type);
         }
         m.broadcasts_total.inc_by(fanout.queued as u64);
-        m.broadcasts_failed.inc_by(fanout.overflowed as u64);
+        m.undelivered(Undelivered::SlowConsumer, fanout.overflowed as u64);
+        m.undelivered(Undelivered::ConnectionClosed, fanout.gone as u64);
         m.fanout_size.observe(fanout.queued as f64);
         m.dispatch_seconds
             .observe(event.received_at.elapsed().as_secs_f64());

@@ -41,33 +41,68 @@ impl DropRate {
         self.slot().1 += 1;
     }
 
-    /// Records `n` drops; returns the rate when it calls for an alert now.
-    pub fn dropped(&mut self, n: u64) -> Option<f64> {
+    /// Records `n` drops; returns the alert when the rate calls for one now.
+    pub fn dropped(&mut self, n: u64) -> Option<Alert> {
         self.slot().2 += n;
-        let rate = self.rate();
+        let (processed, dropped) = self.window();
+        let rate = ratio(processed, dropped);
         let cooled = self
             .last_alert
             .is_none_or(|at| at.elapsed() >= self.cooldown);
         if rate > self.threshold && cooled {
             self.last_alert = Some(Instant::now());
-            return Some(rate);
+            return Some(Alert {
+                rate,
+                threshold: self.threshold,
+                processed,
+                dropped,
+                window_s: self.window_s,
+            });
         }
         None
     }
 
     /// Dropped / (processed + dropped) over the window.
     pub fn rate(&self) -> f64 {
+        let (processed, dropped) = self.window();
+        ratio(processed, dropped)
+    }
+
+    /// (processed, dropped) over the window.
+    fn window(&self) -> (u64, u64) {
         let now = self.start.elapsed().as_secs();
-        let (p, d) = self
-            .slots
+        self.slots
             .iter()
             .filter(|(s, _, _)| *s != u64::MAX && now - s < self.window_s)
-            .fold((0, 0), |(p, d), (_, sp, sd)| (p + sp, d + sd));
-        if p + d == 0 {
-            0.0
-        } else {
-            d as f64 / (p + d) as f64
-        }
+            .fold((0, 0), |(p, d), (_, sp, sd)| (p + sp, d + sd))
+    }
+}
+
+/// A drop-rate alert: what the window held when a drop took the rate over
+/// the threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Alert {
+    /// Dropped / (processed + dropped), 0 to 1.
+    pub rate: f64,
+    pub threshold: f64,
+    pub processed: u64,
+    pub dropped: u64,
+    pub window_s: u64,
+}
+
+impl Alert {
+    /// The rate as a percentage with two decimals, as the seed reports it
+    /// (`round(rate * 100, 2)`): `9.09` for 1 drop in 11 events.
+    pub fn percent(&self) -> String {
+        format!("{:.2}", self.rate * 100.0)
+    }
+}
+
+fn ratio(processed: u64, dropped: u64) -> f64 {
+    if processed + dropped == 0 {
+        0.0
+    } else {
+        dropped as f64 / (processed + dropped) as f64
     }
 }
 
@@ -85,8 +120,20 @@ mod tests {
             assert_eq!(r.dropped(1), None, "5 of 105 is under 5 %");
         }
         let alert = r.dropped(1).expect("6 of 106 is over 5 %");
-        assert!((alert - 6.0 / 106.0).abs() < 1e-9);
+        assert!((alert.rate - 6.0 / 106.0).abs() < 1e-9);
+        assert_eq!(
+            (alert.processed, alert.dropped, alert.window_s),
+            (100, 6, 60)
+        );
+        assert_eq!(alert.percent(), "5.66");
         assert_eq!(r.dropped(1), None, "cooldown");
         assert!(r.rate() > 0.05);
+    }
+
+    #[test]
+    fn alerts_again_once_the_cooldown_is_over() {
+        let mut r = DropRate::new(Duration::from_secs(60), 0.05, Duration::ZERO);
+        assert!(r.dropped(1).is_some());
+        assert!(r.dropped(1).is_some(), "no cooldown left");
     }
 }

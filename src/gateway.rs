@@ -298,7 +298,8 @@ impl Gateway {
                 "shutdown grace period over; dropping the remaining connections"
             );
         }
-        tracing::info!("shutdown complete");
+        // The seed's text, for monitors that wait for a clean stop.
+        tracing::info!("WebSocket Gateway shutdown complete");
         Ok(())
     }
 }

@@ -10,6 +10,8 @@
 //! - [`broker`]: where events come from (embedded; the seam for Redis), and
 //!   the bounded drop-oldest queue that feeds the dispatcher.
 //! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
+//! - [`metrics`], [`drop_rate`], [`unknown_types`]: what is counted, the
+//!   drop-rate alert, unknown event types by name.
 //! - [`hub`]: the tenant-first index of open connections.
 //! - [`connection`]: one task per socket, admission to close.
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
@@ -33,6 +35,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod sectors;
+pub mod unknown_types;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -14,6 +14,7 @@ use prometheus::{
 
 use crate::auth::Endpoint;
 use crate::drop_rate::DropRate;
+use crate::unknown_types::UnknownTypes;
 
 /// Why a connection was refused (`wsgateway_connections_rejected_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +135,41 @@ impl Drop {
     }
 }
 
+/// Why an event frame bound for a chosen recipient was not delivered
+/// (`wsgateway_broadcasts_failed_total{reason}`). Each frame counts once:
+/// a frame queued (`wsgateway_broadcasts_total`) is then either written, or
+/// counted here as `write_failed` or `connection_closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undelivered {
+    /// The connection's queue was full: the frame was not queued, and the
+    /// connection is closing with 1008.
+    SlowConsumer,
+    /// Taken from the queue, but the write or flush of its batch failed
+    /// (the client's TCP connection broke), or the connection ended before
+    /// a frame handed to the socket could be sent.
+    WriteFailed,
+    /// Still queued when the connection ended, whatever ended it (the
+    /// client closed or vanished, or the gateway closed it), or aimed at a
+    /// connection already gone.
+    ConnectionClosed,
+}
+
+impl Undelivered {
+    pub const ALL: [Undelivered; 3] = [
+        Undelivered::SlowConsumer,
+        Undelivered::WriteFailed,
+        Undelivered::ConnectionClosed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Undelivered::SlowConsumer => "slow_consumer",
+            Undelivered::WriteFailed => "write_failed",
+            Undelivered::ConnectionClosed => "connection_closed",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Open connections (the seed's meaning: a gauge despite `_total`).
@@ -144,13 +180,14 @@ pub struct Metrics {
     /// give their place in a full pending budget to a new connection.
     pub handshakes_evicted: IntCounter,
     pub disconnects: IntCounterVec,
-    /// Frames queued to connections.
+    /// Event frames queued to connections.
     pub broadcasts_total: IntCounter,
-    /// Frames that could not be queued (the connection's queue was full).
-    pub broadcasts_failed: IntCounter,
+    /// Event frames not delivered to a chosen recipient, by [`Undelivered`].
+    pub broadcasts_failed: IntCounterVec,
     pub events_processed: IntCounter,
     pub events_dropped: IntCounterVec,
-    pub events_unknown_type: IntCounter,
+    /// `wsgateway_events_unknown_type_total{type}`, and the types seen.
+    pub unknown_types: UnknownTypes,
     pub events_deduplicated: IntCounter,
     pub events_published: IntCounter,
     /// Publish API requests refused (4xx), by error code.
@@ -164,14 +201,12 @@ pub struct Metrics {
     /// The event's `ts` → written to the client (once per written batch,
     /// for its newest frame), seconds.
     pub publish_to_client_seconds: Histogram,
-    /// Never incremented: the gateway does not rate-limit broadcasts (fan-out
-    /// is bounded by per-connection queues instead). Kept so the seed's
-    /// dashboards find the series.
-    pub broadcast_rate_limited: IntCounter,
     /// Sizes of the hub's indices: the replacement of the seed's
     /// `wsgateway_locks_*` (a sharded lock per branch and per user).
     pub hub_index_entries: IntGaugeVec,
     pub event_drop_rate: Gauge,
+    /// Drop-rate alerts logged (`High drop rate detected: X%`).
+    pub drop_rate_alerts: IntCounter,
     /// Resumes (`last_event_id`), by whether history covered the gap.
     pub resumes: IntCounterVec,
     /// Events replayed to resuming clients.
@@ -252,9 +287,12 @@ impl Metrics {
                 "Event frames queued to connections",
             )
             .unwrap(),
-            broadcasts_failed: IntCounter::new(
-                "wsgateway_broadcasts_failed_total",
-                "Event frames not queued because the connection's queue was full",
+            broadcasts_failed: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_broadcasts_failed_total",
+                    "Event frames not delivered to a chosen recipient, by reason",
+                ),
+                &["reason"],
             )
             .unwrap(),
             events_processed: IntCounter::new(
@@ -270,11 +308,7 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
-            events_unknown_type: IntCounter::new(
-                "wsgateway_events_unknown_type_total",
-                "Events of a type the gateway does not know (still delivered)",
-            )
-            .unwrap(),
+            unknown_types: UnknownTypes::new(),
             events_deduplicated: IntCounter::new(
                 "wsgateway_events_deduplicated_total",
                 "Repeated arrivals of an event within the de-duplication window",
@@ -331,11 +365,6 @@ impl Metrics {
                 ]),
             )
             .unwrap(),
-            broadcast_rate_limited: IntCounter::new(
-                "wsgateway_broadcast_rate_limited_total",
-                "Broadcasts refused by a rate limit (always 0: broadcasts are not rate-limited)",
-            )
-            .unwrap(),
             hub_index_entries: IntGaugeVec::new(
                 Opts::new(
                     "wsgateway_hub_index_entries",
@@ -386,6 +415,11 @@ impl Metrics {
             event_drop_rate: Gauge::new(
                 "wsgateway_event_drop_rate",
                 "Dropped / (processed + dropped) events over the drop-rate window",
+            )
+            .unwrap(),
+            drop_rate_alerts: IntCounter::new(
+                "wsgateway_drop_rate_alerts_total",
+                "Drop-rate alerts logged (High drop rate detected)",
             )
             .unwrap(),
             circuit_breaker_state: IntGaugeVec::new(
@@ -455,6 +489,11 @@ impl Metrics {
         for d in Disconnect::ALL {
             m.disconnects.with_label_values(&[d.as_str()]).inc_by(0);
         }
+        for u in Undelivered::ALL {
+            m.broadcasts_failed
+                .with_label_values(&[u.as_str()])
+                .inc_by(0);
+        }
         for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
             m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
         }
@@ -473,7 +512,7 @@ impl Metrics {
             Box::new(self.broadcasts_failed.clone()),
             Box::new(self.events_processed.clone()),
             Box::new(self.events_dropped.clone()),
-            Box::new(self.events_unknown_type.clone()),
+            Box::new(self.unknown_types.collector()),
             Box::new(self.events_deduplicated.clone()),
             Box::new(self.events_published.clone()),
             Box::new(self.publish_rejected.clone()),
@@ -481,9 +520,9 @@ impl Metrics {
             Box::new(self.fanout_size.clone()),
             Box::new(self.publish_to_queue_seconds.clone()),
             Box::new(self.publish_to_client_seconds.clone()),
-            Box::new(self.broadcast_rate_limited.clone()),
             Box::new(self.hub_index_entries.clone()),
             Box::new(self.event_drop_rate.clone()),
+            Box::new(self.drop_rate_alerts.clone()),
             Box::new(self.sector_queries.clone()),
             Box::new(self.sector_refreshes_coalesced.clone()),
             Box::new(self.sector_changes_dropped.clone()),
@@ -513,6 +552,21 @@ impl Metrics {
         self.disconnects.with_label_values(&[why.as_str()]).inc();
     }
 
+    /// Counts `n` event frames not delivered to chosen recipients.
+    pub fn undelivered(&self, why: Undelivered, n: u64) {
+        if n > 0 {
+            self.broadcasts_failed
+                .with_label_values(&[why.as_str()])
+                .inc_by(n);
+        }
+    }
+
+    pub fn undelivered_count(&self, why: Undelivered) -> u64 {
+        self.broadcasts_failed
+            .with_label_values(&[why.as_str()])
+            .get()
+    }
+
     pub fn dropped(&self, why: Drop) {
         self.dropped_n(why, 1);
     }
@@ -533,10 +587,20 @@ impl Metrics {
         let alert = tracker.dropped(n);
         self.event_drop_rate.set(tracker.rate());
         drop(tracker);
-        if let Some(rate) = alert {
+        if let Some(alert) = alert {
+            self.drop_rate_alerts.inc();
+            let percent = alert.percent();
+            // The seed's text, for alerts that match on it; the rate is in
+            // the message and, as numbers, in the fields.
             tracing::warn!(
-                drop_rate = format!("{:.1}%", rate * 100.0),
-                "High drop rate detected: events are being dropped"
+                drop_rate = alert.rate,
+                drop_rate_percent = (alert.rate * 10_000.0).round() / 100.0,
+                threshold_percent = alert.threshold * 100.0,
+                window_dropped = alert.dropped,
+                window_processed = alert.processed,
+                window_s = alert.window_s,
+                alert_count = self.drop_rate_alerts.get(),
+                "High drop rate detected: {percent}%"
             );
         }
     }

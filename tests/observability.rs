@@ -5,12 +5,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::logs::Logs;
 use common::redis_server::RedisServer;
 use common::*;
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::Message;
-use wsgateway::config::{Origins, Secret, Secs};
+use wsgateway::config::{Origins, Ratio, Secret, Secs};
 
 struct Metrics(Scrape);
 
@@ -157,8 +158,22 @@ async fn a_known_scenario_gives_exact_counts() {
     // not feed the backpressure drop rate (queue overflows and gap losses do).
     assert_eq!(m.get("wsgateway_event_drop_rate", &[]), 0.0);
     assert_eq!(m.get("wsgateway_broadcasts_total", &[]), 10.0);
-    assert_eq!(m.get("wsgateway_broadcasts_failed_total", &[]), 0.0);
-    assert_eq!(m.get("wsgateway_broadcast_rate_limited_total", &[]), 0.0);
+    // Every reason is exported from start; the 5-event scenario lost none,
+    // and the connections closed so far had nothing queued.
+    for reason in ["slow_consumer", "write_failed", "connection_closed"] {
+        assert_eq!(
+            m.get("wsgateway_broadcasts_failed_total", &[("reason", reason)]),
+            0.0,
+            "{reason}"
+        );
+    }
+    assert!(
+        !m.0.samples
+            .iter()
+            .any(|s| s.metric == "wsgateway_broadcast_rate_limited_total"),
+        "broadcasts are not rate-limited: no metric says otherwise"
+    );
+    assert_eq!(m.get("wsgateway_drop_rate_alerts_total", &[]), 0.0);
     assert_eq!(m.get("wsgateway_fanout_size_count", &[]), 5.0);
     assert_eq!(m.get("wsgateway_fanout_size_sum", &[]), 10.0);
     assert_eq!(m.get("wsgateway_dispatch_seconds_count", &[]), 5.0);
@@ -193,6 +208,12 @@ async fn a_known_scenario_gives_exact_counts() {
     // Health: 200 with Redis up, 503 with it stopped, the breaker reported.
     let (status, health) = gw.get_json("/ws/health/detailed").await;
     assert_eq!(status, 200, "{health}");
+    // The seed's rate limiter fields: one bucket per open connection, for
+    // at most WSGATEWAY_MAX_CONNECTIONS.
+    assert_eq!(
+        health["rate_limiter"],
+        json!({"tracked_connections": 6, "capacity": 6, "per_connection_per_s": 20})
+    );
     assert_eq!(
         health["circuit_breaker"],
         json!({"redis": {"state": "CLOSED", "failures": 0}})
@@ -289,10 +310,35 @@ async fn json_logs_are_one_object_per_line_without_secrets() {
                 "{line}"
             );
             assert_eq!(span["endpoint"], "waiter");
+            assert_eq!(span["sector_ids"], "null", "no database: unknown");
             audit = true;
         }
     }
     assert!(audit, "a 'connected' line: {seen:#?}");
+    // The seed's texts, which operators' alerts match.
+    let message = |l: &String| {
+        serde_json::from_str::<serde_json::Value>(l).unwrap()["fields"]["message"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let closed: Vec<serde_json::Value> = seen
+        .iter()
+        .filter(|l| message(l).as_deref() == Some("Connection closed"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        closed.len(),
+        1,
+        "one admitted connection, one line: {seen:#?}"
+    );
+    assert_eq!(closed[0]["fields"]["by"], "client");
+    assert_eq!(closed[0]["span"]["user"], 7);
+    assert_eq!(closed[0]["span"]["sector_ids"], "null");
+    assert!(
+        seen.iter()
+            .any(|l| message(l).as_deref() == Some("WebSocket Gateway shutdown complete")),
+        "{seen:#?}"
+    );
 }
 
 /// Every metric the sample dashboard and alert rules use is one the gateway
@@ -389,4 +435,238 @@ async fn without_metrics_listen_metrics_are_on_the_public_port() {
             .contains("wsgateway_connections_total")
     );
     gw.stop().await;
+}
+
+/// Unknown types are counted by name for the first 100 distinct ones (the
+/// rest under `type="other"`), each first occurrence is logged once, and
+/// `/ws/health/detailed` lists them with their counts (the seed's
+/// `get_unknown_event_metrics`).
+#[tokio::test]
+async fn unknown_types_are_counted_by_name_logged_once_and_listed_in_health() {
+    let logs = Logs::capture();
+    let gw = TestGateway::start().await;
+    let (mut admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    let item = |t: &str| json!({"channel": "channel:branch:5:admin", "event": event(t, 1, 5)});
+    // A_NEW twice, B_NEW, a known type, then 100 more: the first 100
+    // distinct unknown types are A_NEW, B_NEW and T0..T97.
+    let mut items = vec![
+        item("A_NEW"),
+        item("B_NEW"),
+        item("A_NEW"),
+        item("ROUND_READY"),
+    ];
+    items.extend((0..100).map(|i| item(&format!("T{i}"))));
+    let (status, body) = gw.publish(&json!(items)).await;
+    assert_eq!(status, 202, "{body}");
+    for _ in 0..104 {
+        admin
+            .next_json()
+            .await
+            .expect("unknown types are delivered");
+    }
+
+    let m = Metrics::scrape(&gw).await;
+    let unknown = |t| m.get("wsgateway_events_unknown_type_total", &[("type", t)]);
+    assert_eq!(
+        (unknown("A_NEW"), unknown("B_NEW"), unknown("T97")),
+        (2.0, 1.0, 1.0)
+    );
+    assert_eq!(unknown("other"), 2.0, "T98 and T99");
+    let labels: Vec<_> =
+        m.0.samples
+            .iter()
+            .filter(|s| s.metric == "wsgateway_events_unknown_type_total")
+            .map(|s| s.labels.get("type").unwrap().to_owned())
+            .collect();
+    assert_eq!(labels.len(), 101, "100 types and other: {labels:?}");
+    assert!(!labels.iter().any(|l| l == "T98" || l == "ROUND_READY"));
+
+    let (_, health) = gw.get_json("/ws/health/detailed").await;
+    let u = &health["unknown_events"];
+    assert_eq!(u["unknown_event_types_count"], 103, "{u}");
+    assert_eq!(u["unique_types_count"], 100);
+    assert_eq!(u["max_tracked_types"], 100);
+    assert_eq!(u["other_count"], 2);
+    let seen = u["unknown_event_types_seen"].as_array().unwrap();
+    assert_eq!(seen.len(), 100);
+    assert_eq!(
+        (&seen[0], &seen[1], &seen[2], &seen[99]),
+        (
+            &json!("A_NEW"),
+            &json!("B_NEW"),
+            &json!("T0"),
+            &json!("T97")
+        ),
+        "oldest first"
+    );
+    assert_eq!(u["type_counts"]["A_NEW"], 2);
+    assert_eq!(u["type_counts"]["T97"], 1);
+    assert!(u["type_counts"].get("T98").is_none());
+
+    let first = logs.with_message("Unknown event type received (first occurrence)");
+    assert_eq!(first.len(), 100, "once per tracked type");
+    assert_eq!(first[0]["level"], "WARN");
+    assert_eq!(first[0]["fields"]["event_type"], "A_NEW");
+    assert_eq!(
+        first
+            .iter()
+            .filter(|l| l["fields"]["event_type"] == "A_NEW")
+            .count(),
+        1
+    );
+    let full = logs.with_message(
+        "Unknown event types tracker at capacity; further types are counted as other",
+    );
+    assert_eq!(full.len(), 1, "logged once, for T98");
+    assert_eq!(full[0]["fields"]["max_types"], 100);
+    gw.stop().await;
+}
+
+/// End to end: a burst that overflows the event queue fires the drop-rate
+/// alert once, with the seed's text and the rate in the message and in the
+/// fields, counted in `wsgateway_drop_rate_alerts_total`; a second burst
+/// within the cooldown does not fire it again.
+#[tokio::test]
+async fn a_burst_that_overflows_the_event_queue_alerts_once_per_cooldown() {
+    let logs = Logs::capture();
+    let gw = TestGateway::start_with(|c| {
+        c.event_queue_size = 4;
+        c.drop_rate_alert = Ratio(0.2);
+    })
+    .await;
+    let (mut admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    let ev = |n: usize| json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "n": n});
+    for n in 0..10 {
+        gw.publish_one("channel:branch:5:admin", ev(n)).await;
+        assert_eq!(admin.next_json().await.unwrap()["n"], n);
+    }
+    // One request publishes its events into the queue in one go, before
+    // the dispatcher (on this thread) takes any: 20 events into a queue of
+    // 4 drop 16. The first two drops leave the rate at 1/11 and 2/12; the
+    // third, 3/13 = 23.08 %, is the first above 20 %.
+    let burst = |from: usize| {
+        json!(
+            (from..from + 20)
+                .map(|n| json!({"channel": "channel:branch:5:admin", "event": ev(n)}))
+                .collect::<Vec<_>>()
+        )
+    };
+    let (status, body) = gw.publish(&burst(100)).await;
+    assert_eq!(status, 202, "{body}");
+    for n in 116..120 {
+        assert_eq!(
+            admin.next_json().await.unwrap()["n"],
+            n,
+            "the newest 4 kept"
+        );
+    }
+    let alert = logs
+        .wait_for("High drop rate detected", |l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("High drop rate detected"))
+        })
+        .await;
+    assert_eq!(alert["level"], "WARN");
+    let f = &alert["fields"];
+    assert_eq!(f["message"], "High drop rate detected: 23.08%", "{alert}");
+    assert_eq!(f["drop_rate_percent"], 23.08);
+    assert!((f["drop_rate"].as_f64().unwrap() - 3.0 / 13.0).abs() < 1e-9);
+    assert_eq!(
+        (&f["window_dropped"], &f["window_processed"]),
+        (&json!(3), &json!(10))
+    );
+    assert_eq!(f["threshold_percent"], 20.0);
+    assert_eq!(f["alert_count"], 1);
+    assert_eq!(gw.metric("wsgateway_drop_rate_alerts_total").await, 1.0);
+
+    // Within the cooldown (300 s): more drops, a rate still far above the
+    // threshold, and no second alert.
+    let (status, body) = gw.publish(&burst(200)).await;
+    assert_eq!(status, 202, "{body}");
+    for n in 216..220 {
+        assert_eq!(admin.next_json().await.unwrap()["n"], n);
+    }
+    assert_eq!(
+        gw.metric(r#"wsgateway_events_dropped_total{reason="queue_full"}"#)
+            .await,
+        32.0
+    );
+    assert!(gw.metric("wsgateway_event_drop_rate").await > 0.5);
+    assert_eq!(gw.metric("wsgateway_drop_rate_alerts_total").await, 1.0);
+    let (_, health) = gw.get_json("/ws/health/detailed").await;
+    assert_eq!(health["event_processing"]["drop_rate_alerts"], 1);
+    let alerts: Vec<_> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("drop rate"))
+        })
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    gw.stop().await;
+}
+
+/// A connection's audit context (its log span) carries its `sector_ids`:
+/// as read at connect on `connected`, as they are at close on the seed's
+/// `Connection closed` line; and shutdown ends with the seed's line.
+#[tokio::test]
+async fn connection_lines_carry_sector_ids_and_shutdown_logs_the_seed_line() {
+    use common::postgres::{assign, connect, database_url, fresh_tenant};
+    let db = connect().await;
+    let tenant = fresh_tenant();
+    assign(&db, tenant, 5, 7, &[10]).await;
+    let logs = Logs::capture();
+    let gw = TestGateway::start_with(|c| c.database_url = Some(Secret(database_url()))).await;
+    let (mut waiter, hello) = gw
+        .join("waiter", &staff(7, tenant, &[5], &["WAITER"]))
+        .await;
+    assert_eq!(hello["sector_ids"], json!([10]));
+    let (_kitchen, _) = gw
+        .join("kitchen", &staff(8, tenant, &[5], &["KITCHEN"]))
+        .await;
+    assign(&db, tenant, 5, 7, &[11, 12]).await;
+    let updated = waiter.ask(r#"{"type":"refresh_sectors"}"#).await;
+    assert_eq!(updated["sector_ids"], json!([11, 12]));
+    waiter.ws.close(None).await.unwrap();
+
+    let of_user = |user: i64| move |l: &serde_json::Value| l["span"]["user"] == user;
+    let connected = logs
+        .with_message("connected")
+        .into_iter()
+        .find(of_user(7))
+        .expect("a connected line");
+    assert_eq!(connected["span"]["sector_ids"], "[10]");
+    let closed = logs
+        .wait_for("Connection closed of user 7", |l| {
+            l["fields"]["message"] == "Connection closed" && of_user(7)(l)
+        })
+        .await;
+    assert_eq!(closed["level"], "INFO");
+    assert_eq!(closed["fields"]["by"], "client");
+    assert_eq!(closed["span"]["sector_ids"], "[11,12]", "as they are now");
+    assert_eq!(closed["span"]["tenant"], tenant);
+
+    gw.stop().await;
+    let closed = logs
+        .with_message("Connection closed")
+        .into_iter()
+        .find(of_user(8))
+        .expect("the kitchen's line");
+    assert_eq!(
+        (
+            &closed["fields"]["by"],
+            &closed["fields"]["code"],
+            &closed["fields"]["reason"]
+        ),
+        (&json!("gateway"), &json!(1001), &json!("going away"))
+    );
+    assert_eq!(closed["span"]["sector_ids"], "null", "not filtered");
+    assert_eq!(
+        logs.with_message("WebSocket Gateway shutdown complete")
+            .len(),
+        1
+    );
 }

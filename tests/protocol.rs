@@ -81,7 +81,11 @@ async fn events_are_forwarded_as_published_with_an_event_id() {
     let custom = json!({"type": "BRAND_NEW", "tenant_id": 1, "branch_id": 5, "event_id": "mine-1"});
     assert_eq!(gw.publish_one("channel:session:77", custom).await, "mine-1");
     assert_eq!(d.next_json().await.unwrap()["event_id"], "mine-1");
-    assert_eq!(gw.metric("wsgateway_events_unknown_type_total").await, 1.0);
+    assert_eq!(
+        gw.metric(r#"wsgateway_events_unknown_type_total{type="BRAND_NEW"}"#)
+            .await,
+        1.0
+    );
     assert_eq!(gw.metric("wsgateway_events_processed_total").await, 2.0);
     gw.stop().await;
 }

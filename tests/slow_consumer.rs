@@ -66,7 +66,33 @@ async fn a_client_that_stops_reading_is_closed_1008_and_delays_no_one() {
             .await,
         1.0
     );
-    assert!(gw.metric("wsgateway_broadcasts_failed_total").await >= 1.0);
+    let failed = |reason: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(&format!(
+                r#"wsgateway_broadcasts_failed_total{{reason="{reason}"}}"#
+            ))
+            .await
+        }
+    };
+    assert!(
+        failed("slow_consumer").await >= 1.0,
+        "refused by its full queue"
+    );
+    assert!(
+        failed("connection_closed").await >= 1.0,
+        "its queue was full when it closed"
+    );
+    // Every frame queued was either written (and read: the two readers got
+    // all 600, the stalled client what it read before the close) or counted
+    // as undelivered.
+    let queued = gw.metric("wsgateway_broadcasts_total").await;
+    let undelivered = failed("write_failed").await + failed("connection_closed").await;
+    assert_eq!(
+        queued - undelivered,
+        (2 * total + frames.len()) as f64,
+        "queued {queued}, undelivered {undelivered}"
+    );
     assert_eq!(gw.metric("wsgateway_connections_total").await, 2.0);
     drop((reader, kitchen));
     gw.stop().await;
@@ -82,4 +108,56 @@ async fn read_ids(client: &mut Client, n: usize) -> Vec<String> {
         got.push(ev["event_id"].as_str().unwrap().to_owned());
     }
     got
+}
+
+/// A client that stops reading and then vanishes (a TCP reset) while the
+/// gateway is blocked writing to it: the frames of the write that fails are
+/// counted as `write_failed`, those still queued as `connection_closed`.
+#[tokio::test]
+async fn frames_lost_to_a_reset_connection_are_counted() {
+    let gw = TestGateway::start_with(|c| c.send_queue_size = 10_000).await;
+    let (stalled, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    // ~26 MB, far more than the loopback buffers hold: the gateway's write
+    // to the client blocks and the rest waits in its queue (no overflow).
+    let padding = "x".repeat(32 * 1024);
+    let total = 800;
+    for batch in 0..total / 20 {
+        let items: Vec<_> = (0..20)
+            .map(|i| {
+                json!({"channel": "channel:branch:5:admin",
+                       "event": {"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5,
+                                 "n": batch * 20 + i, "pad": padding}})
+            })
+            .collect();
+        let (status, body) = gw.publish(&json!(items)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    gw.wait_metric("wsgateway_events_processed_total", |v| v == total as f64)
+        .await;
+    assert_eq!(gw.metric("wsgateway_broadcasts_total").await, total as f64);
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stalled.ws.get_ref() else {
+        unreachable!("plain TCP")
+    };
+    tcp.set_zero_linger().unwrap();
+    drop(stalled);
+
+    let write_failed = gw
+        .wait_metric(
+            r#"wsgateway_broadcasts_failed_total{reason="write_failed"}"#,
+            |v| v >= 1.0,
+        )
+        .await;
+    gw.wait_metric("wsgateway_connections_total", |v| v == 0.0)
+        .await;
+    let closed = gw
+        .metric(r#"wsgateway_broadcasts_failed_total{reason="connection_closed"}"#)
+        .await;
+    assert!(closed >= 1.0, "frames were still queued");
+    assert!(write_failed + closed <= total as f64);
+    assert_eq!(
+        gw.metric(r#"wsgateway_broadcasts_failed_total{reason="slow_consumer"}"#)
+            .await,
+        0.0
+    );
+    gw.stop().await;
 }

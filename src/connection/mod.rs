@@ -31,7 +31,7 @@ use crate::gateway::Shared;
 use crate::hub::{
     ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
 };
-use crate::metrics::{Disconnect, Rejection};
+use crate::metrics::{Disconnect, Rejection, Undelivered};
 use crate::sectors::sync::SectorCommand;
 
 /// Frames written per flush when more are queued.
@@ -69,6 +69,7 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) 
         tenant = tracing::field::Empty,
         branches = tracing::field::Empty,
         session = tracing::field::Empty,
+        sector_ids = tracing::field::Empty,
         id = tracing::field::Empty,
     );
     let tasks = shared.tasks.clone();
@@ -133,7 +134,7 @@ async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectReques
         })
         .await;
         if !matches!(sent, Ok(Ok(()))) {
-            tracing::info!("disconnected during replay");
+            tracing::info!(by = "client", during = "replay", "Connection closed");
             return None;
         }
         catch_up = replay.catch_up;
@@ -161,19 +162,21 @@ impl Live {
             let shared = &this.shared;
             let socket = &mut this.socket;
             let close_timeout = shared.config.close_timeout_s.0;
-            let code = loop {
+            // Event frames handed to the socket since its last flush.
+            let mut unwritten = 0;
+            let end = loop {
                 tokio::select! {
                     biased;
                     signal = handle.signal() => {
                         if let Signal::Close(code) = signal {
-                            break Some(code);
+                            break End::Gateway(code);
                         }
                         // A write stuck on a client that does not read still
                         // yields to a close request (slow consumer, shutdown).
                         tokio::select! {
                             biased;
-                            code = handle.close_requested() => break Some(code),
-                            written = write_queued(socket, handle, &mut this.catch_up) => match written {
+                            code = handle.close_requested() => break End::Gateway(code),
+                            written = write_queued(socket, handle, &mut this.catch_up, &mut unwritten) => match written {
                                 Ok(published_ms) if published_ms > 0 => shared
                                     .metrics
                                     .publish_to_client_seconds
@@ -181,22 +184,27 @@ impl Live {
                                 Ok(_) => {}
                                 Err(e) => {
                                     tracing::debug!(error = %e, "write failed");
-                                    break None;
+                                    let failed = std::mem::take(&mut unwritten) as u64;
+                                    shared.metrics.undelivered(Undelivered::WriteFailed, failed);
+                                    break End::Lost;
                                 }
                             },
                         }
                     }
                     inbound = socket.recv() => {
                         let message = match inbound {
-                            None => break None,
-                            Some(Err(e)) => break read_error_code(e),
+                            None => break End::Lost,
+                            Some(Err(e)) => match read_error_code(e) {
+                                Some(code) => break End::Gateway(code),
+                                None => break End::Lost,
+                            },
                             Some(Ok(m)) => m,
                         };
                         handle.touch();
                         match message {
                             Message::Text(text) => {
                                 if this.limiter.check().is_err() {
-                                    break Some(close::RATE_LIMITED);
+                                    break End::Gateway(close::RATE_LIMITED);
                                 }
                                 match ClientMessage::parse(handle.endpoint, text.as_str()) {
                                     // Answered by the sector sync task with `sectors_updated`.
@@ -210,28 +218,92 @@ impl Live {
                                     }
                                 }
                             }
-                            Message::Binary(_) => break Some(close::UNSUPPORTED_DATA),
+                            Message::Binary(_) => break End::Gateway(close::UNSUPPORTED_DATA),
                             Message::Ping(_) | Message::Pong(_) => {}
-                            Message::Close(_) => {
+                            Message::Close(frame) => {
                                 // Lets tungstenite send its reply to the client's close.
                                 let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
-                                break None;
+                                break End::Client(frame.map(|f| f.code));
                             }
                         }
                     }
                 }
             };
-            drop(this.registered);
-            if let Some(code) = code {
-                record_close(shared, code);
-                tracing::info!(code, reason = close::reason(code), "closing");
-                // Boxed: a one-off phase, kept out of the loop's state.
-                Box::pin(close_socket(socket, code, close_timeout)).await;
-            } else {
-                tracing::info!("disconnected");
-            }
+            // Boxed: a one-off phase, kept out of the loop's state.
+            Box::pin(finish(shared, &this.registered, socket, end, unwritten)).await;
         }
     }
+}
+
+/// How a connection's loop ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The gateway closes it with this code.
+    Gateway(u16),
+    /// The client sent a close frame (with this code, if any).
+    Client(Option<u16>),
+    /// The client went away without a close frame, or a write failed.
+    Lost,
+}
+
+/// The end of a connection: out of the hub (what is still queued is
+/// counted as undelivered), the close handshake when the gateway closes it,
+/// and the seed's `Connection closed` line with the audit context.
+async fn finish(
+    shared: &Shared,
+    registered: &Registered,
+    socket: &mut WebSocket,
+    end: End,
+    unwritten: usize,
+) {
+    let handle = &registered.handle;
+    // The audit context carries the sectors as they are now: a refresh or
+    // an assignment change may have changed them since admission.
+    if let Some((_, _, Member::Staff { sectors, .. })) = shared.hub.member(handle.id) {
+        record_sector_ids(&tracing::Span::current(), &sectors);
+    }
+    // Out of the hub before the close handshake, as the seed's disconnect:
+    // no more events are aimed at it, and what its queue still holds is
+    // never written.
+    let unsent = registered.release();
+    shared
+        .metrics
+        .undelivered(Undelivered::ConnectionClosed, unsent as u64);
+    let mut unwritten = unwritten as u64;
+    match end {
+        End::Gateway(code) => {
+            record_close(shared, code);
+            let close_timeout = shared.config.close_timeout_s.0;
+            // A sent close frame went out after the frames handed to the
+            // socket before it: those were written.
+            if close_socket(socket, code, close_timeout).await {
+                unwritten = 0;
+            }
+            shared
+                .metrics
+                .undelivered(Undelivered::WriteFailed, unwritten);
+            tracing::info!(
+                by = "gateway",
+                code,
+                reason = close::reason(code),
+                unsent = unsent as u64 + unwritten,
+                "Connection closed"
+            );
+        }
+        End::Client(code) => {
+            tracing::info!(by = "client", code, unsent, "Connection closed");
+        }
+        End::Lost => {
+            tracing::info!(by = "client", unsent, "Connection closed");
+        }
+    }
+}
+
+/// Records a connection's `sector_ids` in its log span, as `connected`
+/// reports them (`[10,11]`; `null` when not filtered or unknown).
+fn record_sector_ids(span: &tracing::Span, sectors: &SectorScope) {
+    let reported = serde_json::to_string(&sectors.reported()).unwrap_or_default();
+    span.record("sector_ids", reported);
 }
 
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
@@ -300,6 +372,7 @@ async fn admit(
         } else {
             SectorScope::All
         };
+        record_sector_ids(&span, &sectors);
         let connected = json!({
             "type": "connected", "endpoint": req.endpoint.as_str(), "user_id": id.user_id,
             "tenant_id": id.tenant_id, "branch_ids": id.branch_ids,
@@ -359,20 +432,29 @@ fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
 /// Writes what is queued (up to a batch), then flushes once, skipping
 /// events a resume already replayed. Returns the newest publish time (`ts`)
 /// in the batch, or 0.
+///
+/// `unwritten` counts the event frames handed to the socket and not yet
+/// flushed; it is back to 0 once the flush succeeds. A frame is taken off
+/// the queue only once the socket is ready for it, so a write cut short by
+/// a close request leaves every frame either queued or counted there.
 async fn write_queued(
     socket: &mut WebSocket,
     handle: &ConnHandle,
     catch_up: &mut resume::CatchUp,
+    unwritten: &mut usize,
 ) -> Result<i64, axum::Error> {
     let mut published_ms = 0;
     for _ in 0..WRITE_BATCH {
+        std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
         let Some(out) = handle.pop() else { break };
         if !catch_up.replayed(out.text().as_str()) {
             published_ms = published_ms.max(out.published_ms());
-            socket.feed(Message::Text(out.text().clone())).await?;
+            *unwritten += usize::from(out.is_event());
+            socket.start_send_unpin(Message::Text(out.text().clone()))?;
         }
     }
     socket.flush().await?;
+    *unwritten = 0;
     Ok(published_ms)
 }
 
@@ -416,15 +498,18 @@ fn record_close(shared: &Shared, code: u16) {
 
 /// Sends a close frame and waits, up to `timeout`, for the client's reply,
 /// so that the client reads the code before the TCP connection goes.
-async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) {
+/// Returns whether the close frame was sent (written and flushed).
+async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) -> bool {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(close::reason(code)),
     };
+    let mut sent = false;
     let handshake = async {
         if socket.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
+        sent = true;
         // Drain until the client answers the close (or goes away).
         while let Some(Ok(m)) = socket.recv().await {
             if matches!(m, Message::Close(_)) {
@@ -433,6 +518,7 @@ async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) {
         }
     };
     let _ = tokio::time::timeout(timeout, handshake).await;
+    sent
 }
 
 #[cfg(test)]

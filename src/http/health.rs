@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use crate::auth::Endpoint;
 use crate::gateway::Shared;
-use crate::metrics::Drop;
+use crate::metrics::{Drop, Metrics};
+use crate::unknown_types::MAX_TRACKED_TYPES;
 
 fn connections(shared: &Shared) -> Value {
     let counts = shared.hub.counts();
@@ -64,9 +65,12 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         "broker": broker_json,
         "circuit_breaker": breakers,
         "connections": connections(&shared),
+        // Every open connection has a bucket of its own: the seed's tracked
+        // connections and their capacity (the most connections, each tracked).
         "rate_limiter": {
-            "per_connection_per_s": shared.config.rate_limit_per_s,
             "tracked_connections": shared.hub.counts().total,
+            "capacity": shared.config.max_connections,
+            "per_connection_per_s": shared.config.rate_limit_per_s,
         },
         "event_processing": {
             "queue_size": shared.queue.len(),
@@ -75,7 +79,9 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
             "dropped": dropped,
             "drop_rate": m.drop_rate(),
             "drop_rate_window_s": shared.config.drop_rate_window_s.0.as_secs().max(1),
+            "drop_rate_alerts": m.drop_rate_alerts.get(),
         },
+        "unknown_events": unknown_events(m),
         "sector_repository": {"status": sectors},
     });
     let code = if status == "unhealthy" {
@@ -84,6 +90,24 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// The seed's `get_unknown_event_metrics`, plus the count under `other`.
+fn unknown_events(m: &Metrics) -> Value {
+    let seen = m.unknown_types.snapshot();
+    let type_counts: serde_json::Map<String, Value> = seen
+        .types
+        .iter()
+        .map(|(t, n)| (t.to_string(), json!(n)))
+        .collect();
+    json!({
+        "unknown_event_types_count": seen.total(),
+        "unknown_event_types_seen": seen.types.iter().map(|(t, _)| &**t).collect::<Vec<_>>(),
+        "unique_types_count": seen.types.len(),
+        "max_tracked_types": MAX_TRACKED_TYPES,
+        "type_counts": type_counts,
+        "other_count": seen.other,
+    })
 }
 
 pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

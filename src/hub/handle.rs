@@ -35,17 +35,31 @@ pub struct Frame {
     /// The event's `ts` (Unix ms), for the publish-to-client latency; 0
     /// when it has none or the frame is a reply.
     pub published_ms: i64,
+    /// An event (counted in `wsgateway_broadcasts_*`), not a reply.
+    pub is_event: bool,
 }
 
 impl Outbound {
     /// An event frame, shared by every recipient.
     pub fn event(text: Utf8Bytes, published_ms: i64) -> Outbound {
-        Outbound(Arc::new(Frame { text, published_ms }))
+        Outbound(Arc::new(Frame {
+            text,
+            published_ms,
+            is_event: true,
+        }))
     }
 
-    /// A reply to the client (pong, errors, `connected`...).
+    /// A reply to the client (pong, errors, `connected`, `resync`...).
     pub fn reply(text: Utf8Bytes) -> Outbound {
-        Outbound::event(text, 0)
+        Outbound(Arc::new(Frame {
+            text,
+            published_ms: 0,
+            is_event: false,
+        }))
+    }
+
+    pub fn is_event(&self) -> bool {
+        self.0.is_event
     }
 
     pub fn text(&self) -> &Utf8Bytes {
@@ -159,11 +173,15 @@ impl ConnHandle {
     }
 
     /// Marks the connection's task as gone: later pushes are refused and
-    /// what is queued is dropped.
-    pub fn detach(&self) {
-        let mut queue = self.queue.lock();
-        queue.detached = true;
-        queue.frames = VecDeque::new();
+    /// what is queued is dropped. Returns how many of the dropped frames
+    /// were events (never written: `broadcasts_failed{connection_closed}`).
+    pub fn detach(&self) -> usize {
+        let frames = {
+            let mut queue = self.queue.lock();
+            queue.detached = true;
+            std::mem::take(&mut queue.frames)
+        };
+        frames.iter().filter(|f| f.is_event()).count()
     }
 
     /// Asks the connection's task to close with `code`. Only the first
@@ -301,9 +319,19 @@ mod tests {
         assert_eq!(h.poll_signal(&mut cx), Poll::Pending);
         h.close(crate::close::UNAUTHORIZED);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        h.detach();
+        assert_eq!(h.detach(), 0);
         assert_eq!(h.push(frame("a")), Push::Gone);
         assert!(h.pop().is_none());
+    }
+
+    #[test]
+    fn detach_counts_the_events_it_drops_not_the_replies() {
+        let h = ConnHandle::new(1, 1, Endpoint::Waiter, 10);
+        h.push(frame("connected"));
+        h.push(Outbound::event(Utf8Bytes::from_static("e1"), 0));
+        h.push(Outbound::event(Utf8Bytes::from_static("e2"), 0));
+        assert_eq!(h.pop().unwrap().text().as_str(), "connected");
+        assert_eq!(h.detach(), 2);
     }
 
     #[test]

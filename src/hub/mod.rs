@@ -23,7 +23,7 @@ pub use handle::{ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms};
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
 use crate::event::Event;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Undelivered};
 
 type Members = HashMap<ConnId, Arc<ConnHandle>>;
 
@@ -78,6 +78,8 @@ pub struct WaiterRef {
 pub struct Fanout {
     pub queued: usize,
     pub overflowed: usize,
+    /// Recipients whose connection had already ended.
+    pub gone: usize,
     /// Candidates skipped because they already got this event.
     pub repeated: usize,
 }
@@ -151,10 +153,22 @@ pub struct Registered {
     pub handle: Arc<ConnHandle>,
 }
 
+impl Registered {
+    /// Takes the connection out of the hub and detaches its handle; returns
+    /// how many event frames were still queued (never to be written). The
+    /// caller counts them; a second call returns 0.
+    pub fn release(&self) -> usize {
+        self.hub.unregister(self.handle.id);
+        self.handle.detach()
+    }
+}
+
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.hub.unregister(self.handle.id);
-        self.handle.detach();
+        let unsent = self.release();
+        self.hub
+            .metrics
+            .undelivered(Undelivered::ConnectionClosed, unsent as u64);
     }
 }
 
@@ -309,7 +323,7 @@ impl Hub {
                 match handle.push(outbound.clone()) {
                     Push::Queued => fanout.queued += 1,
                     Push::Overflowed => fanout.overflowed += 1,
-                    Push::Gone => {}
+                    Push::Gone => fanout.gone += 1,
                 }
             }
         };
@@ -744,6 +758,7 @@ mod tests {
             Fanout {
                 queued: 0,
                 overflowed: 0,
+                gone: 0,
                 repeated: 1
             }
         );
