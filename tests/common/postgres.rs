@@ -24,9 +24,11 @@ pub async fn connect() -> tokio_postgres::Client {
         .unwrap_or_else(|e| panic!("no PostgreSQL at {url} ({e}); scripts/test.sh provides one"));
     tokio::spawn(connection);
     // Serialized: concurrent CREATE ... IF NOT EXISTS can still collide.
+    // One transaction, its lock held until the CREATE is committed (a
+    // session lock released inside the batch freed it before the commit).
     client
         .batch_execute(&format!(
-            "SELECT pg_advisory_lock(80010); {} SELECT pg_advisory_unlock(80010);",
+            "BEGIN; SELECT pg_advisory_xact_lock(80010); {} COMMIT;",
             include_str!("../fixtures/waiter_sector_assignment.sql")
         ))
         .await
