@@ -41,7 +41,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         }
         None => json!({}),
     };
-    let sectors = shared.sectors.status();
+    let (sectors, sectors_reason) = shared.sectors.health();
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
     let status = if !broker.connected {
@@ -58,6 +58,10 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
     });
     if let Some(reason) = &broker.reason {
         broker_json["reason"] = reason.as_str().into();
+    }
+    let mut sector_json = json!({"status": sectors});
+    if let Some(reason) = sectors_reason {
+        sector_json["reason"] = reason.into();
     }
     let body = json!({
         "status": status,
@@ -76,7 +80,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
             "drop_rate": m.drop_rate(),
             "drop_rate_window_s": shared.config.drop_rate_window_s.0.as_secs().max(1),
         },
-        "sector_repository": {"status": sectors},
+        "sector_repository": sector_json,
     });
     let code = if status == "unhealthy" {
         StatusCode::SERVICE_UNAVAILABLE
