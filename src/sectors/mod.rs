@@ -301,10 +301,18 @@ impl Backend {
     /// the server's refusals come with its message.
     fn describe(&self, e: &tokio_postgres::Error) -> String {
         let text = match (tls::rustls_error(e), e.as_db_error()) {
-            (Some(rustls::Error::InvalidCertificate(why)), _) => format!(
-                "TLS ({}): the server's certificate was not accepted: {why}",
-                self.tls
-            ),
+            (Some(rustls::Error::InvalidCertificate(why)), _) => {
+                let hint = match why {
+                    rustls::CertificateError::UnknownIssuer => {
+                        " (its chain does not lead to a CA of sslrootcert)"
+                    }
+                    _ => "",
+                };
+                format!(
+                    "TLS ({}): the server's certificate was not accepted: {why}{hint}",
+                    self.tls
+                )
+            }
             (Some(other), _) => format!("TLS ({}): handshake failed: {other}", self.tls),
             (None, Some(db)) => format!(
                 "PostgreSQL refused: {}: {} (SQLSTATE {})",

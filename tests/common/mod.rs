@@ -2,6 +2,7 @@
 //! real HTTP calls.
 #![allow(dead_code)]
 
+pub mod pg_tls;
 pub mod postgres;
 pub mod proxy;
 pub mod redis_server;
