@@ -7,7 +7,9 @@
 #     Redis at REDIS_URL (default redis://127.0.0.1:6379);
 #   - a PostgreSQL at TEST_DATABASE_URL (default
 #     postgres://postgres@127.0.0.1:5432/test) with the backend's
-#     waiter_sector_assignment table.
+#     waiter_sector_assignment table;
+#   - PostgreSQL's server binaries and setpriv, for the TLS tests' own
+#     cluster (tests/postgres_tls.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,9 +83,27 @@ ensure_postgres() {
     -f tests/fixtures/waiter_sector_assignment.sql >/dev/null
 }
 
+# tests/postgres_tls.rs starts its own cluster with ssl=on: it needs the
+# server binaries (/usr/lib/postgresql/<version>/bin/initdb and postgres, the
+# newest version is used), the postgres user, and setpriv to run them as that
+# user, which only root may do.
+ensure_postgres_server() {
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql
+  ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 \
+    || die "PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin/initdb, postgres) are missing: install the postgresql package"
+  id -u postgres >/dev/null 2>&1 || die "there is no 'postgres' user (the postgresql package creates it)"
+  if ! command -v setpriv >/dev/null 2>&1; then
+    # util-linux up to Debian 12; its own package after.
+    apt_install setpriv || apt_install util-linux || true
+  fi
+  command -v setpriv >/dev/null 2>&1 || die "setpriv is missing: install util-linux (or Debian's setpriv package)"
+  [ "$(id -u)" = 0 ] || die "tests/postgres_tls.rs runs its PostgreSQL as the postgres user (setpriv), which needs root: run as root"
+}
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
 ensure_redis
 ensure_postgres
+ensure_postgres_server
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"

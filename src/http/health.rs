@@ -42,7 +42,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         }
         None => json!({}),
     };
-    let sectors = shared.sectors.status();
+    let (sectors, sectors_reason) = shared.sectors.health();
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
     let status = if !broker.connected {
@@ -59,6 +59,10 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
     });
     if let Some(reason) = &broker.reason {
         broker_json["reason"] = reason.as_str().into();
+    }
+    let mut sector_json = json!({"status": sectors});
+    if let Some(reason) = sectors_reason {
+        sector_json["reason"] = reason.into();
     }
     let body = json!({
         "status": status,
@@ -82,7 +86,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
             "drop_rate_alerts": m.drop_rate_alerts.get(),
         },
         "unknown_events": unknown_events(m),
-        "sector_repository": {"status": sectors},
+        "sector_repository": sector_json,
     });
     let code = if status == "unhealthy" {
         StatusCode::SERVICE_UNAVAILABLE

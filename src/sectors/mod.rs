@@ -7,15 +7,21 @@
 //! fallback). Failures are never cached, so the answer recovers by itself
 //! when the database does. Lookups are awaited only by the connection being
 //! admitted and by the [`sync`] task, never by the dispatcher.
+//!
+//! [`url`] reads `DATABASE_URL` (with libpq's TLS parameters) and [`tls`]
+//! builds the TLS connector; the health kept here says why the last call
+//! failed, and a change of it is logged once.
 
 pub mod sync;
+mod tls;
+mod url;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use futures_util::future::join_all;
+use parking_lot::Mutex;
 
 use crate::auth::{BranchId, SectorId, StaffIdentity, TenantId, UserId};
 use crate::hub::SectorScope;
@@ -39,13 +45,22 @@ struct Backend {
     query: String,
     cache: moka::future::Cache<Key, Arc<[SectorId]>>,
     timeout: Duration,
-    /// The outcome of the last database call: `OK` or `DEGRADED`.
-    health: AtomicU8,
+    /// The outcome of the last database call. A `parking_lot` mutex: held
+    /// to compare and store, never across an await.
+    health: Mutex<Health>,
+    /// `sslmode=…, sslrootcert=…`, for TLS failures' reasons.
+    tls: String,
     metrics: Arc<Metrics>,
 }
 
-const OK: u8 = 0;
-const DEGRADED: u8 = 1;
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    /// From start until the first call.
+    NotChecked,
+    Ok,
+    /// The last call failed, for this reason (one line, for people).
+    Failing(String),
+}
 
 /// The database settings.
 pub struct DatabaseSettings<'a> {
@@ -61,13 +76,13 @@ pub struct DatabaseSettings<'a> {
 #[error("invalid setting DATABASE_URL (--database-url): {0}")]
 pub struct BadDatabaseUrl(String);
 
-/// Why one lookup gave no answer.
-#[derive(Debug, thiserror::Error)]
+/// Why one lookup gave no answer (each a one-line reason).
+#[derive(Debug, Clone, thiserror::Error)]
 enum LookupError {
-    #[error("timed out")]
-    Timeout,
-    #[error("pool: {0}")]
-    Pool(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Connect(String),
     #[error("query: {0}")]
     Query(String),
 }
@@ -84,22 +99,27 @@ impl SectorAssignments {
         settings: DatabaseSettings<'_>,
         metrics: Arc<Metrics>,
     ) -> Result<SectorAssignments, BadDatabaseUrl> {
-        let mut pg: tokio_postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|_| BadDatabaseUrl("not a PostgreSQL URL".into()))?;
+        let url::DatabaseUrl {
+            config: mut pg,
+            tls,
+        } = url::parse(settings.url).map_err(BadDatabaseUrl)?;
         // The server gives up on a slow query too, so that a connection that
-        // timed out on our side is free again soon.
+        // timed out on our side is free again soon. Added to the URL's own
+        // `options`, if any.
         let ms = settings.timeout.as_millis().max(1);
-        pg.options(format!("-c statement_timeout={ms}"));
+        let options = match pg.get_options() {
+            Some(own) if !own.trim().is_empty() => format!("{own} -c statement_timeout={ms}"),
+            _ => format!("-c statement_timeout={ms}"),
+        };
+        pg.options(options);
         pg.connect_timeout(settings.timeout);
-        let manager = Manager::from_config(
-            pg,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls::connector(&tls).map_err(BadDatabaseUrl)? {
+            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+            Some(connector) => Manager::from_config(pg, connector, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .wait_timeout(Some(settings.timeout))
@@ -120,7 +140,8 @@ impl SectorAssignments {
                 cache,
                 timeout: settings.timeout,
                 // Unknown until the first call: the sync task probes at once.
-                health: AtomicU8::new(DEGRADED),
+                health: Mutex::new(Health::NotChecked),
+                tls: tls.describe(),
                 metrics,
             }),
         })
@@ -185,10 +206,18 @@ impl SectorAssignments {
 
     /// `disabled`, `ok`, or `degraded` (the last database call failed).
     pub fn status(&self) -> &'static str {
+        self.health().0
+    }
+
+    /// The status, and while `degraded` why, in words.
+    pub fn health(&self) -> (&'static str, Option<String>) {
         match &self.backend {
-            None => "disabled",
-            Some(b) if b.health.load(Ordering::Relaxed) == OK => "ok",
-            Some(_) => "degraded",
+            None => ("disabled", None),
+            Some(b) => match &*b.health.lock() {
+                Health::Ok => ("ok", None),
+                Health::NotChecked => ("degraded", Some("not reached yet".into())),
+                Health::Failing(reason) => ("degraded", Some(reason.clone())),
+            },
         }
     }
 
@@ -202,22 +231,16 @@ impl SectorAssignments {
             return false;
         };
         let outcome = tokio::time::timeout(backend.timeout, async {
-            let client = backend
-                .pool
-                .get()
-                .await
-                .map_err(|e| LookupError::Pool(e.to_string()))?;
+            let client = backend.client().await?;
             client
                 .simple_query("SELECT 1")
                 .await
-                .map_err(|e| LookupError::Query(e.to_string()))
+                .map_err(|e| LookupError::Query(backend.describe(&e)))
         })
-        .await;
-        let ok = matches!(outcome, Ok(Ok(_)));
-        backend
-            .health
-            .store(if ok { OK } else { DEGRADED }, Ordering::Relaxed);
-        ok
+        .await
+        .unwrap_or(Err(LookupError::Timeout(backend.timeout)));
+        backend.record(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
+        outcome.is_ok()
     }
 }
 
@@ -229,41 +252,100 @@ impl Backend {
         branch: BranchId,
     ) -> Result<Arc<[SectorId]>, LookupError> {
         let outcome = tokio::time::timeout(self.timeout, async {
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| LookupError::Pool(e.to_string()))?;
+            let client = self.client().await?;
             let statement = client
                 .prepare_cached(&self.query)
                 .await
-                .map_err(|e| LookupError::Query(e.to_string()))?;
+                .map_err(|e| LookupError::Query(self.describe(&e)))?;
             let rows = client
                 .query(&statement, &[&user, &branch, &tenant])
                 .await
-                .map_err(|e| LookupError::Query(e.to_string()))?;
+                .map_err(|e| LookupError::Query(self.describe(&e)))?;
             rows.iter()
                 .map(|row| {
                     row.try_get::<_, i64>(0)
-                        .map_err(|e| LookupError::Query(e.to_string()))
+                        .map_err(|e| LookupError::Query(self.describe(&e)))
                 })
                 .collect::<Result<Arc<[SectorId]>, _>>()
         })
         .await
-        .unwrap_or(Err(LookupError::Timeout));
+        .unwrap_or(Err(LookupError::Timeout(self.timeout)));
         let outcome_label = match &outcome {
             Ok(_) => "ok",
-            Err(LookupError::Timeout) => "timeout",
+            Err(LookupError::Timeout(_)) => "timeout",
             Err(_) => "error",
         };
         self.metrics
             .sector_queries
             .with_label_values(&[outcome_label])
             .inc();
-        self.health.store(
-            if outcome.is_ok() { OK } else { DEGRADED },
-            Ordering::Relaxed,
-        );
+        self.record(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         outcome
+    }
+
+    /// A pooled connection (opened now if need be).
+    async fn client(&self) -> Result<deadpool_postgres::Object, LookupError> {
+        self.pool.get().await.map_err(|e| {
+            LookupError::Connect(match e {
+                PoolError::Backend(e) => format!("connecting: {}", self.describe(&e)),
+                PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                    "every pooled connection stayed busy for the whole timeout".into()
+                }
+                PoolError::Timeout(_) => "connecting timed out".into(),
+                other => format!("pool: {other}"),
+            })
+        })
+    }
+
+    /// One line for people: a TLS failure says so, with the TLS settings;
+    /// the server's refusals come with its message.
+    fn describe(&self, e: &tokio_postgres::Error) -> String {
+        let text = match (tls::rustls_error(e), e.as_db_error()) {
+            (Some(rustls::Error::InvalidCertificate(why)), _) => {
+                let hint = match why {
+                    rustls::CertificateError::UnknownIssuer => {
+                        " (its chain does not lead to a CA of sslrootcert)"
+                    }
+                    _ => "",
+                };
+                format!(
+                    "TLS ({}): the server's certificate was not accepted: {why}{hint}",
+                    self.tls
+                )
+            }
+            (Some(other), _) => format!("TLS ({}): handshake failed: {other}", self.tls),
+            (None, Some(db)) => format!(
+                "PostgreSQL refused: {}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            ),
+            (None, None) if url::chain(e).contains("TLS") => {
+                format!("{} ({})", url::chain(e), self.tls)
+            }
+            (None, None) => url::chain(e),
+        };
+        text.replace('\n', " ")
+    }
+
+    /// Stores the outcome of a call; a change is logged, once.
+    fn record(&self, outcome: Result<(), LookupError>) {
+        let new = match outcome {
+            Ok(()) => Health::Ok,
+            Err(e) => Health::Failing(e.to_string()),
+        };
+        let old = std::mem::replace(&mut *self.health.lock(), new.clone());
+        if old == new {
+            return;
+        }
+        match (&old, &new) {
+            (_, Health::Failing(reason)) => tracing::warn!(
+                "sector repository degraded: {reason}; waiters whose sectors are looked up now hear every sector"
+            ),
+            (Health::Failing(_), Health::Ok) => {
+                tracing::info!("sector repository ok: PostgreSQL answers again")
+            }
+            _ => tracing::info!("sector repository ok"),
+        }
     }
 }

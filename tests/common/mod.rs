@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod pg_tls;
 pub mod postgres;
 pub mod proxy;
 pub mod redis_server;
