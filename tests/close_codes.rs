@@ -55,11 +55,8 @@ async fn bad_tokens_close_4001() {
     // No token parameter at all.
     let mut c = Client::open(&format!("ws://{}/ws/waiter", gw.addr), None).await;
     assert_eq!(c.close_code().await, Some(4001));
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="auth"}"#)
-            .await,
-        8.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="auth"}"#, 8.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -109,16 +106,10 @@ async fn roles_and_origins_close_4003() {
     )
     .await;
     assert_eq!(d.next_json().await.unwrap()["type"], "connected");
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="forbidden"}"#)
-            .await,
-        5.0
-    );
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="origin"}"#)
-            .await,
-        2.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="forbidden"}"#, 5.0)
+        .await;
+    gw.assert_metric(r#"connections_rejected_total{reason="origin"}"#, 2.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -154,16 +145,10 @@ async fn capacity_closes_1013_and_user_limit_4008() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_again, hello) = gw.join("diner", &diner(1, 5, 1, 77)).await;
     assert_eq!(hello["endpoint"], "diner");
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_per_user"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_total"}"#)
-            .await,
-        2.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="max_per_user"}"#, 1.0)
+        .await;
+    gw.assert_metric(r#"connections_rejected_total{reason="max_total"}"#, 2.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -207,16 +192,13 @@ async fn table_sessions_close_4008_beyond_their_limit() {
     seated.push(gw.join("diner", &diner(1, 5, 9, 78)).await.0);
     let mut full = gw.connect("diner", &table).await;
     assert_eq!(full.close_code().await, Some(1013));
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_per_session"}"#)
-            .await,
-        2.0
-    );
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="max_total"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(
+        r#"connections_rejected_total{reason="max_per_session"}"#,
+        2.0,
+    )
+    .await;
+    gw.assert_metric(r#"connections_rejected_total{reason="max_total"}"#, 1.0)
+        .await;
     // A diner leaving frees a seat.
     drop(seated.remove(0));
     drop(seated.pop());
@@ -260,11 +242,8 @@ async fn oversized_messages_close_1009_at_the_exact_limit() {
         let _ = c.try_send(Message::Frame(f)).await;
     }
     assert_eq!(c.close_code().await, Some(1009));
-    assert_eq!(
-        gw.metric(r#"wsgateway_disconnects_total{reason="too_large"}"#)
-            .await,
-        2.0
-    );
+    gw.assert_metric(r#"disconnects_total{reason="too_large"}"#, 2.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -294,11 +273,8 @@ async fn floods_close_4029_after_the_burst() {
     assert_eq!(code, Some(4029));
     assert_eq!(replies.len(), 20, "the full burst is answered: {replies:?}");
     assert!(replies.iter().all(|r| r["type"] == "pong"));
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="rate_limit"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="rate_limit"}"#, 1.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -336,11 +312,8 @@ async fn silence_closes_1001_and_any_frame_is_a_heartbeat() {
         )
         .await;
     assert_eq!(proto.next_json().await.unwrap()["event_id"], id.as_str());
-    assert_eq!(
-        gw.metric(r#"wsgateway_disconnects_total{reason="heartbeat"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"disconnects_total{reason="heartbeat"}"#, 1.0)
+        .await;
     gw.stop().await;
 }
 
@@ -384,11 +357,8 @@ async fn expired_table_tokens_close_4001_at_connect_and_on_revalidation() {
         Some(4001)
     );
     assert_eq!(long.ask(r#"{"type":"ping"}"#).await["type"], "pong");
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="auth"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="auth"}"#, 1.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     gw.stop().await;
 }
@@ -445,11 +415,8 @@ async fn issuer_and_audience_bind_staff_tokens_4001() {
     }
     // Table tokens carry neither claim and are unaffected.
     let (_diner, _) = gw.join("diner", &diner(1, 5, 1, 77)).await;
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_rejected_total{reason="auth"}"#)
-            .await,
-        6.0
-    );
+    gw.assert_metric(r#"connections_rejected_total{reason="auth"}"#, 6.0)
+        .await;
     assert_still_served(&gw, &mut by).await;
     for c in &mut admitted {
         assert_eq!(

@@ -205,8 +205,8 @@ async fn connections_past_their_head_are_never_evicted_and_a_budget_of_them_refu
         assert_eq!(finish_publish(p, body).await, "HTTP/1.1 202 Accepted");
     }
     // Answered, they hold no place any more: the budget is free.
-    assert_eq!(gw.metric(EVICTED).await, 4.0);
-    assert_eq!(gw.metric(REFUSED).await, 1.0);
+    gw.assert_metric(EVICTED, 4.0).await;
+    gw.assert_metric(REFUSED, 1.0).await;
     let (mut c, _) = gw.join("waiter", &staff(9, 1, &[5], &["WAITER"])).await;
     assert_eq!(c.ask(r#"{"type":"ping"}"#).await["type"], "pong");
     gw.stop().await;

@@ -578,7 +578,7 @@ async fn a_burst_that_overflows_the_event_queue_alerts_once_per_cooldown() {
     );
     assert_eq!(f["threshold_percent"], 20.0);
     assert_eq!(f["alert_count"], 1);
-    assert_eq!(gw.metric("wsgateway_drop_rate_alerts_total").await, 1.0);
+    gw.assert_metric("drop_rate_alerts_total", 1.0).await;
 
     // Within the cooldown (300 s): more drops, a rate still far above the
     // threshold, and no second alert.
@@ -587,13 +587,10 @@ async fn a_burst_that_overflows_the_event_queue_alerts_once_per_cooldown() {
     for n in 216..220 {
         assert_eq!(admin.next_json().await.unwrap()["n"], n);
     }
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_dropped_total{reason="queue_full"}"#)
-            .await,
-        32.0
-    );
+    gw.assert_metric(r#"events_dropped_total{reason="queue_full"}"#, 32.0)
+        .await;
     assert!(gw.metric("wsgateway_event_drop_rate").await > 0.5);
-    assert_eq!(gw.metric("wsgateway_drop_rate_alerts_total").await, 1.0);
+    gw.assert_metric("drop_rate_alerts_total", 1.0).await;
     let (_, health) = gw.get_json("/ws/health/detailed").await;
     assert_eq!(health["event_processing"]["drop_rate_alerts"], 1);
     let alerts: Vec<_> = logs

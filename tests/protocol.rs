@@ -81,12 +81,9 @@ async fn events_are_forwarded_as_published_with_an_event_id() {
     let custom = json!({"type": "BRAND_NEW", "tenant_id": 1, "branch_id": 5, "event_id": "mine-1"});
     assert_eq!(gw.publish_one("channel:session:77", custom).await, "mine-1");
     assert_eq!(d.next_json().await.unwrap()["event_id"], "mine-1");
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_unknown_type_total{type="BRAND_NEW"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(gw.metric("wsgateway_events_processed_total").await, 2.0);
+    gw.assert_metric(r#"events_unknown_type_total{type="BRAND_NEW"}"#, 1.0)
+        .await;
+    gw.assert_metric("events_processed_total", 2.0).await;
     gw.stop().await;
 }
 
@@ -187,12 +184,9 @@ async fn health_counts_connections_by_endpoint() {
     );
     assert_eq!(detailed["sector_repository"]["status"], "disabled");
     assert_eq!(detailed["event_processing"]["queue_size"], 0);
-    assert_eq!(
-        gw.metric(r#"wsgateway_connections_by_endpoint{endpoint="waiter"}"#)
-            .await,
-        2.0
-    );
-    assert_eq!(gw.metric("wsgateway_connections_total").await, 4.0);
+    gw.assert_metric(r#"connections_by_endpoint{endpoint="waiter"}"#, 2.0)
+        .await;
+    gw.assert_metric("connections_total", 4.0).await;
     gw.stop().await;
 }
 
@@ -223,12 +217,12 @@ async fn equal_event_ids_of_two_tenants_are_two_events() {
         .await;
     assert_eq!(one.next_json().await.unwrap()["tenant"], 1);
     assert_eq!(one.next_json().await.unwrap()["type"], "ROUND_READY");
-    assert_eq!(gw.metric("wsgateway_events_deduplicated_total").await, 0.0);
+    gw.assert_metric("events_deduplicated_total", 0.0).await;
     // A repeat within one tenant is still one event.
     gw.publish_one("channel:branch:5:admin", order(2)).await;
     gw.publish_one("channel:branch:5:admin", event("ROUND_READY", 2, 5))
         .await;
     assert_eq!(two.next_json().await.unwrap()["type"], "ROUND_READY");
-    assert_eq!(gw.metric("wsgateway_events_deduplicated_total").await, 1.0);
+    gw.assert_metric("events_deduplicated_total", 1.0).await;
     gw.stop().await;
 }

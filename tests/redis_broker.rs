@@ -152,17 +152,11 @@ async fn invalid_and_stale_events_are_dropped_counted_and_never_delivered() {
     assert_eq!(got, vec![fresh], "only the valid, fresh event is delivered");
     // The pattern `channel:branch:*:admin` does not match the last bad
     // channel, so Redis never delivers it: 8 invalid, 1 stale.
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_dropped_total{reason="invalid"}"#)
-            .await,
-        8.0
-    );
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_dropped_total{reason="stale"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(gw.metric("wsgateway_events_processed_total").await, 1.0);
+    gw.assert_metric(r#"events_dropped_total{reason="invalid"}"#, 8.0)
+        .await;
+    gw.assert_metric(r#"events_dropped_total{reason="stale"}"#, 1.0)
+        .await;
+    gw.assert_metric("events_processed_total", 1.0).await;
     let (status, health) = gw.get_json("/ws/health/detailed").await;
     assert_eq!(
         (status, health["status"].as_str()),
@@ -255,11 +249,8 @@ async fn a_redis_outage_keeps_clients_connected_and_delivery_resumes() {
             .await;
         assert!(n >= 1.0, "{to}: {n}");
     }
-    assert_eq!(
-        gw.metric(r#"wsgateway_circuit_breaker_state{name="redis"}"#)
-            .await,
-        0.0
-    );
+    gw.assert_metric(r#"circuit_breaker_state{name="redis"}"#, 0.0)
+        .await;
     gw.stop().await;
 }
 
@@ -463,10 +454,7 @@ async fn timestamps_in_seconds_or_milliseconds_are_read_everywhere() {
             json!("fcall-fraction")
         ]
     );
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_dropped_total{reason="stale"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"events_dropped_total{reason="stale"}"#, 1.0)
+        .await;
     gw.stop().await;
 }

@@ -257,17 +257,11 @@ async fn a_gap_history_cannot_fill_tells_the_clients_to_resync() {
         other.drain(Duration::from_millis(200)).await.is_empty(),
         "branch 6 lost nothing"
     );
-    assert_eq!(
-        gw.metric(r#"wsgateway_events_dropped_total{reason="gap"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(
-        gw.metric(r#"wsgateway_subscription_gaps_total{outcome="lost"}"#)
-            .await,
-        1.0
-    );
-    assert_eq!(gw.metric("wsgateway_resync_notices_total").await, 1.0);
+    gw.assert_metric(r#"events_dropped_total{reason="gap"}"#, 1.0)
+        .await;
+    gw.assert_metric(r#"subscription_gaps_total{outcome="lost"}"#, 1.0)
+        .await;
+    gw.assert_metric("resync_notices_total", 1.0).await;
     gw.stop().await;
 }
 

@@ -302,11 +302,8 @@ async fn repeated_connections_within_the_ttl_issue_one_query() {
         .unwrap()
         .get(0);
     assert_eq!(calls, 1);
-    assert_eq!(
-        gw.metric(r#"wsgateway_sector_queries_total{outcome="ok"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"sector_queries_total{outcome="ok"}"#, 1.0)
+        .await;
     gw.stop().await;
 }
 
@@ -367,11 +364,8 @@ async fn a_slow_query_times_out_into_branch_wide_delivery() {
     gw.publish_one("channel:branch:5:waiters", ev(t, "s11", Some(11)))
         .await;
     assert_eq!(tags(&mut w).await.0, set(&["s11"]));
-    assert_eq!(
-        gw.metric(r#"wsgateway_sector_queries_total{outcome="timeout"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"sector_queries_total{outcome="timeout"}"#, 1.0)
+        .await;
     gw.stop().await;
 }
 

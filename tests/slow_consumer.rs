@@ -61,11 +61,8 @@ async fn a_client_that_stops_reading_is_closed_1008_and_delays_no_one() {
         "it was cut off before the end ({} frames)",
         frames.len()
     );
-    assert_eq!(
-        gw.metric(r#"wsgateway_disconnects_total{reason="slow_consumer"}"#)
-            .await,
-        1.0
-    );
+    gw.assert_metric(r#"disconnects_total{reason="slow_consumer"}"#, 1.0)
+        .await;
     let failed = |reason: &'static str| {
         let gw = &gw;
         async move {
@@ -93,7 +90,7 @@ async fn a_client_that_stops_reading_is_closed_1008_and_delays_no_one() {
         (2 * total + frames.len()) as f64,
         "queued {queued}, undelivered {undelivered}"
     );
-    assert_eq!(gw.metric("wsgateway_connections_total").await, 2.0);
+    gw.assert_metric("connections_total", 2.0).await;
     drop((reader, kitchen));
     gw.stop().await;
 }
@@ -134,7 +131,7 @@ async fn frames_lost_to_a_reset_connection_are_counted() {
     }
     gw.wait_metric("wsgateway_events_processed_total", |v| v == total as f64)
         .await;
-    assert_eq!(gw.metric("wsgateway_broadcasts_total").await, total as f64);
+    gw.assert_metric("broadcasts_total", total as f64).await;
     let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = stalled.ws.get_ref() else {
         unreachable!("plain TCP")
     };
@@ -154,10 +151,7 @@ async fn frames_lost_to_a_reset_connection_are_counted() {
         .await;
     assert!(closed >= 1.0, "frames were still queued");
     assert!(write_failed + closed <= total as f64);
-    assert_eq!(
-        gw.metric(r#"wsgateway_broadcasts_failed_total{reason="slow_consumer"}"#)
-            .await,
-        0.0
-    );
+    gw.assert_metric(r#"broadcasts_failed_total{reason="slow_consumer"}"#, 0.0)
+        .await;
     gw.stop().await;
 }

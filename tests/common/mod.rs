@@ -140,6 +140,14 @@ impl TestGateway {
         metric_value(&text, sample).unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
     }
 
+    /// Asserts the value of one sample of `/ws/metrics`, named without its
+    /// `wsgateway_` prefix (`connections_rejected_total{reason="auth"}`),
+    /// so that the assertion fits one line.
+    pub async fn assert_metric(&self, sample: &str, expected: f64) {
+        let sample = format!("wsgateway_{sample}");
+        assert_eq!(self.metric(&sample).await, expected, "{sample}");
+    }
+
     /// Polls one sample of `/ws/metrics` until `check` holds on its value
     /// (a missing sample is 0); returns it. Panics after 10 s.
     pub async fn wait_metric(&self, sample: &str, check: impl Fn(f64) -> bool) -> f64 {
