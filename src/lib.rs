@@ -14,6 +14,7 @@
 //! - [`connection`]: one task per socket, admission to close.
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
+//! - [`tls`]: the one TLS crypto provider (ring), installed at start.
 //! - [`cli`]: the `serve`, `dev`, `token`, `publish` and `bench` commands.
 //! - [`bench`]: the load generator behind BENCHMARKS.md.
 
@@ -33,6 +34,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod sectors;
+pub mod tls;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -6,6 +6,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod redis_server;
 pub mod table;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
