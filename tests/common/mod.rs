@@ -5,6 +5,7 @@
 pub mod postgres;
 pub mod proxy;
 pub mod redis_server;
+pub mod sentinel;
 pub mod table;
 pub mod tls;
 

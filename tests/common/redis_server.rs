@@ -23,8 +23,9 @@ pub struct Options {
     pub password: Option<String>,
     /// More arguments (`--replicaof 127.0.0.1 6380`, sentinel settings).
     pub args: Vec<String>,
-    /// Run as a sentinel, with this (writable, per-sentinel) config file.
-    pub sentinel_conf: Option<PathBuf>,
+    /// Run as a sentinel, with this (writable, per-sentinel) config file
+    /// and its contents, written afresh at each start.
+    pub sentinel_conf: Option<(PathBuf, String)>,
 }
 
 /// A TLS-only server's files, and what the test's own clients present.
@@ -126,9 +127,9 @@ impl RedisServer {
         let port = self.port.to_string();
         let o = &self.options;
         let mut command = Command::new("redis-server");
-        if let Some(conf) = &o.sentinel_conf {
+        if let Some((conf, text)) = &o.sentinel_conf {
             // A sentinel rewrites its config file: each has its own.
-            std::fs::write(conf, "").unwrap();
+            std::fs::write(conf, text).unwrap();
             command.arg(conf).arg("--sentinel");
         }
         match &o.tls {

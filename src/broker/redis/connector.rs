@@ -51,6 +51,9 @@ struct Inner {
     timeout: Duration,
     /// The master last found (sentinel mode), `host:port`.
     master: Mutex<Option<String>>,
+    /// The connection to the sentinel that answered last (its index),
+    /// reused by the next question; dropped when it fails.
+    sentinel: Mutex<Option<(usize, MultiplexedConnection)>>,
 }
 
 enum Topology {
@@ -256,6 +259,7 @@ impl Connector {
                 client_cert: config.redis_client_cert_file.is_some(),
                 timeout: config.redis_timeout_s.0,
                 master: Mutex::new(None),
+                sentinel: Mutex::new(None),
             }),
         }))
     }
@@ -303,7 +307,23 @@ impl Connector {
         }
     }
 
-    /// Asks each sentinel in turn where the master is; the first answer
+    /// In sentinel mode, asks the sentinels where the master is now, so
+    /// that a failover is followed even while the old master still
+    /// answers (a manual failover, a partition); the connections to another
+    /// address are then stale. Called by every health check. An error
+    /// (no sentinel answers) keeps the master last found.
+    pub async fn refresh(&self) {
+        if let Topology::Sentinel {
+            sentinels, name, ..
+        } = &self.inner.topology
+            && let Ok((host, port)) = self.ask_sentinels(sentinels, name).await
+        {
+            self.note_master(&format!("{host}:{port}"));
+        }
+    }
+
+    /// Asks the sentinels where the master is: first the one that answered
+    /// last, on its open connection, then each in turn; the first answer
     /// wins.
     async fn ask_sentinels(
         &self,
@@ -314,21 +334,37 @@ impl Connector {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
+        let question = || {
+            let mut cmd = redis::cmd("SENTINEL");
+            cmd.arg("get-master-addr-by-name").arg(name);
+            cmd
+        };
+        let cached = self.inner.sentinel.lock().clone();
+        if let Some((_, mut conn)) = cached {
+            let question = question();
+            let asked = question.query_async::<Option<(String, u16)>>(&mut conn);
+            if let Ok(Ok(Some(found))) = tokio::time::timeout(timeout, asked).await {
+                return Ok(found);
+            }
+            *self.inner.sentinel.lock() = None;
+        }
         let mut failures = Vec::new();
-        for sentinel in sentinels {
+        for (i, sentinel) in sentinels.iter().enumerate() {
             let ask = async {
                 let mut conn = sentinel
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
-                redis::cmd("SENTINEL")
-                    .arg("get-master-addr-by-name")
-                    .arg(name)
+                let found = question()
                     .query_async::<Option<(String, u16)>>(&mut conn)
-                    .await
+                    .await?;
+                Ok::<_, redis::RedisError>((found, conn))
             };
             match tokio::time::timeout(timeout * 2, ask).await {
-                Ok(Ok(Some(found))) => return Ok(found),
-                Ok(Ok(None)) => failures.push(format!("does not know master {name:?}")),
+                Ok(Ok((Some(found), conn))) => {
+                    *self.inner.sentinel.lock() = Some((i, conn));
+                    return Ok(found);
+                }
+                Ok(Ok((None, _))) => failures.push(format!("does not know master {name:?}")),
                 Ok(Err(e)) => failures.push(self.describe(&e)),
                 Err(_) => failures.push("timed out".into()),
             }

@@ -125,8 +125,10 @@ impl RedisLink {
         }
     }
 
-    /// Checks the connection: a `PING`; in sentinel mode a `ROLE`, so that a
-    /// master demoted to replica is noticed even when nothing is written.
+    /// Checks the connection: a `PING`; in sentinel mode, asks the
+    /// sentinels where the master is, then a `ROLE`, so that a failover is
+    /// followed, and a master demoted to replica left, even when nothing is
+    /// written.
     pub async fn check(&self) -> Result<(), LinkError> {
         if !self.connector.is_sentinel() {
             let ping = |mut c: MultiplexedConnection| async move {
@@ -134,6 +136,9 @@ impl RedisLink {
             };
             return self.call(ping).await.map(drop);
         }
+        // Where the sentinels say the master is now: a connection to
+        // another address is replaced by `connection`.
+        self.connector.refresh().await;
         let current = self.connection().await?;
         let mut conn = current.conn.clone();
         let checked = tokio::time::timeout(
