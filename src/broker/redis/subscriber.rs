@@ -315,6 +315,29 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             return;
         }
     };
+    // No counter at all: Redis lost its data, and numbering starts again
+    // from the clock, above every number given before (see `lua/`).
+    if let Some(counter) = filled.counter
+        && counter < position.high()
+    {
+        // The counter went back: a failover lost writes the old master had
+        // not replicated, or Redis restarted without persistence. Numbers
+        // up to ours will be given again, to new events: deliver them
+        // (the position restarts at the counter), and tell every
+        // connection that history no longer matches what it saw.
+        tracing::warn!(
+            from = position.high(),
+            to = counter,
+            "Redis's event counter went back (a failover lost writes, or a restart without persistence)"
+        );
+        *position = Position {
+            baseline: counter,
+            plain_seen: position.plain_seen,
+            ..Position::default()
+        };
+        lost(broker, None, "history_unavailable", gap);
+        return;
+    }
     let mut count = 0;
     for entry in filled.entries.into_entries() {
         let fresh = position.fresh(entry.seq, &entry.channels);
