@@ -171,7 +171,12 @@ impl RedisServer {
         }
         let _ = child.kill();
         let _ = child.wait();
-        panic!("redis-server on port {} did not start", self.port);
+        let hint = if self.options.tls.is_some() {
+            " (a TLS-only server: redis-server must be built with TLS, as Debian's is)"
+        } else {
+            ""
+        };
+        panic!("redis-server on port {} did not start{hint}", self.port);
     }
 
     /// The `process_id` of the Redis answering on the port.
