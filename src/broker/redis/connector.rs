@@ -289,10 +289,9 @@ impl Connector {
                 } else {
                     ConnectionAddr::Tcp(host.clone(), port)
                 };
-                let info = format!("redis://{host}:{port}")
+                let info = addr
                     .into_connection_info()
                     .map_err(|e| format!("sentinels named an unusable master ({:?})", e.kind()))?
-                    .set_addr(addr)
                     .set_redis_settings(master.redis.clone())
                     .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
                 let client = match &master.certs {
