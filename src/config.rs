@@ -118,8 +118,20 @@ settings! {
     resume_concurrency: usize = Some("16"), env = "WSGATEWAY_RESUME_CONCURRENCY", flag = "resume-concurrency";
     /// Longest wait for a place among the history reads, in seconds; beyond it, `recovered: false`.
     resume_wait_s: Secs = Some("10"), env = "WSGATEWAY_RESUME_WAIT_S", flag = "resume-wait-s";
-    /// Redis URL (`redis://[:password@]host:port[/db]`); unset: the embedded one-node broker.
+    /// Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS); in sentinel mode a comma-separated list of sentinel URLs. Unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
+    /// How REDIS_URL is read: `standalone` (one server) or `sentinel` (the sentinels of WSGATEWAY_REDIS_SENTINEL_MASTER). `cluster` is not supported yet.
+    redis_mode: RedisMode = Some("standalone"), env = "WSGATEWAY_REDIS_MODE", flag = "redis-mode";
+    /// In sentinel mode, the name of the master the sentinels monitor (required there).
+    redis_sentinel_master: Option<String> = None, env = "WSGATEWAY_REDIS_SENTINEL_MASTER", flag = "redis-sentinel-master";
+    /// Password of the Redis server (in sentinel mode: of the master), when it differs from the one in REDIS_URL; unset: REDIS_URL's.
+    redis_password: Option<Secret> = None, env = "WSGATEWAY_REDIS_PASSWORD", flag = "redis-password";
+    /// PEM file of the CA certificates that `rediss://` servers are verified against; unset: the system roots.
+    redis_ca_file: Option<PathBuf> = None, env = "WSGATEWAY_REDIS_CA_FILE", flag = "redis-ca-file";
+    /// PEM file of the client certificate (chain) presented to `rediss://` servers; needs WSGATEWAY_REDIS_CLIENT_KEY_FILE.
+    redis_client_cert_file: Option<PathBuf> = None, env = "WSGATEWAY_REDIS_CLIENT_CERT_FILE", flag = "redis-client-cert-file";
+    /// PEM file of the client certificate's private key; needs WSGATEWAY_REDIS_CLIENT_CERT_FILE.
+    redis_client_key_file: Option<PathBuf> = None, env = "WSGATEWAY_REDIS_CLIENT_KEY_FILE", flag = "redis-client-key-file";
     /// Timeout of one Redis connect or command, in seconds.
     redis_timeout_s: Secs = Some("2"), env = "WSGATEWAY_REDIS_TIMEOUT_S", flag = "redis-timeout-s";
     /// First reconnect delay after losing Redis (decorrelated jitter), in seconds.
@@ -411,6 +423,26 @@ impl SettingValue for JwtAlgorithm {
             "RS256" => Ok(JwtAlgorithm::Rs256),
             "ES256" => Ok(JwtAlgorithm::Es256),
             _ => Err(format!("{raw:?} is not one of HS256, RS256, ES256")),
+        }
+    }
+}
+
+/// How the gateway finds its Redis (DESIGN §1.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// `REDIS_URL` names the one server.
+    Standalone,
+    /// `REDIS_URL` lists sentinels, which name the master.
+    Sentinel,
+}
+
+impl SettingValue for RedisMode {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "standalone" => Ok(RedisMode::Standalone),
+            "sentinel" => Ok(RedisMode::Sentinel),
+            "cluster" => Err("cluster is not supported yet (use standalone or sentinel)".into()),
+            _ => Err(format!("{raw:?} is not one of standalone, sentinel")),
         }
     }
 }

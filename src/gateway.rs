@@ -16,10 +16,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
-    BadRedisUrl, BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds,
-    RedisBroker, RedisTiming,
+    BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
+    RedisConnector, RedisTiming,
 };
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::dispatcher::Dispatcher;
 use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
@@ -62,11 +62,9 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
-    Redis(#[from] BadRedisUrl),
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Database(#[from] BadDatabaseUrl),
-    #[error("invalid setting REDIS_URL (--redis-url): {0}")]
-    Revocations(String),
     #[error("{0}")]
     RedisVersion(String),
 }
@@ -83,6 +81,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Gateway, StartError> {
+        // Before any TLS client exists (the redis crate takes the default).
+        crate::tls::install_crypto_provider();
         let metrics = Arc::new(Metrics::with_drop_rate(DropRate::new(
             config.drop_rate_window_s.0,
             config.drop_rate_alert.0,
@@ -104,11 +104,12 @@ impl Gateway {
             max_replay: config.resume_max_events.unwrap_or(config.history_size),
         };
         let mut redis_broker = None;
-        let broker: Arc<dyn Broker> = match &config.redis_url {
+        let connector = RedisConnector::from_config(&config)?;
+        let broker: Arc<dyn Broker> = match &connector {
             None => Arc::new(EmbeddedBroker::new(queue.clone(), history)),
-            Some(url) => {
+            Some(connector) => {
                 let broker = Arc::new(RedisBroker::new(
-                    url.expose(),
+                    connector.clone(),
                     RedisTiming {
                         timeout: config.redis_timeout_s.0,
                         retry_base: config.redis_retry_base_s.0,
@@ -130,7 +131,7 @@ impl Gateway {
                     queue.clone(),
                     hub.clone(),
                     metrics.clone(),
-                )?);
+                ));
                 redis_broker = Some(broker.clone());
                 broker
             }
@@ -150,11 +151,10 @@ impl Gateway {
             )?,
         });
         let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
-        let revocations = match (&config.revoked_jti_key, &config.redis_url) {
-            (Some(key), Some(url)) => Some(
-                Revocations::new(url.expose(), key, config.redis_timeout_s.0)
-                    .map_err(StartError::Revocations)?,
-            ),
+        let revocations = match (&config.revoked_jti_key, connector) {
+            (Some(key), Some(connector)) => {
+                Some(Revocations::new(connector, key, config.redis_timeout_s.0))
+            }
             _ => None,
         };
         if config.allowed_origins.is_none() {

@@ -16,6 +16,7 @@
 //! - [`connection`]: one task per socket, admission to close.
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
+//! - [`tls`]: the one TLS crypto provider (ring), installed at start.
 //! - [`cli`]: the `serve`, `dev`, `token`, `publish` and `bench` commands.
 //! - [`bench`]: the load generator behind BENCHMARKS.md.
 
@@ -35,6 +36,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod sectors;
+pub mod tls;
 pub mod unknown_types;
 
 pub use config::Config;

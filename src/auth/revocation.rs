@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use crate::auth::TenantId;
-use crate::broker::{LinkError, RedisLink};
+use crate::broker::{LinkError, RedisConnector, RedisLink};
 
 /// How many `jti`s one SMISMEMBER asks about.
 const CHUNK: usize = 1000;
@@ -33,13 +33,13 @@ pub enum RevocationError {
 }
 
 impl Revocations {
-    /// Connects lazily: the gateway starts without Redis.
-    pub fn new(url: &str, key: &str, timeout: Duration) -> Result<Revocations, String> {
-        let client = crate::broker::redis_client(url)?;
-        Ok(Revocations {
-            redis: RedisLink::new(client, timeout, None),
+    /// Connects lazily: the gateway starts without Redis. `connector` is
+    /// the broker's (the same server, or the same master).
+    pub fn new(connector: RedisConnector, key: &str, timeout: Duration) -> Revocations {
+        Revocations {
+            redis: RedisLink::new(connector, timeout, None),
             key: key.to_owned(),
-        })
+        }
     }
 
     /// Whether the token `jti` of `tenant` is in the revoked set.

@@ -103,6 +103,7 @@ impl Broker for EmbeddedBroker {
             publishing: true,
             reason: None,
             breaker: None,
+            master: None,
         }
     }
 }

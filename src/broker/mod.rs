@@ -19,8 +19,9 @@ use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
-pub use self::redis::link::{LinkError, RedisLink, client as redis_client};
-pub use self::redis::{BadRedisUrl, RedisBounds, RedisBroker, RedisTiming};
+pub use self::redis::connector::Connector as RedisConnector;
+pub use self::redis::link::{LinkError, RedisLink};
+pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
 pub use history::{Cursor, Found, HistoryLimits, Scope};
@@ -72,6 +73,9 @@ pub struct BrokerStatus {
     pub reason: Option<String>,
     /// The circuit breaker's state and consecutive failures, if it has one.
     pub breaker: Option<(BreakerState, u32)>,
+    /// The master in use (`host:port`), when the broker follows one
+    /// (Redis Sentinel).
+    pub master: Option<String>,
 }
 
 /// What a broker needs of this node's connections to fill a gap in its

@@ -60,6 +60,9 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
     if let Some(reason) = &broker.reason {
         broker_json["reason"] = reason.as_str().into();
     }
+    if let Some(master) = &broker.master {
+        broker_json["master"] = master.as_str().into();
+    }
     let mut sector_json = json!({"status": sectors});
     if let Some(reason) = sectors_reason {
         sector_json["reason"] = reason.into();

@@ -7,7 +7,9 @@ pub mod pg_tls;
 pub mod postgres;
 pub mod proxy;
 pub mod redis_server;
+pub mod sentinel;
 pub mod table;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,14 +1,43 @@
 //! A private `redis-server` on a free loopback port, for tests that need
-//! their own Redis (to kill it, or to count exactly).
+//! their own Redis (to kill it, or to count exactly): plain, TLS only, a
+//! replica, or a sentinel.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    options: Options,
+}
+
+/// How a test's `redis-server` runs.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Only a TLS port (`--port 0 --tls-port N`).
+    pub tls: Option<ServerTls>,
+    /// `--requirepass` (and `--masterauth`, for replicas).
+    pub password: Option<String>,
+    /// More arguments (`--replicaof 127.0.0.1 6380`, sentinel settings).
+    pub args: Vec<String>,
+    /// Run as a sentinel, with this (writable, per-sentinel) config file
+    /// and its contents, written afresh at each start.
+    pub sentinel_conf: Option<(PathBuf, String)>,
+}
+
+/// A TLS-only server's files, and what the test's own clients present.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// `--tls-auth-clients`: `no`, `optional` or `yes`.
+    pub auth_clients: &'static str,
+    /// The client certificate and key the test's clients use.
+    pub client: (PathBuf, PathBuf),
 }
 
 /// The shared Redis the test command provides (`REDIS_URL`, or the local
@@ -37,10 +66,15 @@ impl RedisServer {
     /// server exits and another port is tried, so that a test never talks
     /// to someone else's Redis.
     pub fn start() -> RedisServer {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(options: Options) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
                 port: free_port(),
                 child: None,
+                options: options.clone(),
             };
             if server.spawn() {
                 return server;
@@ -49,8 +83,32 @@ impl RedisServer {
         panic!("redis-server could not bind a free port in 5 tries");
     }
 
+    /// Its URL, with the password (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        match &self.options.password {
+            Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client for it (with the test's CA and client certificate when TLS).
+    pub fn client(&self) -> redis::Client {
+        client_for(&self.url(), self.options.tls.as_ref())
+    }
+
+    /// The process id of the server this value started, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts (again) on the same port, and waits until it answers.
@@ -66,9 +124,35 @@ impl RedisServer {
     /// there is this child (its `process_id`), false when the child exited
     /// first (the port was taken).
     fn spawn(&mut self) -> bool {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let port = self.port.to_string();
+        let o = &self.options;
+        let mut command = Command::new("redis-server");
+        if let Some((conf, text)) = &o.sentinel_conf {
+            // A sentinel rewrites its config file: each has its own.
+            std::fs::write(conf, text).unwrap();
+            command.arg(conf).arg("--sentinel");
+        }
+        match &o.tls {
+            None => command.args(["--port", &port]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &port])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", tls.auth_clients]),
+        };
+        command.args(["--bind", "127.0.0.1"]);
+        if o.sentinel_conf.is_none() {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        if let Some(pw) = &o.password {
+            command.args(["--requirepass", pw, "--masterauth", pw]);
+        }
+        let mut child = command
+            .args(&o.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -79,7 +163,7 @@ impl RedisServer {
             if !matches!(child.try_wait(), Ok(None)) {
                 return false;
             }
-            if self.answers() && self.process_id() == Some(pid) {
+            if (self.options.tls.is_some() || self.answers()) && self.process_id() == Some(pid) {
                 self.child = Some(child);
                 return true;
             }
@@ -87,13 +171,18 @@ impl RedisServer {
         }
         let _ = child.kill();
         let _ = child.wait();
-        panic!("redis-server on port {} did not start", self.port);
+        let hint = if self.options.tls.is_some() {
+            " (a TLS-only server: redis-server must be built with TLS, as Debian's is)"
+        } else {
+            ""
+        };
+        panic!("redis-server on port {} did not start{hint}", self.port);
     }
 
     /// The `process_id` of the Redis answering on the port.
     fn process_id(&self) -> Option<u32> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut conn = client
+        let mut conn = self
+            .client()
             .get_connection_with_timeout(Duration::from_millis(500))
             .ok()?;
         let info: String = redis::cmd("INFO").arg("server").query(&mut conn).ok()?;
@@ -108,7 +197,18 @@ impl RedisServer {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        // A server with a password answers -NOAUTH: it answers.
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
+    }
+
+    /// A command on a new connection, for test set-up and checks.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = self
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        cmd.query(&mut conn)
     }
 
     pub fn kill(&mut self) {
@@ -120,12 +220,36 @@ impl RedisServer {
 
     /// PUBLISHes raw text, as a backend would.
     pub fn publish(&self, channel: &str, payload: &str) -> i64 {
-        publish_to(&self.url(), channel, payload)
+        publish_with(&self.client(), channel, payload)
     }
 }
 
+/// A client for `url`, with the test's CA and client certificate for a TLS
+/// server.
+pub fn client_for(url: &str, tls: Option<&ServerTls>) -> redis::Client {
+    let Some(tls) = tls else {
+        return redis::Client::open(url).unwrap();
+    };
+    wsgateway::tls::install_crypto_provider();
+    let info = redis::IntoConnectionInfo::into_connection_info(url).unwrap();
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: std::fs::read(&tls.client.0).unwrap(),
+                client_key: std::fs::read(&tls.client.1).unwrap(),
+            }),
+            root_cert: Some(std::fs::read(&tls.ca).unwrap()),
+        },
+    )
+    .unwrap()
+}
+
 pub fn publish_to(url: &str, channel: &str, payload: &str) -> i64 {
-    let client = redis::Client::open(url).unwrap();
+    publish_with(&redis::Client::open(url).unwrap(), channel, payload)
+}
+
+pub fn publish_with(client: &redis::Client, channel: &str, payload: &str) -> i64 {
     let mut conn = client
         .get_connection_with_timeout(Duration::from_secs(2))
         .unwrap();

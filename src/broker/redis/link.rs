@@ -6,7 +6,12 @@
 //! a connection on a silently dead path (no RST, no FIN) is never reused.
 //! TCP keepalive and `TCP_USER_TIMEOUT` on the socket catch what the
 //! kernel can see; the command deadline catches the rest. A new connection
-//! is prepared (version check, function library) before any call uses it.
+//! goes where the [`Connector`] says (in sentinel mode: the master the
+//! sentinels name, confirmed by `ROLE`), and is prepared (version check,
+//! function library) before any call uses it. A connection to a server that
+//! is no longer the master (a `READONLY` refusal, a `ROLE` that says
+//! replica, or another master found meanwhile) is discarded like a dead
+//! one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,7 +20,9 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisResult};
+use redis::{AsyncConnectionConfig, RedisResult};
+
+use super::connector::{Connector, RoleError};
 
 /// What a call could not do, and whether it may have happened anyway.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,6 +40,10 @@ pub enum LinkError {
     /// The server cannot serve the gateway (too old).
     #[error("{0}")]
     Incompatible(String),
+    /// The server is not (or no longer) the master: nothing was done, and
+    /// the connection was discarded, so the next call finds the master.
+    #[error("not the master: {0}")]
+    NotMaster(String),
 }
 
 /// Runs on every new connection before it is shared.
@@ -40,11 +51,11 @@ pub type Prepare =
     Box<dyn Fn(MultiplexedConnection) -> BoxFuture<'static, Result<(), LinkError>> + Send + Sync>;
 
 pub struct RedisLink {
-    client: redis::Client,
+    connector: Connector,
     timeout: Duration,
-    /// The current connection and its generation; held only to copy or
-    /// replace it, never across an await.
-    slot: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// The current connection; held only to copy or replace it, never
+    /// across an await.
+    slot: Mutex<Option<Current>>,
     generations: AtomicU64,
     prepare: Option<Prepare>,
 }
@@ -64,21 +75,19 @@ pub fn tcp_settings(user_timeout: Duration) -> TcpSettings {
         .set_user_timeout(user_timeout)
 }
 
-/// A client for `url` whose sockets use [`tcp_settings`]. The error never
-/// contains the URL (it may hold a password).
-pub fn client(url: &str) -> Result<redis::Client, String> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| format!("not a Redis URL ({:?})", e.kind()))?
-        .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
-    redis::Client::open(info).map_err(|e| format!("not a Redis URL ({:?})", e.kind()))
+/// The shared connection, its generation, and the server it reached.
+#[derive(Clone)]
+struct Current {
+    generation: u64,
+    conn: MultiplexedConnection,
+    addr: String,
 }
 
 impl RedisLink {
     /// No connection is made until the first call.
-    pub fn new(client: redis::Client, timeout: Duration, prepare: Option<Prepare>) -> RedisLink {
+    pub fn new(connector: Connector, timeout: Duration, prepare: Option<Prepare>) -> RedisLink {
         RedisLink {
-            client,
+            connector,
             timeout,
             slot: Mutex::new(None),
             generations: AtomicU64::new(0),
@@ -93,16 +102,63 @@ impl RedisLink {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let (generation, conn) = self.connection().await?;
-        match tokio::time::timeout(self.timeout, op(conn)).await {
+        let current = self.connection().await?;
+        let generation = current.generation;
+        match tokio::time::timeout(self.timeout, op(current.conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if broken(&e) => {
                 self.discard(generation);
-                Err(LinkError::Unknown(describe(&e)))
+                Err(LinkError::Unknown(self.connector.describe(&e)))
             }
-            Ok(Err(e)) => Err(LinkError::Refused(describe(&e))),
+            Ok(Err(e)) if e.code() == Some("READONLY") => {
+                self.discard(generation);
+                Err(LinkError::NotMaster(format!(
+                    "{} is read-only (a replica)",
+                    current.addr
+                )))
+            }
+            Ok(Err(e)) => Err(LinkError::Refused(describe_plain(&e))),
             Err(_) => {
                 self.discard(generation);
+                Err(LinkError::Unknown("timed out".into()))
+            }
+        }
+    }
+
+    /// Checks the connection: a `PING`; in sentinel mode, asks the
+    /// sentinels where the master is, then a `ROLE`, so that a failover is
+    /// followed, and a master demoted to replica left, even when nothing is
+    /// written.
+    pub async fn check(&self) -> Result<(), LinkError> {
+        if !self.connector.is_sentinel() {
+            let ping = |mut c: MultiplexedConnection| async move {
+                redis::cmd("PING").query_async::<String>(&mut c).await
+            };
+            return self.call(ping).await.map(drop);
+        }
+        // Where the sentinels say the master is now: a connection to
+        // another address is replaced by `connection`.
+        self.connector.refresh().await;
+        let current = self.connection().await?;
+        let mut conn = current.conn.clone();
+        let checked = tokio::time::timeout(
+            self.timeout,
+            self.connector.check_master(&mut conn, &current.addr),
+        )
+        .await;
+        match checked {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(RoleError::NotMaster(why))) => {
+                self.discard(current.generation);
+                Err(LinkError::NotMaster(why))
+            }
+            Ok(Err(RoleError::Failed(e))) if broken(&e) => {
+                self.discard(current.generation);
+                Err(LinkError::Unknown(self.connector.describe(&e)))
+            }
+            Ok(Err(RoleError::Failed(e))) => Err(LinkError::Refused(describe_plain(&e))),
+            Err(_) => {
+                self.discard(current.generation);
                 Err(LinkError::Unknown("timed out".into()))
             }
         }
@@ -113,41 +169,73 @@ impl RedisLink {
         *self.slot.lock() = None;
     }
 
-    async fn connection(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
-        if let Some(current) = self.slot.lock().clone() {
-            return Ok(current);
+    /// Where this link's connections go.
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    async fn connection(&self) -> Result<Current, LinkError> {
+        {
+            let mut slot = self.slot.lock();
+            match slot.as_ref() {
+                Some(current) if self.connector.is_current(&current.addr) => {
+                    return Ok(current.clone());
+                }
+                // Another master was found meanwhile (by the subscriber, or
+                // the revocation link): this one is stale.
+                Some(_) => *slot = None,
+                None => {}
+            }
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
         let connect = async {
-            let conn = self
+            let endpoint = self
+                .connector
+                .endpoint()
+                .await
+                .map_err(LinkError::NotSent)?;
+            let mut conn = endpoint
                 .client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
-                .map_err(|e| LinkError::NotSent(describe(&e)))?;
+                .map_err(|e| LinkError::NotSent(self.connector.describe(&e)))?;
+            match self.connector.check_master(&mut conn, &endpoint.addr).await {
+                Ok(()) => {}
+                Err(RoleError::NotMaster(why)) => return Err(LinkError::NotMaster(why)),
+                Err(RoleError::Failed(e)) => {
+                    return Err(LinkError::NotSent(self.connector.describe(&e)));
+                }
+            }
             if let Some(prepare) = &self.prepare {
                 prepare(conn.clone()).await?;
             }
-            Ok(conn)
+            Ok((conn, endpoint.addr))
         };
-        let conn = match tokio::time::timeout(self.timeout * 2, connect).await {
+        let (conn, addr) = match tokio::time::timeout(self.timeout * 2, connect).await {
             Ok(result) => result?,
             Err(_) => return Err(LinkError::NotSent("connect timed out".into())),
         };
         let mut slot = self.slot.lock();
         // Another caller may have connected meanwhile: share one connection.
-        if let Some(current) = slot.clone() {
+        if let Some(current) = slot.clone()
+            && self.connector.is_current(&current.addr)
+        {
             return Ok(current);
         }
-        let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *slot = Some((generation, conn.clone()));
-        Ok((generation, conn))
+        let current = Current {
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+            conn,
+            addr,
+        };
+        *slot = Some(current.clone());
+        Ok(current)
     }
 
     fn discard(&self, generation: u64) {
         let mut slot = self.slot.lock();
-        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+        if slot.as_ref().is_some_and(|c| c.generation == generation) {
             *slot = None;
         }
     }
@@ -158,10 +246,13 @@ fn broken(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
-/// An error's kind and server detail, never the URL.
-pub fn describe(e: &redis::RedisError) -> String {
+/// An error's kind and server detail (or the operating system's words for
+/// an I/O error), never the URL. [`Connector::describe`] adds what a TLS
+/// failure means.
+pub fn describe_plain(e: &redis::RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ if e.is_io_error() => e.to_string(),
         _ => format!("{:?}", e.kind()),
     }
 }

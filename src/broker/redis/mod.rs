@@ -10,11 +10,16 @@
 //! - a command connection ([`link::RedisLink`]) for publishing, history
 //!   reads, and health PINGs, replaced as soon as a call finds it dead.
 //!
+//! Both go where the [`connector::Connector`] says: the one server, or the
+//! master the sentinels name, found again at every reconnect; both move to
+//! a new master as soon as either finds it.
+//!
 //! The circuit breaker guards calls (publish, resume), never the
 //! subscription: the subscriber reconnects on its own jittered schedule, so
 //! live delivery follows Redis's return within seconds, and a health probe
 //! outside the breaker half-opens it early once Redis answers.
 
+pub mod connector;
 pub mod link;
 mod subscriber;
 
@@ -25,6 +30,7 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use self::connector::Connector;
 use self::link::{LinkError, RedisLink};
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
@@ -86,7 +92,7 @@ struct Condition {
 }
 
 pub struct RedisBroker {
-    client: redis::Client,
+    /// The command connection; its connector is the subscriber's too.
     link: RedisLink,
     queue: Arc<EventQueue>,
     listeners: Arc<dyn Listeners>,
@@ -97,29 +103,22 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
 }
 
-/// Why the Redis broker could not be built (a malformed URL).
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting REDIS_URL (--redis-url): {0}")]
-pub struct BadRedisUrl(String);
-
 impl RedisBroker {
     /// Builds the broker without connecting: the gateway starts, and serves,
     /// whether Redis is up or not.
     pub fn new(
-        url: &str,
+        connector: Connector,
         timing: RedisTiming,
         breaker: BreakerConfig,
         bounds: RedisBounds,
         queue: Arc<EventQueue>,
         listeners: Arc<dyn Listeners>,
         metrics: Arc<Metrics>,
-    ) -> Result<RedisBroker, BadRedisUrl> {
-        let client = link::client(url).map_err(BadRedisUrl)?;
+    ) -> RedisBroker {
         let history = bounds.history;
         let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds)));
-        Ok(RedisBroker {
-            link: RedisLink::new(client.clone(), timing.timeout, Some(prepare)),
-            client,
+        RedisBroker {
+            link: RedisLink::new(connector, timing.timeout, Some(prepare)),
             queue,
             listeners,
             breaker: CircuitBreaker::new("redis", breaker, metrics.clone()),
@@ -130,20 +129,17 @@ impl RedisBroker {
             timing,
             history,
             metrics,
-        })
+        }
     }
 
     /// Checks the server once, at start: an incompatible one (older than
     /// 7.0) is an error; an unreachable one is not (the gateway starts and
     /// keeps trying).
     pub async fn preflight(&self) -> Result<(), String> {
-        let ping = |mut c: redis::aio::MultiplexedConnection| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        };
-        match self.link.call(ping).await {
+        match self.link.check().await {
             Err(LinkError::Incompatible(why)) => Err(why),
             Err(e) => {
-                tracing::warn!(error = %e, "Redis is not reachable yet; starting anyway");
+                tracing::error!(reason = %e, "Redis cannot be used yet; starting anyway, and retrying");
                 Ok(())
             }
             Ok(_) => Ok(()),
@@ -162,11 +158,16 @@ impl RedisBroker {
             return Err(BrokerError::Unavailable("circuit breaker open".into()));
         };
         let mut result = self.link.call(&op).await;
-        if let Err(LinkError::Refused(why)) = &result
-            && why.contains("Function not found")
-        {
+        let retry = match &result {
             // Redis lost its functions (a restart without persistence):
             // nothing ran. Load the library on a fresh connection, once.
+            Err(LinkError::Refused(why)) if why.contains("Function not found") => true,
+            // A demoted master (a failover): nothing ran; the link has
+            // dropped the connection, and the next finds the new master.
+            Err(LinkError::NotMaster(_)) => true,
+            _ => false,
+        };
+        if retry {
             self.link.reset();
             result = self.link.call(&op).await;
         }
@@ -203,16 +204,13 @@ impl RedisBroker {
     async fn check_health_forever(self: Arc<Self>, shutdown: CancellationToken) {
         let mut every = tokio::time::interval(self.timing.health_check);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ping = |mut c: redis::aio::MultiplexedConnection| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = every.tick() => {}
             }
             let permit = self.breaker.allow();
-            let result = self.link.call(ping).await;
+            let result = self.link.check().await;
             let failed = result.as_ref().err().map(|e| {
                 self.note_incompatible(e);
                 format!("command connection: {e}")
@@ -229,10 +227,12 @@ impl RedisBroker {
                     .redis_reconnects
                     .with_label_values(&["commands"])
                     .inc();
-                tracing::warn!(
-                    reason = failed.as_deref().unwrap_or(""),
-                    "Redis command connection failing"
-                );
+                let reason = failed.as_deref().unwrap_or("");
+                if reason.contains("TLS:") {
+                    tracing::error!(reason, "Redis command connection failing");
+                } else {
+                    tracing::warn!(reason, "Redis command connection failing");
+                }
             } else if failed.is_none() && condition.commands.is_some() {
                 tracing::info!("Redis command connection back");
             }
@@ -257,7 +257,7 @@ async fn prepare(
     mut conn: redis::aio::MultiplexedConnection,
     bounds: RedisBounds,
 ) -> Result<(), LinkError> {
-    let refused = |e: redis::RedisError| LinkError::NotSent(link::describe(&e));
+    let refused = |e: redis::RedisError| LinkError::NotSent(link::describe_plain(&e));
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)
@@ -402,6 +402,7 @@ impl Broker for RedisBroker {
                 && condition.incompatible.is_none(),
             reason,
             breaker: Some((state, failures)),
+            master: self.link.connector().master(),
         }
     }
 

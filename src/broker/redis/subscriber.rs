@@ -9,7 +9,9 @@
 //! The connection is PINGed every health-check interval with the command
 //! timeout as deadline, so a silently dead path is found within seconds;
 //! then the subscriber reconnects on its own jittered schedule (never
-//! waiting for the circuit breaker). After every gap it reads, for the
+//! waiting for the circuit breaker), to wherever the connector says (in
+//! sentinel mode: the master the sentinels name now). It also moves when
+//! the connector has found another master meanwhile. After every gap it reads, for the
 //! scopes of this node's connections, what history kept after the last
 //! number it had, and queues that (in order, once) before reading any live
 //! message again: live messages wait in the connection meanwhile, and those
@@ -26,7 +28,8 @@ use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{RedisBroker, link, read_entries, text};
+use super::connector::RoleError;
+use super::{RedisBroker, read_entries, text};
 use crate::broker::Scope;
 use crate::broker::backoff::Backoff;
 use crate::broker::history::Merged;
@@ -100,19 +103,24 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(timing.retry_base, timing.retry_max);
     let mut position = Position::default();
     let mut gap: Option<Gap> = None;
+    // The last failure logged: a failure is logged when it changes, not at
+    // every retry.
+    let mut failing: Option<String> = None;
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
-            opened = tokio::time::timeout(timing.timeout * 2, open(&broker.client)) => opened,
+            opened = tokio::time::timeout(timing.timeout * 2, open(&broker)) => opened,
         };
-        match opened {
-            Ok(Ok((sink, stream))) => {
+        let failure = match opened {
+            Ok(Ok((sink, stream, addr))) => {
                 backoff.reset();
+                failing = None;
                 broker.set_subscribed(false, Some("catching up after a gap".into()));
                 fill(&broker, &mut position, gap.take()).await;
                 broker.set_subscribed(true, None);
-                tracing::info!("subscribed to Redis");
-                let Some(why) = listen(&broker, sink, stream, &mut position, &shutdown).await
+                tracing::info!(server = %addr, "subscribed to Redis");
+                let Some(why) =
+                    listen(&broker, sink, stream, &addr, &mut position, &shutdown).await
                 else {
                     return;
                 };
@@ -130,16 +138,21 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
                     after: position.high(),
                     since: Instant::now(),
                 });
+                None
             }
-            Ok(Err(e)) => {
-                let why = format!("cannot subscribe: {}", link::describe(&e));
-                tracing::warn!(reason = %why, "Redis subscription failed");
-                broker.set_subscribed(false, Some(why));
+            Ok(Err(why)) => Some(format!("cannot subscribe: {why}")),
+            Err(_) => Some("cannot subscribe: timed out".into()),
+        };
+        if let Some(why) = failure {
+            if failing.as_ref() != Some(&why) {
+                if why.contains("TLS:") {
+                    tracing::error!(reason = %why, "Redis subscription failed; retrying");
+                } else {
+                    tracing::warn!(reason = %why, "Redis subscription failed; retrying");
+                }
             }
-            Err(_) => {
-                tracing::warn!("Redis subscription timed out");
-                broker.set_subscribed(false, Some("cannot subscribe: timed out".into()));
-            }
+            broker.set_subscribed(false, Some(why.clone()));
+            failing = Some(why);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -148,13 +161,33 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
     }
 }
 
-async fn open(client: &redis::Client) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    for pattern in Channel::PATTERNS {
-        pubsub.psubscribe(pattern).await?;
+/// Subscribes on the server to use now (in sentinel mode, confirmed as the
+/// master first); returns the connection and the server's address.
+async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String), String> {
+    let connector = broker.link.connector();
+    let endpoint = connector.endpoint().await?;
+    let describe = |e: redis::RedisError| connector.describe(&e);
+    if connector.is_sentinel() {
+        let mut conn = endpoint
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(describe)?;
+        connector
+            .check_master(&mut conn, &endpoint.addr)
+            .await
+            .map_err(|e| match e {
+                RoleError::NotMaster(why) => why,
+                RoleError::Failed(e) => describe(e),
+            })?;
     }
-    pubsub.psubscribe(SCOPE_PATTERN).await?;
-    Ok(pubsub.split())
+    let mut pubsub = endpoint.client.get_async_pubsub().await.map_err(describe)?;
+    for pattern in Channel::PATTERNS {
+        pubsub.psubscribe(pattern).await.map_err(describe)?;
+    }
+    pubsub.psubscribe(SCOPE_PATTERN).await.map_err(describe)?;
+    let (sink, stream) = pubsub.split();
+    Ok((sink, stream, endpoint.addr))
 }
 
 /// Delivers messages until the connection is lost (returns why) or
@@ -163,9 +196,11 @@ async fn listen(
     broker: &RedisBroker,
     mut sink: PubSubSink,
     mut stream: PubSubStream,
+    addr: &str,
     position: &mut Position,
     shutdown: &CancellationToken,
 ) -> Option<String> {
+    let connector = broker.link.connector();
     let timing = broker.timing;
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + timing.health_check,
@@ -177,9 +212,13 @@ async fn listen(
             biased;
             _ = shutdown.cancelled() => return None,
             _ = ping.tick() => {
+                if !connector.is_current(addr) {
+                    let master = connector.master().unwrap_or_default();
+                    return Some(format!("the master moved from {addr} to {master}"));
+                }
                 match tokio::time::timeout(timing.timeout, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Some(format!("PING failed: {}", link::describe(&e))),
+                    Ok(Err(e)) => return Some(format!("PING failed: {}", connector.describe(&e))),
                     Err(_) => return Some(format!("no answer to PING within {:?}", timing.timeout)),
                 }
             }
@@ -276,6 +315,29 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             return;
         }
     };
+    // No counter at all: Redis lost its data, and numbering starts again
+    // from the clock, above every number given before (see `lua/`).
+    if let Some(counter) = filled.counter
+        && counter < position.high()
+    {
+        // The counter went back: a failover lost writes the old master had
+        // not replicated, or Redis restarted without persistence. Numbers
+        // up to ours will be given again, to new events: deliver them
+        // (the position restarts at the counter), and tell every
+        // connection that history no longer matches what it saw.
+        tracing::warn!(
+            from = position.high(),
+            to = counter,
+            "Redis's event counter went back (a failover lost writes, or a restart without persistence)"
+        );
+        *position = Position {
+            baseline: counter,
+            plain_seen: position.plain_seen,
+            ..Position::default()
+        };
+        lost(broker, None, "history_unavailable", gap);
+        return;
+    }
     let mut count = 0;
     for entry in filled.entries.into_entries() {
         let fresh = position.fresh(entry.seq, &entry.channels);
