@@ -142,7 +142,8 @@ async fn capacity_closes_1013_and_user_limit_4008() {
     assert_eq!(bad.close_code().await, Some(4001));
     // Closing one frees a place.
     drop(held.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.wait_metric("wsgateway_connections_total", |open| open < 5.0)
+        .await;
     let (_again, hello) = gw.join("diner", &diner(1, 5, 1, 77)).await;
     assert_eq!(hello["endpoint"], "diner");
     gw.assert_metric(r#"connections_rejected_total{reason="max_per_user"}"#, 1.0)

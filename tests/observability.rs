@@ -80,7 +80,9 @@ async fn a_known_scenario_gives_exact_counts() {
         }
         assert_eq!(c.until_close().await.1, Some(4029));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Their places are free once they are out of the hub.
+    gw.wait_metric("wsgateway_connections_total", |open| open == 0.0)
+        .await;
     // N = 6 connections held.
     let user1 = staff(1, 1, &[5], &["WAITER", "KITCHEN"]);
     let (_w, _) = gw.join("waiter", &user1).await;
@@ -123,7 +125,10 @@ async fn a_known_scenario_gives_exact_counts() {
     );
     let stale = json!({"type": "X", "tenant_id": 1, "branch_id": 5, "ts": wsgateway::event::unix_ms() - 60_000});
     redis.publish("channel:branch:5:kitchen", &stale.to_string());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.wait_metric(r#"wsgateway_events_dropped_total{reason="stale"}"#, |n| {
+        n >= 1.0
+    })
+    .await;
 
     let m = Metrics::scrape(&gw).await;
     let rejected = |reason| {

@@ -215,8 +215,13 @@ async fn a_redis_outage_keeps_clients_connected_and_delivery_resumes() {
         (status, answer["error"].as_str()),
         (503, Some("broker_unavailable"))
     );
-    // The clients are still connected and served.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The clients are still connected and served after a whole breaker
+    // cycle (open, half-open probe, open again) of outage.
+    gw.wait_metric(
+        r#"wsgateway_circuit_breaker_transitions_total{name="redis",to="HALF_OPEN"}"#,
+        |n| n >= 1.0,
+    )
+    .await;
     assert_eq!(waiter.ask(r#"{"type":"ping"}"#).await["type"], "pong");
     assert_eq!(diner.ask(r#"{"type":"ping"}"#).await["type"], "pong");
 
