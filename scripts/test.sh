@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every check: formatting, lints, and every test
 # (unit and integration: real gateways, real WebSocket clients over loopback,
-# a real Redis, a real PostgreSQL). It provides what the tests need,
+# a real Redis, a real PostgreSQL), for the whole workspace: the gateway and
+# its load generator (bench/). It provides what the tests need,
 # installing (apt-get) and starting them when missing:
 #   - a Redis server binary (tests start and kill their own) and a running
 #     Redis at REDIS_URL (default redis://127.0.0.1:6379);
@@ -108,6 +109,6 @@ ensure_postgres_server
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"
 echo "== cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --locked
+cargo test --locked --workspace

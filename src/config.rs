@@ -47,6 +47,30 @@ pub struct SettingInfo {
     pub default: Option<&'static str>,
 }
 
+impl SettingInfo {
+    /// The setting whose file key is `key` (its field name, e.g.
+    /// `"jwt_secret"`), for tools that set or read settings by name (the
+    /// load generator): in a `const`, a key that is not a setting fails the
+    /// build.
+    pub const fn named(key: &str) -> &'static SettingInfo {
+        let mut i = 0;
+        while i < SETTINGS.len() {
+            let (a, b) = (SETTINGS[i].key.as_bytes(), key.as_bytes());
+            if a.len() == b.len() {
+                let mut j = 0;
+                while j < a.len() && a[j] == b[j] {
+                    j += 1;
+                }
+                if j == a.len() {
+                    return &SETTINGS[i];
+                }
+            }
+            i += 1;
+        }
+        panic!("no setting has this key")
+    }
+}
+
 macro_rules! settings {
     ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty = $default:expr, env = $env:literal, flag = $flag:literal; )*) => {
         /// The settings as given on the command line or in the environment,
@@ -607,6 +631,16 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("very-secret-value"));
         assert!(!shown.contains("other-secret"));
+    }
+
+    #[test]
+    fn every_setting_is_found_by_its_key() {
+        for s in SETTINGS {
+            assert_eq!(SettingInfo::named(s.key).env, s.env);
+        }
+        const JWT: &SettingInfo = SettingInfo::named("jwt_secret");
+        assert_eq!((JWT.env, JWT.flag), ("JWT_SECRET", "jwt-secret"));
+        assert!(std::panic::catch_unwind(|| SettingInfo::named("jwt_secre")).is_err());
     }
 
     #[test]

@@ -17,11 +17,13 @@
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
 //! - [`tls`]: the one TLS crypto provider (ring), installed at start.
-//! - [`cli`]: the `serve`, `dev`, `token`, `publish` and `bench` commands.
-//! - [`bench`]: the load generator behind BENCHMARKS.md.
+//! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
+//!
+//! The load generator behind BENCHMARKS.md is a crate of its own,
+//! `wsgateway-bench` (`bench/`), that uses this library only for tokens
+//! and setting names.
 
 pub mod auth;
-pub mod bench;
 pub mod broker;
 pub mod channel;
 pub mod cli;

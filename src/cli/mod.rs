@@ -33,8 +33,6 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Publish one event through a gateway's publish API.
     Publish(publish::PublishArgs),
-    /// Load generator: connections, events, latency, memory and CPU figures.
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,7 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args),
         Command::Token(args) => token::run(args),
         Command::Publish(args) => publish::run(args),
-        Command::Bench(args) => crate::bench::run(args),
     }
 }
 

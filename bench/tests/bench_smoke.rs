@@ -1,13 +1,17 @@
 //! A small run of the load generator, as CI can afford: it asserts only that
 //! nothing is missing or misrouted (figures are for BENCHMARKS.md, not CI).
+//!
+//! The gateway it starts is the `wsgateway` binary next to
+//! `wsgateway-bench` in cargo's target directory (or `WSGATEWAY_BIN`):
+//! `cargo test` at the root (`--workspace`) builds both before running any
+//! test; `cargo test -p wsgateway-bench` alone does not rebuild the gateway.
 
 use serde_json::Value;
 
-/// Runs `wsgateway bench <args> --json` (embedded broker) and returns its
+/// Runs `wsgateway-bench <args> --json` (embedded broker) and returns its
 /// first run's report.
 async fn bench(args: &[&str]) -> Value {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway"))
-        .arg("bench")
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway-bench"))
         .args(args)
         .arg("--json")
         .env_remove("REDIS_URL")

@@ -1,13 +1,20 @@
-//! The gateway under test: started by the bench (the default) or already
-//! running, and its memory and CPU as /proc reports them.
+//! The gateway under test: started by the bench (the default: the
+//! `wsgateway` binary, in a process of its own so that /proc shows its
+//! figures alone) or already running, and its memory and CPU as /proc
+//! reports them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use super::setting::{
+    API_KEY, JWT_SECRET, LISTEN, MAX_CONNECTIONS, MAX_PENDING_CONNECTIONS, REDIS_URL,
+    TABLE_TOKEN_SECRET,
+};
 use super::{BenchArgs, Plan, Via, procfs};
 
 pub struct Target {
@@ -48,24 +55,26 @@ impl Target {
                 child: None,
             });
         }
-        let exe = std::env::current_exe()?;
-        let mut command = tokio::process::Command::new(exe);
+        let exe = gateway_bin(args)?;
+        let mut command = tokio::process::Command::new(&exe);
         command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("JWT_SECRET", &args.jwt_secret)
-            .env("TABLE_TOKEN_SECRET", &args.table_token_secret)
-            .env("WSGATEWAY_API_KEY", &args.api_key)
-            .env("WSGATEWAY_MAX_CONNECTIONS", "1000000")
-            .env("WSGATEWAY_MAX_PENDING_CONNECTIONS", "4096")
+            .args(["serve", &format!("--{}", LISTEN.flag), "127.0.0.1:0"])
+            .env(JWT_SECRET.env, &args.jwt_secret)
+            .env(TABLE_TOKEN_SECRET.env, &args.table_token_secret)
+            .env(API_KEY.env, &args.api_key)
+            .env(MAX_CONNECTIONS.env, "1000000")
+            .env(MAX_PENDING_CONNECTIONS.env, "4096")
             .env("RUST_LOG", "warn,wsgateway::cli=info")
-            .env_remove("REDIS_URL")
+            .env_remove(REDIS_URL.env)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if let Some(url) = &redis_url {
-            command.env("REDIS_URL", url);
+            command.env(REDIS_URL.env, url);
         }
-        let mut child = command.spawn().context("cannot start the gateway")?;
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start the gateway {}", exe.display()))?;
         let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
@@ -121,6 +130,23 @@ impl Target {
             let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
         }
     }
+}
+
+/// `--gateway-bin` (or `WSGATEWAY_BIN`), else `wsgateway` next to this
+/// program.
+fn gateway_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.gateway_bin {
+        return Ok(path.clone());
+    }
+    let me = std::env::current_exe().context("cannot find this program's path")?;
+    let sibling = me.with_file_name(format!("wsgateway{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        sibling.is_file(),
+        "no gateway binary at {} (build it with `cargo build --release --workspace`, \
+         or give its path with --gateway-bin or WSGATEWAY_BIN)",
+        sibling.display()
+    );
+    Ok(sibling)
 }
 
 fn read_proc(pid: u32) -> Sample {

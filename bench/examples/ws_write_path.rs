@@ -14,7 +14,7 @@
 //!
 //! The three writers take turns, `ROUNDS` times; medians are printed.
 //!
-//! Run: `cargo run --release --example ws_write_path`
+//! Run: `cargo run --release -p wsgateway-bench --example ws_write_path`
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -23,7 +23,7 @@ use futures_util::SinkExt;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use wsgateway::bench::procfs::{TICKS_PER_S, thread_cpu_ticks};
+use wsgateway_bench::procfs::{TICKS_PER_S, thread_cpu_ticks};
 
 const FRAMES: usize = 100_000;
 const ROUNDS: usize = 7;

@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
+use wsgateway::auth::{StaffClaims, TableClaims, mint, unix_now};
 
 use super::gateway::Target;
 use super::{BenchArgs, Plan, Scenario};
-use crate::auth::{StaffClaims, TableClaims, mint, unix_now};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

@@ -18,13 +18,13 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+use wsgateway::auth::{StaffClaims, mint, unix_now};
 
 use super::clients::handshake;
 use super::gateway::{Sample, Target};
 use super::procfs::TICKS_PER_S;
 use super::report::percentile_ms;
 use super::{BenchArgs, Plan};
-use crate::auth::{StaffClaims, mint, unix_now};
 
 /// Events per publish request.
 const BATCH: usize = 100;

@@ -1,4 +1,5 @@
-//! `wsgateway bench`: the project's load generator.
+//! `wsgateway-bench`: the project's load generator, a crate of its own so
+//! that the gateway's library and binary contain none of it.
 //!
 //! It opens authenticated WebSocket connections (spread over tenants and
 //! branches, with client addresses spread over 127.0.0.0/8 to get past the
@@ -6,7 +7,10 @@
 //! publish API or straight on Redis, and reports deliveries, end-to-end
 //! latency, missing and misrouted deliveries, and the gateway's memory per
 //! connection and CPU time per delivery (from /proc). By default it starts
-//! the gateway itself, so one command reproduces a figure.
+//! the gateway itself (the `wsgateway` binary next to its own, or
+//! `--gateway-bin`), so one command reproduces a figure. It uses the
+//! gateway's library only as a client would: to mint tokens, and for the
+//! names of the settings it gives the gateway it starts.
 
 mod clients;
 mod floor;
@@ -18,10 +22,25 @@ mod storm;
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
+use std::path::PathBuf;
 
-use crate::cli::dev::{DEV_API_KEY, DEV_JWT_SECRET, DEV_TABLE_TOKEN_SECRET};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use wsgateway::cli::dev::{DEV_API_KEY, DEV_JWT_SECRET, DEV_TABLE_TOKEN_SECRET};
+use wsgateway::config::SettingInfo;
+
+/// The gateway's settings the bench sets or shares (flag and environment
+/// variable), by their names in the gateway's settings table.
+pub(crate) mod setting {
+    use super::SettingInfo;
+    pub const JWT_SECRET: &SettingInfo = SettingInfo::named("jwt_secret");
+    pub const TABLE_TOKEN_SECRET: &SettingInfo = SettingInfo::named("table_token_secret");
+    pub const API_KEY: &SettingInfo = SettingInfo::named("api_key");
+    pub const REDIS_URL: &SettingInfo = SettingInfo::named("redis_url");
+    pub const LISTEN: &SettingInfo = SettingInfo::named("listen");
+    pub const MAX_CONNECTIONS: &SettingInfo = SettingInfo::named("max_connections");
+    pub const MAX_PENDING_CONNECTIONS: &SettingInfo = SettingInfo::named("max_pending_connections");
+}
 
 /// The scenarios; each sets defaults that flags override.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,7 +69,12 @@ pub enum Via {
     Redis,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "wsgateway-bench",
+    version,
+    about = "Load generator for wsgateway: connections, events, latency, memory and CPU figures"
+)]
 pub struct BenchArgs {
     /// Which scenario's defaults to use.
     #[arg(value_enum)]
@@ -86,8 +110,13 @@ pub struct BenchArgs {
     /// The running gateway's process id, for its memory and CPU figures.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
+    /// The gateway binary to start (unless `--url`); default: `wsgateway`
+    /// in the directory of this program (cargo's target/release or
+    /// target/debug, where `cargo build --workspace` puts both).
+    #[arg(long, env = "WSGATEWAY_BIN", value_name = "PATH")]
+    pub gateway_bin: Option<PathBuf>,
     /// Redis for `--via redis`, and for the started gateway.
-    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    #[arg(long = setting::REDIS_URL.flag, env = setting::REDIS_URL.env, hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Client addresses: 127.0.0.1 up to 127.0.0.<N>.
     #[arg(long, default_value_t = 50)]
@@ -102,11 +131,11 @@ pub struct BenchArgs {
     /// median of each figure.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
+    #[arg(long = setting::JWT_SECRET.flag, env = setting::JWT_SECRET.env, hide_env_values = true, default_value = DEV_JWT_SECRET)]
     pub jwt_secret: String,
-    #[arg(long, env = "TABLE_TOKEN_SECRET", hide_env_values = true, default_value = DEV_TABLE_TOKEN_SECRET)]
+    #[arg(long = setting::TABLE_TOKEN_SECRET.flag, env = setting::TABLE_TOKEN_SECRET.env, hide_env_values = true, default_value = DEV_TABLE_TOKEN_SECRET)]
     pub table_token_secret: String,
-    #[arg(long, env = "WSGATEWAY_API_KEY", hide_env_values = true, default_value = DEV_API_KEY)]
+    #[arg(long = setting::API_KEY.flag, env = setting::API_KEY.env, hide_env_values = true, default_value = DEV_API_KEY)]
     pub api_key: String,
 }
 
@@ -161,61 +190,56 @@ impl Plan {
     }
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let _ = rlimit::increase_nofile_limit(u64::MAX);
+/// Runs the scenario `args.runs` times and prints the figures. The caller
+/// provides the runtime (a multi-threaded one) and raises the open-files
+/// limit.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let plan = Plan::from(&args);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let mut reports = Vec::new();
-        for run in 1..=args.runs.max(1) {
-            if plan.scenario == Scenario::Floor {
-                let floor = floor::run(&plan, &args).await?.to_json();
-                if !args.json {
-                    println!("--- run {run} of {}", args.runs.max(1));
-                    println!("{}", serde_json::to_string_pretty(&floor)?);
-                }
-                reports.push(floor);
-                continue;
-            }
-            let target = gateway::Target::resolve(&args, &plan)
-                .await
-                .context("cannot start or reach the gateway")?;
-            if plan.scenario == Scenario::Resume {
-                let result = storm::run(&target, &args, &plan).await;
-                target.stop().await;
-                let storm = result?;
-                if !args.json {
-                    println!("--- run {run} of {}", args.runs.max(1));
-                    println!("{}", serde_json::to_string_pretty(&storm)?);
-                }
-                reports.push(storm);
-                continue;
-            }
-            let result = run_plan(&args, &plan, &target).await;
-            target.stop().await;
-            let report = result?;
+    let mut reports = Vec::new();
+    for run in 1..=args.runs.max(1) {
+        if plan.scenario == Scenario::Floor {
+            let floor = floor::run(&plan, &args).await?.to_json();
             if !args.json {
                 println!("--- run {run} of {}", args.runs.max(1));
-                print!("{report}");
+                println!("{}", serde_json::to_string_pretty(&floor)?);
             }
-            reports.push(report.to_json());
+            reports.push(floor);
+            continue;
         }
-        let summary = report::median(&reports);
-        if args.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &serde_json::json!({"runs": reports, "median": summary})
-                )?
-            );
-        } else if reports.len() > 1 {
-            println!("--- median of {} runs", reports.len());
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+        let target = gateway::Target::resolve(&args, &plan)
+            .await
+            .context("cannot start or reach the gateway")?;
+        if plan.scenario == Scenario::Resume {
+            let result = storm::run(&target, &args, &plan).await;
+            target.stop().await;
+            let storm = result?;
+            if !args.json {
+                println!("--- run {run} of {}", args.runs.max(1));
+                println!("{}", serde_json::to_string_pretty(&storm)?);
+            }
+            reports.push(storm);
+            continue;
         }
-        Ok(())
-    })
+        let result = run_plan(&args, &plan, &target).await;
+        target.stop().await;
+        let report = result?;
+        if !args.json {
+            println!("--- run {run} of {}", args.runs.max(1));
+            print!("{report}");
+        }
+        reports.push(report.to_json());
+    }
+    let summary = report::median(&reports);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"runs": reports, "median": summary}))?
+        );
+    } else if reports.len() > 1 {
+        println!("--- median of {} runs", reports.len());
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
 }
 
 async fn run_plan(
