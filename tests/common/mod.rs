@@ -142,11 +142,14 @@ impl TestGateway {
         metric_value(&text, sample).unwrap_or_else(|| panic!("no sample {sample} in\n{text}"))
     }
 
-    /// Asserts the value of one sample of `/ws/metrics`, named without its
-    /// `wsgateway_` prefix (`connections_rejected_total{reason="auth"}`),
+    /// Asserts the value of one sample of `/ws/metrics`. The `wsgateway_`
+    /// prefix may be left out (`connections_rejected_total{reason="auth"}`)
     /// so that the assertion fits one line.
     pub async fn assert_metric(&self, sample: &str, expected: f64) {
-        let sample = format!("wsgateway_{sample}");
+        let sample = match sample.starts_with("wsgateway_") {
+            true => sample.to_owned(),
+            false => format!("wsgateway_{sample}"),
+        };
         assert_eq!(self.metric(&sample).await, expected, "{sample}");
     }
 
