@@ -538,19 +538,4 @@ async fn close_socket(socket: &mut impl ClientSocket, code: u16, timeout: Durati
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The size of the future a function returns, without calling it.
-    fn future_size<A, F>(_: fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// The loop's future is what every open connection holds for its whole
-    /// life (BENCHMARKS.md, memory per idle connection): keep it small.
-    #[test]
-    fn the_live_connection_future_stays_under_a_kilobyte() {
-        let size = future_size(<Live>::run);
-        assert!(size <= 1024, "Live::run's future is {size} bytes");
-    }
-}
+mod tests;
