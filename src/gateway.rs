@@ -183,6 +183,13 @@ impl Gateway {
         })
     }
 
+    /// The shared state, built as for serving but with nothing listening
+    /// or running: for unit tests that drive one part of the gateway.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Checks what can only be checked by connecting: a Redis server too
     /// old for the gateway is refused at start. Redis being unreachable is
     /// not an error (the gateway serves, and keeps trying).
