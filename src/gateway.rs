@@ -13,7 +13,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
@@ -25,6 +24,7 @@ use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
 use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
 

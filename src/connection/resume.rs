@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
 
-use crate::broker::{Cursor, Scope};
+use crate::broker::Cursor;
 use crate::event::Fields;
 use crate::gateway::Shared;
 use crate::hub::{ConnId, audience};
@@ -48,7 +48,7 @@ pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Repla
         tracing::warn!("no history read free in time; not recovered");
         return not_recovered();
     };
-    let scopes = Scope::of_member(tenant, &member);
+    let scopes = member.scopes(tenant);
     let lookup = shared.broker.resume(tenant, scopes, cursor);
     let found = match tokio::time::timeout(shared.config.redis_timeout_s.0, lookup).await {
         Ok(Ok(found)) => found,
