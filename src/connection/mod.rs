@@ -46,10 +46,13 @@ pub struct ConnectRequest {
     pub peer: SocketAddr,
     /// `last_event_id`: resume after this event (DESIGN.md §1.9).
     pub last_event_id: Option<String>,
-    /// The connection's place among pending handshakes, freed once admitted
-    /// or refused.
-    pub pending: Option<crate::http::server::PendingSlot>,
+    /// Called once, when the connection is admitted or refused: the HTTP
+    /// layer frees the connection's place among pending handshakes.
+    pub on_decided: Option<OnDecided>,
 }
+
+/// See [`ConnectRequest::on_decided`].
+pub type OnDecided = Box<dyn FnOnce() + Send + Sync>;
 
 /// Runs one connection to its end.
 ///
@@ -92,8 +95,8 @@ struct Live {
 async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectRequest) -> Option<Live> {
     let close_timeout = shared.config.close_timeout_s.0;
     let admitted = admit(&shared, &mut req).await;
-    if let Some(slot) = req.pending.take() {
-        slot.release();
+    if let Some(decided) = req.on_decided.take() {
+        decided();
     }
     let (registered, deferred_hello) = match admitted {
         Ok(admitted) => admitted,

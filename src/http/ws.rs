@@ -12,7 +12,7 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, get};
 
 use crate::auth::Endpoint;
-use crate::connection::{self, ConnectRequest};
+use crate::connection::{self, ConnectRequest, OnDecided};
 use crate::gateway::Shared;
 use crate::http::server::PendingSlot;
 
@@ -66,7 +66,8 @@ fn upgrade(
         .get(axum::http::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let request = ConnectRequest {
-        pending: pending.map(|Extension(slot)| slot),
+        on_decided: pending
+            .map(|Extension(slot)| -> OnDecided { Box::new(move || slot.release()) }),
         endpoint,
         token,
         last_event_id,
