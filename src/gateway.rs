@@ -8,53 +8,28 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::revocation::Revocations;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
     RedisConnector, RedisTiming,
 };
 use crate::config::{Config, ConfigError};
+use crate::connection;
 use crate::dispatcher::Dispatcher;
 use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
+use crate::http::{HealthState, HttpState, PublishState, Routes};
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
+use crate::revocation::Revocations;
 use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
-
-/// What every request handler and connection task shares.
-pub struct Shared {
-    pub config: Config,
-    pub verifier: Verifier,
-    /// The revoked-token set, when `WSGATEWAY_REVOKED_JTI_KEY` is set.
-    pub revocations: Option<Revocations>,
-    pub hub: Arc<Hub>,
-    pub queue: Arc<EventQueue>,
-    pub broker: Arc<dyn Broker>,
-    pub sectors: Arc<SectorAssignments>,
-    /// Requests to the sector sync task (refreshes, assignment changes).
-    pub sector_sync: SectorSync,
-    /// `WSGATEWAY_RESUME_CONCURRENCY` places for history reads: in a
-    /// reconnect storm resumes queue here, rather than sending Redis
-    /// thousands of reads whose replies then time out together (dropping
-    /// the shared command connection and opening the breaker).
-    pub resume_reads: tokio::sync::Semaphore,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled once, at shutdown: background tasks watch it; connections
-    /// are closed through the hub ([`Hub::close_all`]) and check it once
-    /// when admitted.
-    pub shutdown: CancellationToken,
-    /// Every connection and background task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Serve the demo page at `/` (the `dev` command).
-    pub demo_page: bool,
-}
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,100 +45,51 @@ pub enum StartError {
 }
 
 pub struct Gateway {
-    shared: Arc<Shared>,
+    config: Config,
+    parts: Parts,
     /// The Redis broker, when configured, for the start-up check.
     redis: Option<Arc<RedisBroker>>,
     sector_commands: SectorQueue,
     /// The metrics listener, when bound before serving (see
     /// [`Gateway::with_metrics_listener`]).
     metrics_listener: Option<TcpListener>,
+    /// Serve the demo page at `/` (the `dev` command).
+    demo_page: bool,
+}
+
+/// The long-lived parts, built by [`Gateway::new`] and handed out by
+/// [`Gateway::serve`] to the tasks and routes that use them.
+struct Parts {
+    verifier: Verifier,
+    revocations: Option<Revocations>,
+    hub: Arc<Hub>,
+    queue: Arc<EventQueue>,
+    broker: Arc<dyn Broker>,
+    sectors: Arc<SectorAssignments>,
+    sector_sync: SectorSync,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Result<Gateway, StartError> {
         // Before any TLS client exists (the redis crate takes the default).
         crate::tls::install_crypto_provider();
-        let metrics = Arc::new(Metrics::with_drop_rate(DropRate::new(
-            config.drop_rate_window_s.0,
-            config.drop_rate_alert.0,
-            config.drop_rate_alert_cooldown_s.0,
-        )));
+        let metrics = build_metrics(&config);
         let verifier = Verifier::new(&config)?;
-        let hub = Arc::new(Hub::new(
-            Limits {
-                max_total: config.max_connections,
-                max_per_user: config.max_connections_per_user,
-                max_per_session: config.max_connections_per_session,
-            },
-            metrics.clone(),
-        ));
+        let hub = build_hub(&config, &metrics);
         let queue = Arc::new(EventQueue::new(config.event_queue_size, metrics.clone()));
-        let history = HistoryLimits {
-            size: config.history_size,
-            ttl: config.history_ttl_s.0,
-            max_replay: config.resume_max_events.unwrap_or(config.history_size),
-        };
-        let mut redis_broker = None;
         let connector = RedisConnector::from_config(&config)?;
-        let broker: Arc<dyn Broker> = match &connector {
-            None => Arc::new(EmbeddedBroker::new(queue.clone(), history)),
-            Some(connector) => {
-                let broker = Arc::new(RedisBroker::new(
-                    connector.clone(),
-                    RedisTiming {
-                        timeout: config.redis_timeout_s.0,
-                        retry_base: config.redis_retry_base_s.0,
-                        retry_max: config.redis_retry_max_s.0,
-                        health_check: config.redis_health_check_s.0,
-                    },
-                    BreakerConfig {
-                        failure_threshold: config.breaker_failure_threshold,
-                        recovery: config.breaker_recovery_s.0,
-                        half_open_calls: config.breaker_half_open_calls,
-                        // Trials are single commands: a round not decided
-                        // within a few command timeouts has gone wrong.
-                        trial_deadline: config.redis_timeout_s.0 * 3,
-                    },
-                    RedisBounds {
-                        history,
-                        max_channels: config.max_publish_channels,
-                    },
-                    queue.clone(),
-                    hub.clone(),
-                    metrics.clone(),
-                ));
-                redis_broker = Some(broker.clone());
-                broker
-            }
-        };
+        let (broker, redis) = build_broker(&config, connector.as_ref(), &queue, &hub, &metrics);
         tracing::info!(broker = broker.status().kind, "broker");
-        let sectors = Arc::new(match &config.database_url {
-            None => SectorAssignments::disabled(),
-            Some(url) => SectorAssignments::connect(
-                DatabaseSettings {
-                    url: url.expose(),
-                    query: config.sector_query.as_deref().unwrap_or(DEFAULT_QUERY),
-                    cache_ttl: config.sector_cache_ttl_s.0,
-                    timeout: config.sector_query_timeout_s.0,
-                    pool_size: config.database_pool_size,
-                },
-                metrics.clone(),
-            )?,
-        });
+        let sectors = build_sectors(&config, &metrics)?;
         let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
-        let revocations = match (&config.revoked_jti_key, connector) {
-            (Some(key), Some(connector)) => {
-                Some(Revocations::new(connector, key, config.redis_timeout_s.0))
-            }
-            _ => None,
-        };
+        let revocations = build_revocations(&config, connector);
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
-        let resume_reads = tokio::sync::Semaphore::new(config.resume_concurrency);
         Ok(Gateway {
-            shared: Arc::new(Shared {
-                config,
+            config,
+            parts: Parts {
                 verifier,
                 revocations,
                 hub,
@@ -171,23 +97,34 @@ impl Gateway {
                 broker,
                 sectors,
                 sector_sync,
-                resume_reads,
                 metrics,
-                shutdown: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-                demo_page: false,
-            }),
+            },
+            redis,
             sector_commands,
-            redis: redis_broker,
             metrics_listener: None,
+            demo_page: false,
         })
     }
 
-    /// The shared state, built as for serving but with nothing listening
-    /// or running: for unit tests that drive one part of the gateway.
+    /// A connection context over this gateway's parts (hub, broker,
+    /// metrics), with nothing listening or running: for unit tests that
+    /// drive a connection's loop. No revocation set.
     #[cfg(test)]
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    pub(crate) fn connection_context(&self) -> Arc<connection::Context> {
+        let p = &self.parts;
+        Arc::new(connection::Context {
+            settings: connection::Settings::from_config(&self.config),
+            verifier: Verifier::new(&self.config).expect("the gateway's own verifier"),
+            revocations: None,
+            hub: p.hub.clone(),
+            broker: p.broker.clone(),
+            sectors: p.sectors.clone(),
+            sector_sync: p.sector_sync.clone(),
+            resume_reads: tokio::sync::Semaphore::new(self.config.resume_concurrency),
+            metrics: p.metrics.clone(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
     }
 
     /// Checks what can only be checked by connecting: a Redis server too
@@ -202,9 +139,7 @@ impl Gateway {
 
     /// Serves the demo page at `/` as well (for `wsgateway dev`).
     pub fn with_demo_page(mut self) -> Gateway {
-        Arc::get_mut(&mut self.shared)
-            .expect("not shared before serving")
-            .demo_page = true;
+        self.demo_page = true;
         self
     }
 
@@ -212,11 +147,7 @@ impl Gateway {
     /// `WSGATEWAY_METRICS_LISTEN` does; bound by the caller so that a bad
     /// address stops start-up and tests can use port 0.
     pub fn with_metrics_listener(mut self, listener: TcpListener) -> std::io::Result<Gateway> {
-        let addr = listener.local_addr()?;
-        Arc::get_mut(&mut self.shared)
-            .expect("not shared before serving")
-            .config
-            .metrics_listen = Some(addr);
+        self.config.metrics_listen = Some(listener.local_addr()?);
         self.metrics_listener = Some(listener);
         Ok(self)
     }
@@ -227,35 +158,88 @@ impl Gateway {
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let shared = self.shared;
-        let config = &shared.config;
-        let metrics_listener = match (self.metrics_listener, config.metrics_listen) {
+        let Gateway {
+            config,
+            parts,
+            sector_commands,
+            metrics_listener,
+            demo_page,
+            redis: _,
+        } = self;
+        let metrics_listener = match (metrics_listener, config.metrics_listen) {
             (Some(listener), _) => Some(listener),
             (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
             (None, None) => None,
         };
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let Parts {
+            verifier,
+            revocations,
+            hub,
+            queue,
+            broker,
+            sectors,
+            sector_sync,
+            metrics,
+        } = parts;
+        let http = HttpState {
+            health: Arc::new(HealthState {
+                hub: hub.clone(),
+                broker: broker.clone(),
+                queue: queue.clone(),
+                sectors: sectors.clone(),
+                metrics: metrics.clone(),
+                max_connections: config.max_connections,
+                rate_limit_per_s: config.rate_limit_per_s,
+                drop_rate_window: config.drop_rate_window_s.0,
+            }),
+            publish: Arc::new(PublishState {
+                broker: broker.clone(),
+                metrics: metrics.clone(),
+                api_key: config.api_key.clone(),
+                max_bytes: config.max_publish_bytes,
+                max_items: config.max_publish_items,
+                max_channels: config.max_publish_channels,
+                stale_event: config.stale_event_s.0,
+            }),
+            connections: Arc::new(connection::Context {
+                settings: connection::Settings::from_config(&config),
+                verifier,
+                revocations,
+                hub: hub.clone(),
+                broker: broker.clone(),
+                sectors: sectors.clone(),
+                sector_sync: sector_sync.clone(),
+                resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+                tasks: tasks.clone(),
+            }),
+        };
         let dispatcher = Dispatcher::new(
-            shared.hub.clone(),
-            shared.queue.clone(),
-            shared.metrics.clone(),
+            hub.clone(),
+            queue.clone(),
+            metrics.clone(),
             config.stale_event_s.0,
             config.dedup_window_s.0,
         )
-        .with_sector_sync(shared.sector_sync.clone());
-        shared.tasks.spawn(crate::sectors::sync::run(
-            self.sector_commands,
-            shared.hub.clone(),
-            shared.sectors.clone(),
+        .with_sector_sync(sector_sync.clone());
+        tasks.spawn(crate::sectors::sync::run(
+            sector_commands,
+            hub.clone(),
+            sectors.clone(),
             config.sector_retry_s.0,
-            shared.shutdown.clone(),
+            shutdown.clone(),
         ));
-        shared.tasks.spawn(dispatcher.run(shared.shutdown.clone()));
-        shared.tasks.spawn(cleanup(shared.clone()));
-        shared
-            .tasks
-            .spawn(shared.broker.clone().run(shared.shutdown.clone()));
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+        tasks.spawn(cleanup(
+            http.connections.clone(),
+            Cleanup::from_config(&config),
+        ));
+        tasks.spawn(broker.clone().run(shutdown.clone()));
 
-        let token = shared.shutdown.clone();
+        let token = shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = signal => tracing::info!("shutting down"),
@@ -271,37 +255,39 @@ impl Gateway {
         if let Some(listener) = metrics_listener {
             // Its own pending budget: a flood of the public port does not
             // blind monitoring. Stops accepting with the public listener.
-            shared.tasks.spawn(crate::http::server::serve(
+            tasks.spawn(crate::http::server::serve(
                 listener,
-                crate::http::metrics_router(shared.clone()),
+                crate::http::metrics_router(http.health.clone()),
                 limits,
-                shared.metrics.clone(),
-                shared.shutdown.clone(),
-                shared.tasks.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                tasks.clone(),
             ));
         }
+        let routes = Routes {
+            metrics: config.metrics_listen.is_none(),
+            publish: config.api_key.is_some(),
+            demo_page,
+        };
         // Returns once the shutdown token is cancelled: accepting stops.
         crate::http::server::serve(
             listener,
-            crate::http::router(shared.clone()),
+            crate::http::router(http, routes),
             limits,
-            shared.metrics.clone(),
-            shared.shutdown.clone(),
-            shared.tasks.clone(),
+            metrics,
+            shutdown.clone(),
+            tasks.clone(),
         )
         .await;
-        shared.shutdown.cancel();
+        shutdown.cancel();
         // Connections admitted from here on close themselves on seeing the
         // cancelled token; these are the ones already in the hub.
-        shared.hub.close_all(crate::close::GOING_AWAY);
-        shared.tasks.close();
-        let grace = shared.config.shutdown_grace_s.0;
-        if tokio::time::timeout(grace, shared.tasks.wait())
-            .await
-            .is_err()
-        {
+        hub.close_all(crate::close::GOING_AWAY);
+        tasks.close();
+        let grace = config.shutdown_grace_s.0;
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(
-                remaining = shared.hub.counts().total,
+                remaining = hub.counts().total,
                 "shutdown grace period over; dropping the remaining connections"
             );
         }
@@ -311,44 +297,155 @@ impl Gateway {
     }
 }
 
+fn build_metrics(config: &Config) -> Arc<Metrics> {
+    Arc::new(Metrics::with_drop_rate(DropRate::new(
+        config.drop_rate_window_s.0,
+        config.drop_rate_alert.0,
+        config.drop_rate_alert_cooldown_s.0,
+    )))
+}
+
+fn build_hub(config: &Config, metrics: &Arc<Metrics>) -> Arc<Hub> {
+    Arc::new(Hub::new(
+        Limits {
+            max_total: config.max_connections,
+            max_per_user: config.max_connections_per_user,
+            max_per_session: config.max_connections_per_session,
+        },
+        metrics.clone(),
+    ))
+}
+
+/// The Redis broker when there is a connector (`REDIS_URL`), else the
+/// embedded one; the Redis broker also on its own, for the preflight.
+fn build_broker(
+    config: &Config,
+    connector: Option<&RedisConnector>,
+    queue: &Arc<EventQueue>,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+) -> (Arc<dyn Broker>, Option<Arc<RedisBroker>>) {
+    let history = HistoryLimits {
+        size: config.history_size,
+        ttl: config.history_ttl_s.0,
+        max_replay: config.resume_max_events.unwrap_or(config.history_size),
+    };
+    let Some(connector) = connector else {
+        return (Arc::new(EmbeddedBroker::new(queue.clone(), history)), None);
+    };
+    let broker = Arc::new(RedisBroker::new(
+        connector.clone(),
+        RedisTiming {
+            timeout: config.redis_timeout_s.0,
+            retry_base: config.redis_retry_base_s.0,
+            retry_max: config.redis_retry_max_s.0,
+            health_check: config.redis_health_check_s.0,
+        },
+        BreakerConfig {
+            failure_threshold: config.breaker_failure_threshold,
+            recovery: config.breaker_recovery_s.0,
+            half_open_calls: config.breaker_half_open_calls,
+            // Trials are single commands: a round not decided
+            // within a few command timeouts has gone wrong.
+            trial_deadline: config.redis_timeout_s.0 * 3,
+        },
+        RedisBounds {
+            history,
+            max_channels: config.max_publish_channels,
+        },
+        queue.clone(),
+        hub.clone(),
+        metrics.clone(),
+    ));
+    (broker.clone(), Some(broker))
+}
+
+fn build_sectors(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<SectorAssignments>, StartError> {
+    Ok(Arc::new(match &config.database_url {
+        None => SectorAssignments::disabled(),
+        Some(url) => SectorAssignments::connect(
+            DatabaseSettings {
+                url: url.expose(),
+                query: config.sector_query.as_deref().unwrap_or(DEFAULT_QUERY),
+                cache_ttl: config.sector_cache_ttl_s.0,
+                timeout: config.sector_query_timeout_s.0,
+                pool_size: config.database_pool_size,
+            },
+            metrics.clone(),
+        )?,
+    }))
+}
+
+/// The revoked-token set, with both `WSGATEWAY_REVOKED_JTI_KEY` and Redis.
+fn build_revocations(config: &Config, connector: Option<RedisConnector>) -> Option<Revocations> {
+    match (&config.revoked_jti_key, connector) {
+        (Some(key), Some(connector)) => {
+            Some(Revocations::new(connector, key, config.redis_timeout_s.0))
+        }
+        _ => None,
+    }
+}
+
+/// The cleanup task's periods.
+struct Cleanup {
+    /// `WSGATEWAY_CLEANUP_INTERVAL_S`.
+    heartbeat: Duration,
+    /// `WSGATEWAY_JWT_REVALIDATE_S`.
+    revalidate: Duration,
+    /// `WSGATEWAY_HEARTBEAT_TIMEOUT_S`.
+    heartbeat_timeout: Duration,
+}
+
+impl Cleanup {
+    fn from_config(config: &Config) -> Cleanup {
+        Cleanup {
+            heartbeat: config.cleanup_interval_s.0,
+            revalidate: config.jwt_revalidate_s.0,
+            heartbeat_timeout: config.heartbeat_timeout_s.0,
+        }
+    }
+}
+
 /// The periodic pass: closes connections silent for too long (1001) and,
 /// on its own period, those whose token has expired or was revoked (4001).
-async fn cleanup(shared: Arc<Shared>) {
-    let config = &shared.config;
-    let mut heartbeat = tokio::time::interval(config.cleanup_interval_s.0);
-    let mut revalidate = tokio::time::interval(config.jwt_revalidate_s.0);
+async fn cleanup(conns: Arc<connection::Context>, periods: Cleanup) {
+    let mut heartbeat = tokio::time::interval(periods.heartbeat);
+    let mut revalidate = tokio::time::interval(periods.revalidate);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let timeout_ms = config.heartbeat_timeout_s.0.as_millis() as u64;
+    let timeout_ms = periods.heartbeat_timeout.as_millis() as u64;
     loop {
         tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = conns.shutdown.cancelled() => return,
             _ = heartbeat.tick() => {
-                let n = shared.hub.close_silent(timeout_ms);
+                let n = conns.hub.close_silent(timeout_ms);
                 if n > 0 {
                     tracing::info!(connections = n, "closing silent connections");
                 }
             }
             _ = revalidate.tick() => {
-                let n = shared.hub.close_expired(|exp| shared.verifier.still_valid(exp));
+                let n = conns.hub.close_expired(|exp| conns.verifier.still_valid(exp));
                 if n > 0 {
                     tracing::info!(connections = n, "closing connections with expired tokens");
                 }
-                if let Some(revocations) = &shared.revocations {
-                    close_revoked(&shared, revocations).await;
+                if let Some(revocations) = &conns.revocations {
+                    close_revoked(&conns, revocations).await;
                 }
             }
         }
     }
 }
 
-async fn close_revoked(shared: &Shared, revocations: &Revocations) {
-    let open = shared.hub.token_ids();
+async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
+    let open = conns.hub.token_ids();
     if open.is_empty() {
         return;
     }
     let tokens: Vec<_> = open.iter().map(|(_, t, jti)| (*t, &**jti)).collect();
-    let checks = &shared.metrics.revocation_checks;
+    let checks = &conns.metrics.revocation_checks;
     match revocations.revoked_among(&tokens).await {
         Ok(revoked) => {
             let ids: Vec<_> = open
@@ -368,7 +465,7 @@ async fn close_revoked(shared: &Shared, revocations: &Revocations) {
                     connections = ids.len(),
                     "closing connections with revoked tokens"
                 );
-                shared.hub.close_ids(&ids, crate::close::UNAUTHORIZED);
+                conns.hub.close_ids(&ids, crate::close::UNAUTHORIZED);
             }
         }
         Err(e) => {

@@ -13,6 +13,7 @@
 //! - [`metrics`], [`drop_rate`], [`unknown_types`]: what is counted, the
 //!   drop-rate alert, unknown event types by name.
 //! - [`hub`]: the tenant-first index of open connections.
+//! - [`revocation`]: the Redis set of revoked tokens (`WSGATEWAY_REVOKED_JTI_KEY`).
 //! - [`connection`]: one task per socket, admission to close.
 //! - [`http`]: routes, upgrade, health, metrics, publish API.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
@@ -37,6 +38,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod revocation;
 pub mod sectors;
 pub mod tls;
 pub mod unknown_types;

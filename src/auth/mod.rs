@@ -5,8 +5,6 @@
 //! [`DinerIdentity`], all the rest of the gateway learns from a token. Errors carry no token text,
 //! so nothing secret can reach a log line through them.
 
-pub mod revocation;
-
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -21,7 +21,6 @@ use parking_lot::Mutex;
 use crate::auth::{BranchId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
 use crate::event::{Fields, unix_ms};
-use crate::hub::Member;
 
 /// A tenant's branch, table session, user or whole staff: the unit history
 /// is kept in.
@@ -44,22 +43,6 @@ impl Scope {
             Channel::User(u) => Scope::User(t, u),
             Channel::TenantStaff => Scope::TenantStaff(t),
             other => Scope::Branch(t, other.branch().unwrap_or(fields.branch_id)),
-        }
-    }
-
-    /// The scopes whose events a connection may be in the audience of.
-    pub fn of_member(tenant: TenantId, member: &Member) -> Vec<Scope> {
-        match member {
-            Member::Staff {
-                user_id,
-                branch_ids,
-                ..
-            } => branch_ids
-                .iter()
-                .map(|b| Scope::Branch(tenant, *b))
-                .chain([Scope::User(tenant, *user_id), Scope::TenantStaff(tenant)])
-                .collect(),
-            Member::Diner { session_id, .. } => vec![Scope::Session(tenant, *session_id)],
         }
     }
 

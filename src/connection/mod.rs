@@ -8,6 +8,7 @@
 //! closes it. Errors end here: they are logged and turned into a close code,
 //! never returned to the acceptor.
 
+mod context;
 mod messages;
 mod resume;
 
@@ -22,12 +23,12 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 use tracing::Instrument;
 
+pub use context::{Context, Settings};
 pub use messages::ClientMessage;
 
 use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
 use crate::close;
 use crate::event::unix_ms;
-use crate::gateway::Shared;
 use crate::hub::{
     ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
 };
@@ -62,10 +63,13 @@ pub struct ConnectRequest {
     pub peer: SocketAddr,
     /// `last_event_id`: resume after this event (DESIGN.md §1.9).
     pub last_event_id: Option<String>,
-    /// The connection's place among pending handshakes, freed once admitted
-    /// or refused.
-    pub pending: Option<crate::http::server::PendingSlot>,
+    /// Called once, when the connection is admitted or refused: the HTTP
+    /// layer frees the connection's place among pending handshakes.
+    pub on_decided: Option<OnDecided>,
 }
+
+/// See [`ConnectRequest::on_decided`].
+pub type OnDecided = Box<dyn FnOnce() + Send + Sync>;
 
 /// Runs one connection to its end.
 ///
@@ -75,7 +79,7 @@ pub struct ConnectRequest {
 /// a kilobyte), not the upgrade's, the admission's and this function's
 /// arguments, which would otherwise stay in its future for as long as the
 /// connection is open (about 3 KiB more, per connection).
-pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) {
+pub async fn serve(socket: WebSocket, ctx: Arc<Context>, req: ConnectRequest) {
     let span = tracing::info_span!(
         "conn",
         endpoint = req.endpoint.as_str(),
@@ -88,8 +92,8 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) 
         sector_ids = tracing::field::Empty,
         id = tracing::field::Empty,
     );
-    let tasks = shared.tasks.clone();
-    if let Some(live) = open(socket, shared, req).instrument(span.clone()).await {
+    let tasks = ctx.tasks.clone();
+    if let Some(live) = open(socket, ctx, req).instrument(span.clone()).await {
         tasks.spawn(live.run().instrument(span));
     }
 }
@@ -97,7 +101,7 @@ pub async fn serve(socket: WebSocket, shared: Arc<Shared>, req: ConnectRequest) 
 /// An admitted connection: what its loop needs, and nothing else.
 struct Live<S = WebSocket> {
     socket: S,
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
     registered: Registered,
     catch_up: resume::CatchUp,
     limiter: DefaultDirectRateLimiter,
@@ -105,16 +109,16 @@ struct Live<S = WebSocket> {
 
 /// Admits the connection and replays what it missed; `None` once it is
 /// refused or gone.
-async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectRequest) -> Option<Live> {
-    let close_timeout = shared.config.close_timeout_s.0;
-    let admitted = admit(&shared, &mut req).await;
-    if let Some(slot) = req.pending.take() {
-        slot.release();
+async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest) -> Option<Live> {
+    let close_timeout = ctx.settings.close_timeout;
+    let admitted = admit(&ctx, &mut req).await;
+    if let Some(decided) = req.on_decided.take() {
+        decided();
     }
     let (registered, deferred_hello) = match admitted {
         Ok(admitted) => admitted,
         Err((code, why)) => {
-            shared.metrics.rejected(why);
+            ctx.metrics.rejected(why);
             tracing::info!(code, reason = why.as_str(), "connection refused");
             close_socket(&mut socket, code, close_timeout).await;
             return None;
@@ -124,13 +128,13 @@ async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectReques
     tracing::Span::current().record("id", handle.id);
     tracing::info!("connected");
     // Shutdown closes what the hub holds; one admitted after that closes here.
-    if shared.shutdown.is_cancelled() {
+    if ctx.shutdown.is_cancelled() {
         handle.close(close::GOING_AWAY);
     }
     let mut catch_up = resume::CatchUp::default();
     if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
-        let replay = resume::replay(&shared, handle.id, last).await;
-        let m = &shared.metrics;
+        let replay = resume::replay(&ctx, handle.id, last).await;
+        let m = &ctx.metrics;
         m.resumes
             .with_label_values(&[if replay.recovered { "true" } else { "false" }])
             .inc();
@@ -155,13 +159,13 @@ async fn open(mut socket: WebSocket, shared: Arc<Shared>, mut req: ConnectReques
         }
         catch_up = replay.catch_up;
     }
-    let limiter = rate_limiter(shared.config.rate_limit_per_s);
+    let limiter = rate_limiter(ctx.settings.rate_limit_per_s);
     Some(Live {
         socket,
         registered,
         catch_up,
         limiter,
-        shared,
+        ctx,
     })
 }
 
@@ -175,9 +179,9 @@ impl<S: ClientSocket> Live<S> {
         let mut this = self;
         async move {
             let handle = &this.registered.handle;
-            let shared = &this.shared;
+            let ctx = &this.ctx;
             let socket = &mut this.socket;
-            let close_timeout = shared.config.close_timeout_s.0;
+            let close_timeout = ctx.settings.close_timeout;
             // Event frames handed to the socket since its last flush.
             let mut unwritten = 0;
             let end = loop {
@@ -193,7 +197,7 @@ impl<S: ClientSocket> Live<S> {
                             biased;
                             code = handle.close_requested() => break End::Gateway(code),
                             written = write_queued(socket, handle, &mut this.catch_up, &mut unwritten) => match written {
-                                Ok(published_ms) if published_ms > 0 => shared
+                                Ok(published_ms) if published_ms > 0 => ctx
                                     .metrics
                                     .publish_to_client_seconds
                                     .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
@@ -201,7 +205,7 @@ impl<S: ClientSocket> Live<S> {
                                 Err(e) => {
                                     tracing::debug!(error = %e, "write failed");
                                     let failed = std::mem::take(&mut unwritten) as u64;
-                                    shared.metrics.undelivered(Undelivered::WriteFailed, failed);
+                                    ctx.metrics.undelivered(Undelivered::WriteFailed, failed);
                                     break End::Lost;
                                 }
                             },
@@ -225,7 +229,7 @@ impl<S: ClientSocket> Live<S> {
                                 match ClientMessage::parse(handle.endpoint, text.as_str()) {
                                     // Answered by the sector sync task with `sectors_updated`.
                                     ClientMessage::RefreshSectors => {
-                                        shared.sector_sync.send(SectorCommand::Refresh(handle.id));
+                                        ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
                                     }
                                     // Replies share the outbound queue: one writer, in order.
                                     other => {
@@ -246,7 +250,7 @@ impl<S: ClientSocket> Live<S> {
                 }
             };
             // Boxed: a one-off phase, kept out of the loop's state.
-            Box::pin(finish(shared, &this.registered, socket, end, unwritten)).await;
+            Box::pin(finish(ctx, &this.registered, socket, end, unwritten)).await;
         }
     }
 }
@@ -266,7 +270,7 @@ enum End {
 /// counted as undelivered), the close handshake when the gateway closes it,
 /// and the seed's `Connection closed` line with the audit context.
 async fn finish(
-    shared: &Shared,
+    ctx: &Context,
     registered: &Registered,
     socket: &mut impl ClientSocket,
     end: End,
@@ -275,29 +279,26 @@ async fn finish(
     let handle = &registered.handle;
     // The audit context carries the sectors as they are now: a refresh or
     // an assignment change may have changed them since admission.
-    if let Some((_, _, Member::Staff { sectors, .. })) = shared.hub.member(handle.id) {
+    if let Some((_, _, Member::Staff { sectors, .. })) = ctx.hub.member(handle.id) {
         record_sector_ids(&tracing::Span::current(), &sectors);
     }
     // Out of the hub before the close handshake, as the seed's disconnect:
     // no more events are aimed at it, and what its queue still holds is
     // never written.
     let unsent = registered.release();
-    shared
-        .metrics
+    ctx.metrics
         .undelivered(Undelivered::ConnectionClosed, unsent as u64);
     let mut unwritten = unwritten as u64;
     match end {
         End::Gateway(code) => {
-            record_close(shared, code);
-            let close_timeout = shared.config.close_timeout_s.0;
+            record_close(ctx, code);
+            let close_timeout = ctx.settings.close_timeout;
             // A sent close frame went out after the frames handed to the
             // socket before it: those were written.
             if close_socket(socket, code, close_timeout).await {
                 unwritten = 0;
             }
-            shared
-                .metrics
-                .undelivered(Undelivered::WriteFailed, unwritten);
+            ctx.metrics.undelivered(Undelivered::WriteFailed, unwritten);
             tracing::info!(
                 by = "gateway",
                 code,
@@ -325,20 +326,17 @@ fn record_sector_ids(span: &tracing::Span, sectors: &SectorScope) {
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
 /// connection is in the hub and `connected` is first in its queue.
 async fn admit(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Context>,
     req: &mut ConnectRequest,
 ) -> Result<(Registered, Option<serde_json::Value>), (u16, Rejection)> {
     // The token is not kept past admission (nor is the origin).
     let token = req.token.take();
     let origin = req.origin.take();
-    let config = &shared.config;
+    let settings = &ctx.settings;
     let span = tracing::Span::current();
-    let heartbeat_s = config.heartbeat_interval_s.0.as_secs_f64().round() as u64;
+    let heartbeat_s = settings.heartbeat_interval.as_secs_f64().round() as u64;
     let (tenant_id, member, expires_at, jti, connected) = if req.endpoint == Endpoint::Diner {
-        let id: DinerIdentity = shared
-            .verifier
-            .table(token.as_deref())
-            .map_err(auth_refusal)?;
+        let id: DinerIdentity = ctx.verifier.table(token.as_deref()).map_err(auth_refusal)?;
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::display(id.branch_id));
         span.record("session", id.session_id);
@@ -353,20 +351,17 @@ async fn admit(
         };
         (id.tenant_id, member, id.exp, None, connected)
     } else {
-        if let (Some(allowed), Some(origin)) = (&config.allowed_origins, &origin)
+        if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
             && !allowed.allows(origin.trim_end_matches('/'))
         {
             return Err((close::FORBIDDEN, Rejection::Origin));
         }
-        let id: StaffIdentity = shared
-            .verifier
-            .staff(token.as_deref())
-            .map_err(auth_refusal)?;
+        let id: StaffIdentity = ctx.verifier.staff(token.as_deref()).map_err(auth_refusal)?;
         span.record("user", id.user_id);
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::debug(&id.branch_ids));
-        if let (Some(revocations), Some(jti)) = (&shared.revocations, &id.jti) {
-            let checks = &shared.metrics.revocation_checks;
+        if let (Some(revocations), Some(jti)) = (&ctx.revocations, &id.jti) {
+            let checks = &ctx.metrics.revocation_checks;
             match revocations.is_revoked(id.tenant_id, jti).await {
                 Ok(true) => {
                     checks.with_label_values(&["revoked"]).inc();
@@ -384,7 +379,7 @@ async fn admit(
             return Err((close::FORBIDDEN, Rejection::Forbidden));
         }
         let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
-            shared.sectors.scope_for(&id).await
+            ctx.sectors.scope_for(&id).await
         } else {
             SectorScope::All
         };
@@ -411,7 +406,7 @@ async fn admit(
         let text = Utf8Bytes::from(connected.to_string());
         (Some(Outbound::reply(text)), None)
     };
-    let registered = shared
+    let registered = ctx
         .hub
         .register(Registration {
             tenant_id,
@@ -419,7 +414,7 @@ async fn admit(
             member,
             expires_at,
             jti,
-            queue_capacity: config.send_queue_size,
+            queue_capacity: settings.send_queue_size,
             greeting,
         })
         .map_err(|refusal| match refusal {
@@ -495,11 +490,11 @@ fn read_error_code(e: axum::Error) -> Option<u16> {
     }
 }
 
-fn record_close(shared: &Shared, code: u16) {
-    let m = &shared.metrics;
+fn record_close(ctx: &Context, code: u16) {
+    let m = &ctx.metrics;
     let why = match code {
         close::RATE_LIMITED => return m.rejected(Rejection::RateLimit),
-        close::GOING_AWAY if shared.shutdown.is_cancelled() => Disconnect::Shutdown,
+        close::GOING_AWAY if ctx.shutdown.is_cancelled() => Disconnect::Shutdown,
         close::GOING_AWAY => Disconnect::Heartbeat,
         close::SLOW_CONSUMER => Disconnect::SlowConsumer,
         close::UNSUPPORTED_DATA => Disconnect::Binary,

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
 
-use crate::broker::{Cursor, Scope};
+use crate::broker::Cursor;
 use crate::event::Fields;
-use crate::gateway::Shared;
 use crate::hub::{ConnId, audience};
+
+use super::Context;
 
 /// What a resume found.
 pub struct Replay {
@@ -30,27 +31,27 @@ pub struct Replay {
 
 /// Reads the history the connection missed and keeps what its audience
 /// rules (tenant, branches, role, sectors, session) let it see.
-pub async fn replay(shared: &Shared, conn: ConnId, last_event_id: &str) -> Replay {
+pub async fn replay(ctx: &Context, conn: ConnId, last_event_id: &str) -> Replay {
     // Long enough for anything published before the read to be dispatched.
-    let catch_up_for = shared.config.dedup_window_s.0;
+    let catch_up_for = ctx.settings.dedup_window;
     let not_recovered = || Replay {
         recovered: false,
         frames: Vec::new(),
         catch_up: CatchUp::default(),
     };
     let (Some(cursor), Some((tenant, endpoint, member))) =
-        (Cursor::parse(last_event_id), shared.hub.member(conn))
+        (Cursor::parse(last_event_id), ctx.hub.member(conn))
     else {
         return not_recovered();
     };
-    let wait = shared.config.resume_wait_s.0;
-    let Ok(Ok(place)) = tokio::time::timeout(wait, shared.resume_reads.acquire()).await else {
+    let wait = ctx.settings.resume_wait;
+    let Ok(Ok(place)) = tokio::time::timeout(wait, ctx.resume_reads.acquire()).await else {
         tracing::warn!("no history read free in time; not recovered");
         return not_recovered();
     };
-    let scopes = Scope::of_member(tenant, &member);
-    let lookup = shared.broker.resume(tenant, scopes, cursor);
-    let found = match tokio::time::timeout(shared.config.redis_timeout_s.0, lookup).await {
+    let scopes = member.scopes(tenant);
+    let lookup = ctx.broker.resume(tenant, scopes, cursor);
+    let found = match tokio::time::timeout(ctx.settings.redis_timeout, lookup).await {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "history unavailable; not recovered");

@@ -145,10 +145,12 @@ impl Client {
 
 /// A gateway's shared state (a hub, metrics, the embedded broker), with
 /// nothing listening: secrets only, then `configure`.
-fn gateway(configure: impl FnOnce(&mut Config)) -> Gateway {
+fn gateway(configure: impl FnOnce(&mut Config)) -> Arc<super::Context> {
     let mut config = Config::with_secrets("loop-test-jwt-secret", "loop-test-table-secret");
     configure(&mut config);
-    Gateway::new(config).expect("a gateway without Redis or PostgreSQL")
+    Gateway::new(config)
+        .expect("a gateway without Redis or PostgreSQL")
+        .connection_context()
 }
 
 /// One connection's loop, running in a task of its own.
@@ -163,8 +165,8 @@ struct Conn {
 /// Registers a waiter connection in the gateway's hub, lets `before` queue
 /// frames or close it before its loop starts, then runs the loop on a
 /// socket whose client end holds up to `buffer` unread frames.
-fn open(gateway: &Gateway, buffer: usize, before: impl FnOnce(&ConnHandle)) -> Conn {
-    let shared = gateway.shared().clone();
+fn open(gateway: &Arc<super::Context>, buffer: usize, before: impl FnOnce(&ConnHandle)) -> Conn {
+    let shared = gateway.clone();
     let registered = shared
         .hub
         .register(Registration {
@@ -177,7 +179,7 @@ fn open(gateway: &Gateway, buffer: usize, before: impl FnOnce(&ConnHandle)) -> C
             },
             expires_at: u64::MAX,
             jti: None,
-            queue_capacity: shared.config.send_queue_size,
+            queue_capacity: shared.settings.send_queue_size,
             greeting: None,
         })
         .expect("room in the hub");
@@ -195,8 +197,8 @@ fn open(gateway: &Gateway, buffer: usize, before: impl FnOnce(&ConnHandle)) -> C
             sent: sent.clone(),
             flushed_at: flushed_at.clone(),
         },
-        limiter: rate_limiter(shared.config.rate_limit_per_s),
-        shared,
+        limiter: rate_limiter(shared.settings.rate_limit_per_s),
+        ctx: shared,
         registered,
         catch_up: resume::CatchUp::default(),
     };
@@ -229,8 +231,8 @@ async fn wait_until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
-fn disconnects(gateway: &Gateway, reason: &str) -> u64 {
-    let m = &gateway.shared().metrics;
+fn disconnects(gateway: &Arc<super::Context>, reason: &str) -> u64 {
+    let m = &gateway.metrics;
     m.disconnects.with_label_values(&[reason]).get()
 }
 
@@ -252,13 +254,13 @@ async fn queued_frames_are_written_in_order_up_to_64_per_flush() {
     })));
     conn.ended().await;
     assert_eq!(*flushed_at.lock().unwrap(), [64, 100], "two batches");
-    let m = &gw.shared().metrics;
+    let m = &gw.metrics;
     assert_eq!(
         m.publish_to_client_seconds.get_sample_count(),
         2,
         "one latency sample per written batch"
     );
-    assert_eq!(gw.shared().hub.counts().total, 0, "out of the hub");
+    assert_eq!(gw.hub.counts().total, 0, "out of the hub");
     assert_eq!(m.undelivered_count(Undelivered::WriteFailed), 0);
     assert_eq!(m.undelivered_count(Undelivered::ConnectionClosed), 0);
 }
@@ -289,7 +291,7 @@ async fn ping_gets_pong_and_bad_messages_their_error_while_the_loop_goes_on() {
     drop(conn.client.tx);
     let task = conn.task;
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-    assert_eq!(gw.shared().hub.counts().total, 0);
+    assert_eq!(gw.hub.counts().total, 0);
 }
 
 #[tokio::test]
@@ -303,7 +305,7 @@ async fn refresh_sectors_goes_to_the_sector_sync_task_unanswered() {
     c.send_text(r#"{"type":"refresh_sectors"}"#);
     c.send_text(r#"{"type":"ping"}"#);
     assert_eq!(c.next_text().await, r#"{"type":"pong"}"#, "no reply before");
-    let m = &gw.shared().metrics;
+    let m = &gw.metrics;
     assert_eq!(m.sector_refreshes_coalesced.get(), 1);
 }
 
@@ -332,7 +334,7 @@ async fn a_message_over_the_rate_limit_closes_with_4029() {
     assert_eq!(conn.client.next_text().await, r#"{"type":"pong"}"#);
     conn.client.expect_close(4029, "rate limit exceeded").await;
     conn.ended().await;
-    let m = &gw.shared().metrics;
+    let m = &gw.metrics;
     let refused = m.connections_rejected.with_label_values(&["rate_limit"]);
     assert_eq!(refused.get(), 1);
 }
@@ -353,8 +355,8 @@ async fn a_close_request_from_the_hub_ends_the_loop_with_its_code() {
     // counts as a shutdown, not a missed heartbeat.
     let gw = gateway(|_| {});
     let mut conn = open(&gw, 16, |_| {});
-    gw.shared().shutdown.cancel();
-    gw.shared().hub.close_all(close::GOING_AWAY);
+    gw.shutdown.cancel();
+    gw.hub.close_all(close::GOING_AWAY);
     conn.client.expect_close(1001, "going away").await;
     conn.ended().await;
     assert_eq!(disconnects(&gw, "shutdown"), 1);
@@ -370,7 +372,7 @@ async fn a_close_request_comes_before_frames_already_queued() {
     });
     conn.client.expect_close(4001, "unauthorized").await;
     conn.ended().await;
-    let m = &gw.shared().metrics;
+    let m = &gw.metrics;
     assert_eq!(m.undelivered_count(Undelivered::ConnectionClosed), 1);
     assert_eq!(disconnects(&gw, "token_invalid"), 1);
 }
@@ -392,7 +394,7 @@ async fn a_write_stuck_on_a_client_that_does_not_read_yields_to_a_close_request(
     .await;
     conn.handle.close(close::SLOW_CONSUMER);
     let mut client = conn.ended().await;
-    let m = &gw.shared().metrics;
+    let m = &gw.metrics;
     // Handed to the socket but never flushed: the close frame could not
     // follow it either (its send timed out).
     assert_eq!(m.undelivered_count(Undelivered::WriteFailed), 1);
@@ -413,8 +415,8 @@ async fn the_clients_close_frame_ends_the_loop() {
     let mut client = conn.ended().await;
     // Answering it is tungstenite's part, on a real socket.
     assert!(client.next().await.is_none(), "the gateway sends nothing");
-    assert_eq!(gw.shared().hub.counts().total, 0);
-    let m = &gw.shared().metrics;
+    assert_eq!(gw.hub.counts().total, 0);
+    let m = &gw.metrics;
     let all: u64 = ["binary", "slow_consumer", "shutdown", "heartbeat"]
         .iter()
         .map(|r| m.disconnects.with_label_values(&[r]).get())

@@ -1,6 +1,7 @@
 //! `/ws/health`, `/ws/health/detailed` and `/ws/metrics`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -9,12 +10,29 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::auth::Endpoint;
-use crate::gateway::Shared;
+use crate::broker::{Broker, EventQueue};
+use crate::hub::Hub;
 use crate::metrics::{Drop, Metrics};
+use crate::sectors::SectorAssignments;
 use crate::unknown_types::MAX_TRACKED_TYPES;
 
-fn connections(shared: &Shared) -> Value {
-    let counts = shared.hub.counts();
+/// What the health and metrics routes read: no I/O, only these.
+pub struct HealthState {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub queue: Arc<EventQueue>,
+    pub sectors: Arc<SectorAssignments>,
+    pub metrics: Arc<Metrics>,
+    /// `WSGATEWAY_MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// `WSGATEWAY_RATE_LIMIT_PER_S`.
+    pub rate_limit_per_s: u32,
+    /// `WSGATEWAY_DROP_RATE_WINDOW_S`.
+    pub drop_rate_window: Duration,
+}
+
+fn connections(state: &HealthState) -> Value {
+    let counts = state.hub.counts();
     let by_endpoint: serde_json::Map<String, Value> = Endpoint::ALL
         .iter()
         .map(|e| (e.as_str().to_owned(), json!(counts.by_endpoint[e.index()])))
@@ -23,14 +41,14 @@ fn connections(shared: &Shared) -> Value {
 }
 
 /// Fast liveness: no I/O, one short read of the hub's counters.
-pub async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({"status": "healthy", "connections": connections(&shared)}))
+pub async fn health(State(state): State<Arc<HealthState>>) -> Json<Value> {
+    Json(json!({"status": "healthy", "connections": connections(&state)}))
 }
 
 /// Readiness: whether the gateway can deliver, with the seed's keys.
-pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
-    let broker = shared.broker.status();
-    let m = &shared.metrics;
+pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
+    let broker = state.broker.status();
+    let m = &state.metrics;
     let processed = m.events_processed.get();
     let dropped: u64 = [Drop::QueueFull, Drop::Invalid, Drop::Stale, Drop::Gap]
         .iter()
@@ -42,7 +60,7 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         }
         None => json!({}),
     };
-    let (sectors, sectors_reason) = shared.sectors.health();
+    let (sectors, sectors_reason) = state.sectors.health();
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
     let status = if !broker.connected {
@@ -71,21 +89,21 @@ pub async fn detailed(State(shared): State<Arc<Shared>>) -> Response {
         "status": status,
         "broker": broker_json,
         "circuit_breaker": breakers,
-        "connections": connections(&shared),
+        "connections": connections(&state),
         // Every open connection has a bucket of its own: the seed's tracked
         // connections and their capacity (the most connections, each tracked).
         "rate_limiter": {
-            "tracked_connections": shared.hub.counts().total,
-            "capacity": shared.config.max_connections,
-            "per_connection_per_s": shared.config.rate_limit_per_s,
+            "tracked_connections": state.hub.counts().total,
+            "capacity": state.max_connections,
+            "per_connection_per_s": state.rate_limit_per_s,
         },
         "event_processing": {
-            "queue_size": shared.queue.len(),
-            "queue_capacity": shared.queue.capacity(),
+            "queue_size": state.queue.len(),
+            "queue_capacity": state.queue.capacity(),
             "processed": processed,
             "dropped": dropped,
             "drop_rate": m.drop_rate(),
-            "drop_rate_window_s": shared.config.drop_rate_window_s.0.as_secs().max(1),
+            "drop_rate_window_s": state.drop_rate_window.as_secs().max(1),
             "drop_rate_alerts": m.drop_rate_alerts.get(),
         },
         "unknown_events": unknown_events(m),
@@ -117,11 +135,11 @@ fn unknown_events(m: &Metrics) -> Value {
     })
 }
 
-pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+pub async fn metrics(State(state): State<Arc<HealthState>>) -> Response {
     // Gauges derived from state are refreshed at scrape time.
-    let m = &shared.metrics;
+    let m = &state.metrics;
     m.event_drop_rate.set(m.drop_rate());
-    let sizes = shared.hub.index_sizes();
+    let sizes = state.hub.index_sizes();
     let entries = &m.hub_index_entries;
     for (index, n) in [
         ("tenant", sizes.tenants),

@@ -12,13 +12,58 @@ mod ws;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 
-use crate::auth::Endpoint;
-use crate::gateway::Shared;
+pub use health::HealthState;
+pub use publish::PublishState;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+use crate::auth::Endpoint;
+use crate::connection;
+
+/// What the routes share: each route takes its own part.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The WebSocket endpoints hand each socket to a connection task.
+    pub connections: Arc<connection::Context>,
+    /// `/ws/health`, `/ws/health/detailed` and `/ws/metrics`.
+    pub health: Arc<HealthState>,
+    /// `/api/publish`.
+    pub publish: Arc<PublishState>,
+}
+
+impl FromRef<HttpState> for Arc<connection::Context> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.connections.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<HealthState> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.health.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<PublishState> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.publish.clone()
+    }
+}
+
+/// Which of the optional routes the public router serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Routes {
+    /// `/ws/metrics`: not when `WSGATEWAY_METRICS_LISTEN` serves it, so
+    /// that the platform's counts (tenants, branches, sessions) are not
+    /// told to anyone who can reach the public port.
+    pub metrics: bool,
+    /// `/api/publish`: only with `WSGATEWAY_API_KEY` (otherwise 404).
+    pub publish: bool,
+    /// The demo page at `/` (the `dev` command).
+    pub demo_page: bool,
+}
+
+pub fn router(state: HttpState, routes: Routes) -> Router {
     let mut router = Router::new()
         .route("/ws/waiter", ws::route(Endpoint::Waiter))
         .route("/ws/kitchen", ws::route(Endpoint::Kitchen))
@@ -26,13 +71,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/diner", ws::route(Endpoint::Diner))
         .route("/ws/health", get(health::health))
         .route("/ws/health/detailed", get(health::detailed));
-    // With a metrics address, the platform's counts (tenants, branches,
-    // sessions) are not told to anyone who can reach the public port.
-    if shared.config.metrics_listen.is_none() {
+    if routes.metrics {
         router = router.route("/ws/metrics", get(health::metrics));
     }
-    // Without a key the publish API does not exist (404).
-    if shared.config.api_key.is_some() {
+    if routes.publish {
         // The handler reads the body itself, after checking the key, with
         // its own limit; axum's default limit is off for this route.
         router = router.route(
@@ -40,16 +82,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
             post(publish::publish).layer(DefaultBodyLimit::disable()),
         );
     }
-    if shared.demo_page {
+    if routes.demo_page {
         router = router.route("/", get(demo::page));
     }
-    router.with_state(shared)
+    router.with_state(state)
 }
 
 /// The routes of the metrics listener (`WSGATEWAY_METRICS_LISTEN`): only
 /// `/ws/metrics`.
-pub fn metrics_router(shared: Arc<Shared>) -> Router {
+pub fn metrics_router(health: Arc<HealthState>) -> Router {
     Router::new()
         .route("/ws/metrics", get(health::metrics))
-        .with_state(shared)
+        .with_state(health)
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -12,10 +13,27 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::broker::{BrokerError, Publication};
+use crate::broker::{Broker, BrokerError, Publication};
 use crate::channel::Channel;
+use crate::config::Secret;
 use crate::event::{Fields, unix_ms};
-use crate::gateway::Shared;
+use crate::metrics::Metrics;
+
+/// What the publish API reads.
+pub struct PublishState {
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    /// `WSGATEWAY_API_KEY`: without it the route is not served.
+    pub api_key: Option<Secret>,
+    /// `WSGATEWAY_MAX_PUBLISH_BYTES`.
+    pub max_bytes: usize,
+    /// `WSGATEWAY_MAX_PUBLISH_ITEMS`.
+    pub max_items: usize,
+    /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
+    pub max_channels: usize,
+    /// `WSGATEWAY_STALE_EVENT_S`.
+    pub stale_event: Duration,
+}
 
 /// A refusal of the publish API, as `{"error": code, "detail": ...}`.
 #[derive(Debug)]
@@ -46,15 +64,15 @@ impl IntoResponse for ApiError {
 }
 
 pub async fn publish(
-    State(shared): State<Arc<Shared>>,
+    State(state): State<Arc<PublishState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match answer(&shared, headers, body).await {
+    match answer(&state, headers, body).await {
         Ok(response) => response,
         Err(e) => {
             if e.status.is_client_error() {
-                shared
+                state
                     .metrics
                     .publish_rejected
                     .with_label_values(&[e.code])
@@ -66,8 +84,12 @@ pub async fn publish(
 }
 
 /// What a request gets: the broker's answer, or why not.
-async fn answer(shared: &Shared, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let Some(key) = &shared.config.api_key else {
+async fn answer(
+    state: &PublishState,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(key) = &state.api_key else {
         return Ok(StatusCode::NOT_FOUND.into_response());
     };
     if !bearer_matches(&headers, key.expose()) {
@@ -77,7 +99,7 @@ async fn answer(shared: &Shared, headers: HeaderMap, body: Body) -> Result<Respo
             detail: "a valid `Authorization: Bearer <key>` header is required".into(),
         });
     }
-    let limit = shared.config.max_publish_bytes;
+    let limit = state.max_bytes;
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -87,15 +109,15 @@ async fn answer(shared: &Shared, headers: HeaderMap, body: Body) -> Result<Respo
     };
     let rules = Rules {
         now_ms: unix_ms(),
-        stale_ms: shared.config.stale_event_s.0.as_millis() as i64,
-        max_items: shared.config.max_publish_items,
-        max_channels: shared.config.max_publish_channels,
+        stale_ms: state.stale_event.as_millis() as i64,
+        max_items: state.max_items,
+        max_channels: state.max_channels,
     };
     let batch = read_batch(&body, &rules)?;
     let n = batch.len() as u64;
-    match shared.broker.publish(batch).await {
+    match state.broker.publish(batch).await {
         Ok(ids) => {
-            shared.metrics.events_published.inc_by(n);
+            state.metrics.events_published.inc_by(n);
             Ok((StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response())
         }
         Err(BrokerError::Unavailable(why)) => {

@@ -12,8 +12,7 @@ use axum::response::Response;
 use axum::routing::{MethodRouter, get};
 
 use crate::auth::Endpoint;
-use crate::connection::{self, ConnectRequest};
-use crate::gateway::Shared;
+use crate::connection::{self, ConnectRequest, Context, OnDecided};
 use crate::http::server::PendingSlot;
 
 /// Initial read buffer of a WebSocket (tungstenite allocates it up front).
@@ -28,9 +27,9 @@ const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// The route of one endpoint: every endpoint is the same handler, told
 /// which endpoint it serves.
-pub fn route(endpoint: Endpoint) -> MethodRouter<Arc<Shared>> {
+pub fn route(endpoint: Endpoint) -> MethodRouter<super::HttpState> {
     get(
-        move |s: State<Arc<Shared>>,
+        move |s: State<Arc<Context>>,
               c: ConnectInfo<SocketAddr>,
               q: RawQuery,
               h: HeaderMap,
@@ -41,7 +40,7 @@ pub fn route(endpoint: Endpoint) -> MethodRouter<Arc<Shared>> {
 
 fn upgrade(
     endpoint: Endpoint,
-    State(shared): State<Arc<Shared>>,
+    State(ctx): State<Arc<Context>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -66,15 +65,16 @@ fn upgrade(
         .get(axum::http::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let request = ConnectRequest {
-        pending: pending.map(|Extension(slot)| slot),
+        on_decided: pending
+            .map(|Extension(slot)| -> OnDecided { Box::new(move || slot.release()) }),
         endpoint,
         token,
         last_event_id,
         origin,
         peer,
     };
-    let max = shared.config.max_message_bytes;
-    let tasks = shared.tasks.clone();
+    let max = ctx.settings.max_message_bytes;
+    let tasks = ctx.tasks.clone();
     ws
         // A whole message is limited to `max`; a single frame may be larger
         // so that an oversized message is read to its end and answered with
@@ -85,5 +85,5 @@ fn upgrade(
         // large message) keeps idle connections small.
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| tasks.track_future(connection::serve(socket, shared, request)))
+        .on_upgrade(move |socket| tasks.track_future(connection::serve(socket, ctx, request)))
 }

@@ -6,6 +6,7 @@
 //! to skip connections that already got a repeated event.
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
+use crate::broker::Scope;
 use crate::channel::Channel;
 use crate::event::Fields;
 
@@ -72,6 +73,25 @@ pub enum Member {
         branch_id: BranchId,
         session_id: SessionId,
     },
+}
+
+impl Member {
+    /// The history scopes whose events this member (of `tenant`) may be in
+    /// the audience of.
+    pub fn scopes(&self, tenant: TenantId) -> Vec<Scope> {
+        match self {
+            Member::Staff {
+                user_id,
+                branch_ids,
+                ..
+            } => branch_ids
+                .iter()
+                .map(|b| Scope::Branch(tenant, *b))
+                .chain([Scope::User(tenant, *user_id), Scope::TenantStaff(tenant)])
+                .collect(),
+            Member::Diner { session_id, .. } => vec![Scope::Session(tenant, *session_id)],
+        }
+    }
 }
 
 /// Whether a connection (tenant, endpoint, membership) is in the audience of

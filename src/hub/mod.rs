@@ -570,13 +570,14 @@ impl Hub {
         scopes: Option<&[crate::broker::Scope]>,
         frame: &Outbound,
     ) -> usize {
-        use crate::broker::Scope;
         let index = self.index.read();
         let mut notified = 0;
         for entry in index.conns.values() {
             let tenant = entry.handle.tenant_id;
             let affected = scopes.is_none_or(|wanted| {
-                Scope::of_member(tenant, &entry.member)
+                entry
+                    .member
+                    .scopes(tenant)
                     .iter()
                     .any(|s| wanted.binary_search(s).is_ok())
             });
