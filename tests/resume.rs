@@ -51,6 +51,22 @@ async fn publish_mixed(gw: &TestGateway, n: usize, tag: &str) -> Vec<String> {
     mine
 }
 
+/// Reads `watcher`, a live client in the audience, until it gets the
+/// event `last`: then everything published before it has been dispatched,
+/// and cannot reach a client that connects afterwards as a live event (in
+/// Redis mode an event travels through pub/sub after its 202).
+async fn dispatched(watcher: &mut Client, last: &str) {
+    loop {
+        let got = watcher
+            .next_json()
+            .await
+            .expect("the watcher gets every event");
+        if got["event_id"] == last {
+            return;
+        }
+    }
+}
+
 fn ids(frames: &[Value]) -> Vec<String> {
     frames
         .iter()
@@ -123,7 +139,9 @@ async fn exhausted_or_unknown_history_is_not_recovered(gw: &TestGateway) {
     assert_eq!(c.next_json().await.unwrap()["event_id"], first[0].as_str());
     drop(c);
     // The history keeps 50 events per branch: 60 more push the cursor out.
-    publish_mixed(gw, 60, "flood").await;
+    let (mut watcher, _) = gw.join("waiter", &staff(19, 1, &[5], &["WAITER"])).await;
+    let flood = publish_mixed(gw, 60, "flood").await;
+    dispatched(&mut watcher, flood.last().unwrap()).await;
     let (mut c, hello) = resume(gw, "waiter", &token, &first[0]).await;
     assert_eq!(hello["recovered"], false, "{hello}");
     assert!(
@@ -298,10 +316,13 @@ async fn a_resume_beyond_its_bound_is_not_recovered(gw: &TestGateway) {
             event("ROUND_READY", 1, b),
         )
     };
+    let (mut watcher, _) = gw.join("admin", &staff(12, 1, &[5, 6], &["ADMIN"])).await;
     let cursor = publish(5).await;
+    let mut last = String::new();
     for b in [5, 6, 5, 6, 5, 6] {
-        publish(b).await;
+        last = publish(b).await;
     }
+    dispatched(&mut watcher, &last).await;
     let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
     assert_eq!(
         hello["recovered"], false,
@@ -318,6 +339,7 @@ async fn a_resume_beyond_its_bound_is_not_recovered(gw: &TestGateway) {
     for b in [5, 6, 6, 5, 5] {
         missed.push(publish(b).await);
     }
+    dispatched(&mut watcher, missed.last().unwrap()).await;
     let (mut c, hello) = resume(gw, "admin", &token, &cursor).await;
     assert_eq!(
         hello["recovered"], true,
