@@ -19,6 +19,7 @@ use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
     RedisConnector, RedisTiming,
 };
+use crate::close::Close;
 use crate::config::{Config, ConfigError};
 use crate::connection;
 use crate::dispatcher::Dispatcher;
@@ -261,7 +262,7 @@ impl Gateway {
         shutdown.cancel();
         // Connections admitted from here on close themselves on seeing the
         // cancelled token; these are the ones already in the hub.
-        hub.close_all(crate::close::GOING_AWAY);
+        hub.close_all(Close::Shutdown);
         tasks.close();
         let grace = config.shutdown_grace_s.0;
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -444,7 +445,7 @@ async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
                     connections = ids.len(),
                     "closing connections with revoked tokens"
                 );
-                conns.hub.close_ids(&ids, crate::close::UNAUTHORIZED);
+                conns.hub.close_ids(&ids, Close::Unauthorized);
             }
         }
         Err(e) => {

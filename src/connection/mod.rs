@@ -27,7 +27,7 @@ pub use context::{Context, Settings};
 pub use messages::ClientMessage;
 
 use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
-use crate::close;
+use crate::close::Close;
 use crate::event::unix_ms;
 use crate::hub::{
     ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
@@ -103,7 +103,11 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
         Ok(admitted) => admitted,
         Err((code, why)) => {
             ctx.metrics.rejected(why);
-            tracing::info!(code, reason = why.as_str(), "connection refused");
+            tracing::info!(
+                code = code.code(),
+                reason = why.as_str(),
+                "connection refused"
+            );
             close_socket(&mut socket, code, close_timeout).await;
             return None;
         }
@@ -113,7 +117,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     tracing::info!("connected");
     // Shutdown closes what the hub holds; one admitted after that closes here.
     if ctx.shutdown.is_cancelled() {
-        handle.close(close::GOING_AWAY);
+        handle.close(Close::Shutdown);
     }
     let mut catch_up = resume::CatchUp::default();
     if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
@@ -172,14 +176,14 @@ impl Live {
                 tokio::select! {
                     biased;
                     signal = handle.signal() => {
-                        if let Signal::Close(code) = signal {
-                            break End::Gateway(code);
+                        if let Signal::Close(why) = signal {
+                            break End::Gateway(why);
                         }
                         // A write stuck on a client that does not read still
                         // yields to a close request (slow consumer, shutdown).
                         tokio::select! {
                             biased;
-                            code = handle.close_requested() => break End::Gateway(code),
+                            why = handle.close_requested() => break End::Gateway(why),
                             written = write_queued(socket, handle, &mut this.catch_up, &mut unwritten) => match written {
                                 Ok(published_ms) if published_ms > 0 => ctx
                                     .metrics
@@ -199,7 +203,7 @@ impl Live {
                         let message = match inbound {
                             None => break End::Lost,
                             Some(Err(e)) => match read_error_code(e) {
-                                Some(code) => break End::Gateway(code),
+                                Some(why) => break End::Gateway(why),
                                 None => break End::Lost,
                             },
                             Some(Ok(m)) => m,
@@ -208,7 +212,7 @@ impl Live {
                         match message {
                             Message::Text(text) => {
                                 if this.limiter.check().is_err() {
-                                    break End::Gateway(close::RATE_LIMITED);
+                                    break End::Gateway(Close::RateLimited);
                                 }
                                 match ClientMessage::parse(handle.endpoint, text.as_str()) {
                                     // Answered by the sector sync task with `sectors_updated`.
@@ -222,7 +226,7 @@ impl Live {
                                     }
                                 }
                             }
-                            Message::Binary(_) => break End::Gateway(close::UNSUPPORTED_DATA),
+                            Message::Binary(_) => break End::Gateway(Close::Binary),
                             Message::Ping(_) | Message::Pong(_) => {}
                             Message::Close(frame) => {
                                 // Lets tungstenite send its reply to the client's close.
@@ -242,8 +246,8 @@ impl Live {
 /// How a connection's loop ended.
 #[derive(Debug, Clone, Copy)]
 enum End {
-    /// The gateway closes it with this code.
-    Gateway(u16),
+    /// The gateway closes it, for this reason.
+    Gateway(Close),
     /// The client sent a close frame (with this code, if any).
     Client(Option<u16>),
     /// The client went away without a close frame, or a write failed.
@@ -274,19 +278,19 @@ async fn finish(
         .undelivered(Undelivered::ConnectionClosed, unsent as u64);
     let mut unwritten = unwritten as u64;
     match end {
-        End::Gateway(code) => {
-            record_close(ctx, code);
+        End::Gateway(why) => {
+            record_close(ctx, why);
             let close_timeout = ctx.settings.close_timeout;
             // A sent close frame went out after the frames handed to the
             // socket before it: those were written.
-            if close_socket(socket, code, close_timeout).await {
+            if close_socket(socket, why, close_timeout).await {
                 unwritten = 0;
             }
             ctx.metrics.undelivered(Undelivered::WriteFailed, unwritten);
             tracing::info!(
                 by = "gateway",
-                code,
-                reason = close::reason(code),
+                code = why.code(),
+                reason = why.reason(),
                 unsent = unsent as u64 + unwritten,
                 "Connection closed"
             );
@@ -312,7 +316,7 @@ fn record_sector_ids(span: &tracing::Span, sectors: &SectorScope) {
 async fn admit(
     ctx: &Arc<Context>,
     req: &mut ConnectRequest,
-) -> Result<(Registered, Option<serde_json::Value>), (u16, Rejection)> {
+) -> Result<(Registered, Option<serde_json::Value>), (Close, Rejection)> {
     // The token is not kept past admission (nor is the origin).
     let token = req.token.take();
     let origin = req.origin.take();
@@ -338,7 +342,7 @@ async fn admit(
         if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
             && !allowed.allows(origin.trim_end_matches('/'))
         {
-            return Err((close::FORBIDDEN, Rejection::Origin));
+            return Err((Close::Forbidden, Rejection::Origin));
         }
         let id: StaffIdentity = ctx.verifier.staff(token.as_deref()).map_err(auth_refusal)?;
         span.record("user", id.user_id);
@@ -350,7 +354,7 @@ async fn admit(
                 Ok(true) => {
                     checks.with_label_values(&["revoked"]).inc();
                     tracing::debug!("token revoked");
-                    return Err((close::UNAUTHORIZED, Rejection::Auth));
+                    return Err((Close::Unauthorized, Rejection::Auth));
                 }
                 Ok(false) => checks.with_label_values(&["valid"]).inc(),
                 Err(e) => {
@@ -360,7 +364,7 @@ async fn admit(
             }
         }
         if !req.endpoint.allows(id.roles) {
-            return Err((close::FORBIDDEN, Rejection::Forbidden));
+            return Err((Close::Forbidden, Rejection::Forbidden));
         }
         let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
             ctx.sectors.scope_for(&id).await
@@ -402,16 +406,16 @@ async fn admit(
             greeting,
         })
         .map_err(|refusal| match refusal {
-            Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
-            Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
-            Refusal::SessionLimit => (close::USER_LIMIT, Rejection::MaxPerSession),
+            Refusal::AtCapacity => (Close::AtCapacity, Rejection::MaxTotal),
+            Refusal::UserLimit => (Close::UserLimit, Rejection::MaxPerUser),
+            Refusal::SessionLimit => (Close::UserLimit, Rejection::MaxPerSession),
         })?;
     Ok((registered, deferred))
 }
 
-fn auth_refusal(e: AuthError) -> (u16, Rejection) {
+fn auth_refusal(e: AuthError) -> (Close, Rejection) {
     tracing::debug!(reason = %e, "token refused");
-    (close::UNAUTHORIZED, Rejection::Auth)
+    (Close::Unauthorized, Rejection::Auth)
 }
 
 fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
@@ -454,18 +458,18 @@ async fn write_queued(
 }
 
 /// The close code for a failed read, if the client is still there to get one.
-fn read_error_code(e: axum::Error) -> Option<u16> {
+fn read_error_code(e: axum::Error) -> Option<Close> {
     let inner = e.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Some(close::TOO_BIG),
-        Some(tungstenite::Error::Utf8(_)) => Some(close::INVALID_PAYLOAD),
+        Some(tungstenite::Error::Capacity(_)) => Some(Close::TooBig),
+        Some(tungstenite::Error::Utf8(_)) => Some(Close::InvalidUtf8),
         // The client went away without a close handshake: nobody to tell.
         Some(tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
         )) => None,
         Some(tungstenite::Error::Protocol(p)) => {
             tracing::debug!(error = %p, "protocol error");
-            Some(close::PROTOCOL_ERROR)
+            Some(Close::ProtocolError)
         }
         _ => {
             tracing::debug!(error = %inner, "read failed");
@@ -474,30 +478,32 @@ fn read_error_code(e: axum::Error) -> Option<u16> {
     }
 }
 
-fn record_close(ctx: &Context, code: u16) {
+fn record_close(ctx: &Context, why: Close) {
     let m = &ctx.metrics;
-    let why = match code {
-        close::RATE_LIMITED => return m.rejected(Rejection::RateLimit),
-        close::GOING_AWAY if ctx.shutdown.is_cancelled() => Disconnect::Shutdown,
-        close::GOING_AWAY => Disconnect::Heartbeat,
-        close::SLOW_CONSUMER => Disconnect::SlowConsumer,
-        close::UNSUPPORTED_DATA => Disconnect::Binary,
-        close::TOO_BIG => Disconnect::TooLarge,
-        close::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
-        close::PROTOCOL_ERROR => Disconnect::ProtocolError,
-        close::UNAUTHORIZED => Disconnect::TokenInvalid,
-        _ => Disconnect::Internal,
+    let counted = match why {
+        Close::RateLimited => return m.rejected(Rejection::RateLimit),
+        Close::Shutdown => Disconnect::Shutdown,
+        Close::Heartbeat => Disconnect::Heartbeat,
+        Close::SlowConsumer => Disconnect::SlowConsumer,
+        Close::Binary => Disconnect::Binary,
+        Close::TooBig => Disconnect::TooLarge,
+        Close::InvalidUtf8 => Disconnect::InvalidUtf8,
+        Close::ProtocolError => Disconnect::ProtocolError,
+        Close::Unauthorized => Disconnect::TokenInvalid,
+        // Admission's refusals, counted as rejections there; never the end
+        // of an admitted connection.
+        Close::AtCapacity | Close::Forbidden | Close::UserLimit => Disconnect::Internal,
     };
-    m.disconnected(why);
+    m.disconnected(counted);
 }
 
 /// Sends a close frame and waits, up to `timeout`, for the client's reply,
 /// so that the client reads the code before the TCP connection goes.
 /// Returns whether the close frame was sent (written and flushed).
-async fn close_socket(socket: &mut WebSocket, code: u16, timeout: Duration) -> bool {
+async fn close_socket(socket: &mut WebSocket, why: Close, timeout: Duration) -> bool {
     let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(close::reason(code)),
+        code: why.code(),
+        reason: Utf8Bytes::from_static(why.reason()),
     };
     let mut sent = false;
     let handshake = async {
