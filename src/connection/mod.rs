@@ -26,7 +26,7 @@ use tracing::Instrument;
 pub use context::{Context, Settings};
 pub use messages::ClientMessage;
 
-use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
+use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity, TenantId};
 use crate::close::Close;
 use crate::event::unix_ms;
 use crate::hub::{
@@ -99,16 +99,20 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     if let Some(decided) = req.on_decided.take() {
         decided();
     }
-    let (registered, deferred_hello) = match admitted {
+    let Admitted {
+        registered,
+        deferred_hello,
+    } = match admitted {
         Ok(admitted) => admitted,
-        Err((code, why)) => {
+        Err(refused) => {
+            let (close, why) = (refused.close(), refused.rejection());
             ctx.metrics.rejected(why);
             tracing::info!(
-                code = code.code(),
+                code = close.code(),
                 reason = why.as_str(),
                 "connection refused"
             );
-            close_socket(&mut socket, code, close_timeout).await;
+            close_socket(&mut socket, close, close_timeout).await;
             return None;
         }
     };
@@ -311,19 +315,75 @@ fn record_sector_ids(span: &tracing::Span, sectors: &SectorScope) {
     span.record("sector_ids", reported);
 }
 
+/// An admitted connection, in the hub.
+struct Admitted {
+    registered: Registered,
+    /// `connected`, when the connection resumes: written by the
+    /// connection itself before its replay, not queued.
+    deferred_hello: Option<serde_json::Value>,
+}
+
+/// Why admission refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Token missing, invalid, expired or revoked.
+    Auth,
+    /// `ALLOWED_ORIGINS` does not list the origin.
+    Origin,
+    /// The token's roles may not open the endpoint.
+    Forbidden,
+    /// `WSGATEWAY_MAX_CONNECTIONS`.
+    AtCapacity,
+    /// `WSGATEWAY_MAX_CONNECTIONS_PER_USER`.
+    UserLimit,
+    /// `WSGATEWAY_MAX_CONNECTIONS_PER_SESSION`.
+    SessionLimit,
+}
+
+impl Refused {
+    /// The close the client gets.
+    fn close(self) -> Close {
+        match self {
+            Refused::Auth => Close::Unauthorized,
+            Refused::Origin | Refused::Forbidden => Close::Forbidden,
+            Refused::AtCapacity => Close::AtCapacity,
+            Refused::UserLimit | Refused::SessionLimit => Close::UserLimit,
+        }
+    }
+
+    /// How it is counted.
+    fn rejection(self) -> Rejection {
+        match self {
+            Refused::Auth => Rejection::Auth,
+            Refused::Origin => Rejection::Origin,
+            Refused::Forbidden => Rejection::Forbidden,
+            Refused::AtCapacity => Rejection::MaxTotal,
+            Refused::UserLimit => Rejection::MaxPerUser,
+            Refused::SessionLimit => Rejection::MaxPerSession,
+        }
+    }
+}
+
+/// Who a verified token says the connection is, as the hub registers it.
+struct Identified {
+    tenant_id: TenantId,
+    member: Member,
+    /// The token's expiry, Unix seconds.
+    expires_at: u64,
+    jti: Option<Box<str>>,
+    connected: serde_json::Value,
+}
+
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
 /// connection is in the hub and `connected` is first in its queue.
-async fn admit(
-    ctx: &Arc<Context>,
-    req: &mut ConnectRequest,
-) -> Result<(Registered, Option<serde_json::Value>), (Close, Rejection)> {
+async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted, Refused> {
     // The token is not kept past admission (nor is the origin).
     let token = req.token.take();
     let origin = req.origin.take();
     let settings = &ctx.settings;
     let span = tracing::Span::current();
     let heartbeat_s = settings.heartbeat_interval.as_secs_f64().round() as u64;
-    let (tenant_id, member, expires_at, jti, connected) = if req.endpoint == Endpoint::Diner {
+    let identified = if req.endpoint == Endpoint::Diner {
         let id: DinerIdentity = ctx.verifier.table(token.as_deref()).map_err(auth_refusal)?;
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::display(id.branch_id));
@@ -337,12 +397,18 @@ async fn admit(
             branch_id: id.branch_id,
             session_id: id.session_id,
         };
-        (id.tenant_id, member, id.exp, None, connected)
+        Identified {
+            tenant_id: id.tenant_id,
+            member,
+            expires_at: id.exp,
+            jti: None,
+            connected,
+        }
     } else {
         if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
             && !allowed.allows(origin.trim_end_matches('/'))
         {
-            return Err((Close::Forbidden, Rejection::Origin));
+            return Err(Refused::Origin);
         }
         let id: StaffIdentity = ctx.verifier.staff(token.as_deref()).map_err(auth_refusal)?;
         span.record("user", id.user_id);
@@ -354,7 +420,7 @@ async fn admit(
                 Ok(true) => {
                     checks.with_label_values(&["revoked"]).inc();
                     tracing::debug!("token revoked");
-                    return Err((Close::Unauthorized, Rejection::Auth));
+                    return Err(Refused::Auth);
                 }
                 Ok(false) => checks.with_label_values(&["valid"]).inc(),
                 Err(e) => {
@@ -364,7 +430,7 @@ async fn admit(
             }
         }
         if !req.endpoint.allows(id.roles) {
-            return Err((Close::Forbidden, Rejection::Forbidden));
+            return Err(Refused::Forbidden);
         }
         let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
             ctx.sectors.scope_for(&id).await
@@ -383,8 +449,21 @@ async fn admit(
             sectors,
         };
         let jti = id.jti.map(String::into_boxed_str);
-        (id.tenant_id, member, id.exp, jti, connected)
+        Identified {
+            tenant_id: id.tenant_id,
+            member,
+            expires_at: id.exp,
+            jti,
+            connected,
+        }
     };
+    let Identified {
+        tenant_id,
+        member,
+        expires_at,
+        jti,
+        connected,
+    } = identified;
 
     // `connected` is queued before registration, so that no event can
     // precede it; a resuming connection writes it itself, before its replay.
@@ -406,16 +485,19 @@ async fn admit(
             greeting,
         })
         .map_err(|refusal| match refusal {
-            Refusal::AtCapacity => (Close::AtCapacity, Rejection::MaxTotal),
-            Refusal::UserLimit => (Close::UserLimit, Rejection::MaxPerUser),
-            Refusal::SessionLimit => (Close::UserLimit, Rejection::MaxPerSession),
+            Refusal::AtCapacity => Refused::AtCapacity,
+            Refusal::UserLimit => Refused::UserLimit,
+            Refusal::SessionLimit => Refused::SessionLimit,
         })?;
-    Ok((registered, deferred))
+    Ok(Admitted {
+        registered,
+        deferred_hello: deferred,
+    })
 }
 
-fn auth_refusal(e: AuthError) -> (Close, Rejection) {
+fn auth_refusal(e: AuthError) -> Refused {
     tracing::debug!(reason = %e, "token refused");
-    (Close::Unauthorized, Rejection::Auth)
+    Refused::Auth
 }
 
 fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
