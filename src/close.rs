@@ -1,45 +1,113 @@
-//! WebSocket close codes of DESIGN.md §1.6, in one place.
+//! WebSocket close codes of DESIGN.md §1.6, in one place: why the gateway
+//! closes a connection, as a [`Close`] that knows its code and reason.
 
-/// Server shutting down; heartbeat timeout.
-pub const GOING_AWAY: u16 = 1001;
-/// A binary frame was received.
-pub const UNSUPPORTED_DATA: u16 = 1003;
-/// The client broke the WebSocket protocol (RFC 6455; not in the seed).
-pub const PROTOCOL_ERROR: u16 = 1002;
-/// A text frame was not valid UTF-8 (RFC 6455; not in the seed).
-pub const INVALID_PAYLOAD: u16 = 1007;
-/// Slow consumer: the outbound queue overflowed.
-pub const SLOW_CONSUMER: u16 = 1008;
-/// An inbound message larger than the limit.
-pub const TOO_BIG: u16 = 1009;
-/// Internal error.
-pub const INTERNAL: u16 = 1011;
-/// The gateway is at its connection limit.
-pub const TRY_AGAIN_LATER: u16 = 1013;
-/// Token missing, invalid or expired.
-pub const UNAUTHORIZED: u16 = 4001;
-/// Role or origin not allowed.
-pub const FORBIDDEN: u16 = 4003;
-/// The user (staff) or table session (diners) already has the maximum
-/// number of connections.
-pub const USER_LIMIT: u16 = 4008;
-/// Too many messages per second.
-pub const RATE_LIMITED: u16 = 4029;
+/// Why the gateway closes (or refuses) a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Close {
+    /// 1001: the server is shutting down.
+    Shutdown,
+    /// 1001: no frame from the client within the heartbeat timeout.
+    Heartbeat,
+    /// 1002: the client broke the WebSocket protocol (RFC 6455; not in the seed).
+    ProtocolError,
+    /// 1003: a binary frame was received.
+    Binary,
+    /// 1007: a text frame was not valid UTF-8 (RFC 6455; not in the seed).
+    InvalidUtf8,
+    /// 1008: slow consumer, the outbound queue overflowed.
+    SlowConsumer,
+    /// 1009: an inbound message larger than the limit.
+    TooBig,
+    /// 1013: the gateway is at its connection limit.
+    AtCapacity,
+    /// 4001: token missing, invalid, expired or revoked.
+    Unauthorized,
+    /// 4003: role or origin not allowed.
+    Forbidden,
+    /// 4008: the user (staff) or table session (diners) already has the
+    /// maximum number of connections.
+    UserLimit,
+    /// 4029: too many messages per second.
+    RateLimited,
+}
 
-/// The short reason sent with each code.
-pub fn reason(code: u16) -> &'static str {
-    match code {
-        GOING_AWAY => "going away",
-        UNSUPPORTED_DATA => "binary frames are not accepted",
-        PROTOCOL_ERROR => "protocol error",
-        INVALID_PAYLOAD => "invalid UTF-8",
-        SLOW_CONSUMER => "slow consumer",
-        TOO_BIG => "message too big",
-        TRY_AGAIN_LATER => "gateway at capacity",
-        UNAUTHORIZED => "unauthorized",
-        FORBIDDEN => "forbidden",
-        USER_LIMIT => "too many connections for this user",
-        RATE_LIMITED => "rate limit exceeded",
-        _ => "internal error",
+impl Close {
+    pub const ALL: [Close; 12] = [
+        Close::Shutdown,
+        Close::Heartbeat,
+        Close::ProtocolError,
+        Close::Binary,
+        Close::InvalidUtf8,
+        Close::SlowConsumer,
+        Close::TooBig,
+        Close::AtCapacity,
+        Close::Unauthorized,
+        Close::Forbidden,
+        Close::UserLimit,
+        Close::RateLimited,
+    ];
+
+    /// The close code sent.
+    pub fn code(self) -> u16 {
+        match self {
+            Close::Shutdown | Close::Heartbeat => 1001,
+            Close::ProtocolError => 1002,
+            Close::Binary => 1003,
+            Close::InvalidUtf8 => 1007,
+            Close::SlowConsumer => 1008,
+            Close::TooBig => 1009,
+            Close::AtCapacity => 1013,
+            Close::Unauthorized => 4001,
+            Close::Forbidden => 4003,
+            Close::UserLimit => 4008,
+            Close::RateLimited => 4029,
+        }
+    }
+
+    /// The short reason sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Close::Shutdown | Close::Heartbeat => "going away",
+            Close::ProtocolError => "protocol error",
+            Close::Binary => "binary frames are not accepted",
+            Close::InvalidUtf8 => "invalid UTF-8",
+            Close::SlowConsumer => "slow consumer",
+            Close::TooBig => "message too big",
+            Close::AtCapacity => "gateway at capacity",
+            Close::Unauthorized => "unauthorized",
+            Close::Forbidden => "forbidden",
+            Close::UserLimit => "too many connections for this user",
+            Close::RateLimited => "rate limit exceeded",
+        }
+    }
+
+    /// A small number for an atomic: its place in [`Close::ALL`], plus one.
+    pub fn to_index(self) -> u8 {
+        self as u8 + 1
+    }
+
+    /// The inverse of [`Close::to_index`]; `None` for 0.
+    pub fn from_index(i: u8) -> Option<Close> {
+        Close::ALL.get(usize::from(i).checked_sub(1)?).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_those_of_the_design_and_indices_round_trip() {
+        let codes: Vec<u16> = Close::ALL.iter().map(|c| c.code()).collect();
+        assert_eq!(
+            codes,
+            [
+                1001, 1001, 1002, 1003, 1007, 1008, 1009, 1013, 4001, 4003, 4008, 4029
+            ]
+        );
+        for c in Close::ALL {
+            assert_eq!(Close::from_index(c.to_index()), Some(c));
+        }
+        assert_eq!(Close::from_index(0), None);
     }
 }

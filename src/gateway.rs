@@ -19,6 +19,7 @@ use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
     RedisConnector, RedisTiming,
 };
+use crate::close::Close;
 use crate::config::{Config, ConfigError};
 use crate::connection;
 use crate::dispatcher::Dispatcher;
@@ -103,27 +104,6 @@ impl Gateway {
             sector_commands,
             metrics_listener: None,
             demo_page: false,
-        })
-    }
-
-    /// A connection context over this gateway's parts (hub, broker,
-    /// metrics), with nothing listening or running: for unit tests that
-    /// drive a connection's loop. No revocation set.
-    #[cfg(test)]
-    pub(crate) fn connection_context(&self) -> Arc<connection::Context> {
-        let p = &self.parts;
-        Arc::new(connection::Context {
-            settings: connection::Settings::from_config(&self.config),
-            verifier: Verifier::new(&self.config).expect("the gateway's own verifier"),
-            revocations: None,
-            hub: p.hub.clone(),
-            broker: p.broker.clone(),
-            sectors: p.sectors.clone(),
-            sector_sync: p.sector_sync.clone(),
-            resume_reads: tokio::sync::Semaphore::new(self.config.resume_concurrency),
-            metrics: p.metrics.clone(),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
         })
     }
 
@@ -282,7 +262,7 @@ impl Gateway {
         shutdown.cancel();
         // Connections admitted from here on close themselves on seeing the
         // cancelled token; these are the ones already in the hub.
-        hub.close_all(crate::close::GOING_AWAY);
+        hub.close_all(Close::Shutdown);
         tasks.close();
         let grace = config.shutdown_grace_s.0;
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -465,7 +445,7 @@ async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
                     connections = ids.len(),
                     "closing connections with revoked tokens"
                 );
-                conns.hub.close_ids(&ids, crate::close::UNAUTHORIZED);
+                conns.hub.close_ids(&ids, Close::Unauthorized);
             }
         }
         Err(e) => {

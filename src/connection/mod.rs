@@ -26,8 +26,8 @@ use tracing::Instrument;
 pub use context::{Context, Settings};
 pub use messages::ClientMessage;
 
-use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity};
-use crate::close;
+use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity, TenantId};
+use crate::close::Close;
 use crate::event::unix_ms;
 use crate::hub::{
     ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
@@ -115,12 +115,20 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     if let Some(decided) = req.on_decided.take() {
         decided();
     }
-    let (registered, deferred_hello) = match admitted {
+    let Admitted {
+        registered,
+        deferred_hello,
+    } = match admitted {
         Ok(admitted) => admitted,
-        Err((code, why)) => {
+        Err(refused) => {
+            let (close, why) = (refused.close(), refused.rejection());
             ctx.metrics.rejected(why);
-            tracing::info!(code, reason = why.as_str(), "connection refused");
-            close_socket(&mut socket, code, close_timeout).await;
+            tracing::info!(
+                code = close.code(),
+                reason = why.as_str(),
+                "connection refused"
+            );
+            close_socket(&mut socket, close, close_timeout).await;
             return None;
         }
     };
@@ -129,7 +137,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     tracing::info!("connected");
     // Shutdown closes what the hub holds; one admitted after that closes here.
     if ctx.shutdown.is_cancelled() {
-        handle.close(close::GOING_AWAY);
+        handle.close(Close::Shutdown);
     }
     let mut catch_up = resume::CatchUp::default();
     if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
@@ -188,14 +196,14 @@ impl<S: ClientSocket> Live<S> {
                 tokio::select! {
                     biased;
                     signal = handle.signal() => {
-                        if let Signal::Close(code) = signal {
-                            break End::Gateway(code);
+                        if let Signal::Close(why) = signal {
+                            break End::Gateway(why);
                         }
                         // A write stuck on a client that does not read still
                         // yields to a close request (slow consumer, shutdown).
                         tokio::select! {
                             biased;
-                            code = handle.close_requested() => break End::Gateway(code),
+                            why = handle.close_requested() => break End::Gateway(why),
                             written = write_queued(socket, handle, &mut this.catch_up, &mut unwritten) => match written {
                                 Ok(published_ms) if published_ms > 0 => ctx
                                     .metrics
@@ -215,7 +223,7 @@ impl<S: ClientSocket> Live<S> {
                         let message = match inbound {
                             None => break End::Lost,
                             Some(Err(e)) => match read_error_code(e) {
-                                Some(code) => break End::Gateway(code),
+                                Some(why) => break End::Gateway(why),
                                 None => break End::Lost,
                             },
                             Some(Ok(m)) => m,
@@ -224,7 +232,7 @@ impl<S: ClientSocket> Live<S> {
                         match message {
                             Message::Text(text) => {
                                 if this.limiter.check().is_err() {
-                                    break End::Gateway(close::RATE_LIMITED);
+                                    break End::Gateway(Close::RateLimited);
                                 }
                                 match ClientMessage::parse(handle.endpoint, text.as_str()) {
                                     // Answered by the sector sync task with `sectors_updated`.
@@ -238,7 +246,7 @@ impl<S: ClientSocket> Live<S> {
                                     }
                                 }
                             }
-                            Message::Binary(_) => break End::Gateway(close::UNSUPPORTED_DATA),
+                            Message::Binary(_) => break End::Gateway(Close::Binary),
                             Message::Ping(_) | Message::Pong(_) => {}
                             Message::Close(frame) => {
                                 // Lets tungstenite send its reply to the client's close.
@@ -258,8 +266,8 @@ impl<S: ClientSocket> Live<S> {
 /// How a connection's loop ended.
 #[derive(Debug, Clone, Copy)]
 enum End {
-    /// The gateway closes it with this code.
-    Gateway(u16),
+    /// The gateway closes it, for this reason.
+    Gateway(Close),
     /// The client sent a close frame (with this code, if any).
     Client(Option<u16>),
     /// The client went away without a close frame, or a write failed.
@@ -290,19 +298,19 @@ async fn finish(
         .undelivered(Undelivered::ConnectionClosed, unsent as u64);
     let mut unwritten = unwritten as u64;
     match end {
-        End::Gateway(code) => {
-            record_close(ctx, code);
+        End::Gateway(why) => {
+            record_close(ctx, why);
             let close_timeout = ctx.settings.close_timeout;
             // A sent close frame went out after the frames handed to the
             // socket before it: those were written.
-            if close_socket(socket, code, close_timeout).await {
+            if close_socket(socket, why, close_timeout).await {
                 unwritten = 0;
             }
             ctx.metrics.undelivered(Undelivered::WriteFailed, unwritten);
             tracing::info!(
                 by = "gateway",
-                code,
-                reason = close::reason(code),
+                code = why.code(),
+                reason = why.reason(),
                 unsent = unsent as u64 + unwritten,
                 "Connection closed"
             );
@@ -323,19 +331,75 @@ fn record_sector_ids(span: &tracing::Span, sectors: &SectorScope) {
     span.record("sector_ids", reported);
 }
 
+/// An admitted connection, in the hub.
+struct Admitted {
+    registered: Registered,
+    /// `connected`, when the connection resumes: written by the
+    /// connection itself before its replay, not queued.
+    deferred_hello: Option<serde_json::Value>,
+}
+
+/// Why admission refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Token missing, invalid, expired or revoked.
+    Auth,
+    /// `ALLOWED_ORIGINS` does not list the origin.
+    Origin,
+    /// The token's roles may not open the endpoint.
+    Forbidden,
+    /// `WSGATEWAY_MAX_CONNECTIONS`.
+    AtCapacity,
+    /// `WSGATEWAY_MAX_CONNECTIONS_PER_USER`.
+    UserLimit,
+    /// `WSGATEWAY_MAX_CONNECTIONS_PER_SESSION`.
+    SessionLimit,
+}
+
+impl Refused {
+    /// The close the client gets.
+    fn close(self) -> Close {
+        match self {
+            Refused::Auth => Close::Unauthorized,
+            Refused::Origin | Refused::Forbidden => Close::Forbidden,
+            Refused::AtCapacity => Close::AtCapacity,
+            Refused::UserLimit | Refused::SessionLimit => Close::UserLimit,
+        }
+    }
+
+    /// How it is counted.
+    fn rejection(self) -> Rejection {
+        match self {
+            Refused::Auth => Rejection::Auth,
+            Refused::Origin => Rejection::Origin,
+            Refused::Forbidden => Rejection::Forbidden,
+            Refused::AtCapacity => Rejection::MaxTotal,
+            Refused::UserLimit => Rejection::MaxPerUser,
+            Refused::SessionLimit => Rejection::MaxPerSession,
+        }
+    }
+}
+
+/// Who a verified token says the connection is, as the hub registers it.
+struct Identified {
+    tenant_id: TenantId,
+    member: Member,
+    /// The token's expiry, Unix seconds.
+    expires_at: u64,
+    jti: Option<Box<str>>,
+    connected: serde_json::Value,
+}
+
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
 /// connection is in the hub and `connected` is first in its queue.
-async fn admit(
-    ctx: &Arc<Context>,
-    req: &mut ConnectRequest,
-) -> Result<(Registered, Option<serde_json::Value>), (u16, Rejection)> {
+async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted, Refused> {
     // The token is not kept past admission (nor is the origin).
     let token = req.token.take();
     let origin = req.origin.take();
     let settings = &ctx.settings;
     let span = tracing::Span::current();
     let heartbeat_s = settings.heartbeat_interval.as_secs_f64().round() as u64;
-    let (tenant_id, member, expires_at, jti, connected) = if req.endpoint == Endpoint::Diner {
+    let identified = if req.endpoint == Endpoint::Diner {
         let id: DinerIdentity = ctx.verifier.table(token.as_deref()).map_err(auth_refusal)?;
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::display(id.branch_id));
@@ -349,12 +413,18 @@ async fn admit(
             branch_id: id.branch_id,
             session_id: id.session_id,
         };
-        (id.tenant_id, member, id.exp, None, connected)
+        Identified {
+            tenant_id: id.tenant_id,
+            member,
+            expires_at: id.exp,
+            jti: None,
+            connected,
+        }
     } else {
         if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
             && !allowed.allows(origin.trim_end_matches('/'))
         {
-            return Err((close::FORBIDDEN, Rejection::Origin));
+            return Err(Refused::Origin);
         }
         let id: StaffIdentity = ctx.verifier.staff(token.as_deref()).map_err(auth_refusal)?;
         span.record("user", id.user_id);
@@ -366,7 +436,7 @@ async fn admit(
                 Ok(true) => {
                     checks.with_label_values(&["revoked"]).inc();
                     tracing::debug!("token revoked");
-                    return Err((close::UNAUTHORIZED, Rejection::Auth));
+                    return Err(Refused::Auth);
                 }
                 Ok(false) => checks.with_label_values(&["valid"]).inc(),
                 Err(e) => {
@@ -376,7 +446,7 @@ async fn admit(
             }
         }
         if !req.endpoint.allows(id.roles) {
-            return Err((close::FORBIDDEN, Rejection::Forbidden));
+            return Err(Refused::Forbidden);
         }
         let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
             ctx.sectors.scope_for(&id).await
@@ -395,8 +465,21 @@ async fn admit(
             sectors,
         };
         let jti = id.jti.map(String::into_boxed_str);
-        (id.tenant_id, member, id.exp, jti, connected)
+        Identified {
+            tenant_id: id.tenant_id,
+            member,
+            expires_at: id.exp,
+            jti,
+            connected,
+        }
     };
+    let Identified {
+        tenant_id,
+        member,
+        expires_at,
+        jti,
+        connected,
+    } = identified;
 
     // `connected` is queued before registration, so that no event can
     // precede it; a resuming connection writes it itself, before its replay.
@@ -418,16 +501,19 @@ async fn admit(
             greeting,
         })
         .map_err(|refusal| match refusal {
-            Refusal::AtCapacity => (close::TRY_AGAIN_LATER, Rejection::MaxTotal),
-            Refusal::UserLimit => (close::USER_LIMIT, Rejection::MaxPerUser),
-            Refusal::SessionLimit => (close::USER_LIMIT, Rejection::MaxPerSession),
+            Refusal::AtCapacity => Refused::AtCapacity,
+            Refusal::UserLimit => Refused::UserLimit,
+            Refusal::SessionLimit => Refused::SessionLimit,
         })?;
-    Ok((registered, deferred))
+    Ok(Admitted {
+        registered,
+        deferred_hello: deferred,
+    })
 }
 
-fn auth_refusal(e: AuthError) -> (u16, Rejection) {
+fn auth_refusal(e: AuthError) -> Refused {
     tracing::debug!(reason = %e, "token refused");
-    (close::UNAUTHORIZED, Rejection::Auth)
+    Refused::Auth
 }
 
 fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
@@ -470,18 +556,18 @@ async fn write_queued(
 }
 
 /// The close code for a failed read, if the client is still there to get one.
-fn read_error_code(e: axum::Error) -> Option<u16> {
+fn read_error_code(e: axum::Error) -> Option<Close> {
     let inner = e.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Some(close::TOO_BIG),
-        Some(tungstenite::Error::Utf8(_)) => Some(close::INVALID_PAYLOAD),
+        Some(tungstenite::Error::Capacity(_)) => Some(Close::TooBig),
+        Some(tungstenite::Error::Utf8(_)) => Some(Close::InvalidUtf8),
         // The client went away without a close handshake: nobody to tell.
         Some(tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
         )) => None,
         Some(tungstenite::Error::Protocol(p)) => {
             tracing::debug!(error = %p, "protocol error");
-            Some(close::PROTOCOL_ERROR)
+            Some(Close::ProtocolError)
         }
         _ => {
             tracing::debug!(error = %inner, "read failed");
@@ -490,30 +576,32 @@ fn read_error_code(e: axum::Error) -> Option<u16> {
     }
 }
 
-fn record_close(ctx: &Context, code: u16) {
+fn record_close(ctx: &Context, why: Close) {
     let m = &ctx.metrics;
-    let why = match code {
-        close::RATE_LIMITED => return m.rejected(Rejection::RateLimit),
-        close::GOING_AWAY if ctx.shutdown.is_cancelled() => Disconnect::Shutdown,
-        close::GOING_AWAY => Disconnect::Heartbeat,
-        close::SLOW_CONSUMER => Disconnect::SlowConsumer,
-        close::UNSUPPORTED_DATA => Disconnect::Binary,
-        close::TOO_BIG => Disconnect::TooLarge,
-        close::INVALID_PAYLOAD => Disconnect::InvalidUtf8,
-        close::PROTOCOL_ERROR => Disconnect::ProtocolError,
-        close::UNAUTHORIZED => Disconnect::TokenInvalid,
-        _ => Disconnect::Internal,
+    let counted = match why {
+        Close::RateLimited => return m.rejected(Rejection::RateLimit),
+        Close::Shutdown => Disconnect::Shutdown,
+        Close::Heartbeat => Disconnect::Heartbeat,
+        Close::SlowConsumer => Disconnect::SlowConsumer,
+        Close::Binary => Disconnect::Binary,
+        Close::TooBig => Disconnect::TooLarge,
+        Close::InvalidUtf8 => Disconnect::InvalidUtf8,
+        Close::ProtocolError => Disconnect::ProtocolError,
+        Close::Unauthorized => Disconnect::TokenInvalid,
+        // Admission's refusals, counted as rejections there; never the end
+        // of an admitted connection.
+        Close::AtCapacity | Close::Forbidden | Close::UserLimit => Disconnect::Internal,
     };
-    m.disconnected(why);
+    m.disconnected(counted);
 }
 
 /// Sends a close frame and waits, up to `timeout`, for the client's reply,
 /// so that the client reads the code before the TCP connection goes.
 /// Returns whether the close frame was sent (written and flushed).
-async fn close_socket(socket: &mut impl ClientSocket, code: u16, timeout: Duration) -> bool {
+async fn close_socket(socket: &mut impl ClientSocket, why: Close, timeout: Duration) -> bool {
     let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(close::reason(code)),
+        code: why.code(),
+        reason: Utf8Bytes::from_static(why.reason()),
     };
     let mut sent = false;
     let handshake = async {

@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::config::{Config, Secs};
-use crate::gateway::Gateway;
 use crate::hub::monotonic_ms;
 
 /// Every wait in these tests: far longer than anything takes, so that a
@@ -143,14 +142,45 @@ impl Client {
     }
 }
 
-/// A gateway's shared state (a hub, metrics, the embedded broker), with
-/// nothing listening: secrets only, then `configure`.
+/// A connection context as the gateway builds it (a hub, metrics, the
+/// embedded broker, no sector database, no revocation set), with nothing
+/// listening or running: secrets only, then `configure`. Built here, not
+/// through `Gateway`, so that `connection` never imports the layer above.
 fn gateway(configure: impl FnOnce(&mut Config)) -> Arc<super::Context> {
     let mut config = Config::with_secrets("loop-test-jwt-secret", "loop-test-table-secret");
     configure(&mut config);
-    Gateway::new(config)
-        .expect("a gateway without Redis or PostgreSQL")
-        .connection_context()
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let hub = Arc::new(crate::hub::Hub::new(
+        crate::hub::Limits {
+            max_total: config.max_connections,
+            max_per_user: config.max_connections_per_user,
+            max_per_session: config.max_connections_per_session,
+        },
+        metrics.clone(),
+    ));
+    let queue = Arc::new(crate::broker::EventQueue::new(
+        config.event_queue_size,
+        metrics.clone(),
+    ));
+    let history = crate::broker::HistoryLimits {
+        size: config.history_size,
+        ttl: config.history_ttl_s.0,
+        max_replay: config.history_size,
+    };
+    let (sector_sync, _commands) = crate::sectors::sync::SectorSync::channel(1024, metrics.clone());
+    Arc::new(super::Context {
+        settings: super::Settings::from_config(&config),
+        verifier: crate::auth::Verifier::new(&config).expect("a verifier from the secrets"),
+        revocations: None,
+        hub,
+        broker: Arc::new(crate::broker::EmbeddedBroker::new(queue, history)),
+        sectors: Arc::new(crate::sectors::SectorAssignments::disabled()),
+        sector_sync,
+        resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
+        metrics,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        tasks: tokio_util::task::TaskTracker::new(),
+    })
 }
 
 /// One connection's loop, running in a task of its own.
@@ -346,7 +376,7 @@ async fn a_close_request_from_the_hub_ends_the_loop_with_its_code() {
     let mut conn = open(&gw, 16, |_| {});
     conn.client.send_text(r#"{"type":"ping"}"#);
     assert_eq!(conn.client.next_text().await, r#"{"type":"pong"}"#);
-    conn.handle.close(close::SLOW_CONSUMER);
+    conn.handle.close(Close::SlowConsumer);
     conn.client.expect_close(1008, "slow consumer").await;
     conn.ended().await;
     assert_eq!(disconnects(&gw, "slow_consumer"), 1);
@@ -356,7 +386,7 @@ async fn a_close_request_from_the_hub_ends_the_loop_with_its_code() {
     let gw = gateway(|_| {});
     let mut conn = open(&gw, 16, |_| {});
     gw.shutdown.cancel();
-    gw.hub.close_all(close::GOING_AWAY);
+    gw.hub.close_all(Close::Shutdown);
     conn.client.expect_close(1001, "going away").await;
     conn.ended().await;
     assert_eq!(disconnects(&gw, "shutdown"), 1);
@@ -368,7 +398,7 @@ async fn a_close_request_comes_before_frames_already_queued() {
     let gw = gateway(|_| {});
     let mut conn = open(&gw, 16, |handle| {
         handle.push(Outbound::event(Utf8Bytes::from_static("e0"), 0));
-        handle.close(close::UNAUTHORIZED);
+        handle.close(Close::Unauthorized);
     });
     conn.client.expect_close(4001, "unauthorized").await;
     conn.ended().await;
@@ -392,7 +422,7 @@ async fn a_write_stuck_on_a_client_that_does_not_read_yields_to_a_close_request(
         sent.load(Ordering::SeqCst) == 1
     })
     .await;
-    conn.handle.close(close::SLOW_CONSUMER);
+    conn.handle.close(Close::SlowConsumer);
     let mut client = conn.ended().await;
     let m = &gw.metrics;
     // Handed to the socket but never flushed: the close frame could not

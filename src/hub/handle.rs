@@ -3,7 +3,7 @@
 //! ten thousand handles without awaiting once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -13,6 +13,7 @@ use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 use crate::auth::{Endpoint, TenantId};
+use crate::close::Close;
 
 pub type ConnId = u64;
 
@@ -84,8 +85,8 @@ pub enum Push {
 /// What the connection's task should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// Close with this code (asked by the hub, a limit or shutdown).
-    Close(u16),
+    /// Close, for this reason (asked by the hub, a limit or shutdown).
+    Close(Close),
     /// Frames are queued: write them.
     Frames,
 }
@@ -107,8 +108,8 @@ pub struct ConnHandle {
     pub endpoint: Endpoint,
     queue: Mutex<Queue>,
     capacity: usize,
-    /// The close code asked for (0: none yet); the first request wins.
-    close_code: AtomicU16,
+    /// The close asked for ([`Close::to_index`]; 0: none).
+    close: AtomicU8,
     waker: AtomicWaker,
     last_seen_ms: AtomicU64,
 }
@@ -133,7 +134,7 @@ impl ConnHandle {
             endpoint,
             queue: Mutex::new(Queue::default()),
             capacity: capacity.max(1),
-            close_code: AtomicU16::new(0),
+            close: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(monotonic_ms()),
         }
@@ -148,7 +149,7 @@ impl ConnHandle {
         }
         if queue.frames.len() >= self.capacity {
             drop(queue);
-            self.close(crate::close::SLOW_CONSUMER);
+            self.close(Close::SlowConsumer);
             return Push::Overflowed;
         }
         let was_empty = queue.frames.is_empty();
@@ -184,30 +185,27 @@ impl ConnHandle {
         frames.iter().filter(|f| f.is_event()).count()
     }
 
-    /// Asks the connection's task to close with `code`. Only the first
+    /// Asks the connection's task to close, for `why`. Only the first
     /// request counts; later ones are ignored.
-    pub fn close(&self, code: u16) {
+    pub fn close(&self, why: Close) {
         if self
-            .close_code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .close
+            .compare_exchange(0, why.to_index(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             self.waker.wake();
         }
     }
 
-    /// The close code asked for, if any.
-    pub fn close_code(&self) -> Option<u16> {
-        match self.close_code.load(Ordering::Acquire) {
-            0 => None,
-            code => Some(code),
-        }
+    /// The close asked for, if any.
+    pub fn requested_close(&self) -> Option<Close> {
+        Close::from_index(self.close.load(Ordering::Acquire))
     }
 
     /// For the connection's task only (one waker): ready with a close
     /// request first, then with queued frames.
     pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
-        if let Some(code) = self.close_code() {
+        if let Some(code) = self.requested_close() {
             return Poll::Ready(Signal::Close(code));
         }
         let queue = self.queue.lock();
@@ -218,7 +216,7 @@ impl ConnHandle {
         self.waker.register(cx.waker());
         drop(queue);
         // A close requested before the registration did not wake it.
-        match self.close_code() {
+        match self.requested_close() {
             Some(code) => Poll::Ready(Signal::Close(code)),
             None => Poll::Pending,
         }
@@ -229,14 +227,14 @@ impl ConnHandle {
         std::future::poll_fn(|cx| self.poll_signal(cx))
     }
 
-    /// Resolves with the close code once a close has been asked for.
-    pub fn close_requested(&self) -> impl Future<Output = u16> + '_ {
+    /// Resolves with the close asked for, once there is one.
+    pub fn close_requested(&self) -> impl Future<Output = Close> + '_ {
         std::future::poll_fn(|cx| {
-            if let Some(code) = self.close_code() {
+            if let Some(code) = self.requested_close() {
                 return Poll::Ready(code);
             }
             self.waker.register(cx.waker());
-            match self.close_code() {
+            match self.requested_close() {
                 Some(code) => Poll::Ready(code),
                 None => Poll::Pending,
             }
@@ -303,10 +301,10 @@ mod tests {
         assert_eq!(h.push(frame("a")), Push::Queued);
         assert_eq!(h.push(frame("b")), Push::Queued);
         assert_eq!(h.push(frame("c")), Push::Overflowed);
-        h.close(crate::close::GOING_AWAY);
+        h.close(Close::Heartbeat);
         assert_eq!(
             h.poll_signal(&mut cx),
-            Poll::Ready(Signal::Close(crate::close::SLOW_CONSUMER)),
+            Poll::Ready(Signal::Close(Close::SlowConsumer)),
             "the first close request wins"
         );
     }
@@ -317,7 +315,7 @@ mod tests {
         let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert_eq!(h.poll_signal(&mut cx), Poll::Pending);
-        h.close(crate::close::UNAUTHORIZED);
+        h.close(Close::Unauthorized);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         assert_eq!(h.detach(), 0);
         assert_eq!(h.push(frame("a")), Push::Gone);

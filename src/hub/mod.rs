@@ -22,6 +22,7 @@ pub use handle::{ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms};
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
+use crate::close::Close;
 use crate::event::Event;
 use crate::metrics::{Metrics, Undelivered};
 
@@ -375,7 +376,7 @@ impl Hub {
     /// with 1001; returns how many.
     pub fn close_silent(&self, timeout_ms: u64) -> usize {
         let now = monotonic_ms();
-        self.close_where(crate::close::GOING_AWAY, |e| {
+        self.close_where(Close::Heartbeat, |e| {
             e.handle.silent_for_ms(now) > timeout_ms
         })
     }
@@ -383,7 +384,7 @@ impl Hub {
     /// Asks every connection whose token is no longer valid (per `valid`)
     /// to close with 4001; returns how many.
     pub fn close_expired(&self, valid: impl Fn(u64) -> bool) -> usize {
-        self.close_where(crate::close::UNAUTHORIZED, |e| !valid(e.expires_at))
+        self.close_where(Close::Unauthorized, |e| !valid(e.expires_at))
     }
 
     /// The tenant and token id of the open connections whose token has one.
@@ -399,26 +400,26 @@ impl Hub {
             .collect()
     }
 
-    /// Asks every connection to close with `code` (shutdown).
-    pub fn close_all(&self, code: u16) -> usize {
-        self.close_where(code, |_| true)
+    /// Asks every connection to close, for `why` (shutdown).
+    pub fn close_all(&self, why: Close) -> usize {
+        self.close_where(why, |_| true)
     }
 
-    /// Asks the given connections to close with `code`.
-    pub fn close_ids(&self, ids: &[ConnId], code: u16) {
+    /// Asks the given connections to close, for `why`.
+    pub fn close_ids(&self, ids: &[ConnId], why: Close) {
         let index = self.index.read();
         for id in ids {
             if let Some(entry) = index.conns.get(id) {
-                entry.handle.close(code);
+                entry.handle.close(why);
             }
         }
     }
 
-    fn close_where(&self, code: u16, pick: impl Fn(&Entry) -> bool) -> usize {
+    fn close_where(&self, why: Close, pick: impl Fn(&Entry) -> bool) -> usize {
         let index = self.index.read();
         let mut n = 0;
         for entry in index.conns.values().filter(|e| pick(e)) {
-            entry.handle.close(code);
+            entry.handle.close(why);
             n += 1;
         }
         n
