@@ -80,8 +80,7 @@ fn verifier(
                 .build()
                 .map_err(|e| format!("sslrootcert: {e}"))?
         }
-        (_, Some(roots)) => Arc::new(ChainOnly { roots, algorithms }),
-        (_, None) => Arc::new(AnyCertificate { algorithms }),
+        (_, roots) => Arc::new(ChainOnly { roots, algorithms }),
     })
 }
 
@@ -142,9 +141,14 @@ fn pem_error(e: rustls::pki_types::pem::Error) -> String {
 /// validity dates, key usage), and the name is not looked at. Built from
 /// that function rather than by filtering the full verifier's errors, so
 /// that no other failure can be mistaken for a name mismatch.
+///
+/// Without roots, `prefer` and `require` without `sslrootcert` (libpq's
+/// meaning): any certificate is accepted, so the connection is encrypted
+/// but not authenticated. Either way the handshake's signatures are checked
+/// against the certificate the server sent.
 #[derive(Debug)]
 struct ChainOnly {
-    roots: Arc<RootCertStore>,
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -157,58 +161,17 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.algorithms.all,
         )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// `prefer` and `require` without `sslrootcert` (libpq's meaning): any
-/// certificate is accepted, so the connection is encrypted but not
-/// authenticated. The handshake's signatures are still checked against the
-/// certificate the server sent.
-#[derive(Debug)]
-struct AnyCertificate {
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
 
@@ -298,7 +261,7 @@ mod tests {
         let ours = ca("ours");
         let theirs = ca("theirs");
         let verifier = ChainOnly {
-            roots: roots(&ours),
+            roots: Some(roots(&ours)),
             algorithms: provider().signature_verification_algorithms,
         };
         let now = UnixTime::now();
