@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
-    RedisConnector, RedisTiming,
+    RedisConnector, RedisTiming, UnsupportedRedis,
 };
 use crate::close::Close;
 use crate::config::{Config, ConfigError};
@@ -27,7 +27,7 @@ use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
 use crate::http::{HealthState, HttpState, PublishState, Routes};
 use crate::hub::{Hub, Limits};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RevocationCheck};
 use crate::revocation::Revocations;
 use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
@@ -41,8 +41,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Database(#[from] BadDatabaseUrl),
-    #[error("{0}")]
-    RedisVersion(String),
+    #[error(transparent)]
+    RedisVersion(#[from] UnsupportedRedis),
 }
 
 pub struct Gateway {
@@ -112,7 +112,7 @@ impl Gateway {
     /// not an error (the gateway serves, and keeps trying).
     pub async fn preflight(&self) -> Result<(), StartError> {
         match &self.redis {
-            Some(redis) => redis.preflight().await.map_err(StartError::RedisVersion),
+            Some(redis) => redis.preflight().await.map_err(StartError::from),
             None => Ok(()),
         }
     }
@@ -425,7 +425,7 @@ async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
         return;
     }
     let tokens: Vec<_> = open.iter().map(|(_, t, jti)| (*t, &**jti)).collect();
-    let checks = &conns.metrics.revocation_checks;
+    let m = &conns.metrics;
     match revocations.revoked_among(&tokens).await {
         Ok(revoked) => {
             let ids: Vec<_> = open
@@ -434,12 +434,8 @@ async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
                 .filter(|(_, r)| *r)
                 .map(|((id, _, _), _)| *id)
                 .collect();
-            checks
-                .with_label_values(&["revoked"])
-                .inc_by(ids.len() as u64);
-            checks
-                .with_label_values(&["valid"])
-                .inc_by((open.len() - ids.len()) as u64);
+            m.revocation_checked(RevocationCheck::Revoked, ids.len() as u64);
+            m.revocation_checked(RevocationCheck::Valid, (open.len() - ids.len()) as u64);
             if !ids.is_empty() {
                 tracing::info!(
                     connections = ids.len(),
@@ -449,9 +445,7 @@ async fn close_revoked(conns: &connection::Context, revocations: &Revocations) {
             }
         }
         Err(e) => {
-            checks
-                .with_label_values(&["error"])
-                .inc_by(open.len() as u64);
+            m.revocation_checked(RevocationCheck::Error, open.len() as u64);
             tracing::warn!(error = %e, "revocation check failed; tokens kept until the next pass");
         }
     }

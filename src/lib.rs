@@ -7,6 +7,7 @@
 //! - [`config`]: every setting, parsed and validated once.
 //! - [`auth`]: staff JWT and table-token verification.
 //! - [`channel`], [`event`]: the wire formats, validated at the edge.
+//! - [`reply`]: the gateway's own messages to clients, as types.
 //! - [`broker`]: where events come from (embedded; the seam for Redis), and
 //!   the bounded drop-oldest queue that feeds the dispatcher.
 //! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
@@ -38,6 +39,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod reply;
 pub mod revocation;
 pub mod sectors;
 pub mod tls;

@@ -170,6 +170,43 @@ impl Undelivered {
     }
 }
 
+/// The outcome of checking one token id against the revoked set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationCheck {
+    Valid,
+    Revoked,
+    /// Redis gave no answer: the token is kept (fail open).
+    Error,
+}
+
+impl RevocationCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationCheck::Valid => "valid",
+            RevocationCheck::Revoked => "revoked",
+            RevocationCheck::Error => "error",
+        }
+    }
+}
+
+/// The outcome of one sector lookup sent to PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorQuery {
+    Ok,
+    Timeout,
+    Error,
+}
+
+impl SectorQuery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SectorQuery::Ok => "ok",
+            SectorQuery::Timeout => "timeout",
+            SectorQuery::Error => "error",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Open connections (the seed's meaning: a gauge despite `_total`).
@@ -553,6 +590,24 @@ impl Metrics {
     }
 
     /// Counts `n` event frames not delivered to chosen recipients.
+    pub fn revocation_checked(&self, outcome: RevocationCheck, n: u64) {
+        self.revocation_checks
+            .with_label_values(&[outcome.as_str()])
+            .inc_by(n);
+    }
+
+    pub fn sector_queried(&self, outcome: SectorQuery) {
+        self.sector_queries
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// A resume, by whether every missed event was replayed.
+    pub fn resumed(&self, recovered: bool) {
+        let label = if recovered { "true" } else { "false" };
+        self.resumes.with_label_values(&[label]).inc();
+    }
+
     pub fn undelivered(&self, why: Undelivered, n: u64) {
         if n > 0 {
             self.broadcasts_failed

@@ -62,7 +62,7 @@ impl Revocations {
             };
             match self.redis.call(query).await {
                 Ok(found) => answers.extend(found),
-                Err(LinkError::Unknown(why)) if why == "timed out" => {
+                Err(LinkError::TimedOut) => {
                     return Err(RevocationError::Timeout);
                 }
                 Err(e) => return Err(RevocationError::Redis(e.to_string())),

@@ -26,6 +26,7 @@ const LAYERS: &[&[&str]] = &[
         "metrics",
         "config",
         "close",
+        "reply",
         "drop_rate",
         "unknown_types",
         "tls",

@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use self::redis::connector::Connector as RedisConnector;
-pub use self::redis::link::{LinkError, RedisLink};
+pub use self::redis::link::{LinkError, RedisLink, UnsupportedRedis};
 pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
@@ -30,6 +30,7 @@ pub use queue::EventQueue;
 use crate::auth::TenantId;
 use crate::channel::Channel;
 use crate::event::Fields;
+use crate::reply::ResyncReason;
 
 /// One validated event to publish on one or more channels.
 #[derive(Debug, Clone)]
@@ -85,7 +86,7 @@ pub trait Listeners: Send + Sync {
     fn scopes(&self) -> Vec<Scope>;
     /// Tells the connections in `scopes` (sorted; all, when `None`) that
     /// events they should have had are lost; returns how many were told.
-    fn events_lost(&self, scopes: Option<&[Scope]>, reason: &'static str) -> usize;
+    fn events_lost(&self, scopes: Option<&[Scope]>, reason: ResyncReason) -> usize;
 }
 
 pub trait Broker: Send + Sync {

@@ -1,8 +1,11 @@
-//! Client → server messages (DESIGN.md §1.5) and the server's fixed replies.
+//! Client → server messages (PROTOCOL.md, "Messages") and the server's
+//! fixed replies to them.
 
+use axum::extract::ws::Utf8Bytes;
 use serde_json::Value;
 
 use crate::auth::Endpoint;
+use crate::reply::{ErrorCode, Reply};
 
 /// What a client's text message asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +36,18 @@ impl ClientMessage {
         }
     }
 
-    /// The fixed reply, for every message but `refresh_sectors`.
-    pub fn fixed_reply(self) -> Option<&'static str> {
-        match self {
-            ClientMessage::Ping => Some(r#"{"type":"pong"}"#),
-            ClientMessage::RefreshSectors => None,
-            ClientMessage::UnknownType => Some(r#"{"type":"error","code":"unknown_message_type"}"#),
-            ClientMessage::Invalid => Some(r#"{"type":"error","code":"invalid_message"}"#),
-            ClientMessage::BadJson => Some(r#"{"type":"error","code":"invalid_json"}"#),
-        }
+    /// The reply, for every message but `refresh_sectors` (answered by the
+    /// sector sync task).
+    pub fn fixed_reply(self) -> Option<Utf8Bytes> {
+        let error = |code| Reply::Error { code };
+        let reply = match self {
+            ClientMessage::Ping => Reply::Pong,
+            ClientMessage::RefreshSectors => return None,
+            ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
+            ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
+            ClientMessage::BadJson => error(ErrorCode::InvalidJson),
+        };
+        Some(reply.to_text())
     }
 }
 

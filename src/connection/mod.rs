@@ -20,7 +20,6 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde_json::json;
 use tracing::Instrument;
 
 pub use context::{Context, Settings};
@@ -32,7 +31,8 @@ use crate::event::unix_ms;
 use crate::hub::{
     ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
 };
-use crate::metrics::{Disconnect, Rejection, Undelivered};
+use crate::metrics::{Disconnect, Rejection, RevocationCheck, Undelivered};
+use crate::reply::{Connected, Reply, Who};
 use crate::sectors::sync::SectorCommand;
 
 /// Frames written per flush when more are queued.
@@ -143,17 +143,15 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     if let (Some(mut hello), Some(last)) = (deferred_hello, &req.last_event_id) {
         let replay = resume::replay(&ctx, handle.id, last).await;
         let m = &ctx.metrics;
-        m.resumes
-            .with_label_values(&[if replay.recovered { "true" } else { "false" }])
-            .inc();
+        m.resumed(replay.recovered);
         m.replayed_events.inc_by(replay.frames.len() as u64);
         tracing::info!(
             recovered = replay.recovered,
             replayed = replay.frames.len(),
             "resumed"
         );
-        hello["recovered"] = replay.recovered.into();
-        let first = std::iter::once(Utf8Bytes::from(hello.to_string()));
+        hello.recovered = Some(replay.recovered);
+        let first = std::iter::once(Reply::Connected(hello).to_text());
         let sent = tokio::time::timeout(close_timeout, async {
             for frame in first.chain(replay.frames) {
                 socket.feed(Message::Text(frame)).await?;
@@ -242,7 +240,7 @@ impl<S: ClientSocket> Live<S> {
                                     // Replies share the outbound queue: one writer, in order.
                                     other => {
                                         let reply = other.fixed_reply().unwrap_or_default();
-                                        handle.push(Outbound::reply(Utf8Bytes::from_static(reply)));
+                                        handle.push(Outbound::reply(reply));
                                     }
                                 }
                             }
@@ -336,7 +334,7 @@ struct Admitted {
     registered: Registered,
     /// `connected`, when the connection resumes: written by the
     /// connection itself before its replay, not queued.
-    deferred_hello: Option<serde_json::Value>,
+    deferred_hello: Option<Connected>,
 }
 
 /// Why admission refused a connection.
@@ -387,7 +385,7 @@ struct Identified {
     /// The token's expiry, Unix seconds.
     expires_at: u64,
     jti: Option<Box<str>>,
-    connected: serde_json::Value,
+    connected: Connected,
 }
 
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
@@ -404,11 +402,17 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::display(id.branch_id));
         span.record("session", id.session_id);
-        let connected = json!({
-            "type": "connected", "endpoint": "diner", "tenant_id": id.tenant_id,
-            "branch_id": id.branch_id, "session_id": id.session_id, "table_id": id.table_id,
-            "heartbeat_interval_s": heartbeat_s,
-        });
+        let connected = Connected {
+            endpoint: Endpoint::Diner.as_str(),
+            who: Who::Diner {
+                tenant_id: id.tenant_id,
+                branch_id: id.branch_id,
+                session_id: id.session_id,
+                table_id: id.table_id,
+            },
+            heartbeat_interval_s: heartbeat_s,
+            recovered: None,
+        };
         let member = Member::Diner {
             branch_id: id.branch_id,
             session_id: id.session_id,
@@ -431,16 +435,16 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::debug(&id.branch_ids));
         if let (Some(revocations), Some(jti)) = (&ctx.revocations, &id.jti) {
-            let checks = &ctx.metrics.revocation_checks;
+            let checked = |outcome| ctx.metrics.revocation_checked(outcome, 1);
             match revocations.is_revoked(id.tenant_id, jti).await {
                 Ok(true) => {
-                    checks.with_label_values(&["revoked"]).inc();
+                    checked(RevocationCheck::Revoked);
                     tracing::debug!("token revoked");
                     return Err(Refused::Auth);
                 }
-                Ok(false) => checks.with_label_values(&["valid"]).inc(),
+                Ok(false) => checked(RevocationCheck::Valid),
                 Err(e) => {
-                    checks.with_label_values(&["error"]).inc();
+                    checked(RevocationCheck::Error);
                     tracing::warn!(error = %e, "revocation check failed; token accepted");
                 }
             }
@@ -454,11 +458,17 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             SectorScope::All
         };
         record_sector_ids(&span, &sectors);
-        let connected = json!({
-            "type": "connected", "endpoint": req.endpoint.as_str(), "user_id": id.user_id,
-            "tenant_id": id.tenant_id, "branch_ids": id.branch_ids,
-            "sector_ids": sectors.reported(), "heartbeat_interval_s": heartbeat_s,
-        });
+        let connected = Connected {
+            endpoint: req.endpoint.as_str(),
+            who: Who::Staff {
+                user_id: id.user_id,
+                tenant_id: id.tenant_id,
+                branch_ids: id.branch_ids.clone(),
+                sector_ids: sectors.reported(),
+            },
+            heartbeat_interval_s: heartbeat_s,
+            recovered: None,
+        };
         let member = Member::Staff {
             user_id: id.user_id,
             branch_ids: id.branch_ids,
@@ -486,7 +496,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
     let (greeting, deferred) = if req.last_event_id.is_some() {
         (None, Some(connected))
     } else {
-        let text = Utf8Bytes::from(connected.to_string());
+        let text = Reply::Connected(connected).to_text();
         (Some(Outbound::reply(text)), None)
     };
     let registered = ctx

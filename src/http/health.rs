@@ -13,7 +13,7 @@ use crate::auth::Endpoint;
 use crate::broker::{Broker, EventQueue};
 use crate::hub::Hub;
 use crate::metrics::{Drop, Metrics};
-use crate::sectors::SectorAssignments;
+use crate::sectors::{SectorAssignments, SectorStatus};
 use crate::unknown_types::MAX_TRACKED_TYPES;
 
 /// What the health and metrics routes read: no I/O, only these.
@@ -64,11 +64,11 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
     let status = if !broker.connected {
-        "unhealthy"
-    } else if sectors == "degraded" || !broker.publishing {
-        "degraded"
+        Readiness::Unhealthy
+    } else if sectors == SectorStatus::Degraded || !broker.publishing {
+        Readiness::Degraded
     } else {
-        "healthy"
+        Readiness::Healthy
     };
     let mut broker_json = json!({
         "kind": broker.kind,
@@ -81,12 +81,12 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
     if let Some(master) = &broker.master {
         broker_json["master"] = master.as_str().into();
     }
-    let mut sector_json = json!({"status": sectors});
+    let mut sector_json = json!({"status": sectors.as_str()});
     if let Some(reason) = sectors_reason {
         sector_json["reason"] = reason.into();
     }
     let body = json!({
-        "status": status,
+        "status": status.as_str(),
         "broker": broker_json,
         "circuit_breaker": breakers,
         "connections": connections(&state),
@@ -109,12 +109,33 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
         "unknown_events": unknown_events(m),
         "sector_repository": sector_json,
     });
-    let code = if status == "unhealthy" {
+    let code = if status == Readiness::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// The detailed check's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readiness {
+    Healthy,
+    /// Events reach this node's connections, but publishing or sector
+    /// lookups cannot work now.
+    Degraded,
+    /// Events cannot reach this node's connections (503).
+    Unhealthy,
+}
+
+impl Readiness {
+    fn as_str(self) -> &'static str {
+        match self {
+            Readiness::Healthy => "healthy",
+            Readiness::Degraded => "degraded",
+            Readiness::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 /// The seed's `get_unknown_event_metrics`, plus the count under `other`.

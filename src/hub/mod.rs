@@ -25,6 +25,7 @@ use crate::channel::Channel;
 use crate::close::Close;
 use crate::event::Event;
 use crate::metrics::{Metrics, Undelivered};
+use crate::reply::{Reply, ResyncReason};
 
 type Members = HashMap<ConnId, Arc<ConnHandle>>;
 
@@ -690,9 +691,8 @@ fn remove_from<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Members>, key: &K, 
 
 /// The frame that tells a client events were lost in a gap the gateway
 /// could not fill (PROTOCOL.md: `resync`): reload state from the backend.
-pub fn resync_frame(reason: &str) -> Outbound {
-    let text = serde_json::json!({"type": "resync", "reason": reason}).to_string();
-    Outbound::reply(text.into())
+pub fn resync_frame(reason: ResyncReason) -> Outbound {
+    Outbound::reply(Reply::Resync { reason }.to_text())
 }
 
 impl crate::broker::Listeners for Hub {
@@ -700,7 +700,7 @@ impl crate::broker::Listeners for Hub {
         Hub::scopes(self)
     }
 
-    fn events_lost(&self, scopes: Option<&[crate::broker::Scope]>, reason: &'static str) -> usize {
+    fn events_lost(&self, scopes: Option<&[crate::broker::Scope]>, reason: ResyncReason) -> usize {
         let n = self.notify_scopes(scopes, &resync_frame(reason));
         self.metrics.resync_notices.inc_by(n as u64);
         n

@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 
 use crate::auth::{BranchId, SectorId, StaffIdentity, TenantId, UserId};
 use crate::hub::SectorScope;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SectorQuery};
 
 /// The default `WSGATEWAY_SECTOR_QUERY`: today's rows of the backend's
 /// assignment table. Parameters: `$1` user, `$2` branch, `$3` tenant.
@@ -60,6 +60,26 @@ enum Health {
     Ok,
     /// The last call failed, for this reason (one line, for people).
     Failing(String),
+}
+
+/// What `/ws/health/detailed` says of the sector repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorStatus {
+    /// No `DATABASE_URL`: waiters are not filtered by sector.
+    Disabled,
+    Ok,
+    /// The last database call failed (or none was made yet).
+    Degraded,
+}
+
+impl SectorStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SectorStatus::Disabled => "disabled",
+            SectorStatus::Ok => "ok",
+            SectorStatus::Degraded => "degraded",
+        }
+    }
 }
 
 /// The database settings.
@@ -204,19 +224,18 @@ impl SectorAssignments {
         }
     }
 
-    /// `disabled`, `ok`, or `degraded` (the last database call failed).
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> SectorStatus {
         self.health().0
     }
 
-    /// The status, and while `degraded` why, in words.
-    pub fn health(&self) -> (&'static str, Option<String>) {
+    /// The status, and while degraded why, in words.
+    pub fn health(&self) -> (SectorStatus, Option<String>) {
         match &self.backend {
-            None => ("disabled", None),
+            None => (SectorStatus::Disabled, None),
             Some(b) => match &*b.health.lock() {
-                Health::Ok => ("ok", None),
-                Health::NotChecked => ("degraded", Some("not reached yet".into())),
-                Health::Failing(reason) => ("degraded", Some(reason.clone())),
+                Health::Ok => (SectorStatus::Ok, None),
+                Health::NotChecked => (SectorStatus::Degraded, Some("not reached yet".into())),
+                Health::Failing(reason) => (SectorStatus::Degraded, Some(reason.clone())),
             },
         }
     }
@@ -270,15 +289,11 @@ impl Backend {
         })
         .await
         .unwrap_or(Err(LookupError::Timeout(self.timeout)));
-        let outcome_label = match &outcome {
-            Ok(_) => "ok",
-            Err(LookupError::Timeout(_)) => "timeout",
-            Err(_) => "error",
-        };
-        self.metrics
-            .sector_queries
-            .with_label_values(&[outcome_label])
-            .inc();
+        self.metrics.sector_queried(match &outcome {
+            Ok(_) => SectorQuery::Ok,
+            Err(LookupError::Timeout(_)) => SectorQuery::Timeout,
+            Err(_) => SectorQuery::Error,
+        });
         self.record(outcome.as_ref().map(|_| ()).map_err(Clone::clone));
         outcome
     }

@@ -16,17 +16,16 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::SectorAssignments;
+use super::{SectorAssignments, SectorStatus};
 use crate::auth::{BranchId, TenantId, UserId};
 use crate::hub::{ConnId, Hub, Outbound, WaiterRef};
 use crate::metrics::Metrics;
+use crate::reply::Reply;
 
 /// Lookups run at once; the pool bounds them anyway. Also the most
 /// refreshes taken per batch, so that a change waits for one batch at most.
@@ -191,7 +190,7 @@ pub async fn run(
                 hub.filtered_waiters(tenant, branch, waiter).into_iter().map(|w| (w, false)).collect()
             }
             _ = every.tick() => {
-                if !sectors.is_enabled() || (sectors.status() == "degraded" && !sectors.probe().await) {
+                if !sectors.is_enabled() || (sectors.status() == SectorStatus::Degraded && !sectors.probe().await) {
                     continue;
                 }
                 hub.waiters_with_unknown_sectors().into_iter().map(|w| (w, false)).collect()
@@ -232,8 +231,10 @@ pub async fn run(
 
 fn reply(hub: &Hub, id: ConnId, sectors: Option<Vec<i64>>) {
     if let Some(handle) = hub.handle(id) {
-        let text = json!({"type": "sectors_updated", "sector_ids": sectors}).to_string();
-        handle.push(Outbound::reply(Utf8Bytes::from(text)));
+        let reply = Reply::SectorsUpdated {
+            sector_ids: sectors,
+        };
+        handle.push(Outbound::reply(reply.to_text()));
     }
 }
 

@@ -34,16 +34,29 @@ pub enum LinkError {
     /// command may or may not have run.
     #[error("outcome unknown: {0}")]
     Unknown(String),
+    /// Sent, but no answer came within the timeout: the command may or
+    /// may not have run.
+    #[error("outcome unknown: timed out")]
+    TimedOut,
     /// Redis answered with an error.
     #[error("redis refused: {0}")]
     Refused(String),
     /// The server cannot serve the gateway (too old).
-    #[error("{0}")]
-    Incompatible(String),
+    #[error(transparent)]
+    Incompatible(#[from] UnsupportedRedis),
     /// The server is not (or no longer) the master: nothing was done, and
     /// the connection was discarded, so the next call finds the master.
     #[error("not the master: {0}")]
     NotMaster(String),
+}
+
+/// A server older than the gateway needs (`redis_version` from `INFO`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Redis {version} is not supported: wsgateway needs Redis 7.0 or later (or Valkey 7.2 or later)"
+)]
+pub struct UnsupportedRedis {
+    pub version: String,
 }
 
 /// Runs on every new connection before it is shared.
@@ -120,7 +133,7 @@ impl RedisLink {
             Ok(Err(e)) => Err(LinkError::Refused(describe_plain(&e))),
             Err(_) => {
                 self.discard(generation);
-                Err(LinkError::Unknown("timed out".into()))
+                Err(LinkError::TimedOut)
             }
         }
     }
@@ -159,7 +172,7 @@ impl RedisLink {
             Ok(Err(RoleError::Failed(e))) => Err(LinkError::Refused(describe_plain(&e))),
             Err(_) => {
                 self.discard(current.generation);
-                Err(LinkError::Unknown("timed out".into()))
+                Err(LinkError::TimedOut)
             }
         }
     }

@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use self::connector::Connector;
-use self::link::{LinkError, RedisLink};
+use self::link::{LinkError, RedisLink, UnsupportedRedis};
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
 use super::{
@@ -88,7 +88,7 @@ struct Condition {
     /// Why the command connection failed its last PING.
     commands: Option<String>,
     /// Set when the server cannot serve the gateway.
-    incompatible: Option<String>,
+    incompatible: Option<UnsupportedRedis>,
 }
 
 pub struct RedisBroker {
@@ -135,7 +135,7 @@ impl RedisBroker {
     /// Checks the server once, at start: an incompatible one (older than
     /// 7.0) is an error; an unreachable one is not (the gateway starts and
     /// keeps trying).
-    pub async fn preflight(&self) -> Result<(), String> {
+    pub async fn preflight(&self) -> Result<(), UnsupportedRedis> {
         match self.link.check().await {
             Err(LinkError::Incompatible(why)) => Err(why),
             Err(e) => {
@@ -181,6 +181,7 @@ impl RedisBroker {
                 permit.failure();
                 Err(match e {
                     LinkError::Unknown(why) => BrokerError::OutcomeUnknown(why),
+                    LinkError::TimedOut => BrokerError::OutcomeUnknown("timed out".into()),
                     other => BrokerError::Unavailable(other.to_string()),
                 })
             }
@@ -263,7 +264,7 @@ async fn prepare(
         .query_async(&mut conn)
         .await
         .map_err(refused)?;
-    check_version(&info).map_err(LinkError::Incompatible)?;
+    check_version(&info)?;
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -285,7 +286,7 @@ async fn prepare(
 
 /// Refuses a server older than Redis 7.0 (Valkey reports a Redis-compatible
 /// `redis_version`, 7.2.4 for Valkey 7.2 and later).
-fn check_version(info: &str) -> Result<(), String> {
+fn check_version(info: &str) -> Result<(), UnsupportedRedis> {
     let version = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -297,9 +298,9 @@ fn check_version(info: &str) -> Result<(), String> {
         .and_then(|m| m.parse::<u32>().ok());
     match major {
         Some(m) if m >= MIN_MAJOR => Ok(()),
-        _ => Err(format!(
-            "Redis {version} is not supported: wsgateway needs Redis 7.0 or later (or Valkey 7.2 or later)"
-        )),
+        _ => Err(UnsupportedRedis {
+            version: version.to_owned(),
+        }),
     }
 }
 
@@ -390,7 +391,8 @@ impl Broker for RedisBroker {
         let condition = self.condition.lock();
         let reason = condition
             .incompatible
-            .clone()
+            .as_ref()
+            .map(ToString::to_string)
             .or_else(|| condition.subscription.clone())
             .or_else(|| condition.commands.clone())
             .or_else(|| (state == BreakerState::Open).then(|| "circuit breaker open".to_owned()));
@@ -535,6 +537,8 @@ mod tests {
                 .is_ok()
         );
         let old = check_version("redis_version:6.2.14\r\n").unwrap_err();
+        assert_eq!(old.version, "6.2.14");
+        let old = old.to_string();
         assert!(old.contains("Redis 6.2.14 is not supported"), "{old}");
         assert!(check_version("nothing").is_err());
     }

@@ -35,6 +35,7 @@ use crate::broker::backoff::Backoff;
 use crate::broker::history::Merged;
 use crate::channel::Channel;
 use crate::metrics::Drop;
+use crate::reply::ResyncReason;
 
 /// Where the function library publishes numbered events, per scope.
 const SCOPE_PREFIX: &str = "wsgateway:events:";
@@ -311,7 +312,7 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         Ok(filled) => filled,
         Err(why) => {
             tracing::warn!(reason = %why, "cannot read history to fill a subscription gap");
-            lost(broker, None, "history_unavailable", gap);
+            lost(broker, None, ResyncReason::HistoryUnavailable, gap);
             return;
         }
     };
@@ -335,7 +336,7 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             plain_seen: position.plain_seen,
             ..Position::default()
         };
-        lost(broker, None, "history_unavailable", gap);
+        lost(broker, None, ResyncReason::HistoryUnavailable, gap);
         return;
     }
     let mut count = 0;
@@ -355,12 +356,17 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         .plain_seen
         .is_some_and(|at| at.elapsed() <= ttl + gap.since.elapsed());
     let outcome = if gap.since.elapsed() > ttl {
-        lost(broker, None, "history_expired", gap)
+        lost(broker, None, ResyncReason::HistoryExpired, gap)
     } else if plain_recently {
-        lost(broker, None, "unnumbered_events", gap)
+        lost(broker, None, ResyncReason::UnnumberedEvents, gap)
     } else if !filled.trimmed.is_empty() {
         metrics.dropped_n(Drop::Gap, filled.trimmed.len() as u64);
-        lost(broker, Some(&filled.trimmed), "history_trimmed", gap)
+        lost(
+            broker,
+            Some(&filled.trimmed),
+            ResyncReason::HistoryTrimmed,
+            gap,
+        )
     } else {
         metrics
             .subscription_gaps
@@ -381,7 +387,7 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
 fn lost(
     broker: &RedisBroker,
     scopes: Option<&[Scope]>,
-    reason: &'static str,
+    reason: ResyncReason,
     gap: Gap,
 ) -> &'static str {
     broker
@@ -391,12 +397,12 @@ fn lost(
         .inc();
     let told = broker.listeners.events_lost(scopes, reason);
     tracing::warn!(
-        reason,
+        reason = reason.as_str(),
         connections = told,
         gap_ms = gap.since.elapsed().as_millis() as u64,
         "events may have been lost in a subscription gap; clients told to resync"
     );
-    reason
+    reason.as_str()
 }
 
 /// Reads the gap script's answers for `scopes` (in chunks).

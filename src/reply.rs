@@ -1,0 +1,187 @@
+//! The gateway's own messages to clients, everything but events
+//! (PROTOCOL.md, "Messages"): one serde type per message, so that their
+//! shape is written once, whichever module sends them.
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Serialize;
+
+use crate::auth::{BranchId, SectorId, SessionId, TenantId, UserId};
+
+/// A server → client message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The first frame of every admitted connection.
+    Connected(Connected),
+    /// The answer to `ping`.
+    Pong,
+    /// A waiter's sectors after `refresh_sectors` or an assignment change.
+    /// `null` when the waiter is not filtered by sector (or they are unknown).
+    SectorsUpdated { sector_ids: Option<Vec<SectorId>> },
+    /// Events may have been lost: reload state from the backend.
+    Resync { reason: ResyncReason },
+    /// A client message the gateway could not act on.
+    Error { code: ErrorCode },
+}
+
+impl Reply {
+    /// The text frame.
+    pub fn to_text(&self) -> Utf8Bytes {
+        // Serializing these types cannot fail: no maps with non-string
+        // keys, no custom serializers.
+        Utf8Bytes::from(serde_json::to_string(self).expect("a reply serializes"))
+    }
+}
+
+/// `connected`: who the token says the connection is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Connected {
+    pub endpoint: &'static str,
+    #[serde(flatten)]
+    pub who: Who,
+    pub heartbeat_interval_s: u64,
+    /// Only on resume: whether every missed event was replayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+/// The identity part of `connected`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Who {
+    Staff {
+        user_id: UserId,
+        tenant_id: TenantId,
+        branch_ids: Vec<BranchId>,
+        /// `null` when not filtered by sector (or unknown).
+        sector_ids: Option<Vec<SectorId>>,
+    },
+    Diner {
+        tenant_id: TenantId,
+        branch_id: BranchId,
+        session_id: SessionId,
+        table_id: i64,
+    },
+}
+
+/// Why a `resync` was sent: the gap in the Redis subscription could not
+/// be filled from history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncReason {
+    /// History could not be read.
+    HistoryUnavailable,
+    /// The gap outlasted the history's time window.
+    HistoryExpired,
+    /// Events published without numbers (plain `PUBLISH`) cannot be found
+    /// in history.
+    UnnumberedEvents,
+    /// History no longer holds the oldest missed events of some scopes.
+    HistoryTrimmed,
+}
+
+impl ResyncReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResyncReason::HistoryUnavailable => "history_unavailable",
+            ResyncReason::HistoryExpired => "history_expired",
+            ResyncReason::UnnumberedEvents => "unnumbered_events",
+            ResyncReason::HistoryTrimmed => "history_trimmed",
+        }
+    }
+}
+
+/// The `code` of an `error` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// An object with a string `type` the endpoint does not handle.
+    UnknownMessageType,
+    /// Valid JSON that is not an object with a string `type`.
+    InvalidMessage,
+    /// Not JSON.
+    InvalidJson,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn value(r: &Reply) -> Value {
+        serde_json::from_str(r.to_text().as_str()).unwrap()
+    }
+
+    #[test]
+    fn fixed_replies_are_the_protocols_bytes() {
+        assert_eq!(Reply::Pong.to_text().as_str(), r#"{"type":"pong"}"#);
+        let e = Reply::Error {
+            code: ErrorCode::InvalidJson,
+        };
+        assert_eq!(
+            e.to_text().as_str(),
+            r#"{"type":"error","code":"invalid_json"}"#
+        );
+        let r = Reply::Resync {
+            reason: ResyncReason::HistoryTrimmed,
+        };
+        assert_eq!(
+            r.to_text().as_str(),
+            r#"{"type":"resync","reason":"history_trimmed"}"#
+        );
+        for reason in [
+            ResyncReason::HistoryUnavailable,
+            ResyncReason::HistoryExpired,
+            ResyncReason::UnnumberedEvents,
+            ResyncReason::HistoryTrimmed,
+        ] {
+            let v = value(&Reply::Resync { reason });
+            assert_eq!(v["reason"], reason.as_str());
+        }
+    }
+
+    #[test]
+    fn connected_has_every_field_and_recovered_only_on_resume() {
+        let mut c = Connected {
+            endpoint: "waiter",
+            who: Who::Staff {
+                user_id: 7,
+                tenant_id: 1,
+                branch_ids: vec![5],
+                sector_ids: None,
+            },
+            heartbeat_interval_s: 30,
+            recovered: None,
+        };
+        assert_eq!(
+            value(&Reply::Connected(c.clone())),
+            json!({"type": "connected", "endpoint": "waiter", "user_id": 7, "tenant_id": 1,
+                   "branch_ids": [5], "sector_ids": null, "heartbeat_interval_s": 30})
+        );
+        c.recovered = Some(true);
+        assert_eq!(value(&Reply::Connected(c))["recovered"], true);
+        let diner = Connected {
+            endpoint: "diner",
+            who: Who::Diner {
+                tenant_id: 1,
+                branch_id: 5,
+                session_id: 77,
+                table_id: 12,
+            },
+            heartbeat_interval_s: 30,
+            recovered: None,
+        };
+        assert_eq!(
+            value(&Reply::Connected(diner)),
+            json!({"type": "connected", "endpoint": "diner", "tenant_id": 1, "branch_id": 5,
+                   "session_id": 77, "table_id": 12, "heartbeat_interval_s": 30})
+        );
+        let s = Reply::SectorsUpdated {
+            sector_ids: Some(vec![1, 2]),
+        };
+        assert_eq!(
+            value(&s),
+            json!({"type": "sectors_updated", "sector_ids": [1, 2]})
+        );
+    }
+}
