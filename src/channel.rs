@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use crate::auth::{BranchId, SectorId, SessionId, UserId};
 
-/// One of the seven channel families of DESIGN.md §1.3.
+/// One of the seven channel families of PROTOCOL.md §6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
     /// `channel:branch:{b}:waiters`

@@ -1,4 +1,4 @@
-//! WebSocket close codes of DESIGN.md §1.6, in one place: why the gateway
+//! WebSocket close codes of PROTOCOL.md §9, in one place: why the gateway
 //! closes a connection, as a [`Close`] that knows its code and reason.
 
 /// Why the gateway closes (or refuses) a connection.

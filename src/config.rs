@@ -181,7 +181,7 @@ settings! {
     drop_rate_alert_cooldown_s: Secs = Some("300"), env = "WSGATEWAY_DROP_RATE_ALERT_COOLDOWN_S", flag = "drop-rate-alert-cooldown-s";
     /// PostgreSQL URL for waiters' sector assignments (TLS: sslmode, sslrootcert, sslcert, sslkey as in libpq); unset: no sector filtering.
     database_url: Option<Secret> = None, env = "DATABASE_URL", flag = "database-url";
-    /// Query of a waiter's sectors in a branch ($1 user, $2 branch, $3 tenant); unset: the default of DESIGN.md §1.8.
+    /// Query of a waiter's sectors in a branch ($1 user, $2 branch, $3 tenant); unset: the default of PROTOCOL.md §13.
     sector_query: Option<String> = None, env = "WSGATEWAY_SECTOR_QUERY", flag = "sector-query";
     /// How long a waiter's sectors are cached, in seconds.
     sector_cache_ttl_s: Secs = Some("300"), env = "WSGATEWAY_SECTOR_CACHE_TTL_S", flag = "sector-cache-ttl-s";

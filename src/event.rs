@@ -1,4 +1,4 @@
-//! Events: the wire format of DESIGN.md §1.4, validated once at the edge.
+//! Events: the wire format of PROTOCOL.md §5, validated once at the edge.
 //!
 //! An [`Event`] is what the dispatcher routes: the routing fields read out of
 //! the JSON, and the frame to send, serialized exactly once. Raw text from a
@@ -258,7 +258,7 @@ impl Event {
 }
 
 /// Below this a `ts` is in seconds (a Python backend's `time.time()`), at or
-/// above it in milliseconds (DESIGN.md §1.4): 10^11 s is the year 5138, and
+/// above it in milliseconds (PROTOCOL.md §5): 10^11 s is the year 5138, and
 /// 10^11 ms is March 1973, so no real timestamp is ambiguous.
 const TS_SECONDS_BELOW: i64 = 100_000_000_000;
 

@@ -1,6 +1,6 @@
 //! Events of types the gateway does not know, counted by name.
 //!
-//! Such an event is still delivered (DESIGN.md §1.4); counting it by type
+//! Such an event is still delivered (PROTOCOL.md §5); counting it by type
 //! tells an operator which publisher is ahead of the gateway. The label set
 //! of `wsgateway_events_unknown_type_total{type}` is bounded: the first
 //! [`MAX_TRACKED_TYPES`] distinct types (the seed's

@@ -159,7 +159,7 @@ impl Role {
         }
     }
 
-    /// The simple audience rule of DESIGN.md §1.3 for these events (all of
+    /// The simple audience rule of PROTOCOL.md §6 for these events (all of
     /// tenant 1, none with a `sector_id`, no sector database).
     fn receives(self, item: &Item) -> bool {
         let has = |c: String| item.channels.iter().any(|x| *x == c);

@@ -1,4 +1,4 @@
-//! Each close code of DESIGN.md §1.6 is produced by the behaviour that
+//! Each close code of PROTOCOL.md §9 is produced by the behaviour that
 //! should produce it, and a bystander connection is untouched by it.
 
 mod common;
@@ -185,7 +185,7 @@ async fn table_sessions_close_4008_beyond_their_limit() {
             id.as_str()
         );
     }
-    // Order of the checks (DESIGN.md §1.2): the token before the limit...
+    // Order of the checks (PROTOCOL.md §2): the token before the limit...
     let expired = diner_exp(1, 5, 3, 77, unix_now() - 60);
     let mut late = gw.connect("diner", &expired).await;
     assert_eq!(late.close_code().await, Some(4001));

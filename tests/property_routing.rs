@@ -1,6 +1,6 @@
 //! Property: for random populations of connections across tenants and
 //! users, and random events on every channel family, the hub delivers each event to exactly the audience that
-//! DESIGN.md §1.3 defines (computed here independently), and never across
+//! PROTOCOL.md §6 defines (computed here independently), and never across
 //! tenants. Through the dispatcher, with two tenants drawing event ids from
 //! one small pool, each connection gets each of its tenant's events once,
 //! and one tenant's id never suppresses another tenant's event.
@@ -147,7 +147,7 @@ fn arrival() -> impl Strategy<Value = (i64, u8, Option<i64>, i64, i64, i64)> {
     )
 }
 
-/// DESIGN.md §1.3, written without the gateway's code.
+/// PROTOCOL.md §6, written without the gateway's code.
 fn audience(c: &Conn, channel: Channel, tenant: i64, branch: i64, sector: Option<i64>) -> bool {
     if c.tenant != tenant {
         return false;

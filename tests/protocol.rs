@@ -1,4 +1,4 @@
-//! The client protocol (DESIGN.md §1.5), health and the publish API (§1.7).
+//! The client protocol (PROTOCOL.md §7), health (§12) and the publish API (§10).
 
 mod common;
 
@@ -190,7 +190,7 @@ async fn health_counts_connections_by_endpoint() {
     gw.stop().await;
 }
 
-/// DESIGN.md §1.3 "once per connection" is per tenant: event ids are the
+/// PROTOCOL.md §6 "once per connection" is per tenant: event ids are the
 /// publisher's, so two tenants' `order-1` are two events.
 #[tokio::test]
 async fn equal_event_ids_of_two_tenants_are_two_events() {

@@ -1,4 +1,4 @@
-//! The publish bounds (DESIGN.md §1.7): a maximal request (every item with
+//! The publish bounds (PROTOCOL.md §10): a maximal request (every item with
 //! the most channels, spread over many table sessions) is accepted, and
 //! delivered and resumed exactly, with both brokers; one more item or
 //! channel is a 400 that publishes nothing. With Redis, each scope's

@@ -403,7 +403,7 @@ async fn two_gateway_processes_on_one_redis_both_deliver() {
 }
 
 /// A Python backend writes `ts: time.time()`: seconds, fractional. Below
-/// 10^11 a `ts` is seconds, above it milliseconds (DESIGN.md §1.4), read
+/// 10^11 a `ts` is seconds, above it milliseconds (PROTOCOL.md §5), read
 /// the same way by the publish API, a plain PUBLISH and the Redis function;
 /// a stale one in seconds is still stale.
 #[tokio::test]

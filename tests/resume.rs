@@ -1,4 +1,4 @@
-//! Resume after a disconnect (DESIGN.md §1.9), in embedded mode and against
+//! Resume after a disconnect (PROTOCOL.md §14), in embedded mode and against
 //! a real Redis: exactly the missed events of the client's own audience, in
 //! order and once, then live ones; `recovered: false` when history cannot
 //! cover the gap; across a restart and across nodes.

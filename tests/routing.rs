@@ -1,6 +1,6 @@
 //! Routing, table-driven: two tenants × two branches × every role, with
 //! sessions. For every channel family the exact set of connections that got
-//! each event is compared with an oracle written from DESIGN.md §1.3.
+//! each event is compared with an oracle written from PROTOCOL.md §6.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Sector assignments from a real PostgreSQL (DESIGN.md §1.8): waiters hear
+//! Sector assignments from a real PostgreSQL (PROTOCOL.md §13): waiters hear
 //! their sectors only; changes follow `refresh_sectors` and
 //! `SECTOR_ASSIGNMENT_CHANGED`; a database that is down, unreachable or slow
 //! means branch-wide delivery without delaying the handshake past the

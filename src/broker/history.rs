@@ -1,4 +1,4 @@
-//! Event history for resume after a disconnect (DESIGN.md §1.9).
+//! Event history for resume after a disconnect (PROTOCOL.md §14).
 //!
 //! Every event published through the gateway gets a sequence number from one
 //! counter, so that numbers order events across branches and sessions; the
@@ -123,7 +123,7 @@ pub struct Entry {
     /// Shared by the entries of every scope of the publication.
     pub frame: Utf8Bytes,
     /// Shared likewise: a publication on C channels in S scopes keeps its
-    /// list once, not S times (memory linear in its size, DESIGN.md §1.7).
+    /// list once, not S times (memory linear in its size, PROTOCOL.md §10).
     pub channels: Arc<[Channel]>,
     /// When it was kept, Unix ms.
     pub kept_ms: i64,

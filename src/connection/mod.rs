@@ -1,7 +1,7 @@
 //! One WebSocket connection, from admission to close.
 //!
 //! [`serve`] reads top to bottom: admit (origin → token, revocation included
-//! → role → sectors → capacity → per-user limit, DESIGN.md §1.2), queue
+//! → role → sectors → capacity → per-user limit, PROTOCOL.md §2), queue
 //! `connected` (or replay, on resume), then hand the connection to a task of
 //! its own ([`Live`]) that loops over two sources — its hub handle (close
 //! requests first, then queued frames) and the socket — until something
@@ -61,7 +61,7 @@ pub struct ConnectRequest {
     pub token: Option<String>,
     pub origin: Option<String>,
     pub peer: SocketAddr,
-    /// `last_event_id`: resume after this event (DESIGN.md §1.9).
+    /// `last_event_id`: resume after this event (PROTOCOL.md §14).
     pub last_event_id: Option<String>,
     /// Called once, when the connection is admitted or refused: the HTTP
     /// layer frees the connection's place among pending handshakes.
@@ -388,7 +388,7 @@ struct Identified {
     connected: Connected,
 }
 
-/// The admission checks, in the order of DESIGN.md §1.2. On success the
+/// The admission checks, in the order of PROTOCOL.md §2. On success the
 /// connection is in the hub and `connected` is first in its queue.
 async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted, Refused> {
     // The token is not kept past admission (nor is the origin).

@@ -1,4 +1,4 @@
-//! Resume after a disconnect (DESIGN.md §1.9): the events of the client's
+//! Resume after a disconnect (PROTOCOL.md §14): the events of the client's
 //! audience published after its `last_event_id`, read from the broker's
 //! history, in order and once, before any live event.
 //!
@@ -95,7 +95,7 @@ pub async fn replay(ctx: &Context, conn: ConnId, last_event_id: &str) -> Replay 
 
 /// The replayed event ids, for as long as live events may repeat them.
 ///
-/// Bare ids suffice, without the tenant that DESIGN.md §1.3 keys
+/// Bare ids suffice, without the tenant that PROTOCOL.md §6 keys
 /// de-duplication by: a `CatchUp` belongs to one connection, which is only
 /// ever given its own tenant's events, replayed or live.
 #[derive(Default)]

@@ -1,6 +1,6 @@
 //! Who an event is for, stated as a plain predicate over one connection.
 //!
-//! This is DESIGN.md §1.3 written once as code. The hub's indices are a fast
+//! This is PROTOCOL.md §6 written once as code. The hub's indices are a fast
 //! way to enumerate the connections for which [`receives`] is true; tests
 //! check the two against each other, and the dispatcher uses the predicate
 //! to skip connections that already got a repeated event.

@@ -185,7 +185,7 @@ impl Hub {
     }
 
     /// Indexes a connection, unless a limit forbids it. The total limit is
-    /// checked before the per-user or per-session one (DESIGN.md §1.2).
+    /// checked before the per-user or per-session one (PROTOCOL.md §2).
     pub fn register(self: &Arc<Self>, reg: Registration) -> Result<Registered, Refusal> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ConnHandle::new(

@@ -1,4 +1,4 @@
-//! Waiters' sector assignments from PostgreSQL (DESIGN.md §1.8).
+//! Waiters' sector assignments from PostgreSQL (PROTOCOL.md §13).
 //!
 //! `(tenant, user, branch) → sectors`, read with the configured query through
 //! a connection pool, cached with a TTL, and bounded by a timeout. Anything

@@ -16,7 +16,7 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// Connects, and creates the backend's table (DESIGN.md §1.8) if needed.
+/// Connects, and creates the backend's table (PROTOCOL.md §13) if needed.
 pub async fn connect() -> tokio_postgres::Client {
     let url = database_url();
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

@@ -1,6 +1,6 @@
 //! The routing table shared by the embedded and Redis routing tests: two
 //! tenants × two branches × every role, with sessions and one user on three
-//! endpoints in both tenants, and an oracle written from DESIGN.md §1.3
+//! endpoints in both tenants, and an oracle written from PROTOCOL.md §6
 //! independently of the gateway's code.
 
 use std::collections::BTreeMap;
@@ -31,7 +31,7 @@ pub struct Published {
     pub branch: i64,
 }
 
-/// DESIGN.md §1.3, written independently of the gateway's own code. Without
+/// PROTOCOL.md §6, written independently of the gateway's own code. Without
 /// a database every waiter's sectors are unknown, so waiters hear every
 /// sector of their branches.
 pub fn oracle(c: &Conn, e: &Published) -> bool {
