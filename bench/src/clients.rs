@@ -97,6 +97,8 @@ pub struct ClientStats {
     pub delivered: u64,
     pub misrouted: u64,
     pub latencies_us: Vec<u32>,
+    /// Bytes of the delivered frames' text (for the floor's frame size).
+    pub frame_bytes: u64,
     pub first_us: u64,
     pub last_us: u64,
     pub closed_by_server: bool,
@@ -261,6 +263,7 @@ impl Fleet {
             let Ok(s) = task.await else { continue };
             all.delivered += s.delivered;
             all.misrouted += s.misrouted;
+            all.frame_bytes += s.frame_bytes;
             all.latencies_us.extend(s.latencies_us);
             if s.delivered > 0 {
                 all.first_us = all.first_us.min(s.first_us);
@@ -344,6 +347,7 @@ async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut Cl
                     continue;
                 }
                 stats.delivered += 1;
+                stats.frame_bytes += text.len() as u64;
                 delivered.fetch_add(1, Ordering::Relaxed);
                 if frame.sent_us > 0 {
                     stats

@@ -5,26 +5,82 @@
 //! same machine: plain threads (one per core, like the gateway's workers)
 //! write one frame-sized buffer to each of N accepted sockets per event,
 //! with blocking `write` calls (no WebSocket, no async runtime, no queue),
-//! while lightweight readers drain the other ends. Its CPU per write and its latency are the floor under the
-//! gateway's figures for the same shape.
+//! while lightweight readers drain the other ends. Its CPU per write and
+//! its latency are the floor under the gateway's figures for the same
+//! shape. The readers run in a child process (`floor-readers`), so that
+//! each side holds one file per socket and a floor of 10 000 sockets fits
+//! under a 20 000 open-files limit, as the gateway's run does.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
 use super::clients::now_us;
 use super::procfs::{TICKS_PER_S, thread_cpu_ticks};
+use super::report::Report;
 use super::{BenchArgs, Plan};
 
-/// Bytes per write: about the size of an event frame in the broadcast.
-const FRAME_BYTES: usize = 200;
+/// Bytes per write by default: about the size of an event frame in the
+/// broadcast.
+pub const DEFAULT_FRAME_BYTES: usize = 200;
+
+/// The fan-out the floor writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape {
+    /// Sockets written per event.
+    pub sockets: usize,
+    pub events: usize,
+    /// Events per second; 0: back to back.
+    pub rate: f64,
+    /// Bytes per write (at least 8: the send time).
+    pub frame_bytes: usize,
+}
+
+impl Shape {
+    /// The `floor` scenario's shape, from its flags.
+    pub fn of_plan(plan: &Plan, args: &BenchArgs) -> Shape {
+        Shape {
+            sockets: plan.connections,
+            events: plan.events,
+            rate: plan.rate,
+            frame_bytes: args.frame_bytes.unwrap_or(DEFAULT_FRAME_BYTES),
+        }
+    }
+
+    /// The fan-out a gateway run made: as many sockets as recipients per
+    /// event, at its rate, each write the size of its frames on the wire
+    /// (the text plus the 2- or 4-byte header of an unmasked server frame).
+    pub fn of_run(report: &Report) -> Option<Shape> {
+        let published = report.outcome.published as u64;
+        let delivered = report.stats.delivered;
+        if published == 0 || delivered == 0 {
+            return None;
+        }
+        let text = (report.stats.frame_bytes / delivered) as usize;
+        let header = if text < 126 { 2 } else { 4 };
+        Some(Shape {
+            sockets: (report.outcome.expected as f64 / published as f64).round() as usize,
+            events: report.outcome.published,
+            rate: report.plan.rate,
+            frame_bytes: text + header,
+        })
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "sockets": self.sockets, "events": self.events, "rate_per_s": self.rate,
+            "frame_bytes": self.frame_bytes,
+        })
+    }
+}
 
 pub struct Floor {
+    pub shape: Shape,
     pub writes: u64,
     pub received: u64,
     pub cpu_us_per_write: f64,
@@ -34,9 +90,14 @@ pub struct Floor {
 }
 
 impl Floor {
+    pub fn p99_ms(&self) -> Option<f64> {
+        super::report::percentile_ms(&self.latencies_us, 0.99)
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let pct = |p: f64| super::report::percentile_ms(&self.latencies_us, p);
         serde_json::json!({
+            "shape": self.shape.to_json(),
             "writes": self.writes,
             "missing": self.writes.saturating_sub(self.received),
             "cpu_us_per_write": self.cpu_us_per_write,
@@ -46,41 +107,46 @@ impl Floor {
     }
 }
 
-pub async fn run(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Floor> {
-    let n = plan.connections;
+/// Writes `shape` to sockets whose other ends a child process reads.
+pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
+    let n = shape.sockets;
+    let frame_bytes = shape.frame_bytes.max(8);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let accept = tokio::spawn(async move {
-        let mut servers = Vec::with_capacity(n);
+    let mut readers = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("floor-readers")
+        .args(["--floor-addr", &addr.to_string()])
+        .args(["--connections", &n.to_string()])
+        .args(["--frame-bytes", &frame_bytes.to_string()])
+        .args(["--client-addresses", &args.client_addresses.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the floor's readers")?;
+    let mut servers = Vec::with_capacity(n);
+    let accepted = tokio::time::timeout(Duration::from_secs(120), async {
         while servers.len() < n {
-            let (s, _) = listener.accept().await?;
-            s.set_nodelay(true)?;
-            let s = s.into_std()?;
-            s.set_nonblocking(false)?;
-            servers.push(s);
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (s, _) = accepted?;
+                    s.set_nodelay(true)?;
+                    let s = s.into_std()?;
+                    s.set_nonblocking(false)?;
+                    servers.push(s);
+                }
+                status = readers.wait() => anyhow::bail!("the floor's readers exited early: {}", status?),
+            }
         }
-        anyhow::Ok(servers)
-    });
-    let received = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::with_capacity(n);
-    for i in 0..n {
-        let local = Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % args.client_addresses.max(1) as usize) as u8,
-        );
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(local.into(), 0))?;
-        let stream = socket.connect(addr).await?;
-        let received = received.clone();
-        readers.push(tokio::spawn(read_frames(stream, received)));
-    }
-    let servers = accept.await??;
+        anyhow::Ok(())
+    })
+    .await;
+    accepted.context("the floor's readers did not connect in 120 s")??;
+    drop(listener);
 
-    let events = plan.events;
-    let interval = if plan.rate > 0.0 {
-        Duration::from_secs_f64(1.0 / plan.rate)
+    let events = shape.events;
+    let interval = if shape.rate > 0.0 {
+        Duration::from_secs_f64(1.0 / shape.rate)
     } else {
         Duration::ZERO
     };
@@ -96,7 +162,7 @@ pub async fn run(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Floor> {
         .into_iter()
         .map(|mut share| {
             std::thread::spawn(move || -> std::io::Result<(u64, Vec<f64>)> {
-                let mut frame = [b'x'; FRAME_BYTES];
+                let mut frame = vec![b'x'; frame_bytes];
                 let mut loops = Vec::with_capacity(events);
                 let cpu_before = thread_cpu_ticks();
                 for k in 0..events {
@@ -131,37 +197,83 @@ pub async fn run(plan: &Plan, args: &BenchArgs) -> anyhow::Result<Floor> {
     })
     .await??;
 
-    // The writers dropped their sockets: each reader ends at end of stream.
+    // The writers dropped their sockets: each reader ends at end of
+    // stream, and the child reports every latency it measured.
+    let mut out = Vec::new();
+    let mut stdout = readers.stdout.take().expect("piped");
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_to_end(&mut out))
+        .await
+        .context("the floor's readers did not report in 30 s")??;
+    let status = readers.wait().await?;
+    anyhow::ensure!(status.success(), "the floor's readers failed: {status}");
+    let latencies_us: Vec<u32> = out
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
     let writes = (n * events) as u64;
-    let mut latencies_us = Vec::with_capacity(writes as usize);
-    for r in readers {
-        latencies_us.extend(tokio::time::timeout(Duration::from_secs(20), r).await??);
-    }
     loops.sort_by(f64::total_cmp);
     Ok(Floor {
+        shape,
         writes,
-        received: received.load(Ordering::Relaxed),
+        received: latencies_us.len() as u64,
         cpu_us_per_write: cpu_ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64,
         loop_ms_median: loops.get(loops.len() / 2).copied().unwrap_or(0.0),
         latencies_us,
     })
 }
 
+/// The child process of [`run`] (`floor-readers`): connects
+/// `--connections` sockets to `--floor-addr`, reads until each ends, then
+/// writes every frame's latency (µs, u32 little-endian) to stdout.
+pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
+    let addr: SocketAddr = args
+        .floor_addr
+        .as_deref()
+        .context("floor-readers needs --floor-addr")?
+        .parse()?;
+    let n = args
+        .connections
+        .context("floor-readers needs --connections")?;
+    let frame_bytes = args.frame_bytes.unwrap_or(DEFAULT_FRAME_BYTES).max(8);
+    let mut readers = Vec::with_capacity(n);
+    for i in 0..n {
+        let local = Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (i % args.client_addresses.max(1) as usize) as u8,
+        );
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(local.into(), 0))?;
+        let stream = socket.connect(addr).await?;
+        readers.push(tokio::spawn(read_frames(stream, frame_bytes)));
+    }
+    let mut out = Vec::new();
+    for r in readers {
+        for l in r.await? {
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+    }
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(&out).await?;
+    stdout.flush().await?;
+    Ok(())
+}
+
 /// Reads fixed-size frames and records each one's latency, until the peer
 /// closes.
-async fn read_frames(mut stream: tokio::net::TcpStream, received: Arc<AtomicU64>) -> Vec<u32> {
+async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> Vec<u32> {
     let mut latencies = Vec::new();
-    let mut buf = [0u8; FRAME_BYTES * 4];
+    let mut buf = vec![0u8; frame_bytes * 4];
     let mut filled = 0;
     // Until end of stream (0) or an error.
     while let Ok(n @ 1..) = stream.read(&mut buf[filled..]).await {
         filled += n;
         let now = now_us();
-        let whole = filled / FRAME_BYTES * FRAME_BYTES;
-        for frame in buf[..whole].chunks_exact(FRAME_BYTES) {
+        let whole = filled / frame_bytes * frame_bytes;
+        for frame in buf[..whole].chunks_exact(frame_bytes) {
             let sent = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
             latencies.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
-            received.fetch_add(1, Ordering::Relaxed);
         }
         buf.copy_within(whole..filled, 0);
         filled -= whole;

@@ -53,9 +53,12 @@ pub enum Scenario {
     Broadcast,
     /// 1 000 connections, 100 events/s.
     Steady,
-    /// No gateway: plain blocking writes to 9 900 loopback sockets, 10
+    /// No gateway: plain blocking writes to 10 000 loopback sockets, 10
     /// events/s; the kernel's floor under the broadcast figures.
     Floor,
+    /// The child process of `floor` that reads its sockets (internal).
+    #[value(hide = true)]
+    FloorReaders,
     /// Reconnect storm: 1 000 events in one branch's history, then 2 000
     /// clients resume at once from its first (`last_event_id`); time to
     /// each one's last replayed event, gateway CPU and peak RSS. With
@@ -124,6 +127,17 @@ pub struct BenchArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// After each gateway run, measure the kernel's floor for the same
+    /// fan-out (recipients per event, rate, frame size) and report both
+    /// and their ratios (burst, broadcast, steady).
+    #[arg(long)]
+    pub with_floor: bool,
+    /// `floor`: bytes per write (default 200, about a broadcast frame).
+    #[arg(long)]
+    pub frame_bytes: Option<usize>,
+    /// `floor-readers`: the address to connect to (internal).
+    #[arg(long, hide = true)]
+    pub floor_addr: Option<String>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -165,7 +179,8 @@ impl Plan {
             Scenario::Broadcast => (10_000, 1, 1, 100, 10.0, 10.0),
             Scenario::Steady => (1_000, 2, 5, 1_000, 100.0, 10.0),
             // Both ends in this process: 2 × 9 900 files under the 20 000 limit.
-            Scenario::Floor => (9_900, 1, 1, 100, 10.0, 10.0),
+            Scenario::Floor => (10_000, 1, 1, 100, 10.0, 10.0),
+            Scenario::FloorReaders => (0, 1, 1, 0, 0.0, 0.0),
             // The events fill the default history (1 000 per branch).
             Scenario::Resume => (2_000, 1, 1, 1_000, 0.0, 0.0),
         };
@@ -194,11 +209,16 @@ impl Plan {
 /// provides the runtime (a multi-threaded one) and raises the open-files
 /// limit.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.scenario == Scenario::FloorReaders {
+        return floor::serve_readers(&args).await;
+    }
     let plan = Plan::from(&args);
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {
         if plan.scenario == Scenario::Floor {
-            let floor = floor::run(&plan, &args).await?.to_json();
+            let floor = floor::run(floor::Shape::of_plan(&plan, &args), &args)
+                .await?
+                .to_json();
             if !args.json {
                 println!("--- run {run} of {}", args.runs.max(1));
                 println!("{}", serde_json::to_string_pretty(&floor)?);
@@ -227,7 +247,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!("--- run {run} of {}", args.runs.max(1));
             print!("{report}");
         }
-        reports.push(report.to_json());
+        let mut json = report.to_json();
+        if args.with_floor
+            && let Some(shape) = floor::Shape::of_run(&report)
+        {
+            // After the gateway stopped: the floor has the machine alone,
+            // as the gateway had.
+            let floor = floor::run(shape, &args).await?;
+            let compared = report::Compared::new(&report, &floor);
+            if !args.json {
+                print!("{compared}");
+            }
+            json["floor"] = floor.to_json();
+            json["ratio"] = compared.to_json();
+        }
+        reports.push(json);
     }
     let summary = report::median(&reports);
     if args.json {

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::Plan;
 use super::clients::ClientStats;
+use super::floor::Floor;
 use super::gateway::Sample;
 use super::procfs::TICKS_PER_S;
 use super::publish::Outcome;
@@ -131,7 +132,45 @@ impl fmt::Display for Report {
     }
 }
 
-/// The median of every number in the runs' reports, by path.
+/// A gateway run beside its floor: CPU per delivery against CPU per
+/// write, p99 against p99 (`--with-floor`).
+pub struct Compared {
+    cpu: Option<(f64, f64)>,
+    p99: Option<(f64, f64)>,
+}
+
+impl Compared {
+    pub fn new(report: &Report, floor: &Floor) -> Compared {
+        Compared {
+            cpu: report
+                .cpu_us_per_delivery()
+                .map(|gw| (gw, floor.cpu_us_per_write)),
+            p99: report.percentile_ms(0.99).zip(floor.p99_ms()),
+        }
+    }
+
+    fn ratio(pair: Option<(f64, f64)>) -> Option<f64> {
+        pair.and_then(|(gw, floor)| (floor > 0.0).then(|| gw / floor))
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"cpu": Compared::ratio(self.cpu), "p99": Compared::ratio(self.p99)})
+    }
+}
+
+impl fmt::Display for Compared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |pair: Option<(f64, f64)>, unit: &str| match (pair, Compared::ratio(pair)) {
+            (Some((gw, floor)), Some(r)) => {
+                format!("gateway {gw:.3} {unit}, floor {floor:.3} {unit}: {r:.2}×")
+            }
+            _ => "n/a".into(),
+        };
+        writeln!(f, "vs floor CPU    {}", show(self.cpu, "µs"))?;
+        writeln!(f, "vs floor p99    {}", show(self.p99, "ms"))
+    }
+}
+
 /// The `p` quantile (0..=1) of latencies in microseconds, in milliseconds.
 pub fn percentile_ms(latencies_us: &[u32], p: f64) -> Option<f64> {
     let mut l = latencies_us.to_vec();
@@ -143,6 +182,7 @@ pub fn percentile_ms(latencies_us: &[u32], p: f64) -> Option<f64> {
     Some(l[i] as f64 / 1000.0)
 }
 
+/// The median of every number in the runs' reports, by path.
 pub fn median(runs: &[Value]) -> Value {
     fn walk(runs: &[&Value]) -> Value {
         match runs.first() {

@@ -51,6 +51,39 @@ async fn the_load_generator_delivers_everything_to_exactly_its_audience() {
 }
 
 #[tokio::test]
+async fn with_floor_measures_the_same_fan_out_and_reports_the_ratios() {
+    let run = &bench(&[
+        "steady",
+        "--connections",
+        "200",
+        "--branches",
+        "2",
+        "--tenants",
+        "1",
+        "--rate",
+        "20",
+        "--duration-s",
+        "1",
+        "--with-floor",
+    ])
+    .await;
+    assert_eq!(run["deliveries"]["missing"], 0, "{run}");
+    let floor = &run["floor"];
+    // 200 connections over two branches: 100 recipients per event.
+    assert_eq!(floor["shape"]["sockets"], 100, "{run}");
+    assert_eq!(floor["shape"]["events"], 20, "{run}");
+    assert_eq!(floor["shape"]["rate_per_s"], 20.0, "{run}");
+    // The event frames' size on the wire: text plus a 2- or 4-byte header.
+    assert!(
+        floor["shape"]["frame_bytes"].as_u64().unwrap() > 50,
+        "{run}"
+    );
+    assert_eq!(floor["writes"], 100 * 20, "{run}");
+    assert_eq!(floor["missing"], 0, "{run}");
+    assert!(run["ratio"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+}
+
+#[tokio::test]
 async fn the_kernel_floor_scenario_counts_every_write() {
     let run = &bench(&[
         "floor",
