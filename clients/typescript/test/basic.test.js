@@ -89,3 +89,20 @@ test('a getToken that fails is retried with backoff, without a socket', async ()
   assert.equal(rec.close.length, 0, 'no socket was opened for the failed tries');
   rec.client.close();
 });
+
+test('the browser bundle is the same client: it connects and receives an event', async () => {
+  const bundle = await import('../dist/browser/wsgateway-client.js');
+  const { default: WebSocket } = await import('ws');
+  const c = new bundle.WsGatewayClient({ url: gw.http, endpoint: 'admin', WebSocket, getToken: () => staffToken({ sub: 103, roles: ['ADMIN'] }) });
+  const events = [];
+  c.on('event', (e) => events.push(e));
+  c.connect();
+  try {
+    await waitFor(() => c.state === 'open', 'open');
+    await publish(gw, 'channel:branch:5:admin', { type: 'ENTITY_UPDATED', tenant_id: 1, branch_id: 5 });
+    await waitFor(() => events.length === 1, 'the event');
+  } finally {
+    c.close();
+  }
+  assert.equal(c.state, 'closed');
+});

@@ -4,6 +4,7 @@ import { spawn } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
+import { afterEach } from 'node:test';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import WebSocket from 'ws';
@@ -28,7 +29,7 @@ export function gatewayBin() {
 
 /** Every process started by these tests, so that a failed test still kills its own. */
 const started = new Set();
-process.on('exit', () => {
+function killStarted() {
   for (const p of started) {
     try {
       process.kill(p.pid, 'SIGKILL');
@@ -36,7 +37,14 @@ process.on('exit', () => {
       // already gone
     }
   }
-});
+}
+process.on('exit', killStarted);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => {
+    killStarted();
+    process.exit(1);
+  });
+}
 
 export async function freePort() {
   return new Promise((resolve, reject) => {
@@ -202,6 +210,13 @@ export async function publish(gw, channel, event) {
   return JSON.parse(body).event_ids;
 }
 
+/** Every client made by recordedClient, closed after each test, so that a failed test leaves no retry loop behind. */
+const clients = new Set();
+afterEach(() => {
+  for (const c of clients) c.close();
+  clients.clear();
+});
+
 /** A client on `gw` with the `ws` package, recording every event it emits. */
 export function recordedClient(opts) {
   const rec = { calls: 0, all: [] };
@@ -215,6 +230,7 @@ export function recordedClient(opts) {
     },
   });
   rec.client = client;
+  clients.add(client);
   for (const name of ['event', 'state', 'connected', 'close', 'error', 'resync', 'reconnect', 'message', 'sectors_updated', 'token_refreshed']) {
     rec[name] = [];
     client.on(name, (arg) => {

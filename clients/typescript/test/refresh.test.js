@@ -11,11 +11,14 @@ async function supportsRefresh(gw) {
   const ws = new WebSocket(`${gw.ws}/ws/kitchen?token=${staffToken({ sub: 599, roles: ['KITCHEN'] })}`);
   const frames = [];
   ws.on('message', (d) => frames.push(JSON.parse(d.toString())));
-  await waitFor(() => frames.length === 1, 'connected');
-  ws.send(JSON.stringify({ type: 'refresh_token', token: 'not-a-token' }));
-  await waitFor(() => frames.length === 2, 'the answer to refresh_token');
-  ws.close();
-  return frames[1].code !== 'unknown_message_type';
+  try {
+    await waitFor(() => frames.length === 1, 'connected');
+    ws.send(JSON.stringify({ type: 'refresh_token', token: 'not-a-token' }));
+    await waitFor(() => frames.length === 2, 'the answer to refresh_token');
+    return frames[1].code !== 'unknown_message_type';
+  } finally {
+    ws.terminate();
+  }
 }
 
 const env = { WSGATEWAY_JWT_LEEWAY_S: '0', WSGATEWAY_JWT_REVALIDATE_S: '0.3' };
