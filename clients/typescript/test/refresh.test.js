@@ -41,7 +41,9 @@ for (const [endpoint, mint] of [
       await waitFor(() => rec.token_refreshed.length >= 3, 'three refreshes', 20_000);
       assert.deepEqual(rec.close, [], 'never closed');
       assert.equal(rec.connected.length, 1);
-      assert.equal(rec.calls, 1 + rec.token_refreshed.length);
+      // One call per connection and per refresh (the next refresh's may have started).
+      const extra = rec.calls - 1 - rec.token_refreshed.length;
+      assert.ok(extra === 0 || extra === 1, `getToken called ${rec.calls} times for ${rec.token_refreshed.length} refreshes`);
       for (const r of rec.token_refreshed) assert.ok(Number.isInteger(r.expires_at));
       const channel = endpoint === 'diner' ? 'channel:session:90' : 'channel:branch:5:waiters';
       await publish(gw, channel, { type: 'SERVICE_CALL_CREATED', tenant_id: 1, branch_id: 5, ...(endpoint === 'diner' ? { session_id: 90 } : {}) });
