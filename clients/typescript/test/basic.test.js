@@ -59,6 +59,19 @@ test('a waiter connects, receives events, heartbeats, refreshes sectors, sends r
   assert.deepEqual(rec.state, ['connecting', 'open', 'closed'], states(rec));
 });
 
+test('the lastEventId option resumes the first connection: recovered, and the missed events replayed', async () => {
+  const ids = [];
+  for (const n of [1, 2, 3]) ids.push(...(await publish(gw, 'channel:branch:6:kitchen', { type: 'ROUND_IN_KITCHEN', tenant_id: 1, branch_id: 6, entity: { n } })));
+  const rec = recordedClient({ url: gw.ws, endpoint: 'kitchen', lastEventId: ids[0], getToken: () => staffToken({ sub: 104, branches: [6], roles: ['KITCHEN'] }) });
+  assert.equal(rec.client.lastEventId, ids[0]);
+  rec.client.connect();
+  await waitFor(() => rec.event.length === 2, 'the two events after the cursor');
+  assert.equal(rec.connected[0].recovered, true);
+  assert.deepEqual(rec.event.map((e) => e.event_id), ids.slice(1));
+  assert.equal(rec.client.lastEventId, ids[2]);
+  rec.client.close();
+});
+
 test('a diner connects with table_token and gets its session events', async () => {
   const rec = recordedClient({ url: gw.ws, endpoint: 'diner', getToken: async () => tableToken({ session: 78 }) });
   rec.client.connect();

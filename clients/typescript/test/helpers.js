@@ -93,9 +93,9 @@ export function tableToken({ tenant = 1, branch = 5, table = 12, session = 77, t
   return signHs256({ tenant_id: tenant, branch_id: branch, table_id: table, session_id: session, exp: now() + ttlS }, secret);
 }
 
-/** A redis-server of our own on a free port, without persistence. */
-export async function startRedis() {
-  const port = await freePort();
+/** A redis-server of our own on a free port (or `port`), without persistence. */
+export async function startRedis(port) {
+  port ??= await freePort();
   const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
     stdio: 'ignore',
   });
@@ -104,13 +104,32 @@ export async function startRedis() {
   await waitFor(async () => (await redisPing(port)) || proc.exitCode !== null, `redis-server on port ${port}`);
   if (proc.exitCode !== null) throw new Error('redis-server exited at start');
   return {
+    port,
     url: `redis://127.0.0.1:${port}`,
+    /** Sends one command; resolves to the first line of the reply. */
+    command: (...args) => redisCommand(port, args),
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
       await exited;
       started.delete(proc);
     },
   };
+}
+
+function redisCommand(port, args) {
+  const body = `*${args.length}\r\n` + args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join('');
+  return new Promise((resolve, reject) => {
+    const s = net.connect(port, '127.0.0.1', () => s.write(body));
+    s.setTimeout(2000, () => {
+      s.destroy();
+      reject(new Error('redis command timed out'));
+    });
+    s.once('data', (d) => {
+      resolve(d.toString().split('\r\n')[0]);
+      s.destroy();
+    });
+    s.on('error', reject);
+  });
 }
 
 function redisPing(port) {

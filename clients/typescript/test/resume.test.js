@@ -87,3 +87,29 @@ test('a repeated event_id is delivered once, though the gateway sends it again a
     await gw.stop();
   }
 });
+
+test('resync: the gateway lost its subscription after plain PUBLISHes; the client surfaces the notice', async () => {
+  const own = await startRedis();
+  let r = own;
+  const gw = await startGateway({ env: { REDIS_URL: own.url, WSGATEWAY_REDIS_RETRY_MAX_S: '0.5' } });
+  try {
+    const rec = recordedClient({ url: gw.ws, endpoint: 'waiter', getToken: () => staffToken({ sub: 303 }) });
+    rec.client.connect();
+    await waitFor(() => rec.client.state === 'open', 'open');
+    // A plain PUBLISH (no history): after a gap, the node cannot know what it missed.
+    await waitFor(async () => {
+      await own.command('PUBLISH', 'channel:branch:5:waiters', JSON.stringify({ type: 'ROUND_READY', tenant_id: 1, branch_id: 5 }));
+      return rec.event.length > 0;
+    }, 'the plain PUBLISH delivered');
+    await own.stop();
+    r = await startRedis(own.port);
+    await waitFor(() => rec.resync.length > 0, 'resync', 20_000);
+    assert.equal(typeof rec.resync[0].reason, 'string');
+    assert.equal(rec.client.state, 'open', 'the connection itself stays');
+    assert.equal(rec.event.filter((e) => e.type === 'resync').length, 0, 'resync is not an event');
+    rec.client.close();
+  } finally {
+    await gw.stop();
+    await r.stop();
+  }
+});
