@@ -117,6 +117,9 @@ export class WsGatewayClient {
     };
     this.heartbeatTimeoutMs = opts.heartbeatTimeoutMs ?? 10_000;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? 20_000;
+    for (const [name, v] of Object.entries({ ...this.backoff, heartbeatTimeoutMs: this.heartbeatTimeoutMs, connectTimeoutMs: this.connectTimeoutMs })) {
+      if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new TypeError(`${name} must be a finite number >= 0`);
+    }
     this._lastEventId = opts.lastEventId;
   }
 

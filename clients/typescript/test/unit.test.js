@@ -56,6 +56,7 @@ test('URLs: http(s) become ws(s), the endpoint path is appended, diners use tabl
   assert.throws(() => buildUrl('ftp://h', 'admin', 't', undefined), /url must be/);
   assert.throws(() => new WsGatewayClient({ url: 'ws://h', endpoint: 'cook', getToken: () => 't', WebSocket }), /unknown endpoint/);
   assert.throws(() => new WsGatewayClient({ url: 'nope', endpoint: 'waiter', getToken: () => 't', WebSocket }));
+  assert.throws(() => new WsGatewayClient({ url: 'ws://h', endpoint: 'waiter', getToken: () => 't', WebSocket, backoff: { maxMs: -1 } }), /maxMs/);
 });
 
 test('known event types narrow; unknown ones are events all the same', () => {
