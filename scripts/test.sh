@@ -10,7 +10,9 @@
 #     postgres://postgres@127.0.0.1:5432/test) with the backend's
 #     waiter_sector_assignment table;
 #   - PostgreSQL's server binaries and setpriv, for the TLS tests' own
-#     cluster (tests/postgres_tls.rs).
+#     cluster (tests/postgres_tls.rs);
+#   - Node.js 20+ and npm, for the TypeScript client's tests
+#     (clients/typescript), which run against the gateway binary cargo built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,10 +103,24 @@ ensure_postgres_server() {
   [ "$(id -u)" = 0 ] || die "tests/postgres_tls.rs runs its PostgreSQL as the postgres user (setpriv), which needs root: run as root"
 }
 
+# The TypeScript client (clients/typescript) is tested with Node's own test
+# runner against real gateway processes; Node 20 is the oldest it supports.
+ensure_node() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+  command -v node >/dev/null 2>&1 || die "node could not be installed: install Node.js 20 or newer"
+  command -v npm >/dev/null 2>&1 || die "npm could not be installed: install npm"
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old for clients/typescript: install Node.js 20 or newer"
+}
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
 ensure_redis
 ensure_postgres
 ensure_postgres_server
+ensure_node
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"
@@ -112,3 +128,9 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --workspace
+echo "== TypeScript client (clients/typescript)"
+bin="$(pwd)/${CARGO_TARGET_DIR:-target}/debug/wsgateway"
+case "${CARGO_TARGET_DIR:-}" in /*) bin="$CARGO_TARGET_DIR/debug/wsgateway" ;; esac
+[ -x "$bin" ] || die "cargo test did not leave the gateway binary at $bin"
+(cd clients/typescript && npm ci --no-audit --no-fund && npm run build && WSGATEWAY_BIN="$bin" npm test) \
+  || die "the TypeScript client's tests failed (clients/typescript)"
