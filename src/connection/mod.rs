@@ -10,6 +10,7 @@
 
 mod context;
 mod messages;
+mod refresh;
 mod resume;
 
 use std::net::SocketAddr;
@@ -105,6 +106,10 @@ struct Live<S = WebSocket> {
     registered: Registered,
     catch_up: resume::CatchUp,
     limiter: DefaultDirectRateLimiter,
+    /// Whom a `refresh_token`'s token must name.
+    owner: refresh::Owner,
+    /// `refresh_token`s being checked or waiting to be.
+    refreshes: refresh::Refreshes,
 }
 
 /// Admits the connection and replays what it missed; `None` once it is
@@ -118,6 +123,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     let Admitted {
         registered,
         deferred_hello,
+        owner,
     } = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
@@ -172,6 +178,8 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
         catch_up,
         limiter,
         ctx,
+        owner,
+        refreshes: refresh::Refreshes::default(),
     })
 }
 
@@ -217,6 +225,8 @@ impl<S: ClientSocket> Live<S> {
                             },
                         }
                     }
+                    // A `refresh_token` checked: applied and answered here.
+                    () = this.refreshes.next(ctx, handle, this.owner), if this.refreshes.is_running() => {}
                     inbound = socket.next() => {
                         let message = match inbound {
                             None => break End::Lost,
@@ -236,6 +246,10 @@ impl<S: ClientSocket> Live<S> {
                                     // Answered by the sector sync task with `sectors_updated`.
                                     ClientMessage::RefreshSectors => {
                                         ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
+                                    }
+                                    // Checked beside the loop; answered in order.
+                                    ClientMessage::RefreshToken(token) => {
+                                        this.refreshes.push(ctx, handle, this.owner, token);
                                     }
                                     // Replies share the outbound queue: one writer, in order.
                                     other => {
@@ -335,6 +349,7 @@ struct Admitted {
     /// `connected`, when the connection resumes: written by the
     /// connection itself before its replay, not queued.
     deferred_hello: Option<Connected>,
+    owner: refresh::Owner,
 }
 
 /// Why admission refused a connection.
@@ -386,6 +401,7 @@ struct Identified {
     expires_at: u64,
     jti: Option<Box<str>>,
     connected: Connected,
+    owner: refresh::Owner,
 }
 
 /// The admission checks, in the order of DESIGN.md §1.2. On success the
@@ -423,6 +439,12 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             expires_at: id.exp,
             jti: None,
             connected,
+            owner: refresh::Owner::Diner {
+                tenant_id: id.tenant_id,
+                branch_id: id.branch_id,
+                session_id: id.session_id,
+                table_id: id.table_id,
+            },
         }
     } else {
         if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
@@ -481,6 +503,10 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             expires_at: id.exp,
             jti,
             connected,
+            owner: refresh::Owner::Staff {
+                tenant_id: id.tenant_id,
+                user_id: id.user_id,
+            },
         }
     };
     let Identified {
@@ -489,6 +515,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         expires_at,
         jti,
         connected,
+        owner,
     } = identified;
 
     // `connected` is queued before registration, so that no event can
@@ -518,6 +545,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
     Ok(Admitted {
         registered,
         deferred_hello: deferred,
+        owner,
     })
 }
 
