@@ -483,3 +483,89 @@ async fn refreshes_count_against_the_rate_limit() {
     assert!(frames.len() <= 2, "{frames:?}");
     gw.stop().await;
 }
+
+/// A waiter's sectors follow its refreshed token: read for the branches it
+/// adds (kept for the others), all of them once it has MANAGER or ADMIN,
+/// and read again when it loses them; each change is told with
+/// `sectors_updated`, right after `token_refreshed`.
+#[tokio::test]
+async fn a_waiters_sectors_follow_its_refreshed_branches_and_roles() {
+    use common::postgres::{assign, connect, database_url, fresh_tenant};
+    let db = connect().await;
+    let t = fresh_tenant();
+    assign(&db, t, 5, 1, &[10]).await;
+    assign(&db, t, 6, 1, &[20]).await;
+    let gw = TestGateway::start_with(|c| c.database_url = Some(Secret(database_url()))).await;
+    let token = |branches: &[i64], roles: &[&str]| {
+        mint(
+            JWT_SECRET,
+            &staff_claims(1, t, branches, roles, unix_now() + 3600),
+        )
+    };
+    let (mut waiter, hello) = gw.join("waiter", &token(&[5], &["WAITER"])).await;
+    assert_eq!(hello["sector_ids"], json!([10]));
+    let sector_event = |sector: i64| json!({"type": "SERVICE_CALL_CREATED", "tenant_id": t, "branch_id": 6, "sector_id": sector});
+    let sectors_updated = |ids: Value| json!({"type": "sectors_updated", "sector_ids": ids});
+
+    assert_eq!(
+        refresh(&mut waiter, &token(&[5, 6], &["WAITER"])).await["type"],
+        "token_refreshed"
+    );
+    assert_eq!(
+        waiter.next_json().await.unwrap(),
+        sectors_updated(json!([10, 20]))
+    );
+    // Sector 21 of branch 6 is not its own: the sector 20 event comes first.
+    gw.publish_one("channel:sector:6:21:waiters", sector_event(21))
+        .await;
+    gets_event(
+        &gw,
+        &mut waiter,
+        "channel:sector:6:20:waiters",
+        sector_event(20),
+    )
+    .await;
+
+    assert_eq!(
+        refresh(&mut waiter, &token(&[5, 6], &["WAITER", "ADMIN"])).await["type"],
+        "token_refreshed"
+    );
+    assert_eq!(
+        waiter.next_json().await.unwrap(),
+        sectors_updated(Value::Null)
+    );
+    gets_event(
+        &gw,
+        &mut waiter,
+        "channel:sector:6:21:waiters",
+        sector_event(21),
+    )
+    .await;
+
+    // Back to WAITER alone, in branch 6 only: filtered again.
+    assert_eq!(
+        refresh(&mut waiter, &token(&[6], &["WAITER"])).await["type"],
+        "token_refreshed"
+    );
+    assert_eq!(
+        waiter.next_json().await.unwrap(),
+        sectors_updated(json!([20]))
+    );
+    gw.publish_one("channel:sector:6:21:waiters", sector_event(21))
+        .await;
+    gets_event(
+        &gw,
+        &mut waiter,
+        "channel:sector:6:20:waiters",
+        sector_event(20),
+    )
+    .await;
+
+    // Same branches and roles: nothing to tell.
+    assert_eq!(
+        refresh(&mut waiter, &token(&[6], &["WAITER"])).await["type"],
+        "token_refreshed"
+    );
+    assert_eq!(waiter.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.stop().await;
+}

@@ -888,4 +888,86 @@ mod tests {
         assert!(a.handle.pop().is_none() && w.handle.pop().is_none());
         assert_eq!(hub.close_expired(|exp| exp > 0), 2);
     }
+
+    #[test]
+    fn a_refresh_swaps_branches_expiry_and_jti_and_keeps_known_sectors() {
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: 10,
+                max_per_user: 10,
+                max_per_session: 10,
+            },
+            Arc::new(Metrics::new()),
+        ));
+        let waiter = |branch_ids: Vec<BranchId>, sectors| Member::Staff {
+            user_id: 1,
+            branch_ids,
+            sectors,
+        };
+        let w = hub
+            .register(Registration {
+                tenant_id: 1,
+                endpoint: Endpoint::Waiter,
+                member: waiter(vec![5], SectorScope::ByBranch(vec![(5, Some(vec![10]))])),
+                expires_at: 100,
+                jti: Some("old".into()),
+                queue_capacity: 10,
+                greeting: None,
+            })
+            .unwrap();
+        let id = w.handle.id;
+        let other_user = Refreshed {
+            member: Member::Staff {
+                user_id: 2,
+                branch_ids: vec![5],
+                sectors: SectorScope::All,
+            },
+            expires_at: 200,
+            jti: None,
+        };
+        assert_eq!(
+            hub.refresh_token(id, other_user),
+            Err(RefreshRefusal::OtherIdentity)
+        );
+        assert_eq!(hub.token_ids()[0].2.as_ref(), "old");
+        // Branch 5 was not read again (None): the hub keeps its [10].
+        let new = Refreshed {
+            member: waiter(
+                vec![5, 6],
+                SectorScope::ByBranch(vec![(5, None), (6, Some(vec![20]))]),
+            ),
+            expires_at: 200,
+            jti: Some("new".into()),
+        };
+        let swapped = hub.refresh_token(id, new).unwrap();
+        assert_eq!(swapped.before.reported(), Some(vec![10]));
+        assert_eq!(swapped.after.reported(), Some(vec![10, 20]));
+        assert_eq!(hub.token_ids()[0].2.as_ref(), "new");
+        assert_eq!(hub.close_expired(|exp| exp > 100), 0);
+        assert_eq!(hub.filtered_waiters(1, 6, None).len(), 1);
+        // A sector read for the old branches only is stale: ignored.
+        let stale = SectorScope::ByBranch(vec![(5, Some(vec![11]))]);
+        assert!(!hub.set_sectors(id, stale));
+        let leave = Refreshed {
+            member: waiter(vec![6], SectorScope::ByBranch(vec![(6, None)])),
+            expires_at: 300,
+            jti: None,
+        };
+        hub.refresh_token(id, leave).unwrap();
+        assert!(hub.filtered_waiters(1, 5, None).is_empty());
+        assert_eq!(hub.index_sizes().branches, 1);
+        assert!(hub.token_ids().is_empty());
+        drop(w);
+        assert_eq!(
+            hub.refresh_token(
+                id,
+                Refreshed {
+                    member: waiter(vec![6], SectorScope::All),
+                    expires_at: 1,
+                    jti: None
+                }
+            ),
+            Err(RefreshRefusal::Gone)
+        );
+    }
 }
