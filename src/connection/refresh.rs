@@ -210,10 +210,10 @@ async fn check(
                     .copied()
                     .filter(|b| !known.contains(b))
                     .collect();
-                let SectorScope::ByBranch(read) =
-                    ctx.sectors.scope(tenant_id, user_id, &added).await
-                else {
-                    unreachable!("a lookup answers by branch")
+                // A lookup answers by branch; anything else counts as unknown.
+                let read = match ctx.sectors.scope(tenant_id, user_id, &added).await {
+                    SectorScope::ByBranch(read) => read,
+                    SectorScope::All => Vec::new(),
                 };
                 let scope = new
                     .branch_ids
