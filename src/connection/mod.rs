@@ -3,9 +3,11 @@
 //! [`serve`] reads top to bottom: admit (origin → token, revocation included
 //! → role → sectors → capacity → per-user limit, DESIGN.md §1.2), queue
 //! `connected` (or replay, on resume), then hand the connection to a task of
-//! its own ([`Live`]) that loops over two sources — its hub handle (close
-//! requests first, then queued frames) and the socket — until something
-//! closes it. Errors end here: they are logged and turned into a close code,
+//! its own ([`Live`]) that loops over its hub handle (close requests
+//! first, then queued frames), the check of a `refresh_token` under way
+//! (polled beside the socket rather than awaited inline, so that a slow
+//! Redis or database stalls nothing: see `refresh.rs`), and the socket,
+//! until something closes it. Errors end here: they are logged and turned into a close code,
 //! never returned to the acceptor.
 
 mod context;
