@@ -189,6 +189,23 @@ impl RevocationCheck {
     }
 }
 
+/// The outcome of one `refresh_token` message
+/// (`wsgateway_token_refreshes_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefresh {
+    Accepted,
+    Rejected,
+}
+
+impl TokenRefresh {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRefresh::Accepted => "accepted",
+            TokenRefresh::Rejected => "rejected",
+        }
+    }
+}
+
 /// The outcome of one sector lookup sent to PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SectorQuery {
@@ -250,6 +267,8 @@ pub struct Metrics {
     pub replayed_events: IntCounter,
     /// Revocation checks, by outcome (`revoked`, `valid`, `error`).
     pub revocation_checks: IntCounterVec,
+    /// `refresh_token` messages, by outcome (`accepted`, `rejected`).
+    pub token_refreshes: IntCounterVec,
     /// Sector lookups that reached the database, by outcome.
     pub sector_queries: IntCounterVec,
     /// `refresh_sectors` that joined one already pending for the connection.
@@ -431,6 +450,14 @@ impl Metrics {
                 &["outcome"],
             )
             .unwrap(),
+            token_refreshes: IntCounterVec::new(
+                Opts::new(
+                    "wsgateway_token_refreshes_total",
+                    "refresh_token messages, by outcome",
+                ),
+                &["outcome"],
+            )
+            .unwrap(),
             sector_queries: IntCounterVec::new(
                 Opts::new(
                     "wsgateway_sector_queries_total",
@@ -531,6 +558,9 @@ impl Metrics {
                 .with_label_values(&[u.as_str()])
                 .inc_by(0);
         }
+        for t in [TokenRefresh::Accepted, TokenRefresh::Rejected] {
+            m.token_refreshes.with_label_values(&[t.as_str()]).inc_by(0);
+        }
         for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
             m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
         }
@@ -564,6 +594,7 @@ impl Metrics {
             Box::new(self.sector_refreshes_coalesced.clone()),
             Box::new(self.sector_changes_dropped.clone()),
             Box::new(self.revocation_checks.clone()),
+            Box::new(self.token_refreshes.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.replayed_events.clone()),
             Box::new(self.circuit_breaker_state.clone()),
@@ -594,6 +625,12 @@ impl Metrics {
         self.revocation_checks
             .with_label_values(&[outcome.as_str()])
             .inc_by(n);
+    }
+
+    pub fn token_refreshed(&self, outcome: TokenRefresh) {
+        self.token_refreshes
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     pub fn sector_queried(&self, outcome: SectorQuery) {

@@ -18,6 +18,9 @@ pub enum Reply {
     /// A waiter's sectors after `refresh_sectors` or an assignment change.
     /// `null` when the waiter is not filtered by sector (or they are unknown).
     SectorsUpdated { sector_ids: Option<Vec<SectorId>> },
+    /// A `refresh_token` accepted: the connection now lives by the new
+    /// token, which expires at `expires_at` (Unix seconds).
+    TokenRefreshed { expires_at: u64 },
     /// Events may have been lost: reload state from the backend.
     Resync { reason: ResyncReason },
     /// A client message the gateway could not act on.
@@ -101,6 +104,8 @@ pub enum ErrorCode {
     InvalidMessage,
     /// Not JSON.
     InvalidJson,
+    /// A `refresh_token` whose token was refused; nothing changed.
+    TokenRejected,
 }
 
 #[cfg(test)]
@@ -121,6 +126,21 @@ mod tests {
         assert_eq!(
             e.to_text().as_str(),
             r#"{"type":"error","code":"invalid_json"}"#
+        );
+        assert_eq!(
+            Reply::TokenRefreshed {
+                expires_at: 1_764_680_000
+            }
+            .to_text()
+            .as_str(),
+            r#"{"type":"token_refreshed","expires_at":1764680000}"#
+        );
+        let rejected = Reply::Error {
+            code: ErrorCode::TokenRejected,
+        };
+        assert_eq!(
+            rejected.to_text().as_str(),
+            r#"{"type":"error","code":"token_rejected"}"#
         );
         let r = Reply::Resync {
             reason: ResyncReason::HistoryTrimmed,

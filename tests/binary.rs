@@ -11,6 +11,7 @@ use common::*;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use wsgateway::auth::unix_now;
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgateway");
 
@@ -279,8 +280,11 @@ async fn dev_listens_on_loopback_only_and_says_so() {
 #[tokio::test]
 async fn nothing_secret_is_logged_even_at_trace_level() {
     let api_key = "api-key-that-must-not-leak";
-    let gateway =
-        ServeProcess::start(&[("WSGATEWAY_API_KEY", api_key), ("RUST_LOG", "trace")]).await;
+    let gateway = ServeProcess::start(&[
+        ("WSGATEWAY_API_KEY", api_key),
+        ("RUST_LOG", "trace,tungstenite::protocol=trace"),
+    ])
+    .await;
     let addr = gateway.addr.clone();
     let good = staff(1, 1, &[5], &["WAITER"]);
     let forbidden = staff(2, 1, &[5], &["KITCHEN"]);
@@ -296,6 +300,20 @@ async fn nothing_secret_is_logged_even_at_trace_level() {
     let mut t = Client::open(&format!("ws://{addr}/ws/admin?token={tampered}"), None).await;
     assert_eq!(t.close_code().await, Some(4001));
     tokens.push(tampered);
+    // Tokens sent in `refresh_token` messages, accepted or not.
+    let refreshed = staff_token_exp(json!(1), 1, &[5, 6], &["WAITER"], unix_now() + 7200);
+    let wrong_user = staff(3, 1, &[5], &["WAITER"]);
+    let refreshed_table = diner_exp(1, 5, 1, 77, unix_now() + 7200);
+    for (diner_side, token, answer) in [
+        (false, &refreshed, "token_refreshed"),
+        (false, &wrong_user, "error"),
+        (true, &refreshed_table, "token_refreshed"),
+    ] {
+        let client = if diner_side { &mut d } else { &mut c };
+        let message = json!({"type": "refresh_token", "token": token}).to_string();
+        assert_eq!(client.ask(&message).await["type"], answer);
+        tokens.push(token.clone());
+    }
     for key in [api_key, "a-wrong-key-that-must-not-leak"] {
         reqwest::Client::new()
             .post(format!("http://{addr}/api/publish"))

@@ -1,5 +1,6 @@
 //! Client text messages: classification never panics, and every message
-//! but `refresh_sectors` has a fixed JSON reply.
+//! but `refresh_sectors` and `refresh_token` (answered once acted on) has
+//! a fixed JSON reply.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
     };
     for endpoint in Endpoint::ALL {
         let message = ClientMessage::parse(endpoint, text);
-        if message != ClientMessage::RefreshSectors {
+        let answered_later = matches!(
+            message,
+            ClientMessage::RefreshSectors | ClientMessage::RefreshToken(_)
+        );
+        if !answered_later {
             let reply = message.fixed_reply().expect("a reply");
             assert!(serde_json::from_str::<serde_json::Value>(reply).is_ok());
         }

@@ -66,6 +66,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Whatever RUST_LOG says: tungstenite's trace lines print whole client
+    // frames, and a `refresh_token` message holds a token. Each module that
+    // prints frames is named, so that a more specific RUST_LOG directive
+    // for it is replaced too.
+    let filter = [
+        "tungstenite=debug",
+        "tungstenite::protocol=debug",
+        "tungstenite::protocol::frame=debug",
+    ]
+    .into_iter()
+    .fold(filter, |f, d| {
+        f.add_directive(d.parse().expect("a valid directive"))
+    });
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -8,11 +8,15 @@ use crate::auth::Endpoint;
 use crate::reply::{ErrorCode, Reply};
 
 /// What a client's text message asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     Ping,
     /// Waiter endpoint only.
     RefreshSectors,
+    /// `refresh_token` with a string `token` (any endpoint): answered by
+    /// the connection once the token is checked (`token_refreshed` or
+    /// `token_rejected`).
+    RefreshToken(NewToken),
     /// An object with a string `type` the endpoint does not handle.
     UnknownType,
     /// Valid JSON that is not an object with a string `type`.
@@ -30,6 +34,12 @@ impl ClientMessage {
             Some(Value::String(t)) if value.is_object() => match t.as_str() {
                 "ping" => ClientMessage::Ping,
                 "refresh_sectors" if endpoint == Endpoint::Waiter => ClientMessage::RefreshSectors,
+                "refresh_token" => match value.get("token") {
+                    Some(Value::String(token)) => {
+                        ClientMessage::RefreshToken(NewToken(token.clone()))
+                    }
+                    _ => ClientMessage::Invalid,
+                },
                 _ => ClientMessage::UnknownType,
             },
             _ => ClientMessage::Invalid,
@@ -37,17 +47,34 @@ impl ClientMessage {
     }
 
     /// The reply, for every message but `refresh_sectors` (answered by the
-    /// sector sync task).
-    pub fn fixed_reply(self) -> Option<Utf8Bytes> {
+    /// sector sync task) and `refresh_token` (answered once checked).
+    pub fn fixed_reply(&self) -> Option<Utf8Bytes> {
         let error = |code| Reply::Error { code };
         let reply = match self {
             ClientMessage::Ping => Reply::Pong,
-            ClientMessage::RefreshSectors => return None,
+            ClientMessage::RefreshSectors | ClientMessage::RefreshToken(_) => return None,
             ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
             ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
             ClientMessage::BadJson => error(ErrorCode::InvalidJson),
         };
         Some(reply.to_text())
+    }
+}
+
+/// The token of a `refresh_token` message. Its `Debug` hides the text, so
+/// that no log line can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewToken(String);
+
+impl NewToken {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NewToken(<{} bytes>)", self.0.len())
     }
 }
 
@@ -76,6 +103,32 @@ mod tests {
         assert_eq!(ClientMessage::parse(w, r#"{"kind":"ping"}"#), Invalid);
         assert_eq!(ClientMessage::parse(w, r#"["ping"]"#), Invalid);
         assert_eq!(ClientMessage::parse(w, "42"), Invalid);
+        for endpoint in Endpoint::ALL {
+            assert_eq!(
+                ClientMessage::parse(endpoint, r#"{"type":"refresh_token","token":"a.b.c"}"#),
+                RefreshToken(NewToken("a.b.c".into()))
+            );
+        }
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"refresh_token"}"#),
+            Invalid
+        );
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"refresh_token","token":7}"#),
+            Invalid
+        );
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"refresh_token","token":null}"#),
+            Invalid
+        );
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"refresh_token","token":"x"}"#).fixed_reply(),
+            None
+        );
+        assert_eq!(
+            format!("{:?}", NewToken("secret.token".into())),
+            "NewToken(<12 bytes>)"
+        );
         assert_eq!(ClientMessage::parse(w, "{ping"), BadJson);
         assert_eq!(ClientMessage::parse(w, ""), BadJson);
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);

@@ -3,13 +3,16 @@
 //! [`serve`] reads top to bottom: admit (origin → token, revocation included
 //! → role → sectors → capacity → per-user limit, PROTOCOL.md §2), queue
 //! `connected` (or replay, on resume), then hand the connection to a task of
-//! its own ([`Live`]) that loops over two sources — its hub handle (close
-//! requests first, then queued frames) and the socket — until something
-//! closes it. Errors end here: they are logged and turned into a close code,
+//! its own ([`Live`]) that loops over its hub handle (close requests
+//! first, then queued frames), the check of a `refresh_token` under way
+//! (polled beside the socket rather than awaited inline, so that a slow
+//! Redis or database stalls nothing: see `refresh.rs`), and the socket,
+//! until something closes it. Errors end here: they are logged and turned into a close code,
 //! never returned to the acceptor.
 
 mod context;
 mod messages;
+mod refresh;
 mod resume;
 
 use std::net::SocketAddr;
@@ -105,6 +108,10 @@ struct Live<S = WebSocket> {
     registered: Registered,
     catch_up: resume::CatchUp,
     limiter: DefaultDirectRateLimiter,
+    /// Whom a `refresh_token`'s token must name.
+    owner: refresh::Owner,
+    /// `refresh_token`s being checked or waiting to be.
+    refreshes: refresh::Refreshes,
 }
 
 /// Admits the connection and replays what it missed; `None` once it is
@@ -118,6 +125,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     let Admitted {
         registered,
         deferred_hello,
+        owner,
     } = match admitted {
         Ok(admitted) => admitted,
         Err(refused) => {
@@ -172,6 +180,8 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
         catch_up,
         limiter,
         ctx,
+        owner,
+        refreshes: refresh::Refreshes::default(),
     })
 }
 
@@ -217,6 +227,8 @@ impl<S: ClientSocket> Live<S> {
                             },
                         }
                     }
+                    // A `refresh_token` checked: applied and answered here.
+                    () = this.refreshes.next(ctx, handle, this.owner), if this.refreshes.is_running() => {}
                     inbound = socket.next() => {
                         let message = match inbound {
                             None => break End::Lost,
@@ -236,6 +248,10 @@ impl<S: ClientSocket> Live<S> {
                                     // Answered by the sector sync task with `sectors_updated`.
                                     ClientMessage::RefreshSectors => {
                                         ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
+                                    }
+                                    // Checked beside the loop; answered in order.
+                                    ClientMessage::RefreshToken(token) => {
+                                        this.refreshes.push(ctx, handle, this.owner, token);
                                     }
                                     // Replies share the outbound queue: one writer, in order.
                                     other => {
@@ -335,6 +351,7 @@ struct Admitted {
     /// `connected`, when the connection resumes: written by the
     /// connection itself before its replay, not queued.
     deferred_hello: Option<Connected>,
+    owner: refresh::Owner,
 }
 
 /// Why admission refused a connection.
@@ -386,6 +403,7 @@ struct Identified {
     expires_at: u64,
     jti: Option<Box<str>>,
     connected: Connected,
+    owner: refresh::Owner,
 }
 
 /// The admission checks, in the order of PROTOCOL.md §2. On success the
@@ -423,6 +441,12 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             expires_at: id.exp,
             jti: None,
             connected,
+            owner: refresh::Owner::Diner {
+                tenant_id: id.tenant_id,
+                branch_id: id.branch_id,
+                session_id: id.session_id,
+                table_id: id.table_id,
+            },
         }
     } else {
         if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
@@ -481,6 +505,10 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             expires_at: id.exp,
             jti,
             connected,
+            owner: refresh::Owner::Staff {
+                tenant_id: id.tenant_id,
+                user_id: id.user_id,
+            },
         }
     };
     let Identified {
@@ -489,6 +517,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         expires_at,
         jti,
         connected,
+        owner,
     } = identified;
 
     // `connected` is queued before registration, so that no event can
@@ -518,6 +547,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
     Ok(Admitted {
         registered,
         deferred_hello: deferred,
+        owner,
     })
 }
 

@@ -231,6 +231,11 @@ fn open(gateway: &Arc<super::Context>, buffer: usize, before: impl FnOnce(&ConnH
         ctx: shared,
         registered,
         catch_up: resume::CatchUp::default(),
+        owner: super::refresh::Owner::Staff {
+            tenant_id: 1,
+            user_id: 7,
+        },
+        refreshes: super::refresh::Refreshes::default(),
     };
     Conn {
         client: Client { tx, rx },

@@ -65,6 +65,34 @@ pub struct Registration {
     pub greeting: Option<Outbound>,
 }
 
+/// What a refreshed token changes in a connection's place in the hub
+/// ([`Hub::refresh_token`]). The user (staff) or the table session
+/// (diners) stays: only its branches, sectors, expiry and token id move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refreshed {
+    pub member: Member,
+    /// The new token's expiry, Unix seconds.
+    pub expires_at: u64,
+    pub jti: Option<Box<str>>,
+}
+
+/// A waiter's sectors before and after [`Hub::refresh_token`] (both
+/// [`SectorScope::All`] for the other endpoints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swapped {
+    pub before: SectorScope,
+    pub after: SectorScope,
+}
+
+/// Why [`Hub::refresh_token`] changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshRefusal {
+    /// The connection has left the hub.
+    Gone,
+    /// The new membership is of another user or table session.
+    OtherIdentity,
+}
+
 /// A waiter-endpoint connection whose sectors are looked up (not MANAGER
 /// or ADMIN).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -489,6 +517,13 @@ impl Hub {
         if *sectors == scope || *sectors == SectorScope::All {
             return false;
         }
+        // Read for other branches than the connection has now (a token
+        // refresh changed them meanwhile): stale, the refresh read its own.
+        if let SectorScope::ByBranch(read) = &scope
+            && (read.len() != branch_ids.len() || !read.iter().all(|(b, _)| branch_ids.contains(b)))
+        {
+            return false;
+        }
         *sectors = scope;
         if let Some(tenant) = index.tenants.get_mut(&entry.handle.tenant_id) {
             for b in branch_ids.iter() {
@@ -499,6 +534,92 @@ impl Hub {
             }
         }
         true
+    }
+
+    /// Swaps a connection's membership, expiry and token id for those of its
+    /// refreshed token, in one write section: the branches it leaves stop
+    /// getting its events and those it joins start, and the expiry and
+    /// revocation passes see the new token from then on. A staff
+    /// connection keeps its user, a diner its table session. A waiter keeps
+    /// the sectors the hub holds for the branches it stays in (they may be
+    /// newer than the refresh's reading, and were not read again); the new
+    /// membership's sectors count for the branches it adds.
+    pub fn refresh_token(&self, id: ConnId, mut new: Refreshed) -> Result<Swapped, RefreshRefusal> {
+        let mut guard = self.index.write();
+        let index = &mut *guard;
+        let entry = index.conns.get_mut(&id).ok_or(RefreshRefusal::Gone)?;
+        let same_owner = match (&entry.member, &new.member) {
+            (Member::Staff { user_id: a, .. }, Member::Staff { user_id: b, .. }) => a == b,
+            (
+                Member::Diner {
+                    branch_id: a,
+                    session_id: s,
+                },
+                Member::Diner {
+                    branch_id: b,
+                    session_id: t,
+                },
+            ) => a == b && s == t,
+            _ => false,
+        };
+        if !same_owner {
+            return Err(RefreshRefusal::OtherIdentity);
+        }
+        if let (
+            Member::Staff {
+                sectors: SectorScope::ByBranch(kept),
+                ..
+            },
+            Member::Staff {
+                sectors: SectorScope::ByBranch(fresh),
+                ..
+            },
+        ) = (&entry.member, &mut new.member)
+        {
+            for (b, sectors) in fresh.iter_mut() {
+                if let Some((_, known)) = kept.iter().find(|(k, _)| k == b) {
+                    sectors.clone_from(known);
+                }
+            }
+        }
+        let handle = entry.handle.clone();
+        let old = std::mem::replace(&mut entry.member, new.member);
+        entry.expires_at = new.expires_at;
+        entry.jti = new.jti;
+        if let (
+            Member::Staff {
+                branch_ids: old_branches,
+                ..
+            },
+            Member::Staff {
+                branch_ids,
+                sectors,
+                ..
+            },
+        ) = (&old, &entry.member)
+            && let Some(tenant) = index.tenants.get_mut(&handle.tenant_id)
+        {
+            for b in old_branches {
+                if let Some(branch) = tenant.branches.get_mut(b) {
+                    unindex_in_branch(branch, id);
+                    if branch.is_empty() {
+                        tenant.branches.remove(b);
+                    }
+                }
+            }
+            for b in branch_ids {
+                let branch = tenant.branches.entry(*b).or_default();
+                index_in_branch(branch, &handle, handle.endpoint, *b, sectors);
+            }
+        }
+        let sectors = |m: &Member| match m {
+            Member::Staff { sectors, .. } => sectors.clone(),
+            Member::Diner { .. } => SectorScope::All,
+        };
+        Ok(Swapped {
+            before: sectors(&old),
+            after: sectors(&entry.member),
+        })
     }
 
     /// Who a connection is: its tenant, endpoint and membership.
@@ -766,5 +887,87 @@ mod tests {
         );
         assert!(a.handle.pop().is_none() && w.handle.pop().is_none());
         assert_eq!(hub.close_expired(|exp| exp > 0), 2);
+    }
+
+    #[test]
+    fn a_refresh_swaps_branches_expiry_and_jti_and_keeps_known_sectors() {
+        let hub = Arc::new(Hub::new(
+            Limits {
+                max_total: 10,
+                max_per_user: 10,
+                max_per_session: 10,
+            },
+            Arc::new(Metrics::new()),
+        ));
+        let waiter = |branch_ids: Vec<BranchId>, sectors| Member::Staff {
+            user_id: 1,
+            branch_ids,
+            sectors,
+        };
+        let w = hub
+            .register(Registration {
+                tenant_id: 1,
+                endpoint: Endpoint::Waiter,
+                member: waiter(vec![5], SectorScope::ByBranch(vec![(5, Some(vec![10]))])),
+                expires_at: 100,
+                jti: Some("old".into()),
+                queue_capacity: 10,
+                greeting: None,
+            })
+            .unwrap();
+        let id = w.handle.id;
+        let other_user = Refreshed {
+            member: Member::Staff {
+                user_id: 2,
+                branch_ids: vec![5],
+                sectors: SectorScope::All,
+            },
+            expires_at: 200,
+            jti: None,
+        };
+        assert_eq!(
+            hub.refresh_token(id, other_user),
+            Err(RefreshRefusal::OtherIdentity)
+        );
+        assert_eq!(hub.token_ids()[0].2.as_ref(), "old");
+        // Branch 5 was not read again (None): the hub keeps its [10].
+        let new = Refreshed {
+            member: waiter(
+                vec![5, 6],
+                SectorScope::ByBranch(vec![(5, None), (6, Some(vec![20]))]),
+            ),
+            expires_at: 200,
+            jti: Some("new".into()),
+        };
+        let swapped = hub.refresh_token(id, new).unwrap();
+        assert_eq!(swapped.before.reported(), Some(vec![10]));
+        assert_eq!(swapped.after.reported(), Some(vec![10, 20]));
+        assert_eq!(hub.token_ids()[0].2.as_ref(), "new");
+        assert_eq!(hub.close_expired(|exp| exp > 100), 0);
+        assert_eq!(hub.filtered_waiters(1, 6, None).len(), 1);
+        // A sector read for the old branches only is stale: ignored.
+        let stale = SectorScope::ByBranch(vec![(5, Some(vec![11]))]);
+        assert!(!hub.set_sectors(id, stale));
+        let leave = Refreshed {
+            member: waiter(vec![6], SectorScope::ByBranch(vec![(6, None)])),
+            expires_at: 300,
+            jti: None,
+        };
+        hub.refresh_token(id, leave).unwrap();
+        assert!(hub.filtered_waiters(1, 5, None).is_empty());
+        assert_eq!(hub.index_sizes().branches, 1);
+        assert!(hub.token_ids().is_empty());
+        drop(w);
+        assert_eq!(
+            hub.refresh_token(
+                id,
+                Refreshed {
+                    member: waiter(vec![6], SectorScope::All),
+                    expires_at: 1,
+                    jti: None
+                }
+            ),
+            Err(RefreshRefusal::Gone)
+        );
     }
 }
