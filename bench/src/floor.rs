@@ -170,6 +170,12 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
+                    // Stamped when the writer starts the event, not at its
+                    // due time: the latency is one event's fan-out, the
+                    // lower bound of any gateway's when it keeps up. A
+                    // writer that falls behind (a burst, an overloaded
+                    // machine) does not count its lateness, where a
+                    // gateway's clients do.
                     frame[..8].copy_from_slice(&now_us().to_le_bytes());
                     for s in share.iter_mut() {
                         s.write_all(&frame)?;
