@@ -11,6 +11,9 @@
 #     waiter_sector_assignment table;
 #   - PostgreSQL's server binaries and setpriv, for the TLS tests' own
 #     cluster (tests/postgres_tls.rs).
+# Then the demo page's checks (demo_page_checks, at the end): Chromium
+# (apt-get) for the browser test in tests/browser/, and the committed copy
+# of the TypeScript client's bundle checked against a fresh build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,3 +115,34 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --workspace
+
+# ---- The demo page (src/http/demo/): its copy of the TypeScript client's
+# bundle, and the browser test (tests/browser/: headless Chromium from
+# Debian's package, driving the page served by real gateway processes).
+# Needs Node 20+ and npm; installs chromium and curl when missing.
+ensure_chromium() {
+  local chromium="${CHROMIUM_BIN:-/usr/bin/chromium}"
+  [ -x "$chromium" ] || apt_install chromium
+  [ -x "$chromium" ] || die "no Chromium at $chromium: install Debian's chromium package (apt-get install chromium), or set CHROMIUM_BIN"
+}
+
+demo_page_checks() {
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    || die "node and npm not found: the demo page's checks need Node 20 or later"
+  ensure_chromium
+  command -v curl >/dev/null 2>&1 || apt_install curl
+  [ -f clients/typescript/package.json ] || die "clients/typescript is missing: the demo page's client bundle is built from it"
+  echo "== building the TypeScript client (for the demo page's bundle)"
+  (cd clients/typescript && npm ci --no-audit --no-fund && npm run build)
+  echo "== demo page: the committed client bundle is the built one"
+  scripts/demo_bundle.sh check
+  echo "== demo page: browser test (headless Chromium)"
+  cargo build --locked --bin wsgateway
+  local bin
+  bin="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/wsgateway"
+  (cd tests/browser \
+    && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund \
+    && WSGATEWAY_BIN="$bin" npm test)
+}
+
+demo_page_checks
