@@ -286,6 +286,10 @@ test('serve with Redis: paste a URL, receive, survive a restart, resume with rec
   const order = (await entries(page)).filter((e) => e.eventId || e.recovered).map((e) => e.eventId ?? `connected:${e.recovered}`);
   assert.deepEqual(order, [first, 'connected:true', missed, after]);
 
+  // The curl command shown runs as is, with the gateway's key in the environment.
+  const shown = await run('sh', ['-c', curl], { env: { ...process.env, WSGATEWAY_API_KEY: API_KEY } });
+  await waitEvent(page, JSON.parse(shown.stdout).event_ids[0]);
+
   // The heartbeat is the client's; a ping sent by hand is answered too.
   await page.$eval('#show-heartbeats', (e) => e.click());
   await page.click('#send-ping');
