@@ -1,11 +1,12 @@
 // The demo page in headless Chromium, against real gateway processes.
 //
 // `serve` (Redis broker, WSGATEWAY_DEMO_PAGE=true): paste a printed URL,
-// receive an event published through the API, survive a gateway restart
-// (SIGKILL of the pid started here, then a new process on the same port),
-// and resume with `recovered: true`: the event published through Redis
-// while no gateway ran is replayed, then live events follow. `dev`: the
-// page explains a 4001 (a bad token), offers its tokens, and the copyable
+// stay open on heartbeats, receive an event published through the API,
+// survive a gateway restart (SIGKILL of the pid started here, then a new
+// process on the same port), and resume with `recovered: true`: the event
+// published through Redis while no gateway ran is replayed, then live
+// events follow. `dev`: the page explains a 4001 (a bad token), picks a
+// bare token's endpoint by its roles, offers its tokens, and the copyable
 // curl command works; after a restart the embedded history is gone, and
 // the page says `recovered: false`. Both: no console errors, no failed
 // request (the favicon included), no horizontal overflow at 390 px nor at
@@ -320,9 +321,20 @@ test('dev: development tokens, the printed curl command, and recovered: false af
   const refused = await page.$eval('.entry[data-close-code="4001"] .note', (e) => e.textContent);
   assert.match(refused, /unauthorized.*token missing, invalid, expired or revoked.*Paste the whole printed URL/);
 
+  // A bare token: the endpoint its roles allow is picked (KITCHEN: kitchen).
+  const session = await (await fetch(`http://127.0.0.1:${port}/demo/session.json`)).json();
+  const kitchen = session.tokens.find((x) => x.endpoint === 'kitchen').token;
+  await page.$eval('#input', (e) => { e.value = ''; });
+  await page.type('#input', kitchen);
+  assert.equal(await page.$eval('#endpoint', (e) => e.value), 'kitchen');
+  await page.click('#connect');
+  await until(page, 'connected on kitchen', () => [...document.querySelectorAll('.entry[data-type="connected"] pre')]
+    .some((e) => e.textContent.includes('"endpoint": "kitchen"')));
+
   await page.click('#dev-token-buttons button[data-endpoint="waiter"]');
   await waitState(page, 'open');
-  await until(page, 'connected', () => !!document.querySelector('.entry[data-type="connected"]'));
+  await until(page, 'connected on waiter', () => [...document.querySelectorAll('.entry[data-type="connected"] pre')]
+    .some((e) => e.textContent.includes('"endpoint": "waiter"')));
 
   // The curl command shown is runnable as is: it carries dev's key.
   const curl = await page.$eval('#publish-commands pre', (e) => e.textContent);
