@@ -339,6 +339,10 @@ test('dev: development tokens, the printed curl command, and recovered: false af
   // The curl command shown is runnable as is: it carries dev's key.
   const curl = await page.$eval('#publish-commands pre', (e) => e.textContent);
   assert.match(curl, /^curl .*Bearer wsgateway-dev-api-key.*channel:branch:5:waiters/);
+  // Copy copies, or (no clipboard permission) selects the command: no error either way.
+  await page.click('#publish-commands button[data-command="curl"]');
+  await until(page, 'the copy button to answer', () =>
+    ['Copied', 'Ctrl+C'].includes(document.querySelector('#publish-commands button[data-command="curl"]').textContent));
   const { stdout } = await run('sh', ['-c', curl]);
   const [published] = JSON.parse(stdout).event_ids;
   await waitEvent(page, published);
