@@ -296,7 +296,7 @@ async fn serve_serves_the_demo_page_only_when_asked() {
     let page = get(format!("http://{addr}/")).await;
     assert_eq!(page.status(), 200);
     let page = page.text().await.unwrap();
-    assert!(page.contains("<meta name=\"viewport\"") && page.contains("from '/client.js'"));
+    assert!(page.contains("<meta name=\"viewport\"") && page.contains("from './client.js'"));
     let client = get(format!("http://{addr}/client.js")).await;
     assert_eq!(
         client.headers()["content-type"],
