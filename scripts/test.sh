@@ -12,7 +12,10 @@
 #   - PostgreSQL's server binaries and setpriv, for the TLS tests' own
 #     cluster (tests/postgres_tls.rs);
 #   - Node.js 20+ and npm, for the TypeScript client's tests
-#     (clients/typescript), which run against the gateway binary cargo built.
+#     (clients/typescript), which run against the gateway binary cargo built;
+#   - Chromium (Debian's package) and curl, for the demo page's browser test
+#     (tests/browser/), which also checks the committed copy of the client's
+#     bundle against a fresh build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -117,10 +120,21 @@ ensure_node() {
 }
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rustup) first"
+# The demo page's browser test drives Debian's Chromium (never a
+# downloaded browser build) and runs the curl command the page shows.
+ensure_chromium() {
+  local chromium="${CHROMIUM_BIN:-/usr/bin/chromium}"
+  [ -x "$chromium" ] || apt_install chromium
+  [ -x "$chromium" ] || die "no Chromium at $chromium: install Debian's chromium package (apt-get install chromium), or set CHROMIUM_BIN"
+  command -v curl >/dev/null 2>&1 || apt_install curl
+  command -v curl >/dev/null 2>&1 || die "curl could not be installed"
+}
+
 ensure_redis
 ensure_postgres
 ensure_postgres_server
 ensure_node
+ensure_chromium
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"
@@ -134,3 +148,10 @@ case "${CARGO_TARGET_DIR:-}" in /*) bin="$CARGO_TARGET_DIR/debug/wsgateway" ;; e
 [ -x "$bin" ] || die "cargo test did not leave the gateway binary at $bin"
 (cd clients/typescript && npm ci --no-audit --no-fund && npm run build && WSGATEWAY_BIN="$bin" npm test) \
   || die "the TypeScript client's tests failed (clients/typescript)"
+echo "== demo page: the committed client bundle is the built one"
+scripts/demo_bundle.sh check
+echo "== demo page: browser test (tests/browser, headless Chromium)"
+(cd tests/browser \
+  && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund \
+  && WSGATEWAY_BIN="$bin" npm test) \
+  || die "the demo page's browser test failed (tests/browser)"

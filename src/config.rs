@@ -193,6 +193,8 @@ settings! {
     database_pool_size: usize = Some("16"), env = "WSGATEWAY_DATABASE_POOL_SIZE", flag = "database-pool-size";
     /// Bearer key of `POST /api/publish`; unset disables the publish API.
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
+    /// Serve the demo page (`/`, `/client.js`) on the public address, as `dev` always does: `true` or `false`.
+    demo_page: bool = Some("false"), env = "WSGATEWAY_DEMO_PAGE", flag = "demo-page";
     /// Connections allowed between accept and admission (slow handshakes); beyond it, a new one evicts the oldest still sending its request head, or is closed at once when none is.
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
@@ -349,6 +351,16 @@ impl SettingValue for usize {
         match raw.trim().parse::<usize>() {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(format!("{raw:?} is not a positive whole number")),
+        }
+    }
+}
+
+impl SettingValue for bool {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(format!("{raw:?} is not true or false")),
         }
     }
 }
@@ -567,6 +579,26 @@ mod tests {
         assert_eq!(c.heartbeat_timeout_s.0, Duration::from_secs(60));
         assert_eq!(c.max_message_bytes, 65536);
         assert!(c.jwt_secret.is_none());
+    }
+
+    #[test]
+    fn demo_page_is_off_unless_asked_and_reads_a_toml_boolean() {
+        assert!(!load(SettingArgs::default(), "").unwrap().demo_page);
+        assert!(
+            load(SettingArgs::default(), "demo_page = true")
+                .unwrap()
+                .demo_page
+        );
+        let args = |v: &str| SettingArgs {
+            demo_page: Some(v.into()),
+            ..Default::default()
+        };
+        assert!(load(args("TRUE"), "").unwrap().demo_page);
+        let err = load(args("yes"), "").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid setting WSGATEWAY_DEMO_PAGE (--demo-page): \"yes\" is not true or false"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::connection;
 use crate::dispatcher::Dispatcher;
 use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
-use crate::http::{HealthState, HttpState, PublishState, Routes};
+use crate::http::{DemoPage, HealthState, HttpState, PublishState, Routes};
 use crate::hub::{Hub, Limits};
 use crate::metrics::{Metrics, RevocationCheck};
 use crate::revocation::Revocations;
@@ -54,8 +54,8 @@ pub struct Gateway {
     /// The metrics listener, when bound before serving (see
     /// [`Gateway::with_metrics_listener`]).
     metrics_listener: Option<TcpListener>,
-    /// Serve the demo page at `/` (the `dev` command).
-    demo_page: bool,
+    /// The demo page at `/`: `WSGATEWAY_DEMO_PAGE`, or `dev`'s.
+    demo_page: Option<DemoPage>,
 }
 
 /// The long-lived parts, built by [`Gateway::new`] and handed out by
@@ -88,6 +88,7 @@ impl Gateway {
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
+        let demo_page = config.demo_page.then(DemoPage::default);
         Ok(Gateway {
             config,
             parts: Parts {
@@ -103,7 +104,7 @@ impl Gateway {
             redis,
             sector_commands,
             metrics_listener: None,
-            demo_page: false,
+            demo_page,
         })
     }
 
@@ -117,9 +118,10 @@ impl Gateway {
         }
     }
 
-    /// Serves the demo page at `/` as well (for `wsgateway dev`).
-    pub fn with_demo_page(mut self) -> Gateway {
-        self.demo_page = true;
+    /// Serves this demo page at `/` (`wsgateway dev`, with its tokens),
+    /// whatever `WSGATEWAY_DEMO_PAGE` says.
+    pub fn with_demo_page(mut self, page: DemoPage) -> Gateway {
+        self.demo_page = Some(page);
         self
     }
 

@@ -1,6 +1,7 @@
 //! The real binary: `serve` shuts down on SIGTERM closing every client with
 //! 1001 and exiting 0; `dev` prints tokens and a publish command that work
-//! as printed.
+//! as printed, and gives its demo page working tokens; `serve` serves the
+//! demo page only with `WSGATEWAY_DEMO_PAGE=true`.
 
 mod common;
 
@@ -240,6 +241,38 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
     .await
     .unwrap();
     assert!(page.contains("wsgateway dev"));
+    // It gets dev's tokens and key, fresh, and they open their endpoints.
+    let http = waiter.replace("ws://", "http://");
+    let base = http.split("/ws/").next().unwrap();
+    let session: serde_json::Value = reqwest::get(format!("{base}/demo/session.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["dev"], true);
+    assert_eq!(session["api_key"], "wsgateway-dev-api-key");
+    let tokens = session["tokens"].as_array().unwrap();
+    let endpoints: Vec<&str> = tokens
+        .iter()
+        .map(|t| t["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(endpoints, ["waiter", "kitchen", "admin", "diner"]);
+    for t in tokens {
+        let endpoint = t["endpoint"].as_str().unwrap();
+        let param = if endpoint == "diner" {
+            "table_token"
+        } else {
+            "token"
+        };
+        let url = format!(
+            "{}/ws/{endpoint}?{param}={}",
+            base.replace("http://", "ws://"),
+            t["token"].as_str().unwrap()
+        );
+        let mut c = Client::open(&url, None).await;
+        assert_eq!(c.next_json().await.unwrap()["endpoint"], endpoint);
+    }
     terminate(&child);
     assert!(child.wait().await.unwrap().success());
 }
@@ -247,6 +280,44 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
 /// `dev` signs with public secrets, so a public address (here from
 /// `WSGATEWAY_LISTEN`, as a developer's shell might carry for `serve`) is
 /// refused with a warning naming it, and `dev` listens on loopback.
+/// `serve` has no demo page unless asked; with `WSGATEWAY_DEMO_PAGE=true`
+/// it serves the page and the client, and no development tokens.
+#[tokio::test]
+async fn serve_serves_the_demo_page_only_when_asked() {
+    let get = |url: String| async move { reqwest::get(url).await.unwrap() };
+    let plain = ServeProcess::start(&[]).await;
+    for path in ["/", "/client.js", "/demo/session.json"] {
+        let status = get(format!("http://{}{path}", plain.addr)).await.status();
+        assert_eq!(status, 404, "{path}");
+    }
+    plain.terminate();
+    assert!(plain.wait().await.0.success());
+    let demo = ServeProcess::start(&[("WSGATEWAY_DEMO_PAGE", "true")]).await;
+    let addr = demo.addr.clone();
+    let page = get(format!("http://{addr}/")).await;
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("<meta name=\"viewport\"") && page.contains("from './client.js'"));
+    let client = get(format!("http://{addr}/client.js")).await;
+    assert_eq!(
+        client.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert!(client.text().await.unwrap().contains("WsGatewayClient"));
+    let session: serde_json::Value = get(format!("http://{addr}/demo/session.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        session,
+        json!({"dev": false, "api_key": null, "tokens": []})
+    );
+    demo.terminate();
+    let (status, _) = demo.wait().await;
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn dev_listens_on_loopback_only_and_says_so() {
     let mut child = Command::new(BIN)

@@ -6,8 +6,9 @@ use anyhow::Context;
 
 use super::{ServeArgs, init_tracing, runtime, shutdown_signal};
 use crate::Gateway;
-use crate::auth::{StaffClaims, TableClaims, mint, unix_now};
+use crate::auth::{Endpoint, StaffClaims, TableClaims, mint, unix_now};
 use crate::config::Secret;
+use crate::http::{DemoPage, DevSession, DevToken};
 
 /// Fixed development secrets: printed tokens are signed with them. Never
 /// use them in production.
@@ -52,8 +53,12 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let gateway = Gateway::new(config)?.with_demo_page();
-        print_banner(addr, &jwt, &table, &api_key);
+        let session = DevSession {
+            api_key: api_key.expose().to_owned(),
+            mint: Box::new(move || dev_tokens(&jwt, &table)),
+        };
+        print_banner(addr, &(session.mint)(), &api_key);
+        let gateway = Gateway::new(config)?.with_demo_page(DemoPage::dev(session));
         gateway.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
@@ -73,16 +78,18 @@ fn loopback_only(given: SocketAddr) -> (SocketAddr, Option<SocketAddr>) {
     }
 }
 
-fn print_banner(addr: SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret) {
+/// The development tokens (tenant 1, branch 5; valid 24 h from now): the
+/// banner prints them and the demo page gets fresh ones on each load.
+fn dev_tokens(jwt: &Secret, table: &Secret) -> Vec<DevToken> {
     let exp = unix_now() + 24 * 3600;
-    let staff = |sub: i64, roles: &[&str]| {
+    let staff = |sub: i64, role: &str| {
         mint(
             jwt.expose(),
             &StaffClaims {
                 sub,
                 tenant_id: 1,
                 branch_ids: vec![5],
-                roles: roles.iter().map(|r| r.to_string()).collect(),
+                roles: vec![role.to_string()],
                 exp,
                 iat: Some(unix_now()),
                 jti: None,
@@ -99,6 +106,19 @@ fn print_banner(addr: SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret
             exp,
         },
     );
+    vec![
+        DevToken::new(Endpoint::Waiter, "waiter 7 (WAITER)", staff(7, "WAITER")),
+        DevToken::new(
+            Endpoint::Kitchen,
+            "kitchen 8 (KITCHEN)",
+            staff(8, "KITCHEN"),
+        ),
+        DevToken::new(Endpoint::Admin, "admin 9 (ADMIN)", staff(9, "ADMIN")),
+        DevToken::new(Endpoint::Diner, "diner (table 12, session 77)", diner),
+    ]
+}
+
+fn print_banner(addr: SocketAddr, tokens: &[DevToken], api_key: &Secret) {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "wsgateway".into());
@@ -107,19 +127,17 @@ fn print_banner(addr: SocketAddr, jwt: &Secret, table: &Secret, api_key: &Secret
     println!("listening on http://{addr}   demo page: http://{addr}/");
     println!();
     println!("Tokens (tenant 1, branch 5; valid 24 h):");
-    println!(
-        "  waiter  ws://{addr}/ws/waiter?token={}",
-        staff(7, &["WAITER"])
-    );
-    println!(
-        "  kitchen ws://{addr}/ws/kitchen?token={}",
-        staff(8, &["KITCHEN"])
-    );
-    println!(
-        "  admin   ws://{addr}/ws/admin?token={}",
-        staff(9, &["ADMIN"])
-    );
-    println!("  diner   ws://{addr}/ws/diner?table_token={diner}");
+    for t in tokens {
+        let param = if t.endpoint == "diner" {
+            "table_token"
+        } else {
+            "token"
+        };
+        println!(
+            "  {:<7} ws://{addr}/ws/{}?{param}={}",
+            t.endpoint, t.endpoint, t.token
+        );
+    }
     println!();
     println!("Publish an event (reaches the waiter and the admin):");
     println!(

@@ -15,6 +15,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 
+pub use demo::{DemoPage, DevSession, DevToken};
 pub use health::HealthState;
 pub use publish::PublishState;
 
@@ -51,7 +52,7 @@ impl FromRef<HttpState> for Arc<PublishState> {
 }
 
 /// Which of the optional routes the public router serves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Routes {
     /// `/ws/metrics`: not when `WSGATEWAY_METRICS_LISTEN` serves it, so
     /// that the platform's counts (tenants, branches, sessions) are not
@@ -59,8 +60,8 @@ pub struct Routes {
     pub metrics: bool,
     /// `/api/publish`: only with `WSGATEWAY_API_KEY` (otherwise 404).
     pub publish: bool,
-    /// The demo page at `/` (the `dev` command).
-    pub demo_page: bool,
+    /// The demo page at `/` (always under `dev`; `WSGATEWAY_DEMO_PAGE`).
+    pub demo_page: Option<DemoPage>,
 }
 
 pub fn router(state: HttpState, routes: Routes) -> Router {
@@ -82,8 +83,8 @@ pub fn router(state: HttpState, routes: Routes) -> Router {
             post(publish::publish).layer(DefaultBodyLimit::disable()),
         );
     }
-    if routes.demo_page {
-        router = router.route("/", get(demo::page));
+    if let Some(page) = routes.demo_page {
+        router = router.merge(page.routes());
     }
     router.with_state(state)
 }

@@ -1,0 +1,363 @@
+// The demo page in headless Chromium, against real gateway processes.
+//
+// `serve` (Redis broker, WSGATEWAY_DEMO_PAGE=true): paste a printed URL,
+// stay open on heartbeats, receive an event published through the API,
+// survive a gateway restart (SIGKILL of the pid started here, then a new
+// process on the same port), and resume with `recovered: true`: the event
+// published through Redis while no gateway ran is replayed, then live
+// events follow. `dev`: the page explains a 4001 (a bad token), picks a
+// bare token's endpoint by its roles, offers its tokens, and the copyable
+// curl command works; after a restart the embedded history is gone, and
+// the page says `recovered: false`. Both: no console errors, no failed
+// request (the favicon included), no horizontal overflow at 390 px nor at
+// 1280 px.
+//
+// Needs the built gateway (WSGATEWAY_BIN, default target/debug/wsgateway),
+// Chromium (CHROMIUM_BIN, default /usr/bin/chromium), curl, redis-cli and a
+// Redis at REDIS_URL (default redis://127.0.0.1:6379). Every wait is a
+// condition with a deadline.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFile } from 'node:child_process';
+import { randomInt } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import net from 'node:net';
+import { promisify } from 'node:util';
+import puppeteer from 'puppeteer-core';
+
+const run = promisify(execFile);
+const ROOT = new URL('../../', import.meta.url).pathname;
+const BIN = process.env.WSGATEWAY_BIN ?? `${ROOT}target/debug/wsgateway`;
+const CHROMIUM = process.env.CHROMIUM_BIN ?? '/usr/bin/chromium';
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+const JWT_SECRET = 'browser-test-jwt-secret';
+const TABLE_SECRET = 'browser-test-table-secret';
+const API_KEY = 'browser-test-api-key';
+// Deadlines, generous for a loaded 2-core machine; none is waited in full
+// when things work.
+const START_MS = 30_000;
+const STEP_MS = 20_000;
+// A reconnect after a restart: the backoff's delays grow to 30 s.
+const RECONNECT_MS = 60_000;
+
+for (const [what, path] of [['the gateway (WSGATEWAY_BIN)', BIN], ['Chromium (CHROMIUM_BIN)', CHROMIUM]]) {
+  if (!existsSync(path)) throw new Error(`${what} not found at ${path}`);
+}
+
+async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** Polls `check` until it returns a truthy value, or fails naming `what`. */
+async function waitFor(what, check, timeoutMs = STEP_MS) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    try {
+      const value = await check();
+      if (value) return value;
+    } catch (e) {
+      last = e;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? ` (last error: ${last.message})` : ''}`);
+}
+
+/** A gateway process; its output is kept for the failure message and the token check. */
+class GatewayProcess {
+  constructor(mode, port, env) {
+    this.port = port;
+    this.output = '';
+    this.child = spawn(BIN, [mode], {
+      env: { ...process.env, RUST_LOG: 'info', WSGATEWAY_LISTEN: `127.0.0.1:${port}`, ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve({ code, signal })));
+    for (const stream of [this.child.stdout, this.child.stderr]) stream.on('data', (d) => { this.output += d; });
+  }
+
+  async ready() {
+    await waitFor(`the gateway on port ${this.port} to answer /ws/health`, async () => {
+      if (this.child.exitCode !== null) throw new Error(`gateway exited: ${this.output}`);
+      const res = await fetch(`http://127.0.0.1:${this.port}/ws/health`);
+      return res.ok;
+    }, START_MS);
+    return this;
+  }
+
+  /** Kills the process started here, by its pid, and waits for it to be gone. */
+  async kill() {
+    if (this.child.exitCode === null && this.child.signalCode === null) process.kill(this.child.pid, 'SIGKILL');
+    await this.exited;
+  }
+}
+
+async function publish(port, key, channel, event) {
+  const res = await fetch(`http://127.0.0.1:${port}/api/publish`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ channel, event }),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 202, `publish answered ${res.status}: ${text}`);
+  return JSON.parse(text).event_ids[0];
+}
+
+async function launch() {
+  const args = ['--disable-gpu', '--disable-dev-shm-usage', '--no-first-run', '--no-default-browser-check'];
+  if (process.getuid?.() === 0) args.push('--no-sandbox');
+  return puppeteer.launch({ executablePath: CHROMIUM, args, headless: true });
+}
+
+/**
+ * Opens a page that records what went wrong: console errors, uncaught
+ * errors and failed requests. `allowWebSocketFailures` is set while the
+ * gateway is down, when Chromium itself reports the refused reconnects.
+ */
+async function openPage(browser) {
+  const page = await browser.newPage();
+  const problems = [];
+  const state = { allowWebSocketFailures: false, webSocketFailures: 0 };
+  page.on('console', (msg) => {
+    if (msg.type() !== 'error' && msg.type() !== 'assert') return;
+    const text = msg.text();
+    if (state.allowWebSocketFailures && /^WebSocket connection to 'ws:\/\/127\.0\.0\.1:\d+\/ws\//.test(text)) {
+      state.webSocketFailures += 1;
+      return;
+    }
+    problems.push(`console ${msg.type()}: ${text}`);
+  });
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('requestfailed', (req) => {
+    if (!(state.allowWebSocketFailures && req.resourceType() === 'websocket')) {
+      problems.push(`request failed: ${req.url()} ${req.failure()?.errorText}`);
+    }
+  });
+  page.on('response', (res) => {
+    if (res.status() >= 400) problems.push(`HTTP ${res.status()} for ${res.url()}`);
+  });
+  return { page, problems, state };
+}
+
+const until = (page, what, fn, ...args) => untilWithin(STEP_MS, page, what, fn, ...args);
+
+function untilWithin(timeout, page, what, fn, ...args) {
+  return page.waitForFunction(fn, { timeout, polling: 50 }, ...args).catch((e) => {
+    throw new Error(`timed out waiting for ${what}: ${e.message}`);
+  });
+}
+
+const waitState = (page, state) =>
+  until(page, `the state badge to say ${state}`, (s) => document.getElementById('state').dataset.state === s, state);
+
+const waitEvent = (page, id) =>
+  until(page, `event ${id} in the log`, (i) => !!document.querySelector(`.entry[data-event-id="${CSS.escape(i)}"]`), id);
+
+/** The log's entries, in order, as plain data. */
+const entries = (page) =>
+  page.$$eval('#log .entry', (list) =>
+    list.map((e) => ({ ...e.dataset, type: e.querySelector('.type').textContent, body: e.querySelector('pre')?.textContent ?? '' })));
+
+/** Nothing wider than the viewport: the document does not scroll sideways, and no visible element sticks out. */
+async function assertNoHorizontalOverflow(page, width) {
+  const report = await page.evaluate(() => {
+    const vw = document.documentElement.clientWidth;
+    const out = [];
+    for (const e of document.querySelectorAll('body *')) {
+      const r = e.getBoundingClientRect();
+      if (r.width > 0 && (r.right > vw + 0.5 || r.left < -0.5)) out.push(`${e.tagName.toLowerCase()}#${e.id}.${e.className} [${Math.round(r.left)}, ${Math.round(r.right)}]`);
+    }
+    return { vw, innerWidth: window.innerWidth, scrollWidth: document.documentElement.scrollWidth, out: out.slice(0, 5),
+      fontPx: parseFloat(getComputedStyle(document.body).fontSize) };
+  });
+  // With isMobile, a page without a viewport meta is laid out 980 px wide.
+  assert.equal(report.innerWidth, width, `layout viewport is ${report.innerWidth} px, not ${width} (viewport meta?)`);
+  assert.ok(report.scrollWidth <= report.vw, `the page scrolls sideways at ${width} px: ${report.scrollWidth} > ${report.vw}`);
+  assert.deepEqual(report.out, [], `elements stick out at ${width} px`);
+  assert.ok(report.fontPx >= 14, `body text is ${report.fontPx} px at ${width} px`);
+}
+
+/**
+ * The layout with the log filled, close codes open. A phone-emulated page
+ * (isMobile, where a page without a viewport meta is 980 px wide) is
+ * checked as it is: changing isMobile would reload it and empty the log.
+ */
+async function checkLayouts(page, { mobile }) {
+  await page.$eval('#codes', (d) => { d.open = true; });
+  const logged = (await entries(page)).length;
+  assert.ok(logged > 3, `the log holds ${logged} entries`);
+  if (mobile) {
+    await assertNoHorizontalOverflow(page, 390);
+    return;
+  }
+  await assertNoHorizontalOverflow(page, 1280);
+  // Wide: the log sits beside the controls.
+  const [controls, log] = await Promise.all(['#connect-section', '#log-section'].map((s) => page.$eval(s, (e) => e.getBoundingClientRect().toJSON())));
+  assert.ok(log.left >= controls.right, `at 1280 px the log (left ${log.left}) is not beside the controls (right ${controls.right})`);
+  await page.setViewport({ width: 390, height: 844 });
+  await until(page, 'the 390 px layout', () => window.innerWidth === 390);
+  await assertNoHorizontalOverflow(page, 390);
+  await until(page, 'the log to show its latest line after the resize', () => {
+    const log = document.getElementById('log');
+    return log.scrollHeight > log.clientHeight && log.scrollTop + log.clientHeight >= log.scrollHeight - 2;
+  });
+  // (Heartbeats may add entries meanwhile; a reload would have emptied it.)
+  assert.ok((await entries(page)).length >= logged, 'the log survived the resize');
+}
+
+test('serve with Redis: paste a URL, receive, survive a restart, resume with recovered: true', async (t) => {
+  const port = await freePort();
+  // A tenant of its own: other tests may publish on the same Redis.
+  const tenant = randomInt(100_000, 2_000_000_000);
+  const branch = randomInt(1, 1_000_000);
+  const channel = `channel:branch:${branch}:waiters`;
+  const env = {
+    REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
+    // Heartbeats every second; a page silent for 4 s would be closed (1001).
+    WSGATEWAY_HEARTBEAT_INTERVAL_S: '1', WSGATEWAY_HEARTBEAT_TIMEOUT_S: '4', WSGATEWAY_CLEANUP_INTERVAL_S: '1',
+  };
+  const firstGateway = await new GatewayProcess('serve', port, env).ready();
+  let gateway = firstGateway;
+  t.after(() => gateway.kill());
+  const { stdout } = await run(BIN, ['token', 'staff', '--secret', JWT_SECRET, '--sub', '7', '--tenant', String(tenant),
+    '--branches', String(branch), '--roles', 'WAITER']);
+  const token = stdout.trim();
+  const browser = await launch();
+  t.after(() => browser.close());
+  const { page, problems, state } = await openPage(browser);
+  await page.setViewport({ width: 1280, height: 800 });
+  await page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
+  await until(page, 'the publish commands', () => document.querySelectorAll('#publish-commands pre').length === 2);
+  assert.equal(await page.$eval('#dev-tokens', (e) => e.hidden), true, 'serve offers no development tokens');
+
+  // Paste the printed URL: endpoint and token come from it.
+  await page.$eval('#endpoint', (e) => { e.value = 'kitchen'; });
+  await page.type('#input', `ws://127.0.0.1:${port}/ws/waiter?token=${token}`);
+  const parsed = await page.$eval('#parsed', (e) => e.textContent);
+  assert.match(parsed, /endpoint waiter/);
+  assert.ok(!parsed.includes(token), 'the page does not echo the token');
+  assert.equal(await page.$eval('#endpoint', (e) => e.value), 'waiter');
+  await page.click('#connect');
+  await waitState(page, 'open');
+  await until(page, 'connected', () => !!document.querySelector('.entry[data-type="connected"]'));
+
+  // The client's heartbeat keeps an idle page open past the silence limit.
+  await until(page, 'six heartbeats answered', () => document.querySelectorAll('.entry[data-type="pong"]').length >= 6);
+  assert.equal(await page.$$eval('.entry[data-close-code]', (l) => l.length), 0, 'closed while idle');
+  assert.match(await page.$eval('#fact-heartbeat', (e) => e.textContent), /^pong/);
+
+  // A live event, pretty-printed, its type highlighted.
+  const first = await publish(port, API_KEY, channel, { type: 'ROUND_READY', tenant_id: tenant, branch_id: branch, event_id: `demo-${tenant}-live` });
+  await waitEvent(page, first);
+  const [live] = (await entries(page)).filter((e) => e.eventId === first);
+  assert.equal(live.type, 'ROUND_READY');
+  assert.match(live.body, new RegExp(`\\n  "tenant_id": ${tenant},\\n`));
+  assert.equal(await page.$eval('#fact-last-id', (e) => e.textContent), first);
+  // The publish command shown is filled from `connected`.
+  const curl = await page.$eval('#publish-commands pre', (e) => e.textContent);
+  assert.ok(curl.includes(`http://127.0.0.1:${port}/api/publish`) && curl.includes(channel) && curl.includes(`"tenant_id":${tenant}`), curl);
+
+  // The gateway dies; an event is published through Redis meanwhile.
+  state.allowWebSocketFailures = true;
+  await gateway.kill();
+  await until(page, 'the page to notice the lost connection', () => ['reconnecting', 'connecting'].includes(document.getElementById('state').dataset.state));
+  await until(page, 'a reconnect attempt in the log', () => !!document.querySelector('.entry[data-type="reconnecting"]'));
+  const missed = `demo-${tenant}-missed`;
+  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', 'wsgateway_publish', '0', channel,
+    JSON.stringify({ type: 'ROUND_SERVED', tenant_id: tenant, branch_id: branch, event_id: missed })]);
+  assert.equal(fcall.stdout.trim(), missed, `FCALL answered ${fcall.stdout}`);
+
+  // A new process on the same port: the page reconnects and resumes.
+  gateway = await new GatewayProcess('serve', port, env).ready();
+  // The client's backoff (full jitter, up to 30 s) decides when it retries.
+  await untilWithin(RECONNECT_MS, page, 'connected with recovered: true', () => !!document.querySelector('.entry[data-type="connected"][data-recovered="true"]'));
+  await waitEvent(page, missed);
+  await waitState(page, 'open');
+  state.allowWebSocketFailures = false;
+  const after = await publish(port, API_KEY, channel, { type: 'ROUND_IN_KITCHEN', tenant_id: tenant, branch_id: branch, event_id: `demo-${tenant}-after` });
+  await waitEvent(page, after);
+
+  // Each once, in publish order; `connected` (recovered) before the replay.
+  const order = (await entries(page)).filter((e) => e.eventId || e.recovered).map((e) => e.eventId ?? `connected:${e.recovered}`);
+  assert.deepEqual(order, [first, 'connected:true', missed, after]);
+
+  // The curl command shown runs as is, with the gateway's key in the environment.
+  const shown = await run('sh', ['-c', curl], { env: { ...process.env, WSGATEWAY_API_KEY: API_KEY } });
+  await waitEvent(page, JSON.parse(shown.stdout).event_ids[0]);
+
+  // The heartbeat is the client's; a ping sent by hand is answered too.
+  await page.$eval('#show-heartbeats', (e) => e.click());
+  await page.click('#send-ping');
+  await until(page, 'a visible pong', () => [...document.querySelectorAll('.entry[data-type="pong"]')].some((e) => !e.hidden));
+
+  await checkLayouts(page, { mobile: false });
+  assert.deepEqual(problems, []);
+  for (const g of [firstGateway, gateway]) assert.ok(!g.output.includes(token), 'the gateway never logs the token');
+});
+
+test('dev: development tokens, the printed curl command, and recovered: false after a restart', async (t) => {
+  const port = await freePort();
+  let gateway = await new GatewayProcess('dev', port, {}).ready();
+  t.after(() => gateway.kill());
+  const browser = await launch();
+  t.after(() => browser.close());
+  const { page, problems, state } = await openPage(browser);
+  await page.setViewport({ width: 390, height: 844, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
+  await page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
+  await until(page, 'the development tokens', () => document.querySelectorAll('#dev-token-buttons button').length === 4);
+
+  // A URL with a bad token: 4001, said with a hint, and the client stops
+  // (after its one retry with a token asked again).
+  await page.type('#input', `ws://127.0.0.1:${port}/ws/kitchen?token=not-a-token`);
+  await page.click('#connect');
+  await until(page, 'the client to give up on 4001', () => document.getElementById('state').dataset.state === 'closed'
+    && document.querySelectorAll('.entry[data-close-code="4001"]').length === 2);
+  const refused = await page.$eval('.entry[data-close-code="4001"] .note', (e) => e.textContent);
+  assert.match(refused, /unauthorized.*token missing, invalid, expired or revoked.*Paste the whole printed URL/);
+
+  // A bare token: the endpoint its roles allow is picked (KITCHEN: kitchen).
+  const session = await (await fetch(`http://127.0.0.1:${port}/demo/session.json`)).json();
+  const kitchen = session.tokens.find((x) => x.endpoint === 'kitchen').token;
+  await page.$eval('#input', (e) => { e.value = ''; });
+  await page.type('#input', kitchen);
+  assert.equal(await page.$eval('#endpoint', (e) => e.value), 'kitchen');
+  await page.click('#connect');
+  await until(page, 'connected on kitchen', () => [...document.querySelectorAll('.entry[data-type="connected"] pre')]
+    .some((e) => e.textContent.includes('"endpoint": "kitchen"')));
+
+  await page.click('#dev-token-buttons button[data-endpoint="waiter"]');
+  await waitState(page, 'open');
+  await until(page, 'connected on waiter', () => [...document.querySelectorAll('.entry[data-type="connected"] pre')]
+    .some((e) => e.textContent.includes('"endpoint": "waiter"')));
+
+  // The curl command shown is runnable as is: it carries dev's key.
+  const curl = await page.$eval('#publish-commands pre', (e) => e.textContent);
+  assert.match(curl, /^curl .*Bearer wsgateway-dev-api-key.*channel:branch:5:waiters/);
+  // Copy copies, or (no clipboard permission) selects the command: no error either way.
+  await page.click('#publish-commands button[data-command="curl"]');
+  await until(page, 'the copy button to answer', () =>
+    ['Copied', 'Ctrl+C'].includes(document.querySelector('#publish-commands button[data-command="curl"]').textContent));
+  const { stdout } = await run('sh', ['-c', curl]);
+  const [published] = JSON.parse(stdout).event_ids;
+  await waitEvent(page, published);
+
+  // The embedded broker's history lives in the process: a restart loses it.
+  state.allowWebSocketFailures = true;
+  await gateway.kill();
+  await until(page, 'the page to notice the lost connection', () => document.getElementById('state').dataset.state !== 'open');
+  gateway = await new GatewayProcess('dev', port, {}).ready();
+  await untilWithin(RECONNECT_MS, page, 'connected with recovered: false', () => !!document.querySelector('.entry[data-type="connected"][data-recovered="false"]'));
+  await waitState(page, 'open');
+  state.allowWebSocketFailures = false;
+  const note = await page.$eval('.entry[data-recovered="false"] .note', (e) => e.textContent);
+  assert.match(note, /recovered: false/);
+
+  await checkLayouts(page, { mobile: true });
+  assert.deepEqual(problems, []);
+});
