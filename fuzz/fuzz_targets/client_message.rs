@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         );
         if !answered_later {
             let reply = message.fixed_reply().expect("a reply");
-            assert!(serde_json::from_str::<serde_json::Value>(reply).is_ok());
+            assert!(serde_json::from_str::<serde_json::Value>(reply.as_str()).is_ok());
         }
     }
 });
