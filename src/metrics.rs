@@ -561,6 +561,23 @@ impl Metrics {
         for t in [TokenRefresh::Accepted, TokenRefresh::Rejected] {
             m.token_refreshes.with_label_values(&[t.as_str()]).inc_by(0);
         }
+        // Exported at 0, so that alert rules on their rate see a series
+        // before the first failure (docs/prometheus/alerts.yml).
+        for c in [
+            RevocationCheck::Valid,
+            RevocationCheck::Revoked,
+            RevocationCheck::Error,
+        ] {
+            m.revocation_checks
+                .with_label_values(&[c.as_str()])
+                .inc_by(0);
+        }
+        for q in [SectorQuery::Ok, SectorQuery::Timeout, SectorQuery::Error] {
+            m.sector_queries.with_label_values(&[q.as_str()]).inc_by(0);
+        }
+        for recovered in ["true", "false"] {
+            m.resumes.with_label_values(&[recovered]).inc_by(0);
+        }
         for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
             m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
         }
