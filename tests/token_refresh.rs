@@ -74,6 +74,15 @@ async fn unchanged(gw: &TestGateway, client: &mut Client, channel: &str, event: 
     );
 }
 
+/// [`unchanged`] for a waiter of branch 5, after `rejections` refused
+/// refreshes in all.
+async fn waiter_unchanged(gw: &TestGateway, waiter: &mut Client, exp: u64, rejections: f64) {
+    let branch_event = event("ROUND_READY", 1, 5);
+    unchanged(gw, waiter, "channel:branch:5:waiters", branch_event, exp).await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="rejected"}"#, rejections)
+        .await;
+}
+
 /// A staff connection whose token expires in a few seconds, rejected a
 /// refresh with `token`: nothing changed.
 async fn waiter_rejects(token_for: impl FnOnce(u64) -> String) {
@@ -84,17 +93,7 @@ async fn waiter_rejects(token_for: impl FnOnce(u64) -> String) {
         refresh(&mut waiter, &token_for(exp + 3600)).await,
         rejected()
     );
-    let branch_event = event("ROUND_READY", 1, 5);
-    unchanged(
-        &gw,
-        &mut waiter,
-        "channel:branch:5:waiters",
-        branch_event,
-        exp,
-    )
-    .await;
-    gw.assert_metric(r#"token_refreshes_total{outcome="rejected"}"#, 1.0)
-        .await;
+    waiter_unchanged(&gw, &mut waiter, exp, 1.0).await;
     gw.assert_metric(r#"token_refreshes_total{outcome="accepted"}"#, 0.0)
         .await;
     gw.stop().await;
@@ -325,17 +324,7 @@ async fn a_revoked_token_is_rejected() {
         revoked_before + 1.0,
     )
     .await;
-    let branch_event = event("ROUND_READY", 1, 5);
-    unchanged(
-        &gw,
-        &mut waiter,
-        "channel:branch:5:waiters",
-        branch_event,
-        exp,
-    )
-    .await;
-    gw.assert_metric(r#"token_refreshes_total{outcome="rejected"}"#, 1.0)
-        .await;
+    waiter_unchanged(&gw, &mut waiter, exp, 1.0).await;
     gw.stop().await;
 }
 
