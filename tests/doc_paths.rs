@@ -107,6 +107,15 @@ fn every_path_the_docs_name_exists() {
     assert!(checked > 50, "only {checked} paths found in the docs");
 }
 
+/// The map stays a five-minute read (issue #16): past this, cut it, and
+/// leave the details to the module docs.
+#[test]
+fn the_architecture_map_is_at_most_250_lines() {
+    let text = std::fs::read_to_string(root().join("docs/ARCHITECTURE.md")).unwrap();
+    let lines = text.lines().count();
+    assert!(lines <= 250, "docs/ARCHITECTURE.md has {lines} lines");
+}
+
 #[test]
 fn the_path_reader_finds_paths_and_only_paths() {
     let text = "see `src/hub/mod.rs`, `hub/` and `resume.rs`; not `.await`, \
