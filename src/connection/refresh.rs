@@ -99,16 +99,15 @@ impl Refreshes {
         token: NewToken,
     ) {
         if self.running.is_none() {
-            self.running = Some(Box::pin(check(
-                ctx.clone(),
-                handle.id,
-                handle.endpoint,
-                owner,
-                token,
-            )));
+            self.start(ctx, handle, owner, token);
         } else {
             self.waiting.push_back(token);
         }
+    }
+
+    fn start(&mut self, ctx: &Arc<Context>, handle: &ConnHandle, owner: Owner, token: NewToken) {
+        let checking = check(ctx.clone(), handle.id, handle.endpoint, owner, token);
+        self.running = Some(Box::pin(checking));
     }
 
     /// Waits for the running check, applies its outcome, and starts the
@@ -122,13 +121,7 @@ impl Refreshes {
         self.running = None;
         apply(ctx, handle, checked);
         if let Some(token) = self.waiting.pop_front() {
-            self.running = Some(Box::pin(check(
-                ctx.clone(),
-                handle.id,
-                handle.endpoint,
-                owner,
-                token,
-            )));
+            self.start(ctx, handle, owner, token);
         }
     }
 }

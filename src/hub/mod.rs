@@ -832,16 +832,19 @@ impl crate::broker::Listeners for Hub {
 mod tests {
     use super::*;
 
+    /// A hub of ten places, none of them limited per user or session.
+    fn small_hub() -> Arc<Hub> {
+        let limits = Limits {
+            max_total: 10,
+            max_per_user: 10,
+            max_per_session: 10,
+        };
+        Arc::new(Hub::new(limits, Arc::new(Metrics::new())))
+    }
+
     #[test]
     fn prior_channels_exclude_those_already_served() {
-        let hub = Arc::new(Hub::new(
-            Limits {
-                max_total: 10,
-                max_per_user: 10,
-                max_per_session: 10,
-            },
-            Arc::new(Metrics::new()),
-        ));
+        let hub = small_hub();
         let staff = |sectors| Member::Staff {
             user_id: 1,
             branch_ids: vec![5],
@@ -891,14 +894,7 @@ mod tests {
 
     #[test]
     fn a_refresh_swaps_branches_expiry_and_jti_and_keeps_known_sectors() {
-        let hub = Arc::new(Hub::new(
-            Limits {
-                max_total: 10,
-                max_per_user: 10,
-                max_per_session: 10,
-            },
-            Arc::new(Metrics::new()),
-        ));
+        let hub = small_hub();
         let waiter = |branch_ids: Vec<BranchId>, sectors| Member::Staff {
             user_id: 1,
             branch_ids,
