@@ -244,10 +244,7 @@ impl Hub {
                     return Err(Refusal::UserLimit);
                 }
                 mine.insert(id, handle.clone());
-                for b in branch_ids {
-                    let branch = tenant.branches.entry(*b).or_default();
-                    index_in_branch(branch, &handle, reg.endpoint, *b, sectors);
-                }
+                tenant.index_branches(&handle, branch_ids, sectors);
             }
             Member::Diner {
                 branch_id,
@@ -304,14 +301,7 @@ impl Hub {
                     ..
                 } => {
                     remove_from(&mut tenant.users, user_id, id);
-                    for b in branch_ids {
-                        if let Some(branch) = tenant.branches.get_mut(b) {
-                            unindex_in_branch(branch, id);
-                            if branch.is_empty() {
-                                tenant.branches.remove(b);
-                            }
-                        }
-                    }
+                    tenant.unindex_branches(id, branch_ids);
                 }
                 Member::Diner {
                     branch_id,
@@ -599,18 +589,8 @@ impl Hub {
         ) = (&old, &entry.member)
             && let Some(tenant) = index.tenants.get_mut(&handle.tenant_id)
         {
-            for b in old_branches {
-                if let Some(branch) = tenant.branches.get_mut(b) {
-                    unindex_in_branch(branch, id);
-                    if branch.is_empty() {
-                        tenant.branches.remove(b);
-                    }
-                }
-            }
-            for b in branch_ids {
-                let branch = tenant.branches.entry(*b).or_default();
-                index_in_branch(branch, &handle, handle.endpoint, *b, sectors);
-            }
+            tenant.unindex_branches(id, old_branches);
+            tenant.index_branches(&handle, branch_ids, sectors);
         }
         let sectors = |m: &Member| match m {
             Member::Staff { sectors, .. } => sectors.clone(),
@@ -751,6 +731,34 @@ fn send_sector(br: &Branch, s: SectorId, send: &mut impl FnMut(&Members)) {
     send(&br.waiters_open);
     if let Some(assigned) = br.waiters_by_sector.get(&s) {
         send(assigned);
+    }
+}
+
+impl Tenant {
+    /// Indexes a staff connection in each of its branches.
+    fn index_branches(
+        &mut self,
+        handle: &Arc<ConnHandle>,
+        branch_ids: &[BranchId],
+        sectors: &SectorScope,
+    ) {
+        for b in branch_ids {
+            let branch = self.branches.entry(*b).or_default();
+            index_in_branch(branch, handle, handle.endpoint, *b, sectors);
+        }
+    }
+
+    /// Takes a staff connection out of each of its branches, and drops a
+    /// branch left empty.
+    fn unindex_branches(&mut self, id: ConnId, branch_ids: &[BranchId]) {
+        for b in branch_ids {
+            if let Some(branch) = self.branches.get_mut(b) {
+                unindex_in_branch(branch, id);
+                if branch.is_empty() {
+                    self.branches.remove(b);
+                }
+            }
+        }
     }
 }
 
