@@ -458,20 +458,9 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         span.record("user", id.user_id);
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::debug(&id.branch_ids));
-        if let (Some(revocations), Some(jti)) = (&ctx.revocations, &id.jti) {
-            let checked = |outcome| ctx.metrics.revocation_checked(outcome, 1);
-            match revocations.is_revoked(id.tenant_id, jti).await {
-                Ok(true) => {
-                    checked(RevocationCheck::Revoked);
-                    tracing::debug!("token revoked");
-                    return Err(Refused::Auth);
-                }
-                Ok(false) => checked(RevocationCheck::Valid),
-                Err(e) => {
-                    checked(RevocationCheck::Error);
-                    tracing::warn!(error = %e, "revocation check failed; token accepted");
-                }
-            }
+        if token_revoked(ctx, id.tenant_id, id.jti.as_deref()).await {
+            tracing::debug!("token revoked");
+            return Err(Refused::Auth);
         }
         if !req.endpoint.allows(id.roles) {
             return Err(Refused::Forbidden);
@@ -549,6 +538,31 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         deferred_hello: deferred,
         owner,
     })
+}
+
+/// Whether a token's `jti` is in the revoked set, counted. Fails open: a
+/// Redis that gives no answer lets the token pass (logged). False without
+/// a revoked set or a `jti`.
+async fn token_revoked(ctx: &Context, tenant: TenantId, jti: Option<&str>) -> bool {
+    let (Some(revocations), Some(jti)) = (&ctx.revocations, jti) else {
+        return false;
+    };
+    let checked = |outcome| ctx.metrics.revocation_checked(outcome, 1);
+    match revocations.is_revoked(tenant, jti).await {
+        Ok(true) => {
+            checked(RevocationCheck::Revoked);
+            true
+        }
+        Ok(false) => {
+            checked(RevocationCheck::Valid);
+            false
+        }
+        Err(e) => {
+            checked(RevocationCheck::Error);
+            tracing::warn!(error = %e, "revocation check failed; token accepted");
+            false
+        }
+    }
 }
 
 fn auth_refusal(e: AuthError) -> Refused {

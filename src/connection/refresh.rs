@@ -26,7 +26,7 @@ use super::Context;
 use super::messages::NewToken;
 use crate::auth::{AuthError, BranchId, Endpoint, SessionId, TenantId, UserId};
 use crate::hub::{ConnHandle, ConnId, Member, Outbound, RefreshRefusal, Refreshed, SectorScope};
-use crate::metrics::{RevocationCheck, TokenRefresh};
+use crate::metrics::TokenRefresh;
 use crate::reply::{ErrorCode, Reply};
 
 /// Whose connection it is, as its first token said: a new token must name
@@ -168,19 +168,8 @@ async fn check(
                 return Err(Rejected::Forbidden);
             }
             // As admission: a Redis without an answer lets the token pass.
-            if let (Some(revocations), Some(jti)) = (&ctx.revocations, &new.jti) {
-                let checked = |outcome| ctx.metrics.revocation_checked(outcome, 1);
-                match revocations.is_revoked(tenant_id, jti).await {
-                    Ok(true) => {
-                        checked(RevocationCheck::Revoked);
-                        return Err(Rejected::Revoked);
-                    }
-                    Ok(false) => checked(RevocationCheck::Valid),
-                    Err(e) => {
-                        checked(RevocationCheck::Error);
-                        tracing::warn!(error = %e, "revocation check failed; refreshed token accepted");
-                    }
-                }
+            if super::token_revoked(&ctx, tenant_id, new.jti.as_deref()).await {
+                return Err(Rejected::Revoked);
             }
             let sectors = if endpoint == Endpoint::Waiter && !new.roles.sees_all_sectors() {
                 // Only the branches it adds are read: the hub keeps the
