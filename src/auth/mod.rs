@@ -56,6 +56,14 @@ impl Endpoint {
         self as usize
     }
 
+    /// The query parameter that carries this endpoint's token.
+    pub fn token_param(self) -> &'static str {
+        match self {
+            Endpoint::Diner => "table_token",
+            _ => "token",
+        }
+    }
+
     /// Whether a staff token with these roles may open this endpoint.
     pub fn allows(self, roles: Roles) -> bool {
         let allowed = match self {

@@ -128,15 +128,8 @@ fn print_banner(addr: SocketAddr, tokens: &[DevToken], api_key: &Secret) {
     println!();
     println!("Tokens (tenant 1, branch 5; valid 24 h):");
     for t in tokens {
-        let param = if t.endpoint == "diner" {
-            "table_token"
-        } else {
-            "token"
-        };
-        println!(
-            "  {:<7} ws://{addr}/ws/{}?{param}={}",
-            t.endpoint, t.endpoint, t.token
-        );
+        let (name, param) = (t.endpoint.as_str(), t.endpoint.token_param());
+        println!("  {name:<7} ws://{addr}/ws/{name}?{param}={}", t.token);
     }
     println!();
     println!("Publish an event (reaches the waiter and the admin):");

@@ -47,11 +47,7 @@ fn upgrade(
     pending: Option<Extension<PendingSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let param = if endpoint == Endpoint::Diner {
-        "table_token"
-    } else {
-        "token"
-    };
+    let param = endpoint.token_param();
     let query_param = |name: &str| {
         query.as_deref().and_then(|q| {
             form_urlencoded::parse(q.as_bytes())

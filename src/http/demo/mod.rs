@@ -25,7 +25,8 @@ const CLIENT: &str = include_str!("wsgateway-client.js");
 /// A development token, as `dev` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DevToken {
-    pub endpoint: &'static str,
+    #[serde(serialize_with = "endpoint_name")]
+    pub endpoint: Endpoint,
     /// Who the token is, for the page's buttons (`waiter 7, WAITER`).
     pub label: String,
     pub token: String,
@@ -34,11 +35,15 @@ pub struct DevToken {
 impl DevToken {
     pub fn new(endpoint: Endpoint, label: impl Into<String>, token: String) -> DevToken {
         DevToken {
-            endpoint: endpoint.as_str(),
+            endpoint,
             label: label.into(),
             token,
         }
     }
+}
+
+fn endpoint_name<S: serde::Serializer>(e: &Endpoint, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(e.as_str())
 }
 
 /// What `dev` tells the page: tokens (minted on each request, so a page
