@@ -458,7 +458,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         span.record("user", id.user_id);
         span.record("tenant", id.tenant_id);
         span.record("branches", tracing::field::debug(&id.branch_ids));
-        if token_revoked(ctx, id.tenant_id, id.jti.as_deref()).await {
+        if token_revoked(ctx, id.tenant_id, id.jti.as_deref(), "token").await {
             tracing::debug!("token revoked");
             return Err(Refused::Auth);
         }
@@ -541,9 +541,10 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
 }
 
 /// Whether a token's `jti` is in the revoked set, counted. Fails open: a
-/// Redis that gives no answer lets the token pass (logged). False without
-/// a revoked set or a `jti`.
-async fn token_revoked(ctx: &Context, tenant: TenantId, jti: Option<&str>) -> bool {
+/// Redis that gives no answer lets the token pass, logged as
+/// `revocation check failed; {token} accepted` (`token`: which one, in
+/// words). False without a revoked set or a `jti`.
+async fn token_revoked(ctx: &Context, tenant: TenantId, jti: Option<&str>, token: &str) -> bool {
     let (Some(revocations), Some(jti)) = (&ctx.revocations, jti) else {
         return false;
     };
@@ -559,7 +560,7 @@ async fn token_revoked(ctx: &Context, tenant: TenantId, jti: Option<&str>) -> bo
         }
         Err(e) => {
             checked(RevocationCheck::Error);
-            tracing::warn!(error = %e, "revocation check failed; token accepted");
+            tracing::warn!(error = %e, "revocation check failed; {token} accepted");
             false
         }
     }

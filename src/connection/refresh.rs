@@ -168,7 +168,8 @@ async fn check(
                 return Err(Rejected::Forbidden);
             }
             // As admission: a Redis without an answer lets the token pass.
-            if super::token_revoked(&ctx, tenant_id, new.jti.as_deref()).await {
+            let jti = new.jti.as_deref();
+            if super::token_revoked(&ctx, tenant_id, jti, "refreshed token").await {
                 return Err(Rejected::Revoked);
             }
             let sectors = if endpoint == Endpoint::Waiter && !new.roles.sees_all_sectors() {
