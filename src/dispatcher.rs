@@ -3,7 +3,11 @@
 //!
 //! It owns the de-duplication window outright (no lock), rejects stale
 //! events, and never awaits per recipient: a fan-out is a loop of
-//! non-blocking queue pushes inside [`Hub::deliver`].
+//! non-blocking queue pushes inside [`Hub::deliver`], then, once the batch
+//! of events is queued and the hub's index unlocked, one non-blocking write
+//! per recipient ([`ConnHandle::flush`]: a burst leaves in one `writev`
+//! per connection, and no connection's task is woken while its socket has
+//! room).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,13 +18,29 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::EventQueue;
 use crate::channel::Channel;
 use crate::event::{DedupKey, Event, unix_ms};
-use crate::hub::Hub;
+use crate::hub::{ConnHandle, Hub};
 use crate::metrics::{Drop, Metrics, Undelivered};
 use crate::sectors::sync::{SectorCommand, SectorSync};
 use crate::unknown_types::Tracker;
 
 /// Events taken off the queue per lock.
 const BATCH: usize = 64;
+
+/// Fan-outs of at least this many connections are written by more than one
+/// worker (below it, a spawned task costs more than it saves).
+const SPLIT_FANOUT_AT: usize = 1024;
+
+/// Writes what was queued to each handle; observes the latency of what went
+/// out.
+fn write_out(metrics: &Metrics, mut handles: Vec<Arc<ConnHandle>>) {
+    let latency = &metrics.publish_to_client_seconds;
+    for handle in handles.drain(..) {
+        let published_ms = handle.flush();
+        if published_ms > 0 {
+            latency.observe((unix_ms() - published_ms).max(0) as f64 / 1000.0);
+        }
+    }
+}
 
 /// The most events remembered for de-duplication; beyond it the oldest are
 /// forgotten early, which bounds memory under any publish rate.
@@ -35,6 +55,12 @@ pub struct Dispatcher {
     sectors: Option<SectorSync>,
     /// Unknown event types by name: owned here, so counting one takes no lock.
     unknown: Tracker,
+    /// Handles with frames queued by this batch, to write once it is.
+    to_flush: Vec<Arc<ConnHandle>>,
+    /// How many workers may share a large fan-out's writes.
+    writers: usize,
+    /// The most events routed before their frames are written.
+    coalesce: usize,
 }
 
 impl Dispatcher {
@@ -53,10 +79,21 @@ impl Dispatcher {
             recent: Recent::new(dedup_window),
             sectors: None,
             unknown: Tracker::default(),
+            to_flush: Vec::new(),
+            writers: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            coalesce: BATCH,
         }
     }
 
     /// Sends `SECTOR_ASSIGNMENT_CHANGED` events to the sector sync task.
+    /// Routes up to `events` of a backlog before writing (at least one
+    /// batch). A connection that gets every one of them holds them all in
+    /// its queue meanwhile: keep it well under the send queue's size.
+    pub fn coalescing(mut self, events: usize) -> Dispatcher {
+        self.coalesce = events.max(BATCH);
+        self
+    }
+
     pub fn with_sector_sync(mut self, sync: SectorSync) -> Dispatcher {
         self.sectors = Some(sync);
         self
@@ -70,16 +107,59 @@ impl Dispatcher {
                 _ = self.queue.pop_batch(&mut batch, BATCH) => {}
             }
             let now_ms = unix_ms();
+            let mut routed = batch.len();
             for event in batch.drain(..) {
-                self.dispatch(event, now_ms);
+                self.route(event, now_ms);
             }
+            // A backlog (a burst): route more before writing, so that each
+            // socket gets the burst in a few writes rather than one per
+            // event.
+            while routed < self.coalesce && !self.queue.is_empty() {
+                self.queue.pop_batch(&mut batch, BATCH).await;
+                routed += batch.len();
+                for event in batch.drain(..) {
+                    self.route(event, now_ms);
+                }
+            }
+            self.flush();
         }
     }
 
-    /// Routes one event as of `now_ms` (Unix ms): what [`Dispatcher::run`]
-    /// does with each event it takes off the queue. Public so that tests
-    /// drive the real window and fan-out without a queue in between.
+    /// Routes one event as of `now_ms` (Unix ms) and writes it: what
+    /// [`Dispatcher::run`] does with each batch it takes off the queue.
+    /// Public so that tests drive the real window and fan-out without a
+    /// queue in between.
     pub fn dispatch(&mut self, event: Event, now_ms: i64) {
+        self.route(event, now_ms);
+        self.flush();
+    }
+
+    /// Writes what this batch queued to the connections whose sockets take
+    /// it now; the others' tasks were woken to wait for room.
+    ///
+    /// A large fan-out is split across the runtime's workers, as the
+    /// connections' own tasks once spread it: one writer for 10 000 sockets
+    /// left the last of them a whole fan-out behind. Order is kept whoever
+    /// writes: a flush writes a connection's queue front to back, under its
+    /// lock, and a connection is listed again only once its queue emptied.
+    fn flush(&mut self) {
+        let shares = self.to_flush.len() / SPLIT_FANOUT_AT;
+        let shares = shares.min(self.writers.saturating_sub(1));
+        if shares > 0
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let share = self.to_flush.len() / (shares + 1);
+            for _ in 0..shares {
+                let handles = self.to_flush.split_off(self.to_flush.len() - share);
+                let metrics = self.metrics.clone();
+                runtime.spawn(async move { write_out(&metrics, handles) });
+            }
+        }
+        write_out(&self.metrics, std::mem::take(&mut self.to_flush));
+    }
+
+    /// De-duplicates one event and queues it to its audience.
+    fn route(&mut self, event: Event, now_ms: i64) {
         let age_ms = event.age_ms(now_ms);
         if !event.from_history && age_ms.is_some_and(|age| age > self.stale_after_ms) {
             self.metrics.dropped(Drop::Stale);
@@ -105,7 +185,7 @@ impl Dispatcher {
                 waiter: event.fields.entity_waiter_id,
             });
         }
-        let fanout = self.hub.deliver(&event, &prior);
+        let fanout = self.hub.deliver(&event, &prior, &mut self.to_flush);
         let m = &self.metrics;
         m.processed();
         if !event.fields.is_known_type() {

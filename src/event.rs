@@ -8,9 +8,9 @@ use std::hash::BuildHasher;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{BranchId, SectorId, SessionId, TenantId};
 use crate::channel::Channel;

@@ -206,6 +206,8 @@ impl Gateway {
             config.stale_event_s.0,
             config.dedup_window_s.0,
         )
+        // A quarter of a connection's queue: a burst never fills it alone.
+        .coalescing(config.send_queue_size / 4)
         .with_sector_sync(sector_sync.clone());
         tasks.spawn(crate::sectors::sync::run(
             sector_commands,

@@ -2,8 +2,8 @@
 //! (PROTOCOL.md, "Messages"): one serde type per message, so that their
 //! shape is written once, whichever module sends them.
 
-use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{BranchId, SectorId, SessionId, TenantId, UserId};
 

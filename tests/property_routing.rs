@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use proptest::prelude::*;
+use tungstenite::Utf8Bytes;
 use wsgateway::auth::Endpoint;
 use wsgateway::broker::EventQueue;
 use wsgateway::channel::Channel;
@@ -195,7 +195,7 @@ proptest! {
                 session_id: None, ts_ms: None, event_id: None, entity_waiter_id: None,
             };
             let event = Event::assemble(channel, fields, Utf8Bytes::from_static("{}")).unwrap();
-            let fanout = hub.deliver(&event, &[]);
+            let fanout = hub.deliver(&event, &[], &mut Vec::new());
             let mut expected = 0;
             for (reg, c) in open.iter_mut() {
                 let want = audience(c, channel, tenant, branch, sector);

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{BranchId, SessionId, TenantId, UserId};
 use crate::channel::Channel;

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::channel::Channel;
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 
 use crate::event::{Event, Fields};
 use crate::metrics::{Drop, Metrics};

@@ -1,8 +1,8 @@
 //! Client → server messages (PROTOCOL.md, "Messages") and the server's
 //! fixed replies to them.
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::Value;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::Endpoint;
 use crate::reply::{ErrorCode, Reply};

@@ -14,48 +14,36 @@ mod context;
 mod messages;
 mod refresh;
 mod resume;
+mod wire;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 pub use context::{Context, Settings};
 pub use messages::ClientMessage;
+pub use wire::Wire;
 
 use crate::auth::{AuthError, DinerIdentity, Endpoint, StaffIdentity, TenantId};
 use crate::close::Close;
 use crate::event::unix_ms;
 use crate::hub::{
-    ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
+    Broken, ConnHandle, Member, Outbound, Refusal, Registered, Registration, SectorScope, Signal,
 };
 use crate::metrics::{Disconnect, Rejection, RevocationCheck, Undelivered};
 use crate::reply::{Connected, Reply, Who};
 use crate::sectors::sync::SectorCommand;
 
-/// Frames written per flush when more are queued.
-const WRITE_BATCH: usize = 64;
-
-/// What the loop needs of a client socket: axum's [`WebSocket`] in
-/// production, a pair of channels in the unit tests (as axum's
-/// `testing-websockets` example). The error stays `axum::Error`, whose
-/// inner tungstenite error says which close code a failed read gets
-/// ([`read_error_code`]). Static dispatch: each frame costs what it cost
-/// on a `WebSocket` directly.
-trait ClientSocket:
-    Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin
-{
-}
-
-impl<S> ClientSocket for S where
-    S: Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin
-{
-}
+/// A client's WebSocket: tungstenite over the gateway's own socket.
+pub type ClientSocket = WebSocketStream<Wire>;
 
 /// What the HTTP layer learned from the upgrade request.
 pub struct ConnectRequest {
@@ -82,7 +70,7 @@ pub type OnDecided = Box<dyn FnOnce() + Send + Sync>;
 /// a kilobyte), not the upgrade's, the admission's and this function's
 /// arguments, which would otherwise stay in its future for as long as the
 /// connection is open (about 3 KiB more, per connection).
-pub async fn serve(socket: WebSocket, ctx: Arc<Context>, req: ConnectRequest) {
+pub async fn serve(socket: ClientSocket, ctx: Arc<Context>, req: ConnectRequest) {
     let span = tracing::info_span!(
         "conn",
         endpoint = req.endpoint.as_str(),
@@ -102,8 +90,8 @@ pub async fn serve(socket: WebSocket, ctx: Arc<Context>, req: ConnectRequest) {
 }
 
 /// An admitted connection: what its loop needs, and nothing else.
-struct Live<S = WebSocket> {
-    socket: S,
+struct Live {
+    socket: ClientSocket,
     ctx: Arc<Context>,
     registered: Registered,
     catch_up: resume::CatchUp,
@@ -116,7 +104,11 @@ struct Live<S = WebSocket> {
 
 /// Admits the connection and replays what it missed; `None` once it is
 /// refused or gone.
-async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest) -> Option<Live> {
+async fn open(
+    mut socket: ClientSocket,
+    ctx: Arc<Context>,
+    mut req: ConnectRequest,
+) -> Option<Live> {
     let close_timeout = ctx.settings.close_timeout;
     let admitted = admit(&ctx, &mut req).await;
     if let Some(decided) = req.on_decided.take() {
@@ -136,7 +128,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
                 reason = why.as_str(),
                 "connection refused"
             );
-            close_socket(&mut socket, close, close_timeout).await;
+            close_socket(&mut socket, None, close, close_timeout).await;
             return None;
         }
     };
@@ -185,7 +177,7 @@ async fn open(mut socket: WebSocket, ctx: Arc<Context>, mut req: ConnectRequest)
     })
 }
 
-impl<S: ClientSocket> Live<S> {
+impl Live {
     /// The connection's life: close requests, queued frames and the socket,
     /// until something closes it.
     fn run(self) -> impl Future<Output = ()> {
@@ -198,35 +190,33 @@ impl<S: ClientSocket> Live<S> {
             let ctx = &this.ctx;
             let socket = &mut this.socket;
             let close_timeout = ctx.settings.close_timeout;
-            // Event frames handed to the socket since its last flush.
-            let mut unwritten = 0;
+            // From here on, whoever queues a frame writes it; this task
+            // only writes what the socket had no room for (or, while a
+            // resume catches up, everything, to filter it).
+            socket
+                .get_mut()
+                .attach(handle.clone(), this.catch_up.is_active());
             let end = loop {
                 tokio::select! {
                     biased;
-                    signal = handle.signal() => {
-                        if let Signal::Close(why) = signal {
-                            break End::Gateway(why);
-                        }
+                    signal = handle.signal() => match signal {
+                        Signal::Close(why) => break End::Gateway(why),
+                        Signal::Broken => break End::Lost,
                         // A write stuck on a client that does not read still
                         // yields to a close request (slow consumer, shutdown).
-                        tokio::select! {
+                        Signal::Frames => tokio::select! {
                             biased;
                             why = handle.close_requested() => break End::Gateway(why),
-                            written = write_queued(socket, handle, &mut this.catch_up, &mut unwritten) => match written {
+                            written = write_queued(handle, &mut this.catch_up) => match written {
                                 Ok(published_ms) if published_ms > 0 => ctx
                                     .metrics
                                     .publish_to_client_seconds
                                     .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
                                 Ok(_) => {}
-                                Err(e) => {
-                                    tracing::debug!(error = %e, "write failed");
-                                    let failed = std::mem::take(&mut unwritten) as u64;
-                                    ctx.metrics.undelivered(Undelivered::WriteFailed, failed);
-                                    break End::Lost;
-                                }
+                                Err(Broken) => break End::Lost,
                             },
-                        }
-                    }
+                        },
+                    },
                     // A `refresh_token` checked: applied and answered here.
                     () = this.refreshes.next(ctx, handle, this.owner), if this.refreshes.is_running() => {}
                     inbound = socket.next() => {
@@ -261,18 +251,24 @@ impl<S: ClientSocket> Live<S> {
                                 }
                             }
                             Message::Binary(_) => break End::Gateway(Close::Binary),
-                            Message::Ping(_) | Message::Pong(_) => {}
+                            // Raw frames only come out of a read when configured to.
+                            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                             Message::Close(frame) => {
-                                // Lets tungstenite send its reply to the client's close.
-                                let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
-                                break End::Client(frame.map(|f| f.code));
+                                // tungstenite's reply to the client's close:
+                                // into the queue on a flush, then written.
+                                let reply = async {
+                                    let _ = socket.flush().await;
+                                    handle.drain().await
+                                };
+                                let _ = Box::pin(tokio::time::timeout(close_timeout, reply)).await;
+                                break End::Client(frame.map(|f| u16::from(f.code)));
                             }
                         }
                     }
                 }
             };
             // Boxed: a one-off phase, kept out of the loop's state.
-            Box::pin(finish(ctx, &this.registered, socket, end, unwritten)).await;
+            Box::pin(finish(ctx, &this.registered, socket, end)).await;
         }
     }
 }
@@ -291,13 +287,7 @@ enum End {
 /// The end of a connection: out of the hub (what is still queued is
 /// counted as undelivered), the close handshake when the gateway closes it,
 /// and the seed's `Connection closed` line with the audit context.
-async fn finish(
-    ctx: &Context,
-    registered: &Registered,
-    socket: &mut impl ClientSocket,
-    end: End,
-    unwritten: usize,
-) {
+async fn finish(ctx: &Context, registered: &Registered, socket: &mut ClientSocket, end: End) {
     let handle = &registered.handle;
     // The audit context carries the sectors as they are now: a refresh or
     // an assignment change may have changed them since admission.
@@ -307,34 +297,29 @@ async fn finish(
     // Out of the hub before the close handshake, as the seed's disconnect:
     // no more events are aimed at it, and what its queue still holds is
     // never written.
-    let unsent = registered.release();
+    let unsent = registered.release() as u64;
     ctx.metrics
-        .undelivered(Undelivered::ConnectionClosed, unsent as u64);
-    let mut unwritten = unwritten as u64;
+        .undelivered(Undelivered::ConnectionClosed, unsent);
+    if let End::Gateway(why) = end {
+        record_close(ctx, why);
+        close_socket(socket, Some(handle), why, ctx.settings.close_timeout).await;
+    }
+    // Events a failed write carried, and one the close found half written
+    // and could not finish.
+    let failed = (handle.take_lost() + handle.abandon()) as u64;
+    ctx.metrics.undelivered(Undelivered::WriteFailed, failed);
+    handle.release_outlet();
+    let unsent = unsent + failed;
     match end {
-        End::Gateway(why) => {
-            record_close(ctx, why);
-            let close_timeout = ctx.settings.close_timeout;
-            // A sent close frame went out after the frames handed to the
-            // socket before it: those were written.
-            if close_socket(socket, why, close_timeout).await {
-                unwritten = 0;
-            }
-            ctx.metrics.undelivered(Undelivered::WriteFailed, unwritten);
-            tracing::info!(
-                by = "gateway",
-                code = why.code(),
-                reason = why.reason(),
-                unsent = unsent as u64 + unwritten,
-                "Connection closed"
-            );
-        }
-        End::Client(code) => {
-            tracing::info!(by = "client", code, unsent, "Connection closed");
-        }
-        End::Lost => {
-            tracing::info!(by = "client", unsent, "Connection closed");
-        }
+        End::Gateway(why) => tracing::info!(
+            by = "gateway",
+            code = why.code(),
+            reason = why.reason(),
+            unsent,
+            "Connection closed"
+        ),
+        End::Client(code) => tracing::info!(by = "client", code, unsent, "Connection closed"),
+        End::Lost => tracing::info!(by = "client", unsent, "Connection closed"),
     }
 }
 
@@ -581,51 +566,35 @@ fn rate_limiter(per_second: u32) -> DefaultDirectRateLimiter {
     RateLimiter::direct_with_clock(Quota::per_second(n), clock)
 }
 
-/// Writes what is queued (up to a batch), then flushes once, skipping
-/// events a resume already replayed. Returns the newest publish time (`ts`)
-/// in the batch, or 0.
-///
-/// `unwritten` counts the event frames handed to the socket and not yet
-/// flushed; it is back to 0 once the flush succeeds. A frame is taken off
-/// the queue only once the socket is ready for it, so a write cut short by
-/// a close request leaves every frame either queued or counted there.
-async fn write_queued(
-    socket: &mut impl ClientSocket,
-    handle: &ConnHandle,
-    catch_up: &mut resume::CatchUp,
-    unwritten: &mut usize,
-) -> Result<i64, axum::Error> {
-    let mut published_ms = 0;
-    for _ in 0..WRITE_BATCH {
-        std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await?;
-        let Some(out) = handle.pop() else { break };
-        if !catch_up.replayed(out.text().as_str()) {
-            published_ms = published_ms.max(out.published_ms());
-            *unwritten += usize::from(out.is_event());
-            socket.start_send_unpin(Message::Text(out.text().clone()))?;
-        }
+/// Writes what is queued, waiting for room in the socket, skipping events
+/// a resume already replayed; once that catch-up is over, pushes write
+/// themselves again. Returns the newest publish time (`ts`) written, or 0.
+async fn write_queued(handle: &ConnHandle, catch_up: &mut resume::CatchUp) -> Result<i64, Broken> {
+    let written = std::future::poll_fn(|cx| {
+        handle.poll_drain(cx, &mut |frame| catch_up.replayed(frame.text().as_str()))
+    })
+    .await;
+    if !catch_up.is_active() {
+        handle.unfilter();
     }
-    socket.flush().await?;
-    *unwritten = 0;
-    Ok(published_ms)
+    written
 }
 
 /// The close code for a failed read, if the client is still there to get one.
-fn read_error_code(e: axum::Error) -> Option<Close> {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Some(Close::TooBig),
-        Some(tungstenite::Error::Utf8(_)) => Some(Close::InvalidUtf8),
+fn read_error_code(e: tungstenite::Error) -> Option<Close> {
+    match e {
+        tungstenite::Error::Capacity(_) => Some(Close::TooBig),
+        tungstenite::Error::Utf8(_) => Some(Close::InvalidUtf8),
         // The client went away without a close handshake: nobody to tell.
-        Some(tungstenite::Error::Protocol(
+        tungstenite::Error::Protocol(
             tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        )) => None,
-        Some(tungstenite::Error::Protocol(p)) => {
+        ) => None,
+        tungstenite::Error::Protocol(p) => {
             tracing::debug!(error = %p, "protocol error");
             Some(Close::ProtocolError)
         }
-        _ => {
-            tracing::debug!(error = %inner, "read failed");
+        other => {
+            tracing::debug!(error = %other, "read failed");
             None
         }
     }
@@ -651,19 +620,28 @@ fn record_close(ctx: &Context, why: Close) {
 }
 
 /// Sends a close frame and waits, up to `timeout`, for the client's reply,
-/// so that the client reads the code before the TCP connection goes.
-/// Returns whether the close frame was sent (written and flushed).
-async fn close_socket(socket: &mut impl ClientSocket, why: Close, timeout: Duration) -> bool {
+/// so that the client reads the code before the TCP connection goes. With
+/// the connection's `handle` (once live), the frame is queued after what is
+/// already there and this waits for it to be written.
+async fn close_socket(
+    socket: &mut ClientSocket,
+    handle: Option<&ConnHandle>,
+    why: Close,
+    timeout: Duration,
+) {
     let frame = CloseFrame {
-        code: why.code(),
+        code: why.code().into(),
         reason: Utf8Bytes::from_static(why.reason()),
     };
-    let mut sent = false;
     let handshake = async {
         if socket.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
-        sent = true;
+        if let Some(handle) = handle
+            && handle.drain().await.is_err()
+        {
+            return;
+        }
         // Drain until the client answers the close (or goes away).
         while let Some(Ok(m)) = socket.next().await {
             if matches!(m, Message::Close(_)) {
@@ -672,7 +650,6 @@ async fn close_socket(socket: &mut impl ClientSocket, why: Close, timeout: Durat
         }
     };
     let _ = tokio::time::timeout(timeout, handshake).await;
-    sent
 }
 
 #[cfg(test)]

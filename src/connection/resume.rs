@@ -11,8 +11,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::{Map, Value};
+use tungstenite::Utf8Bytes;
 
 use crate::broker::Cursor;
 use crate::event::Fields;
@@ -108,6 +108,19 @@ impl CatchUp {
     pub fn new(ids: HashSet<String>, lasting: Duration) -> CatchUp {
         let until = (!ids.is_empty()).then(|| Instant::now() + lasting);
         CatchUp { ids, until }
+    }
+
+    /// Whether live frames may still repeat replayed ones (ends itself
+    /// once the window is over).
+    pub fn is_active(&mut self) -> bool {
+        match self.until {
+            Some(until) if Instant::now() <= until => true,
+            Some(_) => {
+                *self = CatchUp::default();
+                false
+            }
+            None => false,
+        }
     }
 
     /// Whether a live frame was already replayed.

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 pub use audience::{Member, SectorScope};
-pub use handle::{ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms};
+pub use handle::{Broken, ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms, text_frame};
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
@@ -321,8 +321,16 @@ impl Hub {
     }
 
     /// Queues the event's frame to every connection of its audience, except
-    /// those that already got it on one of the `prior` channels.
-    pub fn deliver(&self, event: &Event, prior: &[Channel]) -> Fanout {
+    /// those that already got it on one of the `prior` channels. Handles
+    /// whose socket takes the frame now are added to `to_flush`: the caller
+    /// writes them ([`ConnHandle::flush`]) once its batch is queued, with
+    /// the index no longer locked.
+    pub fn deliver(
+        &self,
+        event: &Event,
+        prior: &[Channel],
+        to_flush: &mut Vec<Arc<ConnHandle>>,
+    ) -> Fanout {
         let index = self.index.read();
         let mut fanout = Fanout::default();
         let Some(tenant) = index.tenants.get(&event.fields.tenant_id) else {
@@ -340,8 +348,12 @@ impl Hub {
                     tracing::error!(conn = id, "tenant mismatch in the hub index; not delivered");
                     continue;
                 }
-                match handle.push(outbound.clone()) {
+                match handle.enqueue(outbound.clone()) {
                     Push::Queued => fanout.queued += 1,
+                    Push::ToFlush => {
+                        fanout.queued += 1;
+                        to_flush.push(handle.clone());
+                    }
                     Push::Overflowed => fanout.overflowed += 1,
                     Push::Gone => fanout.gone += 1,
                 }
@@ -684,7 +696,7 @@ impl Hub {
                     .iter()
                     .any(|s| wanted.binary_search(s).is_ok())
             });
-            if affected && matches!(entry.handle.push(frame.clone()), Push::Queued) {
+            if affected && entry.handle.push(frame.clone()).queued() {
                 notified += 1;
             }
         }
@@ -886,7 +898,7 @@ mod tests {
             bytes::Bytes::from_static(text.as_bytes()),
         )
         .unwrap();
-        let fanout = hub.deliver(&ev, &[Channel::BranchWaiters(5)]);
+        let fanout = hub.deliver(&ev, &[Channel::BranchWaiters(5)], &mut Vec::new());
         assert_eq!(
             fanout,
             Fanout {

@@ -23,10 +23,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use super::connector::RoleError;
 use super::{RedisBroker, read_entries, text};
