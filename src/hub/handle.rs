@@ -441,9 +441,21 @@ impl ConnHandle {
         queue.published_ms = 0;
     }
 
-    /// The catch-up is over: pushes write themselves again.
+    /// The catch-up is over: pushes write themselves again, starting with
+    /// what was queued meanwhile (else nothing would write it: later
+    /// pushes find the queue non-empty and leave it to a flush already due).
     pub fn unfilter(&self) {
-        self.queue.lock().filtered = false;
+        let mut queue = self.queue.lock();
+        if !queue.filtered {
+            return;
+        }
+        queue.filtered = false;
+        let wake = queue.write_directly();
+        queue.published_ms = 0;
+        drop(queue);
+        if wake {
+            self.waker.wake();
+        }
     }
 
     /// Writes what is queued, waiting for room in the socket as needed;
@@ -760,6 +772,24 @@ mod tests {
         client.read_exact(&mut got[..4]).await.unwrap();
         assert_eq!(&got[..4], b"\x81\x02ok");
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn frames_queued_while_filtered_are_written_when_the_filter_ends() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = socket_pair().await;
+        let h = ConnHandle::new(1, 1, Endpoint::Waiter, 100);
+        h.attach(server, true);
+        // Filtered: the task writes, so a push only queues (and wakes it).
+        assert_eq!(h.enqueue(frame("a")), Push::Queued);
+        assert_eq!(h.enqueue(frame("b")), Push::Queued);
+        h.unfilter();
+        assert_eq!(h.backlog(), 0, "written when the filter ended");
+        assert_eq!(h.enqueue(frame("c")), Push::ToFlush, "pushes write again");
+        h.flush();
+        let mut got = [0; 9];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x81\x01a\x81\x01b\x81\x01c");
     }
 
     #[tokio::test]
