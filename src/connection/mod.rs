@@ -308,7 +308,6 @@ async fn finish(ctx: &Context, registered: &Registered, socket: &mut ClientSocke
     // and could not finish.
     let failed = (handle.take_lost() + handle.abandon()) as u64;
     ctx.metrics.undelivered(Undelivered::WriteFailed, failed);
-    handle.release_outlet();
     let unsent = unsent + failed;
     match end {
         End::Gateway(why) => tracing::info!(

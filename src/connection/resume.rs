@@ -125,14 +125,7 @@ impl CatchUp {
 
     /// Whether a live frame was already replayed.
     pub fn replayed(&mut self, frame: &str) -> bool {
-        let Some(until) = self.until else {
-            return false;
-        };
-        if Instant::now() > until {
-            *self = CatchUp::default();
-            return false;
-        }
-        event_id(frame).is_some_and(|id| self.ids.contains(id.as_ref()))
+        self.is_active() && event_id(frame).is_some_and(|id| self.ids.contains(id.as_ref()))
     }
 }
 

@@ -20,11 +20,13 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::auth::{Endpoint, TenantId};
 use crate::close::Close;
@@ -108,22 +110,20 @@ impl Outbound {
     }
 }
 
-/// A final, unmasked text frame (RFC 6455 §5.2) carrying `payload`.
-pub fn text_frame(payload: &[u8]) -> Bytes {
-    let len = payload.len();
-    let mut frame = BytesMut::with_capacity(len + 10);
-    frame.put_u8(0x81);
-    if len < 126 {
-        frame.put_u8(len as u8);
-    } else if let Ok(short) = u16::try_from(len) {
-        frame.put_u8(126);
-        frame.put_u16(short);
-    } else {
-        frame.put_u8(127);
-        frame.put_u64(len as u64);
-    }
+/// A final, unmasked text frame (RFC 6455 §5.2) carrying `payload`,
+/// its header formatted by tungstenite.
+fn text_frame(payload: &[u8]) -> Bytes {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    let len = payload.len() as u64;
+    let mut frame = Vec::with_capacity(header.len(len) + payload.len());
+    header
+        .format(len, &mut frame)
+        .expect("a Vec takes any header");
     frame.extend_from_slice(payload);
-    frame.freeze()
+    Bytes::from(frame)
 }
 
 /// What happened to one pushed frame.
@@ -203,8 +203,9 @@ struct Queue {
     broken: bool,
     /// Events in the write that failed (`broadcasts_failed{write_failed}`).
     lost: usize,
-    /// The newest `ts` among the events written since it was last taken.
-    published_ms: i64,
+    /// The newest `ts` among the events a drain wrote before it had to
+    /// wait for room.
+    drained_ms: i64,
 }
 
 /// Queues that grew past this many slots in a burst are freed once drained,
@@ -214,6 +215,14 @@ const KEPT_SLOTS: usize = 64;
 /// Frames handed to one `writev`: a burst's backlog goes out in a few
 /// system calls, not one per frame.
 const MAX_IOV: usize = 64;
+
+/// What writing a push's frames came to.
+struct Written {
+    /// The task must be woken: the socket had no room, or the write failed.
+    wake: bool,
+    /// The newest `ts` among the events written (0: none).
+    published_ms: i64,
+}
 
 /// What one attempt to write the queue came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,14 +241,14 @@ impl Queue {
     }
 
     /// Writes as much of the queue as the socket takes without waiting,
-    /// dropping the events `skip` names (only ever whole frames).
-    fn write(&mut self, skip: &mut dyn FnMut(&Outbound) -> bool) -> Wrote {
+    /// dropping the events `skip` names (only ever whole frames), and
+    /// raises `published_ms` to the newest `ts` written.
+    fn write(&mut self, skip: &mut dyn FnMut(&Outbound) -> bool, published_ms: &mut i64) -> Wrote {
         let Queue {
             frames,
             outlet,
             written,
             lost,
-            published_ms,
             ..
         } = self;
         let Some(outlet) = outlet.as_deref() else {
@@ -252,25 +261,25 @@ impl Queue {
             if frames.is_empty() {
                 return Wrote::All;
             }
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let (mut count, mut total) = (0, 0);
-            for (i, frame) in frames.iter().take(MAX_IOV).enumerate() {
-                let bytes = if i == 0 {
-                    &frame.wire()[*written..]
-                } else if frame.is_event() && skip(frame) {
-                    break;
-                } else {
-                    frame.wire()
-                };
-                slices[i] = IoSlice::new(bytes);
-                total += bytes.len();
-                count += 1;
-            }
-            // One frame (the steady case): a plain write, which costs the
-            // kernel less than a one-element `writev`.
-            let result = match count {
-                1 => outlet.try_write(&slices[0]),
-                _ => outlet.try_write_vectored(&slices[..count]),
+            let front = &frames[0].wire()[*written..];
+            let (count, total, result) = if frames.len() == 1 {
+                // One frame (the steady case): a plain write, which costs
+                // the kernel less than a one-element `writev`, and no array
+                // of slices to fill.
+                (1, front.len(), outlet.try_write(front))
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                slices[0] = IoSlice::new(front);
+                let (mut count, mut total) = (1, front.len());
+                for frame in frames.iter().take(MAX_IOV).skip(1) {
+                    if frame.is_event() && skip(frame) {
+                        break;
+                    }
+                    slices[count] = IoSlice::new(frame.wire());
+                    total += frame.wire().len();
+                    count += 1;
+                }
+                (count, total, outlet.try_write_vectored(&slices[..count]))
             };
             match result {
                 Ok(0) => {}
@@ -303,13 +312,16 @@ impl Queue {
         }
     }
 
-    /// Writes what a push left queued, when pushes write themselves;
-    /// whether the task must be woken.
-    fn write_directly(&mut self) -> bool {
+    /// Writes what a push left queued, when pushes write themselves.
+    fn write_directly(&mut self) -> Written {
+        let mut published_ms = 0;
         if !self.direct() || self.frames.is_empty() {
-            return false;
+            return Written {
+                wake: false,
+                published_ms,
+            };
         }
-        match self.write(&mut |_| false) {
+        let wake = match self.write(&mut |_| false, &mut published_ms) {
             Wrote::All => {
                 self.shrink();
                 false
@@ -322,7 +334,8 @@ impl Queue {
                 self.broken = true;
                 true
             }
-        }
+        };
+        Written { wake, published_ms }
     }
 
     fn shrink(&mut self) {
@@ -352,14 +365,12 @@ impl ConnHandle {
     /// connection is asked to close with 1008 rather than slow anyone.
     pub fn push(&self, frame: Outbound) -> Push {
         let mut queue = self.queue.lock();
-        let pushed = self.queue_up(&mut queue, frame);
-        let wake = pushed == Push::ToFlush && queue.write_directly();
-        // Replies have no `ts` to measure by.
-        queue.published_ms = 0;
-        drop(queue);
-        if wake {
-            self.waker.wake();
+        let (pushed, mut wake) = self.queue_up(&mut queue, frame);
+        if pushed == Push::ToFlush {
+            wake = queue.write_directly().wake;
         }
+        drop(queue);
+        self.after_push(pushed, wake);
         if pushed.queued() {
             Push::Queued
         } else {
@@ -373,42 +384,49 @@ impl ConnHandle {
     /// locks are not held across system calls).
     pub fn enqueue(&self, frame: Outbound) -> Push {
         let mut queue = self.queue.lock();
-        self.queue_up(&mut queue, frame)
+        let (pushed, wake) = self.queue_up(&mut queue, frame);
+        drop(queue);
+        self.after_push(pushed, wake);
+        pushed
     }
 
-    fn queue_up(&self, queue: &mut Queue, frame: Outbound) -> Push {
+    /// Queues a frame; whether the task is to be woken for it (once the
+    /// lock is dropped: [`after_push`](Self::after_push)).
+    fn queue_up(&self, queue: &mut Queue, frame: Outbound) -> (Push, bool) {
         if queue.detached {
-            return Push::Gone;
+            return (Push::Gone, false);
         }
         if queue.frames.len() >= self.capacity {
-            self.close(Close::SlowConsumer);
-            return Push::Overflowed;
+            return (Push::Overflowed, false);
         }
         let was_empty = queue.frames.is_empty();
         queue.frames.push_back(frame);
-        if !was_empty {
+        match (was_empty, queue.direct()) {
             // A flush, or the task, is already due and writes this too.
-            return Push::Queued;
+            (false, _) => (Push::Queued, false),
+            (true, true) => (Push::ToFlush, false),
+            (true, false) => (Push::Queued, true),
         }
-        if queue.direct() {
-            Push::ToFlush
-        } else {
+    }
+
+    /// What a push asks of the connection's task, outside the lock: to
+    /// close (its queue overflowed), or to wake.
+    fn after_push(&self, pushed: Push, wake: bool) {
+        if pushed == Push::Overflowed {
+            self.close(Close::SlowConsumer);
+        } else if wake {
             self.waker.wake();
-            Push::Queued
         }
     }
 
     /// Writes what [`enqueue`](Self::enqueue) queued. Returns the newest
     /// `ts` among the events written (0: none), for the latency histogram.
     pub fn flush(&self) -> i64 {
-        let mut queue = self.queue.lock();
-        let wake = queue.write_directly();
-        let published_ms = std::mem::take(&mut queue.published_ms);
-        drop(queue);
-        if wake {
+        let written = self.queue.lock().write_directly();
+        if written.wake {
             self.waker.wake();
         }
-        published_ms
+        written.published_ms
     }
 
     /// Queues bytes the WebSocket layer framed (a pong, a close), after
@@ -417,7 +435,7 @@ impl ConnHandle {
     pub fn push_control(&self, wire: Bytes) {
         let mut queue = self.queue.lock();
         queue.frames.push_back(Outbound::control(wire));
-        let wake = !queue.direct() || queue.write_directly();
+        let wake = !queue.direct() || queue.write_directly().wake;
         drop(queue);
         if wake {
             self.waker.wake();
@@ -438,7 +456,6 @@ impl ConnHandle {
         if self.requested_close().is_none() {
             queue.write_directly();
         }
-        queue.published_ms = 0;
     }
 
     /// The catch-up is over: pushes write themselves again, starting with
@@ -450,8 +467,7 @@ impl ConnHandle {
             return;
         }
         queue.filtered = false;
-        let wake = queue.write_directly();
-        queue.published_ms = 0;
+        let wake = queue.write_directly().wake;
         drop(queue);
         if wake {
             self.waker.wake();
@@ -467,15 +483,16 @@ impl ConnHandle {
         skip: &mut dyn FnMut(&Outbound) -> bool,
     ) -> Poll<Result<i64, Broken>> {
         let mut queue = self.queue.lock();
+        let mut published_ms = std::mem::take(&mut queue.drained_ms);
         loop {
             if queue.broken {
                 return Poll::Ready(Err(Broken));
             }
-            match queue.write(skip) {
+            match queue.write(skip, &mut published_ms) {
                 Wrote::All => {
                     queue.stalled = false;
                     queue.shrink();
-                    return Poll::Ready(Ok(std::mem::take(&mut queue.published_ms)));
+                    return Poll::Ready(Ok(published_ms));
                 }
                 Wrote::Failed => queue.broken = true,
                 Wrote::Blocked => {
@@ -488,7 +505,10 @@ impl ConnHandle {
                     match outlet.poll_write_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(_)) => queue.broken = true,
-                        Poll::Pending => return Poll::Pending,
+                        Poll::Pending => {
+                            queue.drained_ms = published_ms;
+                            return Poll::Pending;
+                        }
                     }
                 }
             }
@@ -501,6 +521,7 @@ impl ConnHandle {
     }
 
     /// Frames queued and not yet (wholly) written.
+    #[cfg(test)]
     pub fn backlog(&self) -> usize {
         self.queue.lock().frames.len()
     }
@@ -532,16 +553,16 @@ impl ConnHandle {
         frames.iter().filter(|f| f.is_event()).count()
     }
 
-    /// Drops what is left queued after the close (a frame half written, a
-    /// close frame the client never took); how many were events.
+    /// After the close: drops what is left queued (a frame half written, a
+    /// close frame the client never took) and lets go of the socket (it
+    /// closes once the task drops its own). Returns how many were events.
     pub fn abandon(&self) -> usize {
-        let frames = std::mem::take(&mut self.queue.lock().frames);
+        let frames = {
+            let mut queue = self.queue.lock();
+            queue.outlet = None;
+            std::mem::take(&mut queue.frames)
+        };
         frames.iter().filter(|f| f.is_event()).count()
-    }
-
-    /// Lets go of the socket (it closes once the task drops its own).
-    pub fn release_outlet(&self) {
-        self.queue.lock().outlet = None;
     }
 
     /// Asks the connection's task to close, for `why`. Only the first

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 
 pub use audience::{Member, SectorScope};
-pub use handle::{Broken, ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms, text_frame};
+pub use handle::{Broken, ConnHandle, ConnId, Outbound, Push, Signal, monotonic_ms};
 
 use crate::auth::{BranchId, Endpoint, SectorId, SessionId, TenantId, UserId};
 use crate::channel::Channel;
