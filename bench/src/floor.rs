@@ -21,9 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
 use super::clients::now_us;
-use super::procfs::{TICKS_PER_S, thread_cpu_ticks};
+use super::procfs::{TICKS_PER_S, cpu_ticks, thread_cpu_ticks};
 use super::report::Report;
-use super::{BenchArgs, Plan};
+use super::uring::RingWriter;
+use super::{BenchArgs, FloorIo, Plan};
 
 /// Bytes per write by default: about the size of an event frame in the
 /// broadcast.
@@ -34,6 +35,10 @@ pub const DEFAULT_FRAME_BYTES: usize = 200;
 pub struct Shape {
     /// Sockets written per event.
     pub sockets: usize,
+    /// Sockets held open (at least `sockets`): event k writes the
+    /// (k mod held/sockets)-th group of `sockets`, as the bench's
+    /// publisher sends event k to the k-th (tenant, branch) in turn.
+    pub held: usize,
     pub events: usize,
     /// Events per second; 0: back to back.
     pub rate: f64,
@@ -46,16 +51,20 @@ impl Shape {
     pub fn of_plan(plan: &Plan, args: &BenchArgs) -> Shape {
         Shape {
             sockets: plan.connections,
+            held: plan.connections,
             events: plan.events,
             rate: plan.rate,
             frame_bytes: args.frame_bytes.unwrap_or(DEFAULT_FRAME_BYTES),
         }
     }
 
-    /// The fan-out a gateway run made: as many sockets as recipients per
-    /// event, at its rate, each write the size of its frames on the wire
-    /// (the text plus the 2- or 4-byte header of an unmasked server frame).
-    pub fn of_run(report: &Report) -> Option<Shape> {
+    /// The fan-out a gateway run made: as many sockets held as it had
+    /// connections, as many written per event as it had recipients, at its
+    /// rate, each write the size of its frames on the wire (the text plus
+    /// the 2- or 4-byte header of an unmasked server frame). `hot`: hold
+    /// only the recipients, written every event (the floor before
+    /// 2026-12-03, whose sockets stay warm in the caches).
+    pub fn of_run(report: &Report, hot: bool) -> Option<Shape> {
         let published = report.outcome.published as u64;
         let delivered = report.stats.delivered;
         if published == 0 || delivered == 0 {
@@ -63,8 +72,14 @@ impl Shape {
         }
         let text = (report.stats.frame_bytes / delivered) as usize;
         let header = if text < 126 { 2 } else { 4 };
+        let sockets = (report.outcome.expected as f64 / published as f64).round() as usize;
         Some(Shape {
-            sockets: (report.outcome.expected as f64 / published as f64).round() as usize,
+            sockets,
+            held: if hot {
+                sockets
+            } else {
+                report.opened.max(sockets)
+            },
             events: report.outcome.published,
             rate: report.plan.rate,
             frame_bytes: text + header,
@@ -73,7 +88,7 @@ impl Shape {
 
     pub fn to_json(self) -> serde_json::Value {
         serde_json::json!({
-            "sockets": self.sockets, "events": self.events, "rate_per_s": self.rate,
+            "sockets": self.sockets, "held": self.held, "events": self.events, "rate_per_s": self.rate,
             "frame_bytes": self.frame_bytes,
         })
     }
@@ -81,9 +96,14 @@ impl Shape {
 
 pub struct Floor {
     pub shape: Shape,
+    pub io: FloorIo,
     pub writes: u64,
     pub received: u64,
+    /// The writer threads' CPU time per write.
     pub cpu_us_per_write: f64,
+    /// The whole process's, which also counts work the kernel does on
+    /// threads of its own for the process (io_uring's workers).
+    pub process_cpu_us_per_write: f64,
     /// From an event's due time to its last write, median over events.
     pub loop_ms_median: f64,
     pub latencies_us: Vec<u32>,
@@ -98,9 +118,11 @@ impl Floor {
         let pct = |p: f64| super::report::percentile_ms(&self.latencies_us, p);
         serde_json::json!({
             "shape": self.shape.to_json(),
+            "io": format!("{:?}", self.io).to_lowercase(),
             "writes": self.writes,
             "missing": self.writes.saturating_sub(self.received),
             "cpu_us_per_write": self.cpu_us_per_write,
+            "process_cpu_us_per_write": self.process_cpu_us_per_write,
             "write_loop_ms_median": self.loop_ms_median,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
         })
@@ -109,8 +131,15 @@ impl Floor {
 
 /// Writes `shape` to sockets whose other ends a child process reads.
 pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
-    let n = shape.sockets;
+    let n = shape.held.max(shape.sockets);
     let frame_bytes = shape.frame_bytes.max(8);
+    if args.floor_io == FloorIo::Uring {
+        // Before any socket: a kernel without io_uring, or a seccomp
+        // filter that blocks it (Docker's default), is one clear error.
+        RingWriter::new(frame_bytes).context(
+            "--floor-io uring: cannot set up an io_uring (kernel too old, or blocked by seccomp)",
+        )?;
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut readers = tokio::process::Command::new(std::env::current_exe()?)
@@ -150,19 +179,28 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     } else {
         Duration::ZERO
     };
+    // Event k writes group k mod groups; socket i is in group i mod groups.
+    let groups = (n / shape.sockets.max(1)).max(1);
+    let mut group_sizes = vec![0u64; groups];
     // As many writer threads as the gateway has workers (one per core),
-    // each with its share of the sockets, on the same schedule.
+    // each with its share of every group, on the same schedule.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut shares: Vec<Vec<std::net::TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<Vec<std::net::TcpStream>>> = (0..threads)
+        .map(|_| (0..groups).map(|_| Vec::new()).collect())
+        .collect();
     for (i, s) in servers.into_iter().enumerate() {
-        shares[i % threads].push(s);
+        let group = i % groups;
+        group_sizes[group] += 1;
+        shares[(i / groups) % threads][group].push(s);
     }
+    let io = args.floor_io;
     let start = Instant::now() + Duration::from_millis(100);
+    let process_cpu_before = cpu_ticks("/proc/self/stat");
     let writers: Vec<_> = shares
         .into_iter()
         .map(|mut share| {
             std::thread::spawn(move || -> std::io::Result<(u64, Vec<f64>)> {
-                let mut frame = vec![b'x'; frame_bytes];
+                let mut writer = Writer::new(io, frame_bytes)?;
                 let mut loops = Vec::with_capacity(events);
                 let cpu_before = thread_cpu_ticks();
                 for k in 0..events {
@@ -176,24 +214,23 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
                     // writer that falls behind (a burst, an overloaded
                     // machine) does not count its lateness, where a
                     // gateway's clients do.
-                    frame[..8].copy_from_slice(&now_us().to_le_bytes());
-                    for s in share.iter_mut() {
-                        s.write_all(&frame)?;
-                    }
+                    writer.frame_mut()[..8].copy_from_slice(&now_us().to_le_bytes());
+                    writer.send_to_all(&mut share[k % groups])?;
                     loops.push(due.elapsed().as_secs_f64() * 1000.0);
                 }
                 Ok((thread_cpu_ticks().saturating_sub(cpu_before), loops))
             })
         })
         .collect();
-    let (cpu_ticks, mut loops) = tokio::task::spawn_blocking(move || {
+    let (cpu_ticks_sum, mut loops) = tokio::task::spawn_blocking(move || {
         let mut ticks = 0;
         // Per event, the slowest writer's time from the event's due time.
         let mut loops = vec![0f64; events];
         for w in writers {
             let (t, l) = w
                 .join()
-                .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+                .map_err(|_| anyhow::anyhow!("a writer panicked"))?
+                .context("a floor writer failed")?;
             ticks += t;
             for (all, mine) in loops.iter_mut().zip(l) {
                 *all = all.max(mine);
@@ -202,6 +239,7 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         anyhow::Ok((ticks, loops))
     })
     .await??;
+    let process_ticks = cpu_ticks("/proc/self/stat").saturating_sub(process_cpu_before);
 
     // The writers dropped their sockets: each reader ends at end of
     // stream, and the child reports every latency it measured.
@@ -216,16 +254,50 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect();
-    let writes = (n * events) as u64;
+    let writes: u64 = (0..events).map(|k| group_sizes[k % groups]).sum();
+    let per_write = |ticks: u64| ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64;
     loops.sort_by(f64::total_cmp);
     Ok(Floor {
         shape,
+        io,
         writes,
         received: latencies_us.len() as u64,
-        cpu_us_per_write: cpu_ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64,
+        cpu_us_per_write: per_write(cpu_ticks_sum),
+        process_cpu_us_per_write: per_write(process_ticks),
         loop_ms_median: loops.get(loops.len() / 2).copied().unwrap_or(0.0),
         latencies_us,
     })
+}
+
+/// How a writer thread sends one event's frame to its sockets.
+enum Writer {
+    /// A blocking `write` per socket.
+    Write(Vec<u8>),
+    /// One `io_uring_enter` per batch of sends.
+    Uring(Box<RingWriter>),
+}
+
+impl Writer {
+    fn new(io: FloorIo, frame_bytes: usize) -> std::io::Result<Writer> {
+        Ok(match io {
+            FloorIo::Write => Writer::Write(vec![b'x'; frame_bytes]),
+            FloorIo::Uring => Writer::Uring(Box::new(RingWriter::new(frame_bytes)?)),
+        })
+    }
+
+    fn frame_mut(&mut self) -> &mut [u8] {
+        match self {
+            Writer::Write(frame) => frame,
+            Writer::Uring(ring) => ring.frame_mut(),
+        }
+    }
+
+    fn send_to_all(&mut self, sockets: &mut [std::net::TcpStream]) -> std::io::Result<()> {
+        match self {
+            Writer::Write(frame) => sockets.iter_mut().try_for_each(|s| s.write_all(frame)),
+            Writer::Uring(ring) => ring.send_to_all(sockets),
+        }
+    }
 }
 
 /// The child process of [`run`] (`floor-readers`): connects

@@ -19,6 +19,7 @@ pub mod procfs;
 mod publish;
 mod report;
 mod storm;
+mod uring;
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,15 @@ pub enum Scenario {
     /// each one's last replayed event, gateway CPU and peak RSS. With
     /// `--redis-url`, the gateway keeps history in Redis.
     Resume,
+}
+
+/// How the floor's writers send (`--floor-io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FloorIo {
+    /// One blocking `write` per socket.
+    Write,
+    /// One `io_uring_enter` per batch of up to 256 sends.
+    Uring,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -132,6 +142,14 @@ pub struct BenchArgs {
     /// and their ratios (burst, broadcast, steady).
     #[arg(long)]
     pub with_floor: bool,
+    /// `--with-floor`: hold only one event's recipients, all written every
+    /// event (warm in the caches), instead of as many sockets as the
+    /// gateway held, each event's recipients in turn.
+    #[arg(long)]
+    pub floor_hot: bool,
+    /// How the floor writes: a `write` per socket, or io_uring batches.
+    #[arg(long, value_enum, default_value_t = FloorIo::Write)]
+    pub floor_io: FloorIo,
     /// `floor`: bytes per write (default 200, about a broadcast frame).
     #[arg(long)]
     pub frame_bytes: Option<usize>,
@@ -249,7 +267,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         let mut json = report.to_json();
         if args.with_floor
-            && let Some(shape) = floor::Shape::of_run(&report)
+            && let Some(shape) = floor::Shape::of_run(&report, args.floor_hot)
         {
             // After the gateway stopped: the floor has the machine alone,
             // as the gateway had.

@@ -71,6 +71,9 @@ async fn with_floor_measures_the_same_fan_out_and_reports_the_ratios() {
     let floor = &run["floor"];
     // 200 connections over two branches: 100 recipients per event.
     assert_eq!(floor["shape"]["sockets"], 100, "{run}");
+    // As many sockets held as the gateway had connections, each event
+    // written to one branch's share of them.
+    assert_eq!(floor["shape"]["held"], 200, "{run}");
     assert_eq!(floor["shape"]["events"], 20, "{run}");
     assert_eq!(floor["shape"]["rate_per_s"], 20.0, "{run}");
     // The event frames' size on the wire: text plus a 2- or 4-byte header.
@@ -98,6 +101,30 @@ async fn the_kernel_floor_scenario_counts_every_write() {
     assert_eq!(run["writes"], 200 * 20, "{run}");
     assert_eq!(run["missing"], 0, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+}
+
+#[tokio::test]
+async fn the_io_uring_floor_counts_every_write() {
+    let run = &bench(&[
+        "floor",
+        "--connections",
+        "300",
+        "--rate",
+        "20",
+        "--duration-s",
+        "1",
+        "--floor-io",
+        "uring",
+    ])
+    .await;
+    assert_eq!(run["io"], "uring", "{run}");
+    // More sockets than one ring's 256 entries: two submissions per event.
+    assert_eq!(run["writes"], 300 * 20, "{run}");
+    assert_eq!(run["missing"], 0, "{run}");
+    assert!(
+        run["process_cpu_us_per_write"].as_f64().unwrap() > 0.0,
+        "{run}"
+    );
 }
 
 #[tokio::test]
