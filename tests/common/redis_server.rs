@@ -12,6 +12,10 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     options: Options,
+    /// Its working directory (`--dir`): a replica's full sync writes the
+    /// master's snapshot to disk even with `--save ""`, and must neither
+    /// litter the checkout nor meet another replica's file.
+    dir: tempfile::TempDir,
 }
 
 /// How a test's `redis-server` runs.
@@ -75,6 +79,7 @@ impl RedisServer {
                 port: free_port(),
                 child: None,
                 options: options.clone(),
+                dir: tempfile::tempdir().unwrap(),
             };
             if server.spawn() {
                 return server;
@@ -144,7 +149,10 @@ impl RedisServer {
                 .arg(&tls.ca)
                 .args(["--tls-auth-clients", tls.auth_clients]),
         };
-        command.args(["--bind", "127.0.0.1"]);
+        command
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path());
         if o.sentinel_conf.is_none() {
             command.args(["--save", "", "--appendonly", "no"]);
         }
