@@ -97,6 +97,8 @@ pub struct ClientStats {
     pub delivered: u64,
     pub misrouted: u64,
     pub latencies_us: Vec<u32>,
+    /// The event (its `seq`) of each latency, for the per-event figures.
+    pub events: Vec<u32>,
     /// Bytes of the delivered frames' text (for the floor's frame size).
     pub frame_bytes: u64,
     pub first_us: u64,
@@ -122,6 +124,8 @@ struct Frame<'a> {
     branch_id: i64,
     #[serde(default)]
     sent_us: u64,
+    #[serde(default)]
+    seq: u32,
 }
 
 pub fn now_us() -> u64 {
@@ -265,6 +269,7 @@ impl Fleet {
             all.misrouted += s.misrouted;
             all.frame_bytes += s.frame_bytes;
             all.latencies_us.extend(s.latencies_us);
+            all.events.extend(s.events);
             if s.delivered > 0 {
                 all.first_us = all.first_us.min(s.first_us);
                 all.last_us = all.last_us.max(s.last_us);
@@ -353,6 +358,7 @@ async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut Cl
                     stats
                         .latencies_us
                         .push(now.saturating_sub(frame.sent_us).min(u32::MAX as u64) as u32);
+                    stats.events.push(frame.seq);
                 }
                 if stats.first_us == 0 {
                     stats.first_us = now;

@@ -26,6 +26,10 @@ use super::report::Report;
 use super::uring::RingWriter;
 use super::{BenchArgs, FloorIo, Plan};
 
+/// The head of every frame: its send time (µs, u64) and its event (u32),
+/// little-endian.
+const STAMP_BYTES: usize = 12;
+
 /// Bytes per write by default: about the size of an event frame in the
 /// broadcast.
 pub const DEFAULT_FRAME_BYTES: usize = 200;
@@ -42,7 +46,7 @@ pub struct Shape {
     pub events: usize,
     /// Events per second; 0: back to back.
     pub rate: f64,
-    /// Bytes per write (at least 8: the send time).
+    /// Bytes per write (at least 12: the send time and the event).
     pub frame_bytes: usize,
 }
 
@@ -107,6 +111,8 @@ pub struct Floor {
     /// From an event's due time to its last write, median over events.
     pub loop_ms_median: f64,
     pub latencies_us: Vec<u32>,
+    /// The event of each latency.
+    pub events: Vec<u32>,
 }
 
 impl Floor {
@@ -125,6 +131,7 @@ impl Floor {
             "process_cpu_us_per_write": self.process_cpu_us_per_write,
             "write_loop_ms_median": self.loop_ms_median,
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},
+            "event_latency_ms": super::report::event_latency_json(&self.latencies_us, &self.events),
         })
     }
 }
@@ -132,7 +139,7 @@ impl Floor {
 /// Writes `shape` to sockets whose other ends a child process reads.
 pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     let n = shape.held.max(shape.sockets);
-    let frame_bytes = shape.frame_bytes.max(8);
+    let frame_bytes = shape.frame_bytes.max(STAMP_BYTES);
     if args.floor_io == FloorIo::Uring {
         // Before any socket: a kernel without io_uring, or a seccomp
         // filter that blocks it (Docker's default), is one clear error.
@@ -214,7 +221,9 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
                     // writer that falls behind (a burst, an overloaded
                     // machine) does not count its lateness, where a
                     // gateway's clients do.
-                    writer.frame_mut()[..8].copy_from_slice(&now_us().to_le_bytes());
+                    let frame = writer.frame_mut();
+                    frame[..8].copy_from_slice(&now_us().to_le_bytes());
+                    frame[8..STAMP_BYTES].copy_from_slice(&(k as u32).to_le_bytes());
                     writer.send_to_all(&mut share[k % groups])?;
                     loops.push(due.elapsed().as_secs_f64() * 1000.0);
                 }
@@ -250,10 +259,11 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         .context("the floor's readers did not report in 30 s")??;
     let status = readers.wait().await?;
     anyhow::ensure!(status.success(), "the floor's readers failed: {status}");
-    let latencies_us: Vec<u32> = out
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-        .collect();
+    let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let (latencies_us, event_of): (Vec<u32>, Vec<u32>) = out
+        .chunks_exact(8)
+        .map(|pair| (word(&pair[..4]), word(&pair[4..])))
+        .unzip();
     let writes: u64 = (0..events).map(|k| group_sizes[k % groups]).sum();
     let per_write = |ticks: u64| ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64;
     loops.sort_by(f64::total_cmp);
@@ -266,6 +276,7 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         process_cpu_us_per_write: per_write(process_ticks),
         loop_ms_median: loops.get(loops.len() / 2).copied().unwrap_or(0.0),
         latencies_us,
+        events: event_of,
     })
 }
 
@@ -302,7 +313,8 @@ impl Writer {
 
 /// The child process of [`run`] (`floor-readers`): connects
 /// `--connections` sockets to `--floor-addr`, reads until each ends, then
-/// writes every frame's latency (µs, u32 little-endian) to stdout.
+/// writes every frame's latency (µs) and event, as two u32 little-endian,
+/// to stdout.
 pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = args
         .floor_addr
@@ -312,7 +324,10 @@ pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
     let n = args
         .connections
         .context("floor-readers needs --connections")?;
-    let frame_bytes = args.frame_bytes.unwrap_or(DEFAULT_FRAME_BYTES).max(8);
+    let frame_bytes = args
+        .frame_bytes
+        .unwrap_or(DEFAULT_FRAME_BYTES)
+        .max(STAMP_BYTES);
     let mut readers = Vec::with_capacity(n);
     for i in 0..n {
         let local = Ipv4Addr::new(
@@ -328,8 +343,9 @@ pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut out = Vec::new();
     for r in readers {
-        for l in r.await? {
-            out.extend_from_slice(&l.to_le_bytes());
+        for (latency, event) in r.await? {
+            out.extend_from_slice(&latency.to_le_bytes());
+            out.extend_from_slice(&event.to_le_bytes());
         }
     }
     let mut stdout = tokio::io::stdout();
@@ -338,9 +354,9 @@ pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads fixed-size frames and records each one's latency, until the peer
-/// closes.
-async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> Vec<u32> {
+/// Reads fixed-size frames and records each one's latency and event, until
+/// the peer closes.
+async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> Vec<(u32, u32)> {
     let mut latencies = Vec::new();
     let mut buf = vec![0u8; frame_bytes * 4];
     let mut filled = 0;
@@ -351,7 +367,8 @@ async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> V
         let whole = filled / frame_bytes * frame_bytes;
         for frame in buf[..whole].chunks_exact(frame_bytes) {
             let sent = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
-            latencies.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+            let event = u32::from_le_bytes(frame[8..STAMP_BYTES].try_into().expect("4 bytes"));
+            latencies.push((now.saturating_sub(sent).min(u32::MAX as u64) as u32, event));
         }
         buf.copy_within(whole..filled, 0);
         filled -= whole;

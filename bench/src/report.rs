@@ -1,5 +1,6 @@
 //! The bench's figures, as text or JSON.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ impl Report {
                            "per_s": self.deliveries_per_s()},
             "latency_ms": {"p50": self.percentile_ms(0.50), "p99": self.percentile_ms(0.99),
                            "max": self.percentile_ms(1.0)},
+            "event_latency_ms": event_latency_json(&self.stats.latencies_us, &self.stats.events),
             "gateway": {"rss_kib_before": self.before.rss_kib, "rss_kib_connected": self.connected.rss_kib,
                         "rss_kib_per_connection": self.rss_per_connection_kib(),
                         "rss_kib_after": self.after.rss_kib,
@@ -115,6 +117,16 @@ impl fmt::Display for Report {
             opt(self.percentile_ms(0.5), 2),
             opt(self.percentile_ms(0.99), 2),
             opt(self.percentile_ms(1.0), 2)
+        )?;
+        let per_event = event_latency_json(&self.stats.latencies_us, &self.stats.events);
+        let ms = |v: &Value| v.as_f64().map_or("n/a".into(), |v| format!("{v:.2}"));
+        writeln!(
+            f,
+            "per event       first recipient p50 {} ms, p99 {} ms; last p50 {} ms, p99 {} ms",
+            ms(&per_event["first"]["p50"]),
+            ms(&per_event["first"]["p99"]),
+            ms(&per_event["last"]["p50"]),
+            ms(&per_event["last"]["p99"]),
         )?;
         writeln!(
             f,
@@ -180,6 +192,25 @@ pub fn percentile_ms(latencies_us: &[u32], p: f64) -> Option<f64> {
     l.sort_unstable();
     let i = ((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1;
     Some(l[i] as f64 / 1000.0)
+}
+
+/// Per event, the latency of its first and of its last recipient, and the
+/// p50 and p99 of each over the events: the first says what comes before
+/// the fan-out (the publish path), last minus first what the fan-out and
+/// the readers add. `events[i]` is the event of `latencies_us[i]`.
+pub fn event_latency_json(latencies_us: &[u32], events: &[u32]) -> Value {
+    let mut first: HashMap<u32, u32> = HashMap::new();
+    let mut last: HashMap<u32, u32> = HashMap::new();
+    for (&l, &e) in latencies_us.iter().zip(events) {
+        first.entry(e).and_modify(|f| *f = (*f).min(l)).or_insert(l);
+        last.entry(e).and_modify(|m| *m = (*m).max(l)).or_insert(l);
+    }
+    let first: Vec<u32> = first.into_values().collect();
+    let last: Vec<u32> = last.into_values().collect();
+    json!({
+        "first": {"p50": percentile_ms(&first, 0.5), "p99": percentile_ms(&first, 0.99)},
+        "last": {"p50": percentile_ms(&last, 0.5), "p99": percentile_ms(&last, 0.99)},
+    })
 }
 
 /// The median of every number in the runs' reports, by path.

@@ -84,6 +84,21 @@ async fn with_floor_measures_the_same_fan_out_and_reports_the_ratios() {
     assert_eq!(floor["writes"], 100 * 20, "{run}");
     assert_eq!(floor["missing"], 0, "{run}");
     assert!(run["ratio"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+    assert_first_before_last(&run["event_latency_ms"]);
+    assert_first_before_last(&floor["event_latency_ms"]);
+}
+
+/// Each event's first recipient is no later than its last, so neither
+/// are their quantiles over the events.
+fn assert_first_before_last(per_event: &Value) {
+    for p in ["p50", "p99"] {
+        let first = per_event["first"][p].as_f64();
+        let last = per_event["last"][p].as_f64();
+        assert!(
+            matches!((first, last), (Some(f), Some(l)) if f > 0.0 && f <= l),
+            "{per_event}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -101,6 +116,7 @@ async fn the_kernel_floor_scenario_counts_every_write() {
     assert_eq!(run["writes"], 200 * 20, "{run}");
     assert_eq!(run["missing"], 0, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+    assert_first_before_last(&run["event_latency_ms"]);
 }
 
 #[tokio::test]
