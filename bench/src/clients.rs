@@ -114,18 +114,27 @@ pub struct Fleet {
     pub failed: usize,
 }
 
+/// What a client reads of each event (the floor's WebSocket readers too).
 #[derive(Deserialize)]
-struct Frame<'a> {
+pub(super) struct Frame<'a> {
     #[serde(rename = "type")]
-    kind: &'a str,
+    pub kind: &'a str,
     #[serde(default)]
-    tenant_id: i64,
+    pub tenant_id: i64,
     #[serde(default)]
-    branch_id: i64,
+    pub branch_id: i64,
     #[serde(default)]
-    sent_us: u64,
+    pub sent_us: u64,
     #[serde(default)]
-    seq: u32,
+    pub seq: u32,
+}
+
+/// A client's WebSocket settings: small buffers, as a fleet of 20 000
+/// needs.
+pub(super) fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
 }
 
 pub fn now_us() -> u64 {
@@ -301,11 +310,8 @@ pub(super) async fn handshake(
     socket.bind(SocketAddr::new(local.into(), 0))?;
     let stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(0);
     let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())).await?;
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.as_str().contains("\"connected\"") => {
             Ok((ws, t.as_str().to_owned()))

@@ -20,11 +20,18 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 
-use super::clients::now_us;
+use futures_util::StreamExt;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use super::clients::{self, now_us};
 use super::procfs::{TICKS_PER_S, cpu_ticks, thread_cpu_ticks};
 use super::report::Report;
 use super::uring::RingWriter;
-use super::{BenchArgs, FloorIo, Plan};
+use super::{BenchArgs, FloorIo, FloorReaders, Plan};
 
 /// The head of every frame: its send time (µs, u64) and its event (u32),
 /// little-endian.
@@ -101,6 +108,7 @@ impl Shape {
 pub struct Floor {
     pub shape: Shape,
     pub io: FloorIo,
+    pub readers: FloorReaders,
     pub writes: u64,
     pub received: u64,
     /// The writer threads' CPU time per write.
@@ -125,6 +133,7 @@ impl Floor {
         serde_json::json!({
             "shape": self.shape.to_json(),
             "io": format!("{:?}", self.io).to_lowercase(),
+            "readers": format!("{:?}", self.readers).to_lowercase(),
             "writes": self.writes,
             "missing": self.writes.saturating_sub(self.received),
             "cpu_us_per_write": self.cpu_us_per_write,
@@ -140,10 +149,11 @@ impl Floor {
 pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     let n = shape.held.max(shape.sockets);
     let frame_bytes = shape.frame_bytes.max(STAMP_BYTES);
+    let template = Template::new(args.floor_readers, frame_bytes);
     if args.floor_io == FloorIo::Uring {
         // Before any socket: a kernel without io_uring, or a seccomp
         // filter that blocks it (Docker's default), is one clear error.
-        RingWriter::new(frame_bytes).context(
+        RingWriter::new(template.bytes.clone()).context(
             "--floor-io uring: cannot set up an io_uring (kernel too old, or blocked by seccomp)",
         )?;
     }
@@ -155,6 +165,10 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         .args(["--connections", &n.to_string()])
         .args(["--frame-bytes", &frame_bytes.to_string()])
         .args(["--client-addresses", &args.client_addresses.to_string()])
+        .args([
+            "--floor-readers",
+            &format!("{:?}", args.floor_readers).to_lowercase(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -206,8 +220,9 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     let writers: Vec<_> = shares
         .into_iter()
         .map(|mut share| {
+            let template = template.clone();
             std::thread::spawn(move || -> std::io::Result<(u64, Vec<f64>)> {
-                let mut writer = Writer::new(io, frame_bytes)?;
+                let mut writer = Writer::new(io, template.bytes.clone())?;
                 let mut loops = Vec::with_capacity(events);
                 let cpu_before = thread_cpu_ticks();
                 for k in 0..events {
@@ -221,9 +236,7 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
                     // writer that falls behind (a burst, an overloaded
                     // machine) does not count its lateness, where a
                     // gateway's clients do.
-                    let frame = writer.frame_mut();
-                    frame[..8].copy_from_slice(&now_us().to_le_bytes());
-                    frame[8..STAMP_BYTES].copy_from_slice(&(k as u32).to_le_bytes());
+                    template.stamp(writer.frame_mut(), now_us(), k as u32);
                     writer.send_to_all(&mut share[k % groups])?;
                     loops.push(due.elapsed().as_secs_f64() * 1000.0);
                 }
@@ -270,6 +283,7 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     Ok(Floor {
         shape,
         io,
+        readers: args.floor_readers,
         writes,
         received: latencies_us.len() as u64,
         cpu_us_per_write: per_write(cpu_ticks_sum),
@@ -289,10 +303,10 @@ enum Writer {
 }
 
 impl Writer {
-    fn new(io: FloorIo, frame_bytes: usize) -> std::io::Result<Writer> {
+    fn new(io: FloorIo, frame: Vec<u8>) -> std::io::Result<Writer> {
         Ok(match io {
-            FloorIo::Write => Writer::Write(vec![b'x'; frame_bytes]),
-            FloorIo::Uring => Writer::Uring(Box::new(RingWriter::new(frame_bytes)?)),
+            FloorIo::Write => Writer::Write(frame),
+            FloorIo::Uring => Writer::Uring(Box::new(RingWriter::new(frame)?)),
         })
     }
 
@@ -307,6 +321,91 @@ impl Writer {
         match self {
             Writer::Write(frame) => sockets.iter_mut().try_for_each(|s| s.write_all(frame)),
             Writer::Uring(ring) => ring.send_to_all(sockets),
+        }
+    }
+}
+
+/// The frame every writer sends, and where each event's stamp goes.
+#[derive(Clone)]
+struct Template {
+    readers: FloorReaders,
+    bytes: Vec<u8>,
+    /// Where the send time and the event go: binary in a raw frame, JSON
+    /// digits (16 for the time, 10 for the event, space-padded) in a
+    /// WebSocket frame.
+    sent_at: usize,
+    event_at: usize,
+}
+
+/// A WebSocket frame's JSON up to its send time, after it, and after the
+/// event; the padding string closes it.
+const WS_HEAD: &str = r#"{"type":"ROUND_READY","tenant_id":1,"branch_id":1,"sent_us":"#;
+const WS_EVENT: &str = r#","seq":"#;
+const WS_PAD: &str = r#","pad":""#;
+
+impl Template {
+    fn new(readers: FloorReaders, frame_bytes: usize) -> Template {
+        match readers {
+            FloorReaders::Raw => Template {
+                readers,
+                bytes: vec![b'x'; frame_bytes],
+                sent_at: 0,
+                event_at: 8,
+            },
+            FloorReaders::Ws => {
+                let fixed = WS_HEAD.len() + 16 + WS_EVENT.len() + 10 + WS_PAD.len() + 2;
+                // The text after a 2-byte header, or a 4-byte one from 126
+                // bytes of text on (128 and 129 bytes on the wire cannot
+                // be: 130).
+                let text_len = if frame_bytes < 128 {
+                    frame_bytes.saturating_sub(2)
+                } else {
+                    (frame_bytes - 4).max(126)
+                }
+                .max(fixed);
+                let mut text = String::with_capacity(text_len);
+                text.push_str(WS_HEAD);
+                let sent = text.len();
+                text.push_str(&"0".repeat(16));
+                text.push_str(WS_EVENT);
+                let event = text.len();
+                text.push_str(&" ".repeat(10));
+                text.push_str(WS_PAD);
+                text.push_str(&"x".repeat(text_len - fixed));
+                text.push_str("\"}");
+                let header = FrameHeader {
+                    opcode: OpCode::Data(Data::Text),
+                    ..FrameHeader::default()
+                };
+                let mut bytes = Vec::with_capacity(4 + text.len());
+                header
+                    .format(text.len() as u64, &mut bytes)
+                    .expect("into a Vec");
+                let at = bytes.len();
+                bytes.extend_from_slice(text.as_bytes());
+                Template {
+                    readers,
+                    bytes,
+                    sent_at: at + sent,
+                    event_at: at + event,
+                }
+            }
+        }
+    }
+
+    fn stamp(&self, frame: &mut [u8], sent_us: u64, event: u32) {
+        match self.readers {
+            FloorReaders::Raw => {
+                frame[self.sent_at..][..8].copy_from_slice(&sent_us.to_le_bytes());
+                frame[self.event_at..][..4].copy_from_slice(&event.to_le_bytes());
+            }
+            FloorReaders::Ws => {
+                // Microseconds since 1970 have had 16 digits since 2001.
+                let sent = format!("{sent_us:16}");
+                let event = format!("{event:<10}");
+                frame[self.sent_at..][..16].copy_from_slice(&sent.as_bytes()[..16]);
+                frame[self.event_at..][..10].copy_from_slice(&event.as_bytes()[..10]);
+            }
         }
     }
 }
@@ -339,7 +438,10 @@ pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
         let socket = TcpSocket::new_v4()?;
         socket.bind(SocketAddr::new(local.into(), 0))?;
         let stream = socket.connect(addr).await?;
-        readers.push(tokio::spawn(read_frames(stream, frame_bytes)));
+        readers.push(match args.floor_readers {
+            FloorReaders::Raw => tokio::spawn(read_frames(stream, frame_bytes)),
+            FloorReaders::Ws => tokio::spawn(read_messages(stream)),
+        });
     }
     let mut out = Vec::new();
     for r in readers {
@@ -372,6 +474,24 @@ async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> V
         }
         buf.copy_within(whole..filled, 0);
         filled -= whole;
+    }
+    latencies
+}
+
+/// Reads WebSocket text frames and parses each as a client does, recording
+/// its latency and event, until the peer closes.
+async fn read_messages(stream: tokio::net::TcpStream) -> Vec<(u32, u32)> {
+    let mut ws =
+        WebSocketStream::from_raw_socket(stream, Role::Client, Some(clients::ws_config())).await;
+    let mut latencies = Vec::new();
+    while let Some(Ok(Message::Text(text))) = ws.next().await {
+        let now = now_us();
+        if let Ok(frame) = serde_json::from_str::<clients::Frame>(text.as_str()) {
+            latencies.push((
+                now.saturating_sub(frame.sent_us).min(u32::MAX as u64) as u32,
+                frame.seq,
+            ));
+        }
     }
     latencies
 }

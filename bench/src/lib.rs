@@ -76,6 +76,16 @@ pub enum FloorIo {
     Uring,
 }
 
+/// What the floor's readers are (`--floor-readers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FloorReaders {
+    /// Fixed-size binary frames, read as bytes: the kernel's floor.
+    Raw,
+    /// WebSocket text frames of an event's JSON, read and parsed as the
+    /// load generator's clients do (tokio-tungstenite, serde_json).
+    Ws,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Via {
     Api,
@@ -150,6 +160,11 @@ pub struct BenchArgs {
     /// How the floor writes: a `write` per socket, or io_uring batches.
     #[arg(long, value_enum, default_value_t = FloorIo::Write)]
     pub floor_io: FloorIo,
+    /// How the floor's readers read: raw bytes, or WebSocket frames parsed
+    /// as JSON like the gateway's clients (to separate the readers' share
+    /// of a latency gap from the gateway's).
+    #[arg(long, value_enum, default_value_t = FloorReaders::Raw)]
+    pub floor_readers: FloorReaders,
     /// `floor`: bytes per write (default 200, about a broadcast frame).
     #[arg(long)]
     pub frame_bytes: Option<usize>,

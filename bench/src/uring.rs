@@ -23,10 +23,10 @@ pub struct RingWriter {
 }
 
 impl RingWriter {
-    pub fn new(frame_bytes: usize) -> io::Result<RingWriter> {
+    pub fn new(frame: Vec<u8>) -> io::Result<RingWriter> {
         Ok(RingWriter {
             ring: IoUring::new(RING_ENTRIES)?,
-            frame: vec![b'x'; frame_bytes],
+            frame,
             in_flight: 0,
         })
     }

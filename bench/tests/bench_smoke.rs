@@ -120,6 +120,29 @@ async fn the_kernel_floor_scenario_counts_every_write() {
 }
 
 #[tokio::test]
+async fn the_floor_with_websocket_readers_parses_every_frame() {
+    let run = &bench(&[
+        "floor",
+        "--connections",
+        "200",
+        "--rate",
+        "20",
+        "--duration-s",
+        "1",
+        "--frame-bytes",
+        "139",
+        "--floor-readers",
+        "ws",
+    ])
+    .await;
+    assert_eq!(run["readers"], "ws", "{run}");
+    // Every frame parsed as JSON with its send time and event.
+    assert_eq!(run["writes"], 200 * 20, "{run}");
+    assert_eq!(run["missing"], 0, "{run}");
+    assert_first_before_last(&run["event_latency_ms"]);
+}
+
+#[tokio::test]
 async fn the_io_uring_floor_counts_every_write() {
     let run = &bench(&[
         "floor",
