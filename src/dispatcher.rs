@@ -27,8 +27,7 @@ use crate::unknown_types::Tracker;
 const BATCH: usize = 64;
 
 /// Fan-outs of at least this many connections are written by more than one
-/// worker. Measured (BENCHMARKS.md, steady: 100 per event): from 64 rather
-/// than 1 024, p99 4.3 ms rather than 5.6, at no more CPU per delivery.
+/// worker (BENCHMARKS.md, steady: 100 per event).
 const SPLIT_FANOUT_AT: usize = 64;
 
 /// The most events remembered for de-duplication; beyond it the oldest are
@@ -126,25 +125,31 @@ impl Dispatcher {
     /// Writes what this batch queued to the connections whose sockets take
     /// it now; the others' tasks were woken to wait for room.
     ///
-    /// A large fan-out is split across the runtime's workers, as the
+    /// A large fan-out is split into one share per worker, as the
     /// connections' own tasks once spread it: one writer for 10 000 sockets
-    /// left the last of them a whole fan-out behind. Order is kept whoever
-    /// writes: a flush writes a connection's queue front to back, under its
-    /// lock, and a connection is listed again only once its queue emptied.
+    /// left the last of them a whole fan-out behind. Each share is a task,
+    /// the dispatcher's own included: tokio puts a task spawned on a worker
+    /// in that worker's LIFO slot, which no other worker may steal and for
+    /// which none is woken, so one spawned share beside an inline one
+    /// waited for it and the split was serial (BENCHMARKS.md, 2026-12-04).
+    /// The next spawn moves it to the run queue and wakes an idle worker to
+    /// take it. Order is kept whoever writes: a flush writes a connection's
+    /// queue front to back, under its lock, and a connection is listed
+    /// again only once its queue emptied.
     fn flush(&mut self) {
-        let shares = self.to_flush.len() / SPLIT_FANOUT_AT;
-        let shares = shares.min(self.writers.saturating_sub(1));
-        if shares > 0
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let share = self.to_flush.len() / (shares + 1);
-            for _ in 0..shares {
-                let handles = self.to_flush.split_off(self.to_flush.len() - share);
-                let metrics = self.metrics.clone();
-                runtime.spawn(async move { write_out(&metrics, handles) });
+        let shares = (self.to_flush.len() / SPLIT_FANOUT_AT + 1).min(self.writers);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if shares > 1 => {
+                let share = self.to_flush.len().div_ceil(shares);
+                while !self.to_flush.is_empty() {
+                    let at = self.to_flush.len().saturating_sub(share);
+                    let handles = self.to_flush.split_off(at);
+                    let metrics = self.metrics.clone();
+                    runtime.spawn(async move { write_out(&metrics, handles) });
+                }
             }
+            _ => write_out(&self.metrics, std::mem::take(&mut self.to_flush)),
         }
-        write_out(&self.metrics, std::mem::take(&mut self.to_flush));
     }
 
     /// De-duplicates one event and queues it to its audience.
