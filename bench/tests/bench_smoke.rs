@@ -101,65 +101,48 @@ fn assert_first_before_last(per_event: &Value) {
     }
 }
 
-#[tokio::test]
-async fn the_kernel_floor_scenario_counts_every_write() {
-    let run = &bench(&[
+/// `floor` over `sockets` sockets, 20 events in one second, with `extra`
+/// flags: checks that every write arrived, with its event, and returns the
+/// report.
+async fn floor_run(sockets: usize, extra: &[&str]) -> Value {
+    let n = sockets.to_string();
+    let mut args = vec![
         "floor",
         "--connections",
-        "200",
+        &n,
         "--rate",
         "20",
         "--duration-s",
         "1",
-    ])
-    .await;
-    assert_eq!(run["writes"], 200 * 20, "{run}");
+    ];
+    args.extend_from_slice(extra);
+    let run = bench(&args).await;
+    assert_eq!(run["writes"], sockets * 20, "{run}");
     assert_eq!(run["missing"], 0, "{run}");
     assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
     assert_first_before_last(&run["event_latency_ms"]);
+    run
+}
+
+#[tokio::test]
+async fn the_kernel_floor_scenario_counts_every_write() {
+    let run = floor_run(200, &[]).await;
+    assert_eq!(run["io"], "write", "{run}");
+    assert_eq!(run["readers"], "raw", "{run}");
 }
 
 #[tokio::test]
 async fn the_floor_with_websocket_readers_parses_every_frame() {
-    let run = &bench(&[
-        "floor",
-        "--connections",
-        "200",
-        "--rate",
-        "20",
-        "--duration-s",
-        "1",
-        "--frame-bytes",
-        "139",
-        "--floor-readers",
-        "ws",
-    ])
-    .await;
-    assert_eq!(run["readers"], "ws", "{run}");
     // Every frame parsed as JSON with its send time and event.
-    assert_eq!(run["writes"], 200 * 20, "{run}");
-    assert_eq!(run["missing"], 0, "{run}");
-    assert_first_before_last(&run["event_latency_ms"]);
+    let run = floor_run(200, &["--frame-bytes", "139", "--floor-readers", "ws"]).await;
+    assert_eq!(run["readers"], "ws", "{run}");
 }
 
 #[tokio::test]
 async fn the_io_uring_floor_counts_every_write() {
-    let run = &bench(&[
-        "floor",
-        "--connections",
-        "300",
-        "--rate",
-        "20",
-        "--duration-s",
-        "1",
-        "--floor-io",
-        "uring",
-    ])
-    .await;
-    assert_eq!(run["io"], "uring", "{run}");
     // More sockets than one ring's 256 entries: two submissions per event.
-    assert_eq!(run["writes"], 300 * 20, "{run}");
-    assert_eq!(run["missing"], 0, "{run}");
+    let run = floor_run(300, &["--floor-io", "uring"]).await;
+    assert_eq!(run["io"], "uring", "{run}");
     assert!(
         run["process_cpu_us_per_write"].as_f64().unwrap() > 0.0,
         "{run}"
