@@ -109,7 +109,13 @@ impl Dispatcher {
                 }
                 self.queue.pop_batch(&mut batch, BATCH).await;
             }
-            self.flush();
+            if self.flush() {
+                // The last share waits in this worker's LIFO slot: let it
+                // run before routing more, or a flood that never empties
+                // the queue (so never makes this task wait) would hold it
+                // back until its connections' queues overflowed.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -135,8 +141,8 @@ impl Dispatcher {
     /// The next spawn moves it to the run queue and wakes an idle worker to
     /// take it. Order is kept whoever writes: a flush writes a connection's
     /// queue front to back, under its lock, and a connection is listed
-    /// again only once its queue emptied.
-    fn flush(&mut self) {
+    /// again only once its queue emptied. True when it spawned the shares.
+    fn flush(&mut self) -> bool {
         let shares = (self.to_flush.len() / SPLIT_FANOUT_AT + 1).min(self.writers);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if shares > 1 => {
@@ -147,8 +153,12 @@ impl Dispatcher {
                     let metrics = self.metrics.clone();
                     runtime.spawn(async move { write_out(&metrics, handles) });
                 }
+                true
             }
-            _ => write_out(&self.metrics, std::mem::take(&mut self.to_flush)),
+            _ => {
+                write_out(&self.metrics, std::mem::take(&mut self.to_flush));
+                false
+            }
         }
     }
 
