@@ -144,6 +144,11 @@ pub fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// From `sent_us` to `now_us`, in µs, as the reports keep it.
+pub fn latency_us(now_us: u64, sent_us: u64) -> u32 {
+    now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32
+}
+
 impl Fleet {
     /// Opens every connection (bounded concurrency) and returns once each
     /// has been admitted or has failed.
@@ -361,9 +366,7 @@ async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut Cl
                 stats.frame_bytes += text.len() as u64;
                 delivered.fetch_add(1, Ordering::Relaxed);
                 if frame.sent_us > 0 {
-                    stats
-                        .latencies_us
-                        .push(now.saturating_sub(frame.sent_us).min(u32::MAX as u64) as u32);
+                    stats.latencies_us.push(latency_us(now, frame.sent_us));
                     stats.events.push(frame.seq);
                 }
                 if stats.first_us == 0 {

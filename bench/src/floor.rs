@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use super::clients::{self, now_us};
+use super::clients::{self, latency_us, now_us};
 use super::procfs::{TICKS_PER_S, cpu_ticks, thread_cpu_ticks};
 use super::report::Report;
 use super::uring::RingWriter;
@@ -470,7 +470,7 @@ async fn read_frames(mut stream: tokio::net::TcpStream, frame_bytes: usize) -> V
         for frame in buf[..whole].chunks_exact(frame_bytes) {
             let sent = u64::from_le_bytes(frame[..8].try_into().expect("8 bytes"));
             let event = u32::from_le_bytes(frame[8..STAMP_BYTES].try_into().expect("4 bytes"));
-            latencies.push((now.saturating_sub(sent).min(u32::MAX as u64) as u32, event));
+            latencies.push((latency_us(now, sent), event));
         }
         buf.copy_within(whole..filled, 0);
         filled -= whole;
@@ -487,10 +487,7 @@ async fn read_messages(stream: tokio::net::TcpStream) -> Vec<(u32, u32)> {
     while let Some(Ok(Message::Text(text))) = ws.next().await {
         let now = now_us();
         if let Ok(frame) = serde_json::from_str::<clients::Frame>(text.as_str()) {
-            latencies.push((
-                now.saturating_sub(frame.sent_us).min(u32::MAX as u64) as u32,
-                frame.seq,
-            ));
+            latencies.push((latency_us(now, frame.sent_us), frame.seq));
         }
     }
     latencies

@@ -199,14 +199,13 @@ pub fn percentile_ms(latencies_us: &[u32], p: f64) -> Option<f64> {
 /// the fan-out (the publish path), last minus first what the fan-out and
 /// the readers add. `events[i]` is the event of `latencies_us[i]`.
 pub fn event_latency_json(latencies_us: &[u32], events: &[u32]) -> Value {
-    let mut first: HashMap<u32, u32> = HashMap::new();
-    let mut last: HashMap<u32, u32> = HashMap::new();
+    let mut spans: HashMap<u32, (u32, u32)> = HashMap::new();
     for (&l, &e) in latencies_us.iter().zip(events) {
-        first.entry(e).and_modify(|f| *f = (*f).min(l)).or_insert(l);
-        last.entry(e).and_modify(|m| *m = (*m).max(l)).or_insert(l);
+        let (first, last) = spans.entry(e).or_insert((l, l));
+        *first = (*first).min(l);
+        *last = (*last).max(l);
     }
-    let first: Vec<u32> = first.into_values().collect();
-    let last: Vec<u32> = last.into_values().collect();
+    let (first, last): (Vec<u32>, Vec<u32>) = spans.into_values().unzip();
     json!({
         "first": {"p50": percentile_ms(&first, 0.5), "p99": percentile_ms(&first, 0.99)},
         "last": {"p50": percentile_ms(&last, 0.5), "p99": percentile_ms(&last, 0.99)},
