@@ -146,6 +146,8 @@ settings! {
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
     /// How REDIS_URL is read: `standalone` (one server) or `sentinel` (the sentinels of WSGATEWAY_REDIS_SENTINEL_MASTER). `cluster` is not supported yet.
     redis_mode: RedisMode = Some("standalone"), env = "WSGATEWAY_REDIS_MODE", flag = "redis-mode";
+    /// Prefix of every Redis key, channel and function this deployment uses (letters, digits, `_`; at most 32), so that several deployments share one Redis server; unset: none. Required when REDIS_URL selects a database other than 0.
+    redis_prefix: Option<RedisPrefix> = None, env = "WSGATEWAY_REDIS_PREFIX", flag = "redis-prefix";
     /// In sentinel mode, the name of the master the sentinels monitor (required there).
     redis_sentinel_master: Option<String> = None, env = "WSGATEWAY_REDIS_SENTINEL_MASTER", flag = "redis-sentinel-master";
     /// Password of the Redis server (in sentinel mode: of the master), when it differs from the one in REDIS_URL; unset: REDIS_URL's.
@@ -480,6 +482,38 @@ impl SettingValue for RedisMode {
             "cluster" => Err("cluster is not supported yet (use standalone or sentinel)".into()),
             _ => Err(format!("{raw:?} is not one of standalone, sentinel")),
         }
+    }
+}
+
+/// `WSGATEWAY_REDIS_PREFIX`: a deployment's name on a shared Redis server.
+/// Function names allow letters, digits and `_` only, and a `{` would
+/// change the keys' hash slot, so nothing else is accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisPrefix(String);
+
+impl RedisPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for RedisPrefix {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.len() > 32 || !raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!(
+                "{raw:?} is not a prefix (letters, digits and `_`, at most 32)"
+            ));
+        }
+        Ok(RedisPrefix(raw.to_owned()))
+    }
+}
+
+impl SettingValue for RedisPrefix {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        raw.parse()
     }
 }
 

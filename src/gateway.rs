@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
-    RedisConnector, RedisTiming, UnsupportedRedis,
+    RedisConnector, RedisNames, RedisTiming, UnsupportedRedis,
 };
 use crate::close::Close;
 use crate::config::{Config, ConfigError};
@@ -336,6 +336,7 @@ fn build_broker(
         RedisBounds {
             history,
             max_channels: config.max_publish_channels,
+            names: RedisNames::new(config.redis_prefix.as_ref()),
         },
         queue.clone(),
         hub.clone(),
@@ -367,7 +368,8 @@ fn build_sectors(
 fn build_revocations(config: &Config, connector: Option<RedisConnector>) -> Option<Revocations> {
     match (&config.revoked_jti_key, connector) {
         (Some(key), Some(connector)) => {
-            Some(Revocations::new(connector, key, config.redis_timeout_s.0))
+            let key = RedisNames::new(config.redis_prefix.as_ref()).key(key);
+            Some(Revocations::new(connector, &key, config.redis_timeout_s.0))
         }
         _ => None,
     }

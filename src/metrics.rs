@@ -115,6 +115,9 @@ pub enum Drop {
     /// before the node could fill the gap (a lower bound: one per scope
     /// whose history was trimmed past the gap's start).
     Gap,
+    /// A message on a scope channel whose number is beyond anything Redis
+    /// can have given yet: not the function's, so not trusted.
+    UntrustedNumber,
 }
 
 impl Drop {
@@ -131,6 +134,7 @@ impl Drop {
             Drop::Invalid => "invalid",
             Drop::Stale => "stale",
             Drop::Gap => "gap",
+            Drop::UntrustedNumber => "untrusted_number",
         }
     }
 }
@@ -244,6 +248,9 @@ pub struct Metrics {
     pub unknown_types: UnknownTypes,
     pub events_deduplicated: IntCounter,
     pub events_published: IntCounter,
+    /// Publish API items whose caller `event_id` was used already: nothing
+    /// was published again.
+    pub publish_duplicates: IntCounter,
     /// Publish API requests refused (4xx), by error code.
     pub publish_rejected: IntCounterVec,
     /// Event received → last recipient queued, seconds.
@@ -373,6 +380,11 @@ impl Metrics {
             events_published: IntCounter::new(
                 "wsgateway_events_published_total",
                 "Events accepted by the publish API",
+            )
+            .unwrap(),
+            publish_duplicates: IntCounter::new(
+                "wsgateway_publish_duplicates_total",
+                "Publish API items not published again: their tenant had used their event_id within the history window",
             )
             .unwrap(),
             publish_rejected: IntCounterVec::new(
@@ -599,6 +611,7 @@ impl Metrics {
             Box::new(self.unknown_types.collector()),
             Box::new(self.events_deduplicated.clone()),
             Box::new(self.events_published.clone()),
+            Box::new(self.publish_duplicates.clone()),
             Box::new(self.publish_rejected.clone()),
             Box::new(self.dispatch_seconds.clone()),
             Box::new(self.fanout_size.clone()),

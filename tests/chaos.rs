@@ -276,8 +276,8 @@ fn fcall(url: &str, channels: &[&str], event: &Value) -> Outcome {
         cmd.arg(*c);
     }
     cmd.arg(event.to_string());
-    match cmd.query::<String>(&mut conn) {
-        Ok(id) => Outcome::Accepted(id),
+    match cmd.query::<(String, String)>(&mut conn) {
+        Ok((id, _)) => Outcome::Accepted(id),
         Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
             Outcome::Unknown(format!("FCALL: {e}"))
         }

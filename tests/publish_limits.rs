@@ -140,8 +140,8 @@ async fn redis_mode_keeps_each_channel_once() {
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_connection().unwrap();
     for (stream, channel) in [
-        ("wsgateway:history:1:session:3", "channel:session:3"),
-        ("wsgateway:history:1:branch:5", "channel:branch:5:admin"),
+        ("wsgateway:{1}:history:session:3", "channel:session:3"),
+        ("wsgateway:{1}:history:branch:5", "channel:branch:5:admin"),
     ] {
         let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
             .arg(stream)
@@ -167,7 +167,7 @@ async fn redis_mode_keeps_each_channel_once() {
             cmd.arg(format!("channel:session:{s}"));
         }
         cmd.arg(json!({"type": "X", "tenant_id": 1, "branch_id": 5}).to_string());
-        cmd.query::<String>(&mut client.get_connection().unwrap())
+        cmd.query::<Vec<String>>(&mut client.get_connection().unwrap())
     };
     let refused = fcall(CHANNELS + 1).unwrap_err().to_string();
     assert!(refused.contains("wsgateway too_many_channels"), "{refused}");

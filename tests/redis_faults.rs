@@ -367,21 +367,16 @@ async fn direct_publishers_get_numbering_history_and_resume_through_the_function
 }
 
 #[tokio::test]
-async fn numbering_that_goes_back_after_a_failover_lost_writes_is_followed() {
+async fn a_failover_that_lost_writes_reuses_no_number_and_says_so() {
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
-    // A reused number is a reused event id, which the de-duplication
-    // window would take for a repeat: in production a failover takes longer
-    // than the window (down-after-milliseconds, 30 s by default); here the
-    // window is made shorter than the reconnect instead.
     let gw = TestGateway::start_with(|c| {
         c.redis_url = Some(Secret(proxy.url()));
-        c.dedup_window_s = Secs(Duration::from_millis(100));
     })
     .await;
     gw.wait_connected().await;
     let (mut waiter, _) = gw.join("waiter", &staff(1, 1, &[5], &["WAITER"])).await;
-    let stream = "wsgateway:history:1:branch:5";
+    let stream = "wsgateway:{1}:history:branch:5";
     let mut ids = Vec::new();
     let mut after_first = None;
     for n in 1..=3 {
@@ -393,7 +388,7 @@ async fn numbering_that_goes_back_after_a_failover_lost_writes_is_followed() {
             // What a replica that missed the next two writes holds.
             let dump: Vec<u8> = server.query(redis::cmd("DUMP").arg(stream)).unwrap();
             let seq: String = server
-                .query(redis::cmd("GET").arg("wsgateway:history:seq"))
+                .query(redis::cmd("GET").arg("wsgateway:{1}:seq"))
                 .unwrap();
             after_first = Some((dump, seq));
         }
@@ -402,8 +397,10 @@ async fn numbering_that_goes_back_after_a_failover_lost_writes_is_followed() {
         ns(&mut waiter, Duration::from_millis(300)).await,
         vec![1, 2, 3]
     );
-    // That replica is promoted: the counter and the history are two
-    // events behind what the node delivered. The node reconnects.
+    // That replica is promoted: the counter and the history are two events
+    // behind what the node delivered, and the data was written by another
+    // server process (its run_id is in the tenant's marker). The node
+    // reconnects.
     let (dump, seq) = after_first.unwrap();
     let _: () = server
         .query(
@@ -415,14 +412,21 @@ async fn numbering_that_goes_back_after_a_failover_lost_writes_is_followed() {
         )
         .unwrap();
     let _: () = server
-        .query(redis::cmd("SET").arg("wsgateway:history:seq").arg(seq))
+        .query(redis::cmd("SET").arg("wsgateway:{1}:seq").arg(seq))
         .unwrap();
+    let _: () = server
+        .query(
+            redis::cmd("SET")
+                .arg("wsgateway:{1}:run")
+                .arg("another-server"),
+        )
+        .unwrap();
+    let _: () = server.query(redis::cmd("FUNCTION").arg("FLUSH")).unwrap();
     proxy.close_all();
     let resync = waiter.next_json().await.expect("a resync notice");
     assert_eq!(resync["type"], "resync", "{resync}");
     gw.wait_connected().await;
-    // The next events get numbers the node delivered once already: they
-    // are delivered, not skipped as old.
+    // The next event gets a number above every number given before.
     // (The command connection, closed too, may take a moment: 503.)
     let started = Instant::now();
     let id = loop {
@@ -438,7 +442,16 @@ async fn numbering_that_goes_back_after_a_failover_lost_writes_is_followed() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(id, ids[1], "the counter went back");
+    let number = |id: &str| id.parse::<u64>().unwrap();
+    assert!(
+        ids.iter().all(|old| number(old) < number(&id)),
+        "{id} after {ids:?}"
+    );
     assert_eq!(ns(&mut waiter, Duration::from_millis(500)).await, vec![4]);
+    // A resume from before the failover cannot be vouched for.
+    let (_, connected) = gw
+        .join_from("waiter", &staff(1, 1, &[5], &["WAITER"]), &ids[0])
+        .await;
+    assert_eq!(connected["recovered"], false, "{connected}");
     gw.stop().await;
 }

@@ -220,7 +220,7 @@ async fn a_demoted_master_is_left_for_the_promoted_replica() {
     // The events are on the new master, not lost on the demoted one.
     let kept: i64 = group
         .replica
-        .query(redis::cmd("XLEN").arg("wsgateway:history:1:branch:5"))
+        .query(redis::cmd("XLEN").arg("wsgateway:{1}:history:branch:5"))
         .unwrap();
     assert_eq!(kept, 6);
     gw.stop().await;

@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 
 use super::history::{MemoryHistory, frame_with_id};
 use super::{
-    Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Publication, Scope,
+    Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Publication,
+    Published, Scope,
 };
 use crate::auth::TenantId;
 use crate::channel::Channel;
@@ -34,7 +35,7 @@ impl EmbeddedBroker {
         }
     }
 
-    fn publish_now(&self, batch: Vec<Publication>) -> Vec<String> {
+    fn publish_now(&self, batch: Vec<Publication>) -> Vec<Published> {
         let _order = self.publishing.lock();
         batch
             .into_iter()
@@ -42,13 +43,22 @@ impl EmbeddedBroker {
                 let payload = publication.payload();
                 let caller_id = publication.fields.event_id.is_some();
                 let channels: Arc<[Channel]> = publication.channels.into();
-                let (id, frame) = self.history.append(&channels, &publication.fields, |id| {
+                let kept = self.history.append(&channels, &publication.fields, |id| {
                     if caller_id {
                         payload
                     } else {
                         frame_with_id(id, &payload)
                     }
                 });
+                let (id, frame) = match kept {
+                    Ok(kept) => kept,
+                    Err(id) => {
+                        return Published {
+                            id,
+                            duplicate: true,
+                        };
+                    }
+                };
                 let mut fields = publication.fields;
                 fields.event_id = Some(id.clone());
                 for &channel in channels.iter() {
@@ -58,14 +68,20 @@ impl EmbeddedBroker {
                         Err(why) => tracing::error!(%why, "unvalidated publication"),
                     }
                 }
-                id
+                Published {
+                    id,
+                    duplicate: false,
+                }
             })
             .collect()
     }
 }
 
 impl Broker for EmbeddedBroker {
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
+    fn publish(
+        &self,
+        batch: Vec<Publication>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>> {
         let ids = self.publish_now(batch);
         Box::pin(async move { Ok(ids) })
     }

@@ -46,11 +46,6 @@ impl Scope {
         }
     }
 
-    /// The Redis Stream that holds this scope's history.
-    pub fn redis_key(self) -> String {
-        format!("wsgateway:history:{}:{}", self.tenant(), self.suffix())
-    }
-
     /// The scope within its tenant: `branch:{b}`, `session:{s}`,
     /// `user:{u}` or `staff`, as the Redis keys and scope channels name it
     /// (`lua/wsgateway.lua` names them alike).
@@ -61,6 +56,23 @@ impl Scope {
             Scope::User(_, u) => format!("user:{u}"),
             Scope::TenantStaff(_) => "staff".to_owned(),
         }
+    }
+
+    /// The scope [`Scope::suffix`] names, of `tenant`.
+    pub fn from_suffix(tenant: TenantId, suffix: &str) -> Option<Scope> {
+        let id = |digits: &str| {
+            digits
+                .parse::<i64>()
+                .ok()
+                .filter(|n| n.to_string() == digits)
+        };
+        Some(match suffix.split_once(':') {
+            None if suffix == "staff" => Scope::TenantStaff(tenant),
+            Some(("branch", b)) => Scope::Branch(tenant, id(b)?),
+            Some(("session", s)) => Scope::Session(tenant, id(s)?),
+            Some(("user", u)) => Scope::User(tenant, id(u)?),
+            _ => return None,
+        })
     }
 
     pub fn tenant(self) -> TenantId {
@@ -263,16 +275,26 @@ impl MemoryHistory {
     }
 
     /// Keeps one publication; `frame_for` builds its frame from its id.
-    /// Returns the id and the frame.
+    /// Returns the id and the frame, or `Err` with the id when the tenant
+    /// used the caller's `event_id` within the history's age already (the
+    /// publication is a retry: nothing is kept again).
     pub fn append(
         &self,
         channels: &Arc<[Channel]>,
         fields: &Fields,
         frame_for: impl FnOnce(&str) -> String,
-    ) -> (String, Utf8Bytes) {
+    ) -> Result<(String, Utf8Bytes), String> {
         let now = unix_ms();
         let ttl_ms = self.limits.ttl.as_millis() as i64;
         let mut inner = self.inner.lock();
+        if let Some(caller) = &fields.event_id
+            && inner
+                .caller_ids
+                .get(&(fields.tenant_id, caller.clone()))
+                .is_some_and(|(_, kept)| now - kept <= ttl_ms)
+        {
+            return Err(caller.clone());
+        }
         inner.seq += 1;
         let seq = inner.seq;
         let id = fields.event_id.clone().unwrap_or_else(|| seq.to_string());
@@ -317,7 +339,7 @@ impl MemoryHistory {
                 log.max_trimmed = log.max_trimmed.max(trimmed.seq);
             }
         }
-        (id, frame)
+        Ok((id, frame))
     }
 
     /// The events after `cursor` in `scopes` (see [`Found`]).
@@ -386,6 +408,7 @@ mod tests {
         h.append(&Arc::from([channel]), f, |id| {
             frame_with_id(id, r#"{"type":"X"}"#)
         })
+        .expect("not a retry")
         .0
     }
 
@@ -399,7 +422,8 @@ mod tests {
         let f = fields(1, 5, None);
         let cursor = keep(&h, Channel::BranchAdmin(5), &f);
         let channels: Arc<[Channel]> = (0..100).map(Channel::Session).collect();
-        h.append(&channels, &f, |id| frame_with_id(id, r#"{"type":"X"}"#));
+        h.append(&channels, &f, |id| frame_with_id(id, r#"{"type":"X"}"#))
+            .unwrap();
         let cursor = Cursor::parse(&cursor).unwrap();
         let all: Vec<Scope> = std::iter::once(Scope::Branch(1, 5))
             .chain((0..100).map(|s| Scope::Session(1, s)))
@@ -464,6 +488,31 @@ mod tests {
             "unknown"
         );
         assert!(!h.after(1, &[b5], &Cursor::parse("nope").unwrap()).recovered);
+    }
+
+    #[test]
+    fn a_retried_caller_id_keeps_nothing_and_its_cursor_names_the_first() {
+        let h = MemoryHistory::new(HistoryLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+            max_replay: 10,
+        });
+        let first = keep(&h, Channel::BranchAdmin(5), &fields(1, 5, Some("pay-77")));
+        assert_eq!(first, "pay-77");
+        keep(&h, Channel::BranchAdmin(5), &fields(1, 5, None));
+        let retry = h.append(
+            &Arc::from([Channel::BranchAdmin(5)]),
+            &fields(1, 5, Some("pay-77")),
+            |id| frame_with_id(id, "{}"),
+        );
+        assert_eq!(retry.unwrap_err(), "pay-77");
+        let found = h.after(1, &[Scope::Branch(1, 5)], &Cursor::parse("pay-77").unwrap());
+        assert!(found.recovered);
+        assert_eq!(found.entries.len(), 1, "what came after the first");
+        assert!(
+            keep(&h, Channel::BranchAdmin(5), &fields(2, 5, Some("pay-77"))) == "pay-77",
+            "another tenant's ids are its own"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::redis::connector::Connector as RedisConnector;
 pub use self::redis::link::{LinkError, RedisLink, UnsupportedRedis};
+pub use self::redis::names::Names as RedisNames;
 pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
@@ -48,6 +49,16 @@ impl Publication {
     fn payload(&self) -> String {
         Value::Object(self.event.clone()).to_string()
     }
+}
+
+/// What publishing one event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event's id: the caller's `event_id`, or its number.
+    pub id: String,
+    /// The tenant had used this caller `event_id` within the history's age:
+    /// nothing was published, and `id` names the first publication.
+    pub duplicate: bool,
 }
 
 /// Why a broker could not do what it was asked.
@@ -91,9 +102,12 @@ pub trait Listeners: Send + Sync {
 
 pub trait Broker: Send + Sync {
     /// Publishes each event on its channels, so that every node receives it,
-    /// and keeps it in history; returns the event ids, one per publication,
-    /// in order.
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<Vec<String>, BrokerError>>;
+    /// and keeps it in history, unless its caller id was used already;
+    /// returns what each publication did, in order.
+    fn publish(
+        &self,
+        batch: Vec<Publication>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>>;
 
     /// What was kept in `scopes` after `cursor`, for a resuming client.
     fn resume(

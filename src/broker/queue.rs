@@ -11,6 +11,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::history::Scope;
 use crate::channel::Channel;
 use tungstenite::Utf8Bytes;
 
@@ -71,21 +72,42 @@ impl EventQueue {
     }
 
     /// Queues one numbered event (read once) on each of its channels;
-    /// `from_history` marks one filled into a subscription gap.
-    pub fn ingest_numbered(&self, channels: &[Channel], frame: Utf8Bytes, from_history: bool) {
+    /// `from_history` marks one filled into a subscription gap. A live
+    /// message names its `scope` (its scope channel's): the event must be
+    /// of that tenant and its channels of that scope, or it is dropped as
+    /// invalid. Returns whether it was queued.
+    pub fn ingest_numbered(
+        &self,
+        channels: &[Channel],
+        frame: Utf8Bytes,
+        from_history: bool,
+        scope: Option<Scope>,
+    ) -> bool {
         let fields = match Fields::parse(frame.as_str()) {
             Ok(fields) => fields,
             Err(reason) => {
                 self.metrics.dropped(Drop::Invalid);
                 tracing::warn!(%reason, "invalid numbered event dropped");
-                return;
+                return false;
             }
         };
+        if let Some(scope) = scope
+            && channels.iter().any(|c| Scope::of(*c, &fields) != scope)
+        {
+            self.metrics.dropped(Drop::Invalid);
+            tracing::warn!(
+                scope = %scope.suffix(),
+                "numbered event dropped: not of the tenant and scope of its channel"
+            );
+            return false;
+        }
+        let mut queued = false;
         for channel in channels {
             match Event::assemble(*channel, fields.clone(), frame.clone()) {
                 Ok(mut event) => {
                     event.from_history = from_history;
                     self.push(event);
+                    queued = true;
                 }
                 Err(reason) => {
                     self.metrics.dropped(Drop::Invalid);
@@ -93,6 +115,7 @@ impl EventQueue {
                 }
             }
         }
+        queued
     }
 
     /// Waits for events, then moves up to `max` of them into `out`.

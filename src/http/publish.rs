@@ -116,9 +116,17 @@ async fn answer(
     let batch = read_batch(&body, &rules)?;
     let n = batch.len() as u64;
     match state.broker.publish(batch).await {
-        Ok(ids) => {
-            state.metrics.events_published.inc_by(n);
-            Ok((StatusCode::ACCEPTED, Json(json!({"event_ids": ids}))).into_response())
+        Ok(published) => {
+            let duplicates = published.iter().filter(|p| p.duplicate).count() as u64;
+            state.metrics.events_published.inc_by(n - duplicates);
+            state.metrics.publish_duplicates.inc_by(duplicates);
+            let (ids, duplicate): (Vec<String>, Vec<bool>) =
+                published.into_iter().map(|p| (p.id, p.duplicate)).unzip();
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"event_ids": ids, "duplicates": duplicate})),
+            )
+                .into_response())
         }
         Err(BrokerError::Unavailable(why)) => {
             tracing::warn!(reason = %why, "publish refused: nothing was published");

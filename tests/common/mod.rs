@@ -90,6 +90,24 @@ impl TestGateway {
         (c, hello)
     }
 
+    /// Connects with `last_event_id` and reads the `connected` message.
+    pub async fn join_from(&self, endpoint: &str, token: &str, last: &str) -> (Client, Value) {
+        let param = if endpoint == "diner" {
+            "table_token"
+        } else {
+            "token"
+        };
+        let url = format!(
+            "ws://{}/ws/{endpoint}?{param}={token}&last_event_id={}",
+            self.addr,
+            urlencoding(last)
+        );
+        let mut c = Client::open(&url, None).await;
+        let hello = c.next_json().await.expect("a connected message");
+        assert_eq!(hello["type"], "connected", "{hello}");
+        (c, hello)
+    }
+
     /// `POST /api/publish` with the test key; returns status and body.
     pub async fn publish(&self, body: &Value) -> (u16, Value) {
         self.publish_raw(Some(API_KEY), body.to_string()).await
@@ -457,4 +475,17 @@ impl ServeProcess {
     pub async fn log_so_far(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+}
+
+/// Percent-encodes a query value.
+pub fn urlencoding(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -275,10 +275,21 @@ pub fn fcall(
     channels: &[&str],
     event: &serde_json::Value,
 ) -> redis::RedisResult<String> {
+    fcall_as(url, "wsgateway_publish", channels, event).map(|(id, _)| id)
+}
+
+/// `FCALL <function>` (a deployment's `wsgateway_publish`): the event's id
+/// and `published` or `duplicate`, or the function's refusal.
+pub fn fcall_as(
+    url: &str,
+    function: &str,
+    channels: &[&str],
+    event: &serde_json::Value,
+) -> redis::RedisResult<(String, String)> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("wsgateway_publish").arg(0);
+    cmd.arg(function).arg(0);
     for c in channels {
         cmd.arg(*c);
     }

@@ -158,6 +158,14 @@ impl Connector {
                 .into_connection_info()
                 .map_err(|e| bad_url(format!("not a Redis URL ({:?})", e.kind())))?
                 .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
+            // Pub/sub and functions ignore the database index: another
+            // database is no isolation without a prefix.
+            let db = info.redis_settings().db();
+            if db != 0 && config.redis_prefix.is_none() {
+                return Err(bad_url(format!(
+                    "selects database {db}, but Redis pub/sub and functions ignore the database: set WSGATEWAY_REDIS_PREFIX to keep this deployment apart"
+                )));
+            }
             infos.push(info);
         }
         let tls = match infos.iter().map(|i| is_tls(i.addr())).collect::<Vec<_>>() {

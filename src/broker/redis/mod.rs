@@ -21,6 +21,7 @@
 
 pub mod connector;
 pub mod link;
+pub mod names;
 mod subscriber;
 
 use std::sync::Arc;
@@ -32,31 +33,19 @@ use tokio_util::sync::CancellationToken;
 
 use self::connector::Connector;
 use self::link::{LinkError, RedisLink, UnsupportedRedis};
+use self::names::Names;
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
 use super::{
     Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Listeners,
-    Publication, Scope,
+    Publication, Published, Scope,
 };
 use crate::auth::TenantId;
 use crate::channel::Channel;
-use crate::event::unix_ms;
 use crate::metrics::Metrics;
-
-/// The function library (`FUNCTION LOAD`): numbers, keeps and publishes.
-const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
-
-/// Reads what a resuming client missed.
-static HISTORY: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("../lua/history.lua")));
 
 /// The oldest Redis major version with functions and `max-deleted-entry-id`.
 const MIN_MAJOR: u32 = 7;
-
-/// Where a caller-supplied `event_id` maps to its sequence number.
-fn caller_id_key(tenant: TenantId, id: &str) -> String {
-    format!("wsgateway:history:{tenant}:eid:{id}")
-}
 
 /// Timing of the Redis connections.
 #[derive(Debug, Clone, Copy)]
@@ -70,12 +59,15 @@ pub struct RedisTiming {
 }
 
 /// The bounds the function library applies, recorded in `wsgateway:config`
-/// for backends that call `wsgateway_publish` directly.
-#[derive(Debug, Clone, Copy)]
+/// for backends that call `wsgateway_publish` directly, and the
+/// deployment's names.
+#[derive(Debug, Clone)]
 pub struct RedisBounds {
     pub history: HistoryLimits,
     /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
     pub max_channels: usize,
+    /// `WSGATEWAY_REDIS_PREFIX`'s names.
+    pub names: Names,
 }
 
 /// What health reports of the Redis connections.
@@ -100,6 +92,7 @@ pub struct RedisBroker {
     condition: Mutex<Condition>,
     timing: RedisTiming,
     history: HistoryLimits,
+    names: Names,
     metrics: Arc<Metrics>,
 }
 
@@ -116,7 +109,8 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
     ) -> RedisBroker {
         let history = bounds.history;
-        let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds)));
+        let names = bounds.names.clone();
+        let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds.clone())));
         RedisBroker {
             link: RedisLink::new(connector, timing.timeout, Some(prepare)),
             queue,
@@ -128,6 +122,7 @@ impl RedisBroker {
             }),
             timing,
             history,
+            names,
             metrics,
         }
     }
@@ -268,12 +263,12 @@ async fn prepare(
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(LIBRARY)
+        .arg(bounds.names.library())
         .query_async::<String>(&mut conn)
         .await
         .map_err(refused)?;
     redis::cmd("FCALL")
-        .arg("wsgateway_configure")
+        .arg(bounds.names.function("wsgateway_configure"))
         .arg(0)
         .arg(bounds.history.size)
         .arg(bounds.history.ttl.as_millis() as u64)
@@ -305,7 +300,10 @@ fn check_version(info: &str) -> Result<(), UnsupportedRedis> {
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<Vec<String>, BrokerError>> {
+    fn publish(
+        &self,
+        batch: Vec<Publication>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>> {
         // One function call: the batch is numbered, kept and published
         // atomically, so every node sees the same ids.
         let mut items = Vec::with_capacity(batch.len());
@@ -339,16 +337,28 @@ impl Broker for RedisBroker {
         })
         .to_string();
         let mut fcall = redis::cmd("FCALL");
-        fcall.arg("wsgateway_publish_batch").arg(0).arg(spec);
+        fcall
+            .arg(self.names.function("wsgateway_publish_batch"))
+            .arg(0)
+            .arg(spec);
         for payload in &payloads {
             fcall.arg(payload);
         }
         Box::pin(async move {
-            self.call(|mut c| {
-                let fcall = fcall.clone();
-                async move { fcall.query_async::<Vec<String>>(&mut c).await }
-            })
-            .await
+            let (ids, duplicates) = self
+                .call(|mut c| {
+                    let fcall = fcall.clone();
+                    async move { fcall.query_async::<(Vec<String>, Vec<u8>)>(&mut c).await }
+                })
+                .await?;
+            Ok(ids
+                .into_iter()
+                .zip(duplicates.into_iter().chain(std::iter::repeat(0)))
+                .map(|(id, duplicate)| Published {
+                    id,
+                    duplicate: duplicate == 1,
+                })
+                .collect())
         })
     }
 
@@ -362,24 +372,28 @@ impl Broker for RedisBroker {
             Cursor::Seq(n) => (n.to_string(), n.to_string()),
             Cursor::Caller(id) => (id.clone(), String::new()),
         };
-        let mut keys = vec![caller_id_key(tenant, &id)];
-        keys.extend(scopes.iter().map(|s| s.redis_key()));
-        // Per stream: one past the resume bound is enough to see it crossed.
-        let max_replay = self.history.max_replay;
-        let size = self.history.size.min(max_replay.saturating_add(1));
-        let ttl_ms = self.history.ttl.as_millis() as i64;
+        // All keys of one tenant: one hash slot.
+        let mut fcall = redis::cmd("FCALL");
+        fcall
+            .arg(self.names.function("wsgateway_resume"))
+            .arg(scopes.len() + 1)
+            .arg(self.names.caller_id(tenant, &id));
+        for scope in &scopes {
+            fcall.arg(self.names.stream(*scope));
+        }
+        fcall
+            .arg(tenant)
+            .arg(&seq)
+            .arg(self.history.max_replay)
+            .arg(self.history.ttl.as_millis() as u64);
         Box::pin(async move {
             let raw = self
                 .call(|mut c| {
-                    let mut invocation = HISTORY.prepare_invoke();
-                    for key in &keys {
-                        invocation.key(key);
-                    }
-                    invocation.arg(&seq).arg(size);
-                    async move { invocation.invoke_async::<redis::Value>(&mut c).await }
+                    let fcall = fcall.clone();
+                    async move { fcall.query_async::<redis::Value>(&mut c).await }
                 })
                 .await?;
-            Ok(read_history(raw, ttl_ms, max_replay).unwrap_or_else(|| {
+            Ok(read_history(raw).unwrap_or_else(|| {
                 tracing::warn!("unexpected history answer from Redis; not recovered");
                 Found::default()
             }))
@@ -418,47 +432,28 @@ impl Broker for RedisBroker {
     }
 }
 
-/// Reads the history script's answer (see `lua/history.lua`); `None` when it
-/// is not in the expected shape. More than `max_replay` events after the
-/// cursor is "not recovered".
-fn read_history(raw: redis::Value, ttl_ms: i64, max_replay: usize) -> Option<Found> {
+/// Reads `wsgateway_resume`'s answer (see `lua/wsgateway.lua`); `None`
+/// when it is not in the expected shape. Anything but `ok` is "not
+/// recovered": the function vouches for every event after the cursor, or
+/// for none.
+fn read_history(raw: redis::Value) -> Option<Found> {
     use redis::Value;
     let Value::Array(mut top) = raw else {
         return None;
     };
-    let streams = top.pop()?;
-    let seq = match top.pop()? {
-        Value::Nil => return Some(Found::default()),
-        v => text(&v)?.parse::<u64>().ok()?,
-    };
-    let Value::Array(streams) = streams else {
+    let status = text(top.first()?)?;
+    if status != "ok" {
+        tracing::debug!(reason = %status, "resume not recovered");
+        return Some(Found::default());
+    }
+    let Value::Array(streams) = top.pop()? else {
         return None;
     };
-    let mut cursor_kept_ms = None;
     let mut merged = Merged::default();
-    for stream in streams {
-        let Value::Array(mut parts) = stream else {
-            return None;
-        };
-        let entries = parts.pop()?;
-        let first = stream_seq(&text(&parts.pop()?)?)?;
-        let trimmed: i64 = text(&parts.pop()?)?.parse().ok()?;
-        // The size bound removed entries, and what is left starts after the
-        // cursor: some of what the client missed may be gone.
-        if trimmed > 0 && first > seq {
-            return Some(Found::default());
-        }
+    for entries in streams {
         for entry in read_entries(entries)? {
-            if entry.seq == seq {
-                cursor_kept_ms = Some(entry.kept_ms);
-            } else if entry.seq > seq {
-                merged.add(entry);
-            }
+            merged.add(entry);
         }
-    }
-    let fresh = cursor_kept_ms.is_some_and(|kept| unix_ms().saturating_sub(kept) <= ttl_ms);
-    if !fresh || merged.len() > max_replay {
-        return Some(Found::default());
     }
     Some(Found {
         recovered: true,

@@ -19,7 +19,7 @@
 //! give back (trimmed, expired, or plain `PUBLISH`es never seen) is counted,
 //! and the affected connections get a `resync` frame.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,71 +30,167 @@ use tungstenite::Utf8Bytes;
 
 use super::connector::RoleError;
 use super::{RedisBroker, read_entries, text};
+use crate::auth::TenantId;
 use crate::broker::Scope;
 use crate::broker::backoff::Backoff;
 use crate::broker::history::Merged;
 use crate::channel::Channel;
+use crate::event::unix_ms;
 use crate::metrics::Drop;
 use crate::reply::ResyncReason;
 
-/// Where the function library publishes numbered events, per scope.
-const SCOPE_PREFIX: &str = "wsgateway:events:";
-const SCOPE_PATTERN: &str = "wsgateway:events:*";
-
-/// Scopes read per gap-fill script call.
+/// Scopes read per gap-fill call.
 const SCOPES_PER_READ: usize = 256;
 
-/// Reads what a node missed in a gap.
-static GAP: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("../lua/gap.lua")));
+/// How far ahead of Redis's clock a number may be and still be the
+/// function's: numbers follow the clock (in microseconds), and run ahead of
+/// it only by a burst of more than one event per microsecond, or by the
+/// jump after a reload (one second). A number beyond this is not trusted.
+const TRUST_AHEAD_US: u64 = 600_000_000;
 
-/// How far this node's delivery of numbered events has got.
-#[derive(Debug, Default)]
+/// A tenant's last number is taken as where its gap starts only when it is
+/// at most this far ahead of the clock when the subscription was last seen
+/// alive; else (a number that could not be trusted to mark the end of what
+/// arrived) the gap starts this far before that moment instead.
+const LEAD_US: u64 = 5_000_000;
+
+/// The last number delivered of a tenant, and the channels it was delivered
+/// on so far: the function publishes an event once per scope, each message
+/// with that scope's channels only.
+#[derive(Debug, Default, Clone)]
+struct Last {
+    n: u64,
+    on: Vec<Channel>,
+}
+
+/// How far this node's delivery of numbered events has got. Nothing a
+/// message says can make the node skip a later one: the only numbers that
+/// skip live messages are the counters a gap fill read from Redis itself.
+#[derive(Debug)]
 struct Position {
-    /// The highest number delivered (live or filled).
-    delivered: u64,
-    /// The channels that number was delivered on so far: the function
-    /// publishes an event once per scope, each message with that scope's
-    /// channels only, so one number arrives several times, on disjoint
-    /// channels.
-    delivered_on: HashSet<Channel>,
-    /// The sequence counter when the current subscription started: every
-    /// number after it reaches this node live.
-    baseline: u64,
+    /// Per tenant, the last event delivered (live or filled). Bounded: past
+    /// `MAX_TENANTS` it starts again (a gap then starts from the clock).
+    delivered: HashMap<TenantId, Last>,
+    /// What the last fill read: each tenant's counter then, and the scopes
+    /// it read. A live message of one of those scopes numbered up to the
+    /// counter was filled already.
+    filled: HashMap<TenantId, u64>,
+    filled_scopes: HashSet<Scope>,
+    /// Redis's clock minus this node's, in microseconds, as the last fill
+    /// measured it.
+    offset_us: i64,
+    /// When the subscription last showed it was alive (a message or a PONG).
+    alive: Instant,
     /// When the last plain (unnumbered) `PUBLISH` arrived.
     plain_seen: Option<Instant>,
 }
 
+const MAX_TENANTS: usize = 100_000;
+
+impl Default for Position {
+    fn default() -> Position {
+        Position {
+            delivered: HashMap::new(),
+            filled: HashMap::new(),
+            filled_scopes: HashSet::new(),
+            offset_us: 0,
+            alive: Instant::now(),
+            plain_seen: None,
+        }
+    }
+}
+
+/// What to do with a numbered message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Deliver it on these channels.
+    Deliver(Vec<Channel>),
+    /// The last fill delivered it already.
+    Filled,
+    /// Its number is beyond what Redis can have given.
+    Untrusted,
+}
+
 impl Position {
-    /// Everything up to this number was delivered or predates the
-    /// subscription.
-    fn high(&self) -> u64 {
-        self.delivered.max(self.baseline)
+    /// Redis's clock now, as this node estimates it, in microseconds.
+    fn redis_now_us(&self) -> u64 {
+        (unix_us() + self.offset_us).max(0) as u64
     }
 
-    /// Records event `seq` arriving on `channels`; returns those it was not
-    /// delivered on yet (none for an older number, already delivered).
-    fn fresh(&mut self, seq: u64, channels: &[Channel]) -> Vec<Channel> {
-        if seq < self.delivered {
-            return Vec::new();
-        }
-        if seq > self.delivered {
-            self.delivered = seq;
-            self.delivered_on.clear();
-        }
-        channels
-            .iter()
-            .copied()
-            .filter(|c| self.delivered_on.insert(*c))
-            .collect()
+    /// Redis's clock when the subscription was last seen alive.
+    fn redis_alive_us(&self) -> u64 {
+        let ago = self.alive.elapsed().as_micros() as u64;
+        self.redis_now_us().saturating_sub(ago)
     }
+
+    /// Judges message `n` of `scope` on `channels`; changes nothing.
+    fn judge(&mut self, scope: Scope, n: u64, channels: &[Channel]) -> Verdict {
+        if n > self.redis_now_us().saturating_add(TRUST_AHEAD_US) {
+            return Verdict::Untrusted;
+        }
+        let tenant = scope.tenant();
+        if let Some(&counter) = self.filled.get(&tenant) {
+            if n <= counter {
+                if self.filled_scopes.contains(&scope) {
+                    return Verdict::Filled;
+                }
+            } else {
+                // A tenant's numbers grow in the order Redis runs its
+                // calls: every later message is past the fill.
+                self.filled.remove(&tenant);
+            }
+        }
+        let fresh = match self.delivered.get(&tenant) {
+            Some(last) if last.n == n => channels
+                .iter()
+                .copied()
+                .filter(|c| !last.on.contains(c))
+                .collect(),
+            _ => channels.to_vec(),
+        };
+        Verdict::Deliver(fresh)
+    }
+
+    /// Records event `n` of `tenant` delivered on `channels`.
+    fn delivered(&mut self, tenant: TenantId, n: u64, channels: &[Channel]) {
+        if self.delivered.len() >= MAX_TENANTS && !self.delivered.contains_key(&tenant) {
+            self.delivered.clear();
+        }
+        let last = self.delivered.entry(tenant).or_default();
+        if n > last.n {
+            *last = Last { n, on: Vec::new() };
+        }
+        if n == last.n {
+            for c in channels {
+                if !last.on.contains(c) {
+                    last.on.push(*c);
+                }
+            }
+        }
+    }
+
+    /// Where `tenant`'s gap starts: events numbered after it may be missing.
+    fn gap_start(&self, tenant: TenantId) -> u64 {
+        let alive = self.redis_alive_us();
+        match self.delivered.get(&tenant) {
+            // The last event is read again: only some of its scopes'
+            // messages may have arrived (the rest are filled, the channels
+            // already delivered skipped).
+            Some(last) if last.n <= alive.saturating_add(LEAD_US) => last.n.saturating_sub(1),
+            // Nothing of this tenant arrived since the last fill, or its last
+            // number is not one to start from.
+            _ => alive.saturating_sub(LEAD_US),
+        }
+    }
+}
+
+fn unix_us() -> i64 {
+    unix_ms().saturating_mul(1000)
 }
 
 /// A stretch of time without a subscription.
 #[derive(Debug, Clone, Copy)]
 struct Gap {
-    /// Events numbered after this one may be missing.
-    after: u64,
     since: Instant,
 }
 
@@ -136,7 +232,6 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
                 // path: make the next call connect afresh.
                 broker.link.reset();
                 gap = Some(Gap {
-                    after: position.high(),
                     since: Instant::now(),
                 });
                 None
@@ -183,10 +278,9 @@ async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String)
             })?;
     }
     let mut pubsub = endpoint.client.get_async_pubsub().await.map_err(describe)?;
-    for pattern in Channel::PATTERNS {
+    for pattern in broker.names.patterns() {
         pubsub.psubscribe(pattern).await.map_err(describe)?;
     }
-    pubsub.psubscribe(SCOPE_PATTERN).await.map_err(describe)?;
     let (sink, stream) = pubsub.split();
     Ok((sink, stream, endpoint.addr))
 }
@@ -218,7 +312,7 @@ async fn listen(
                     return Some(format!("the master moved from {addr} to {master}"));
                 }
                 match tokio::time::timeout(timing.timeout, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => position.alive = Instant::now(),
                     Ok(Err(e)) => return Some(format!("PING failed: {}", connector.describe(&e))),
                     Err(_) => return Some(format!("no answer to PING within {:?}", timing.timeout)),
                 }
@@ -232,26 +326,50 @@ async fn listen(
 }
 
 fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
+    position.alive = Instant::now();
     let channel = m.get_channel_name();
     let payload = m.get_payload_bytes();
-    if !channel.starts_with(SCOPE_PREFIX) {
+    let scope_channels = broker.names.scope_channels();
+    let Some(scope) = channel.strip_prefix(scope_channels.as_str()) else {
         position.plain_seen = Some(Instant::now());
+        // The patterns are this deployment's: the prefix is there.
+        let seed = broker.names.seed_channel(channel).unwrap_or(channel);
         broker
             .queue
-            .ingest(channel, bytes::Bytes::copy_from_slice(payload));
-        return;
-    }
-    let Some((seq, channels, frame)) = read_numbered(payload) else {
-        broker.metrics.dropped(Drop::Invalid);
-        tracing::warn!(%channel, "malformed numbered event dropped");
+            .ingest(seed, bytes::Bytes::copy_from_slice(payload));
         return;
     };
-    // Another scope's share of an event is new; a share already delivered
-    // (by a gap fill, or a repeat) is skipped.
-    let fresh = position.fresh(seq, &channels);
-    if !fresh.is_empty() {
-        broker.queue.ingest_numbered(&fresh, frame, false);
+    let Some((scope, (n, channels, frame))) = read_scope(scope).zip(read_numbered(payload)) else {
+        broker.metrics.dropped(Drop::Invalid);
+        tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), "malformed numbered event dropped");
+        return;
+    };
+    match position.judge(scope, n, &channels) {
+        Verdict::Deliver(fresh) => {
+            if !fresh.is_empty()
+                && broker
+                    .queue
+                    .ingest_numbered(&fresh, frame, false, Some(scope))
+            {
+                position.delivered(scope.tenant(), n, &fresh);
+            }
+        }
+        Verdict::Filled => {}
+        Verdict::Untrusted => {
+            broker.metrics.dropped(Drop::UntrustedNumber);
+            tracing::warn!(%channel, number = n, "numbered event dropped: its number is beyond any Redis has given");
+        }
     }
+}
+
+/// Reads a scope channel's tail, `{<tenant>}:<scope>`.
+fn read_scope(tail: &str) -> Option<Scope> {
+    let (tenant, suffix) = tail.strip_prefix('{')?.split_once("}:")?;
+    let tenant = tenant
+        .parse::<TenantId>()
+        .ok()
+        .filter(|t| t.to_string() == tenant)?;
+    Scope::from_suffix(tenant, suffix)
 }
 
 /// Reads `n\n<channels>\n<frame>`.
@@ -263,25 +381,29 @@ fn read_numbered(payload: &[u8]) -> Option<(u64, Vec<Channel>, Utf8Bytes)> {
         .split(',')
         .map(|c| c.parse::<Channel>().ok())
         .collect::<Option<Vec<_>>>()?;
-    Some((
-        seq.parse().ok()?,
-        channels,
-        Utf8Bytes::from(frame.to_owned()),
-    ))
+    let seq = seq.parse().ok().filter(|_| !seq.starts_with('+'))?;
+    Some((seq, channels, Utf8Bytes::from(frame.to_owned())))
 }
 
 /// What one gap read found.
 #[derive(Default)]
 struct Filled {
-    /// The sequence counter when read (`None`: Redis has none yet).
-    counter: Option<u64>,
-    /// Kept events after the gap's start, by number.
-    entries: Merged,
-    /// Scopes whose history was trimmed past the gap's start.
+    /// Redis's clock when it read, microseconds.
+    redis_us: i64,
+    /// Per tenant read, its counter.
+    counters: HashMap<TenantId, u64>,
+    /// Kept events after each tenant's gap start, by number, and the
+    /// tenant of each.
+    entries: HashMap<TenantId, Merged>,
+    /// Scopes whose history was trimmed past their gap's start.
     trimmed: Vec<Scope>,
+    /// Scopes whose tenant's data was reloaded (a restart, a failover)
+    /// after their gap's start: what was written last before it may be
+    /// gone.
+    reloaded: Vec<Scope>,
 }
 
-/// Reads the new baseline and, after a gap, fills it: queues what history
+/// Measures Redis's clock and, after a gap, fills it: queues what history
 /// kept for this node's scopes, in order, and tells the connections what
 /// it could not.
 async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
@@ -289,22 +411,20 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         Some(_) => broker.listeners.scopes(),
         None => Vec::new(),
     };
-    // The last event delivered before the gap is read again: only some of
-    // its scopes' messages may have arrived (the rest are filled, the
-    // channels already delivered skipped).
-    let after = match gap {
-        Some(g) if g.after == position.delivered => g.after.saturating_sub(1),
-        Some(g) => g.after,
-        None => position.high(),
-    };
-    let read = read_gap(broker, &scopes, after).await;
+    let starts: Vec<u64> = scopes
+        .iter()
+        .map(|s| position.gap_start(s.tenant()))
+        .collect();
+    let asked_at = unix_us();
+    let read = read_gap(broker, &scopes, &starts).await;
+    if let Ok(filled) = &read {
+        // Halfway through the call: the error is half its time at most.
+        let local = (asked_at + unix_us()) / 2;
+        position.offset_us = filled.redis_us - local;
+    }
+    position.filled.clear();
+    position.filled_scopes.clear();
     let Some(gap) = gap else {
-        if let Ok(Filled {
-            counter: Some(n), ..
-        }) = read
-        {
-            position.baseline = n;
-        }
         return;
     };
     let metrics = &broker.metrics;
@@ -316,40 +436,30 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             return;
         }
     };
-    // No counter at all: Redis lost its data, and numbering starts again
-    // from the clock, above every number given before (see `lua/`).
-    if let Some(counter) = filled.counter
-        && counter < position.high()
-    {
-        // The counter went back: a failover lost writes the old master had
-        // not replicated, or Redis restarted without persistence. Numbers
-        // up to ours will be given again, to new events: deliver them
-        // (the position restarts at the counter), and tell every
-        // connection that history no longer matches what it saw.
-        tracing::warn!(
-            from = position.high(),
-            to = counter,
-            "Redis's event counter went back (a failover lost writes, or a restart without persistence)"
-        );
-        *position = Position {
-            baseline: counter,
-            plain_seen: position.plain_seen,
-            ..Position::default()
-        };
-        lost(broker, None, ResyncReason::HistoryUnavailable, gap);
-        return;
-    }
     let mut count = 0;
-    for entry in filled.entries.into_entries() {
-        let fresh = position.fresh(entry.seq, &entry.channels);
-        if !fresh.is_empty() {
-            count += 1;
-            broker.queue.ingest_numbered(&fresh, entry.frame, true);
+    for (tenant, merged) in filled.entries {
+        for entry in merged.into_entries() {
+            let fresh = match position.delivered.get(&tenant) {
+                Some(last) if last.n == entry.seq => entry
+                    .channels
+                    .iter()
+                    .copied()
+                    .filter(|c| !last.on.contains(c))
+                    .collect(),
+                _ => entry.channels.to_vec(),
+            };
+            if !fresh.is_empty()
+                && broker
+                    .queue
+                    .ingest_numbered(&fresh, entry.frame, true, None)
+            {
+                count += 1;
+                position.delivered(tenant, entry.seq, &fresh);
+            }
         }
     }
-    if let Some(n) = filled.counter {
-        position.baseline = position.baseline.max(n);
-    }
+    position.filled = filled.counters;
+    position.filled_scopes = scopes.into_iter().collect();
     metrics.gap_filled_events.inc_by(count as u64);
     let ttl = broker.history.ttl;
     let plain_recently = position
@@ -359,6 +469,17 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         lost(broker, None, ResyncReason::HistoryExpired, gap)
     } else if plain_recently {
         lost(broker, None, ResyncReason::UnnumberedEvents, gap)
+    } else if !filled.reloaded.is_empty() {
+        tracing::warn!(
+            scopes = filled.reloaded.len(),
+            "Redis's data was reloaded during the gap (a restart or a failover): what it wrote last may be lost"
+        );
+        lost(
+            broker,
+            Some(&filled.reloaded),
+            ResyncReason::HistoryUnavailable,
+            gap,
+        )
     } else if !filled.trimmed.is_empty() {
         metrics.dropped_n(Drop::Gap, filled.trimmed.len() as u64);
         lost(
@@ -405,37 +526,50 @@ fn lost(
     reason.as_str()
 }
 
-/// Reads the gap script's answers for `scopes` (in chunks).
-async fn read_gap(broker: &RedisBroker, scopes: &[Scope], after: u64) -> Result<Filled, String> {
+/// Reads `wsgateway_gap`'s answers for `scopes`, each from its start (in
+/// chunks); with no scopes, only Redis's clock.
+async fn read_gap(
+    broker: &RedisBroker,
+    scopes: &[Scope],
+    starts: &[u64],
+) -> Result<Filled, String> {
     let mut filled = Filled::default();
-    let chunks: Vec<&[Scope]> = if scopes.is_empty() {
-        vec![&[]]
-    } else {
-        scopes.chunks(SCOPES_PER_READ).collect()
-    };
-    for chunk in chunks {
-        let mut invocation = GAP.prepare_invoke();
+    let mut chunks: Vec<(&[Scope], &[u64])> = scopes
+        .chunks(SCOPES_PER_READ)
+        .zip(starts.chunks(SCOPES_PER_READ))
+        .collect();
+    if chunks.is_empty() {
+        chunks.push((&[], &[]));
+    }
+    let function = broker.names.function("wsgateway_gap");
+    for (chunk, starts) in chunks {
+        let mut fcall = redis::cmd("FCALL");
+        fcall.arg(&function).arg(chunk.len());
         for scope in chunk {
-            invocation.key(scope.redis_key());
+            fcall.arg(broker.names.stream(*scope));
         }
-        invocation
-            .arg(after.saturating_add(1))
-            .arg(broker.history.size.saturating_add(1));
+        fcall.arg(broker.history.size.saturating_add(1));
+        for (scope, start) in chunk.iter().zip(starts) {
+            fcall.arg(scope.tenant()).arg(*start);
+        }
         let raw = broker
             .link
-            .call(|mut c| async move { invocation.invoke_async::<redis::Value>(&mut c).await })
+            .call(|mut c| {
+                let fcall = fcall.clone();
+                async move { fcall.query_async::<redis::Value>(&mut c).await }
+            })
             .await
             .map_err(|e| e.to_string())?;
-        read_gap_answer(raw, chunk, after, &mut filled).ok_or("unexpected gap answer")?;
+        read_gap_answer(raw, chunk, starts, &mut filled).ok_or("unexpected gap answer")?;
     }
     Ok(filled)
 }
 
-/// Reads one answer of `lua/gap.lua` into `filled`.
+/// Reads one answer of `wsgateway_gap` into `filled`.
 fn read_gap_answer(
     raw: redis::Value,
     scopes: &[Scope],
-    after: u64,
+    starts: &[u64],
     filled: &mut Filled,
 ) -> Option<()> {
     use redis::Value;
@@ -445,24 +579,36 @@ fn read_gap_answer(
     let Value::Array(streams) = top.pop()? else {
         return None;
     };
-    filled.counter = match top.pop()? {
-        Value::Nil => None,
-        v => Some(text(&v)?.parse().ok()?),
+    let Value::Array(time) = top.pop()? else {
+        return None;
     };
-    for (scope, stream) in scopes.iter().zip(streams) {
+    let [secs, micros] = time.as_slice() else {
+        return None;
+    };
+    let secs: i64 = text(secs)?.parse().ok()?;
+    let micros: i64 = text(micros)?.parse().ok()?;
+    filled.redis_us = secs * 1_000_000 + micros;
+    for ((scope, &start), stream) in scopes.iter().zip(starts).zip(streams) {
         let Value::Array(mut parts) = stream else {
             return None;
         };
+        let epoch: u64 = text(&parts.pop()?)?.parse().ok()?;
+        let counter: u64 = text(&parts.pop()?)?.parse().ok()?;
         let entries = read_entries(parts.pop()?)?;
         let first: u64 = text(&parts.pop()?)?.parse().ok()?;
         let trimmed: i64 = text(&parts.pop()?)?.parse().ok()?;
+        filled.counters.insert(scope.tenant(), counter);
+        if epoch > start.saturating_add(1) {
+            filled.reloaded.push(*scope);
+        }
         // The size bound removed the entries before `first`; when `first`
         // is itself in the gap, some of them may have been too.
-        if trimmed > 0 && first > after.saturating_add(1) {
+        if trimmed > 0 && first > start.saturating_add(1) {
             filled.trimmed.push(*scope);
         }
-        for entry in entries.into_iter().filter(|e| e.seq > after) {
-            filled.entries.add(entry);
+        let merged = filled.entries.entry(scope.tenant()).or_default();
+        for entry in entries.into_iter().filter(|e| e.seq > start) {
+            merged.add(entry);
         }
     }
     Some(())
@@ -481,23 +627,91 @@ mod tests {
         assert_eq!(channels, vec![Channel::BranchAdmin(5), Channel::Session(7)]);
         assert_eq!(frame.as_str(), "{\"a\":\"x\\ny\"}");
         assert!(read_numbered(b"x\nchannel:branch:5:admin\n{}").is_none());
+        assert!(read_numbered(b"+1\nchannel:branch:5:admin\n{}").is_none());
         assert!(read_numbered(b"1\nchannel:nope\n{}").is_none());
         assert!(read_numbered(b"1\n{}").is_none());
     }
 
     #[test]
+    fn reads_scope_channels() {
+        assert_eq!(read_scope("{7}:branch:5"), Some(Scope::Branch(7, 5)));
+        assert_eq!(read_scope("{7}:staff"), Some(Scope::TenantStaff(7)));
+        assert_eq!(read_scope("{7}:session:9"), Some(Scope::Session(7, 9)));
+        for bad in [
+            "7:branch:5",
+            "{x}:staff",
+            "{7}:nope",
+            "{+7}:staff",
+            "{7}staff",
+        ] {
+            assert_eq!(read_scope(bad), None, "{bad}");
+        }
+    }
+
+    fn now_us() -> u64 {
+        unix_us() as u64
+    }
+
+    #[test]
+    fn a_number_beyond_redis_clock_changes_nothing() {
+        let mut p = Position::default();
+        let scope = Scope::Branch(1, 5);
+        let c = [Channel::BranchAdmin(5)];
+        for stray in [u64::MAX, now_us() + TRUST_AHEAD_US + 1_000_000] {
+            assert_eq!(p.judge(scope, stray, &c), Verdict::Untrusted);
+        }
+        assert!(p.delivered.is_empty());
+        assert_eq!(p.judge(scope, now_us(), &c), Verdict::Deliver(c.to_vec()));
+    }
+
+    #[test]
+    fn a_plausible_stray_never_silences_later_events() {
+        let mut p = Position::default();
+        let scope = Scope::Branch(1, 5);
+        let c = [Channel::BranchAdmin(5)];
+        let stray = now_us() + 60_000_000;
+        assert_eq!(p.judge(scope, stray, &c), Verdict::Deliver(c.to_vec()));
+        p.delivered(1, stray, &c);
+        let next = now_us();
+        assert_eq!(p.judge(scope, next, &c), Verdict::Deliver(c.to_vec()));
+        // And a gap after it starts from the clock, not from the stray.
+        assert!(p.gap_start(1) < next);
+    }
+
+    #[test]
+    fn only_the_scopes_a_fill_read_skip_what_it_filled() {
+        let mut p = Position::default();
+        let read = Scope::Branch(1, 5);
+        let joined_during_fill = Scope::Branch(1, 6);
+        let n = now_us();
+        p.filled.insert(1, n);
+        p.filled_scopes.insert(read);
+        let c5 = [Channel::BranchAdmin(5)];
+        let c6 = [Channel::BranchAdmin(6)];
+        assert_eq!(p.judge(read, n - 10, &c5), Verdict::Filled);
+        assert_eq!(
+            p.judge(joined_during_fill, n - 5, &c6),
+            Verdict::Deliver(c6.to_vec()),
+            "a scope registered during the fill gets its live events"
+        );
+        assert_eq!(p.judge(read, n + 1, &c5), Verdict::Deliver(c5.to_vec()));
+        assert!(
+            p.filled.is_empty(),
+            "past the fill, nothing more is skipped"
+        );
+    }
+
+    #[test]
     fn each_scopes_share_of_an_event_is_delivered_once() {
         let mut p = Position::default();
-        let (a, b, c) = (
-            Channel::Session(1),
-            Channel::Session(2),
-            Channel::BranchAdmin(5),
+        let (a, b) = (Channel::Session(1), Channel::BranchAdmin(5));
+        let n = now_us();
+        p.delivered(1, n, &[a]);
+        assert_eq!(
+            p.judge(Scope::Branch(1, 5), n, &[a, b]),
+            Verdict::Deliver(vec![b])
         );
-        assert_eq!(p.fresh(7, &[a]), vec![a]);
-        assert_eq!(p.fresh(7, &[b, c]), vec![b, c], "another scope's share");
-        assert_eq!(p.fresh(7, &[a, b, c]), vec![], "a whole-list repeat");
-        assert_eq!(p.fresh(6, &[a]), vec![], "older");
-        assert_eq!(p.fresh(8, &[a]), vec![a]);
-        assert_eq!(p.delivered, 8);
+        assert_eq!(p.gap_start(1), n - 1, "the last event is read again");
+        assert_eq!(p.gap_start(2) / 1_000_000, (now_us() - LEAD_US) / 1_000_000);
     }
 }

@@ -1,0 +1,153 @@
+//! The names a deployment uses on Redis: keys, channels, patterns and the
+//! function library, all under `WSGATEWAY_REDIS_PREFIX`.
+//!
+//! Redis pub/sub and functions ignore the database index, so two
+//! deployments on one server are kept apart by names alone. With the prefix
+//! `staging`, keys and channels start with `staging:` (the seed's channels
+//! too: `staging:channel:branch:5:waiters`) and the library and its
+//! functions with `staging_` (`FCALL staging_wsgateway_publish`). The empty
+//! prefix is the names of a deployment without one.
+//!
+//! Every key of a tenant carries the tenant as its hash tag,
+//! `wsgateway:{7}:…`, so that the keys of one call share one hash slot.
+
+use crate::auth::TenantId;
+use crate::broker::Scope;
+use crate::channel::Channel;
+use crate::config::RedisPrefix;
+
+/// The library's source: its name line and the two prefix lines are
+/// replaced at load.
+const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
+const NAME_LINE: &str = "#!lua name=wsgateway\n";
+const KEY_LINE: &str = "local KEY_PREFIX = ''\n";
+const FN_LINE: &str = "local FN_PREFIX = ''\n";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names {
+    /// `staging:`, or empty.
+    key: String,
+    /// `staging_`, or empty.
+    function: String,
+}
+
+impl Names {
+    pub fn new(prefix: Option<&RedisPrefix>) -> Names {
+        match prefix.map(RedisPrefix::as_str) {
+            None | Some("") => Names::default(),
+            Some(p) => Names {
+                key: format!("{p}:"),
+                function: format!("{p}_"),
+            },
+        }
+    }
+
+    /// A key or channel name under the prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.key)
+    }
+
+    /// A function of the library, as `FCALL` names it.
+    pub fn function(&self, name: &str) -> String {
+        format!("{}{name}", self.function)
+    }
+
+    /// The function library with this deployment's names.
+    pub fn library(&self) -> String {
+        let quoted = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
+        LIBRARY
+            .replacen(
+                NAME_LINE,
+                &format!("#!lua name={}wsgateway\n", self.function),
+                1,
+            )
+            .replacen(
+                KEY_LINE,
+                &format!("local KEY_PREFIX = '{}'\n", quoted(&self.key)),
+                1,
+            )
+            .replacen(
+                FN_LINE,
+                &format!("local FN_PREFIX = '{}'\n", quoted(&self.function)),
+                1,
+            )
+    }
+
+    /// The history stream of a scope (`lua/wsgateway.lua` names it alike).
+    pub fn stream(&self, scope: Scope) -> String {
+        self.key(&format!(
+            "wsgateway:{{{}}}:history:{}",
+            scope.tenant(),
+            scope.suffix()
+        ))
+    }
+
+    /// Where a caller-supplied `event_id` maps to its number.
+    pub fn caller_id(&self, tenant: TenantId, id: &str) -> String {
+        self.key(&format!("wsgateway:{{{tenant}}}:eid:{id}"))
+    }
+
+    /// What every scope channel starts with.
+    pub fn scope_channels(&self) -> String {
+        self.key("wsgateway:events:")
+    }
+
+    /// The patterns a node subscribes to: the seed's channels, then the
+    /// scope channels.
+    pub fn patterns(&self) -> Vec<String> {
+        Channel::PATTERNS
+            .iter()
+            .map(|p| self.key(p))
+            .chain(std::iter::once(self.key("wsgateway:events:*")))
+            .collect()
+    }
+
+    /// A seed channel's name without the prefix (`None`: not this
+    /// deployment's).
+    pub fn seed_channel<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.key.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_takes_the_prefix() {
+        let plain = Names::default().library();
+        assert_eq!(plain, LIBRARY, "no prefix: the source as written");
+        let staging = Names::new(Some(&"staging".parse().unwrap())).library();
+        assert!(staging.starts_with("#!lua name=staging_wsgateway\n"));
+        assert!(staging.contains("local KEY_PREFIX = 'staging:'\n"));
+        assert!(staging.contains("local FN_PREFIX = 'staging_'\n"));
+        for line in [NAME_LINE, KEY_LINE, FN_LINE] {
+            assert_eq!(LIBRARY.matches(line).count(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn every_name_is_under_the_prefix() {
+        let names = Names::new(Some(&"prod_1".parse().unwrap()));
+        let scope = Scope::Branch(7, 5);
+        assert_eq!(names.stream(scope), "prod_1:wsgateway:{7}:history:branch:5");
+        assert_eq!(
+            names.caller_id(7, "pay-1"),
+            "prod_1:wsgateway:{7}:eid:pay-1"
+        );
+        assert_eq!(
+            names.function("wsgateway_publish"),
+            "prod_1_wsgateway_publish"
+        );
+        assert!(names.patterns().iter().all(|p| p.starts_with("prod_1:")));
+        assert_eq!(
+            names.seed_channel("prod_1:channel:tenant:staff"),
+            Some("channel:tenant:staff")
+        );
+        assert_eq!(names.seed_channel("channel:tenant:staff"), None);
+        assert_eq!(
+            Names::default().stream(scope),
+            "wsgateway:{7}:history:branch:5"
+        );
+    }
+}
