@@ -195,6 +195,9 @@ impl RevocationCheck {
 pub enum TokenRefresh {
     Accepted,
     Rejected,
+    /// Refused unchecked: the connection's previous `refresh_token` was
+    /// still being checked (answered `refresh_in_progress`).
+    Busy,
 }
 
 impl TokenRefresh {
@@ -202,6 +205,7 @@ impl TokenRefresh {
         match self {
             TokenRefresh::Accepted => "accepted",
             TokenRefresh::Rejected => "rejected",
+            TokenRefresh::Busy => "busy",
         }
     }
 }
@@ -558,7 +562,11 @@ impl Metrics {
                 .with_label_values(&[u.as_str()])
                 .inc_by(0);
         }
-        for t in [TokenRefresh::Accepted, TokenRefresh::Rejected] {
+        for t in [
+            TokenRefresh::Accepted,
+            TokenRefresh::Rejected,
+            TokenRefresh::Busy,
+        ] {
             m.token_refreshes.with_label_values(&[t.as_str()]).inc_by(0);
         }
         // Exported at 0, so that alert rules on their rate see a series
