@@ -199,6 +199,9 @@ impl RevocationCheck {
 pub enum TokenRefresh {
     Accepted,
     Rejected,
+    /// Refused unchecked: the connection's previous `refresh_token` was
+    /// still being checked (answered `refresh_in_progress`).
+    Busy,
 }
 
 impl TokenRefresh {
@@ -206,6 +209,7 @@ impl TokenRefresh {
         match self {
             TokenRefresh::Accepted => "accepted",
             TokenRefresh::Rejected => "rejected",
+            TokenRefresh::Busy => "busy",
         }
     }
 }
@@ -570,7 +574,11 @@ impl Metrics {
                 .with_label_values(&[u.as_str()])
                 .inc_by(0);
         }
-        for t in [TokenRefresh::Accepted, TokenRefresh::Rejected] {
+        for t in [
+            TokenRefresh::Accepted,
+            TokenRefresh::Rejected,
+            TokenRefresh::Busy,
+        ] {
             m.token_refreshes.with_label_values(&[t.as_str()]).inc_by(0);
         }
         // Exported at 0, so that alert rules on their rate see a series

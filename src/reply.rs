@@ -106,6 +106,10 @@ pub enum ErrorCode {
     InvalidJson,
     /// A `refresh_token` whose token was refused; nothing changed.
     TokenRejected,
+    /// A `refresh_token` sent while the connection's previous one was still
+    /// being checked: refused unchecked; nothing changed, and the previous
+    /// one is still answered.
+    RefreshInProgress,
 }
 
 #[cfg(test)]
@@ -141,6 +145,13 @@ mod tests {
         assert_eq!(
             rejected.to_text().as_str(),
             r#"{"type":"error","code":"token_rejected"}"#
+        );
+        let busy = Reply::Error {
+            code: ErrorCode::RefreshInProgress,
+        };
+        assert_eq!(
+            busy.to_text().as_str(),
+            r#"{"type":"error","code":"refresh_in_progress"}"#
         );
         let r = Reply::Resync {
             reason: ResyncReason::HistoryTrimmed,

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::proxy::Proxy;
 use common::redis_server::RedisServer;
 use common::*;
 use serde_json::{Value, json};
@@ -359,6 +360,99 @@ async fn a_refresh_while_redis_fails_is_accepted_and_counted() {
     gw.assert_metric(r#"token_refreshes_total{outcome="accepted"}"#, 1.0)
         .await;
     assert_eq!(other.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.stop().await;
+}
+
+/// How long the revocation check of a refresh waits on a Redis that does
+/// not answer (`WSGATEWAY_REDIS_TIMEOUT_S`): far longer than the refusals
+/// below take to come back, even on a loaded machine.
+const STALL: Duration = Duration::from_secs(3);
+
+fn in_progress() -> Value {
+    json!({"type": "error", "code": "refresh_in_progress"})
+}
+
+/// While a refresh waits on a Redis that does not answer (its path
+/// black-holed), nothing queues behind it: each `refresh_token` sent
+/// meanwhile is answered at once with `refresh_in_progress`, before the
+/// first's answer, and changes nothing. The first is answered when its
+/// check gives up on Redis (fail open); once Redis answers again, the
+/// connection refreshes as before.
+#[tokio::test]
+async fn a_refresh_sent_while_one_is_checked_is_refused_at_once() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port);
+    let gw = TestGateway::start_with(|c| {
+        c.redis_url = Some(Secret(proxy.url()));
+        c.revoked_jti_key = Some("revoked:jti".into());
+        c.redis_timeout_s = Secs(STALL);
+    })
+    .await;
+    gw.wait_connected().await;
+    // Its admission checked the jti: the revocation link goes through the
+    // proxy, and so does every check after it.
+    let (mut waiter, _) = gw
+        .join("waiter", &with_jti("jti-first", unix_now() + 3600))
+        .await;
+    const ERRORS: &str = r#"wsgateway_revocation_checks_total{outcome="error"}"#;
+    let errors_before = count(&gw, ERRORS).await;
+
+    proxy.blackhole();
+    let stalled_exp = unix_now() + 7200;
+    let first = refresh_message(&with_jti("jti-stalled", stalled_exp));
+    waiter.send_text(&first).await;
+    const REFUSED: usize = 5;
+    for n in 0..REFUSED {
+        let token = with_jti(&format!("jti-refused-{n}"), stalled_exp + 60);
+        waiter.send_text(&refresh_message(&token)).await;
+    }
+    waiter.send_text(r#"{"type":"ping"}"#).await;
+    // The first cannot be answered before Redis's timeout: whatever comes
+    // before it came while it was being checked.
+    for n in 0..REFUSED {
+        let got = waiter.next_json().await.expect("an answer");
+        assert_eq!(got, in_progress(), "answer {n}");
+    }
+    assert_eq!(waiter.next_json().await.expect("a pong")["type"], "pong");
+    gw.assert_metric(r#"token_refreshes_total{outcome="busy"}"#, REFUSED as f64)
+        .await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="accepted"}"#, 0.0)
+        .await;
+
+    // Fail open, as at admission: the first is accepted, and only it.
+    let answer = waiter
+        .next_json_within(STALL + WAIT)
+        .await
+        .expect("the first refresh's answer");
+    assert_eq!(
+        answer,
+        json!({"type": "token_refreshed", "expires_at": stalled_exp})
+    );
+    gw.assert_metric(ERRORS, errors_before + 1.0).await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="accepted"}"#, 1.0)
+        .await;
+
+    // Redis answers again: the next refreshes are checked against it, one
+    // after the other's answer.
+    proxy.heal();
+    sadd(&server, "1:jti-revoked");
+    assert_eq!(
+        refresh(&mut waiter, &with_jti("jti-revoked", stalled_exp + 60)).await,
+        rejected()
+    );
+    let later_exp = stalled_exp + 3600;
+    assert_eq!(
+        refresh(&mut waiter, &with_jti("jti-after", later_exp)).await,
+        json!({"type": "token_refreshed", "expires_at": later_exp})
+    );
+    assert_eq!(waiter.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.assert_metric(ERRORS, errors_before + 1.0).await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="busy"}"#, REFUSED as f64)
+        .await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="rejected"}"#, 1.0)
+        .await;
+    gw.assert_metric(r#"token_refreshes_total{outcome="accepted"}"#, 2.0)
+        .await;
     gw.stop().await;
 }
 

@@ -15,7 +15,8 @@ pub enum ClientMessage {
     RefreshSectors,
     /// `refresh_token` with a string `token` (any endpoint): answered by
     /// the connection once the token is checked (`token_refreshed` or
-    /// `token_rejected`).
+    /// `token_rejected`), or at once with `refresh_in_progress` while its
+    /// previous one is still being checked.
     RefreshToken(NewToken),
     /// An object with a string `type` the endpoint does not handle.
     UnknownType,

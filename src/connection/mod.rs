@@ -98,7 +98,7 @@ struct Live {
     limiter: DefaultDirectRateLimiter,
     /// Whom a `refresh_token`'s token must name.
     owner: refresh::Owner,
-    /// `refresh_token`s being checked or waiting to be.
+    /// The `refresh_token` being checked, if any (one at most).
     refreshes: refresh::Refreshes,
 }
 
@@ -218,7 +218,7 @@ impl Live {
                         },
                     },
                     // A `refresh_token` checked: applied and answered here.
-                    () = this.refreshes.next(ctx, handle, this.owner), if this.refreshes.is_running() => {}
+                    () = this.refreshes.next(ctx, handle), if this.refreshes.is_running() => {}
                     inbound = socket.next() => {
                         let message = match inbound {
                             None => break End::Lost,
@@ -239,7 +239,8 @@ impl Live {
                                     ClientMessage::RefreshSectors => {
                                         ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
                                     }
-                                    // Checked beside the loop; answered in order.
+                                    // Checked beside the loop, one at a time: one
+                                    // sent meanwhile is refused at once.
                                     ClientMessage::RefreshToken(token) => {
                                         this.refreshes.push(ctx, handle, this.owner, token);
                                     }

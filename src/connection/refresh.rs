@@ -13,11 +13,15 @@
 //! `WSGATEWAY_REDIS_TIMEOUT_S`) or database (up to
 //! `WSGATEWAY_SECTOR_QUERY_TIMEOUT_S`) then stalls neither the client's
 //! events nor close requests. Nor is the work handed to a shared task as
-//! `refresh_sectors` is: its answer is the connection's own, and one
-//! connection's refreshes run one at a time, in the order sent, so a
-//! later token never loses to an earlier one that was slower to check.
+//! `refresh_sectors` is: its answer is the connection's own.
+//!
+//! A connection has at most one refresh under way, and nothing waits
+//! behind it: a `refresh_token` that arrives while one is being checked is
+//! answered at once with `refresh_in_progress` and its token dropped. So
+//! however long Redis or the database take, a connection holds one token
+//! for its refreshes, not one per message the rate limit lets through, and
+//! a later token never loses to an earlier one that was slower to check.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -74,13 +78,11 @@ impl Rejected {
 
 type Checking = Pin<Box<dyn Future<Output = Result<Refreshed, Rejected>> + Send>>;
 
-/// A connection's refreshes: the one being checked, and those sent after
-/// it, each checked once the one before is applied. Bounded in practice by
-/// the message rate limit times the checks' timeouts.
+/// A connection's refresh: the one being checked, if any. One at most:
+/// there is no queue behind it (see [`Refreshes::push`]).
 #[derive(Default)]
 pub(super) struct Refreshes {
     running: Option<Checking>,
-    waiting: VecDeque<NewToken>,
 }
 
 impl Refreshes {
@@ -90,7 +92,10 @@ impl Refreshes {
         self.running.is_some()
     }
 
-    /// Queues a refresh; its check starts now, or after those before it.
+    /// Starts checking a refresh; or, while another is being checked,
+    /// refuses it unchecked: answered at once with `refresh_in_progress`,
+    /// counted, and its token dropped here, so that an outage of Redis or
+    /// the database holds one token per connection, not a growing queue.
     pub(super) fn push(
         &mut self,
         ctx: &Arc<Context>,
@@ -98,31 +103,34 @@ impl Refreshes {
         owner: Owner,
         token: NewToken,
     ) {
-        if self.running.is_none() {
-            self.start(ctx, handle, owner, token);
-        } else {
-            self.waiting.push_back(token);
+        if self.running.is_some() {
+            drop(token);
+            ctx.metrics.token_refreshed(TokenRefresh::Busy);
+            // Debug: a client may send these at the rate limit for as long
+            // as an outage lasts; the counter says how many.
+            tracing::debug!("token refresh refused: another is being checked");
+            let reply = Reply::Error {
+                code: ErrorCode::RefreshInProgress,
+            };
+            handle.push(Outbound::reply(reply.to_text()));
+            return;
         }
-    }
-
-    fn start(&mut self, ctx: &Arc<Context>, handle: &ConnHandle, owner: Owner, token: NewToken) {
         let checking = check(ctx.clone(), handle.id, handle.endpoint, owner, token);
         self.running = Some(Box::pin(checking));
     }
 
-    /// Waits for the running check, applies its outcome, and starts the
-    /// next one. Cancel-safe: the check lives in `self`, not in this
-    /// future, so a `select!` that picks another branch loses nothing.
-    pub(super) async fn next(&mut self, ctx: &Arc<Context>, handle: &ConnHandle, owner: Owner) {
+    /// Waits for the running check and applies its outcome; the slot is
+    /// free again before the answer is queued, so a refresh the client
+    /// sends after reading it is checked. Cancel-safe: the check lives in
+    /// `self`, not in this future, so a `select!` that picks another branch
+    /// loses nothing.
+    pub(super) async fn next(&mut self, ctx: &Arc<Context>, handle: &ConnHandle) {
         let Some(running) = self.running.as_mut() else {
             return std::future::pending().await;
         };
         let checked = running.await;
         self.running = None;
         apply(ctx, handle, checked);
-        if let Some(token) = self.waiting.pop_front() {
-            self.start(ctx, handle, owner, token);
-        }
     }
 }
 

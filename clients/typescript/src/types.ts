@@ -127,7 +127,7 @@ export interface TokenRefreshedFrame {
   expires_at: number;
 }
 
-/** `unknown_message_type`, `invalid_message`, `invalid_json`, `token_rejected`, or another code. */
+/** `unknown_message_type`, `invalid_message`, `invalid_json`, `token_rejected`, `refresh_in_progress`, or another code. */
 export interface ErrorFrame {
   type: 'error';
   code: string;
