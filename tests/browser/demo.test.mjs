@@ -10,7 +10,11 @@
 // curl command works; after a restart the embedded history is gone, and
 // the page says `recovered: false`. Both: no console errors, no failed
 // request (the favicon included), no horizontal overflow at 390 px nor at
-// 1280 px.
+// 1280 px. And hostile values: a pasted URL, a `connected` frame (from a
+// stand-in gateway), an API key, each full of ;, $( ), backticks, quotes
+// and newlines: each command as the Copy button copies it, run by sh with
+// stubs for curl and wsgateway (shell_stub.mjs), runs exactly one command
+// with exactly the intended arguments.
 //
 // Needs the built gateway (WSGATEWAY_BIN, default target/debug/wsgateway),
 // Chromium (CHROMIUM_BIN, default /usr/bin/chromium), curl, redis-cli and a
@@ -20,11 +24,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
-import { randomInt } from 'node:crypto';
+import { createHash, randomInt } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import { promisify } from 'node:util';
 import puppeteer from 'puppeteer-core';
+import { HOSTILE, shellStubs } from './shell_stub.mjs';
 
 const run = promisify(execFile);
 const ROOT = new URL('../../', import.meta.url).pathname;
@@ -360,4 +366,155 @@ test('dev: development tokens, the printed curl command, and recovered: false af
 
   await checkLayouts(page, { mobile: true });
   assert.deepEqual(problems, []);
+});
+
+/**
+ * A stand-in for the gateway a pasted URL names: it accepts a WebSocket on
+ * any path and sends `fake.frame` as its `connected`, then says nothing
+ * more (the client's heartbeat is 30 s away).
+ */
+async function fakeGateway() {
+  const sockets = new Set();
+  const server = http.createServer((_req, res) => res.writeHead(404).end());
+  const fake = { frame: null, port: 0 };
+  server.on('upgrade', (req, socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    socket.on('error', () => {});
+    const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64');
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+    const payload = Buffer.from(JSON.stringify(fake.frame));
+    assert.ok(payload.length < 65536);
+    // One unmasked text frame, FIN set.
+    const head = payload.length < 126 ? Buffer.from([0x81, payload.length]) : Buffer.from([0x81, 126, payload.length >> 8, payload.length & 255]);
+    socket.write(Buffer.concat([head, payload]));
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  fake.port = server.address().port;
+  fake.close = () => {
+    for (const s of sockets) s.destroy();
+    return new Promise((resolve) => server.close(resolve));
+  };
+  return fake;
+}
+
+/** The example the page offers for an audience, as the arguments it should come to. */
+function example({ endpoint, tenant_id, branch_id, session_id }) {
+  const base = { tenant_id, branch_id };
+  switch (endpoint) {
+    case 'kitchen': return { channel: `channel:branch:${branch_id}:kitchen`, event: { type: 'ROUND_SUBMITTED', ...base, entity: { round_id: 1 } } };
+    case 'diner': return { channel: `channel:session:${session_id}`, event: { type: 'PAYMENT_APPROVED', ...base, session_id } };
+    default: return { channel: `channel:branch:${branch_id}:waiters`, event: { type: 'ROUND_READY', ...base, table_id: 12 } };
+  }
+}
+
+const isJson = (want) => (arg) => assert.deepEqual(JSON.parse(arg), want, `JSON argument ${arg}`);
+
+/** What the Copy button of a command puts on the clipboard; it is also the text shown. */
+async function copied(page, name) {
+  await page.browserContext().overridePermissions(new URL(page.url()).origin, ['clipboard-read', 'clipboard-write', 'clipboard-sanitized-write']);
+  const button = `#publish-commands button[data-command="${name}"]`;
+  await page.click(button);
+  await until(page, `the ${name} command on the clipboard`, (b) => document.querySelector(b).textContent === 'Copied', button);
+  const text = await page.evaluate(() => navigator.clipboard.readText());
+  assert.equal(text, await page.$eval(button, (b) => b.parentElement.querySelector('pre').textContent), `the ${name} command copied is the one shown`);
+  return text;
+}
+
+/**
+ * Copies the page's two commands, runs each with sh (stubs for curl and
+ * wsgateway) and checks it runs exactly its command with exactly these
+ * arguments. `key` undefined: the commands name $WSGATEWAY_API_KEY, set
+ * here to a hostile value.
+ */
+async function assertCommands(page, stubs, { base, key, audience }) {
+  assert.equal(await page.$$eval('#publish-commands pre', (l) => l.length), 2, 'the page shows two commands');
+  const curl = await copied(page, 'curl');
+  const cli = await copied(page, 'cli');
+  const { channel, event } = example(audience);
+  const env = key === undefined ? { WSGATEWAY_API_KEY: HOSTILE.join('') } : {};
+  const apiKey = key ?? env.WSGATEWAY_API_KEY;
+  await stubs.assertRuns(curl, 'curl', ['-sS', '-g', '-X', 'POST', `${base}/api/publish`, '-H', `Authorization: Bearer ${apiKey}`,
+    '-H', 'Content-Type: application/json', '-d', isJson({ channel, event })], env);
+  await stubs.assertRuns(cli, 'wsgateway', ['publish', '--url', base, '--api-key', apiKey, '--channel', channel, '--event', isJson(event)], env);
+}
+
+/** Puts `url` in the input as a paste would, and connects. */
+async function pasteAndConnect(page, url) {
+  await page.$eval('#input', (e, v) => { e.value = v; e.dispatchEvent(new Event('input')); }, url);
+  await page.click('#connect');
+}
+
+/** What the browser makes of a URL: the page reads it so. */
+const parsedUrl = (page, url) => page.evaluate((u) => { const x = new URL(u); return { host: x.host, pathname: x.pathname }; }, url);
+
+test('hostile values: each copyable command runs exactly curl or wsgateway, with exactly the values', async (t) => {
+  const port = await freePort();
+  const gateway = await new GatewayProcess('dev', port, {}).ready();
+  t.after(() => gateway.kill());
+  const fake = await fakeGateway();
+  t.after(() => fake.close());
+  const stubs = await shellStubs();
+  t.after(() => stubs.close());
+  const browser = await launch();
+  t.after(() => browser.close());
+  const pageUrl = `http://127.0.0.1:${port}/`;
+
+  // A pasted URL naming a gateway (the stand-in) under a hostile path, whose
+  // `connected` holds hostile ids. The page builds its commands from both.
+  {
+    const { page, problems } = await openPage(browser);
+    await page.goto(pageUrl, { waitUntil: 'load', timeout: STEP_MS });
+    await until(page, 'the development tokens', () => document.querySelectorAll('#dev-token-buttons button').length === 4);
+    const prefix = `/p;touch$IFS$MARK;x'$(touch$IFS$MARK)'\`touch$IFS$MARK\`"[1-2]&a=b`;
+    for (const [endpoint, param] of [['waiter', 'token'], ['diner', 'table_token']]) {
+      const audience = { endpoint, tenant_id: `1'; touch $MARK; '$(touch$IFS$MARK)`, branch_id: HOSTILE.join(' '), session_id: HOSTILE.slice().reverse().join('\n') };
+      fake.frame = endpoint === 'diner'
+        ? { type: 'connected', endpoint, tenant_id: audience.tenant_id, branch_id: audience.branch_id, session_id: audience.session_id, table_id: 12, heartbeat_interval_s: 30 }
+        : { type: 'connected', endpoint, user_id: 7, tenant_id: audience.tenant_id, branch_ids: [audience.branch_id], sector_ids: null, heartbeat_interval_s: 30 };
+      const pasted = `ws://127.0.0.1:${fake.port}${prefix}/ws/${endpoint}?${param}=t${endpoint}`;
+      const { pathname } = await parsedUrl(page, pasted);
+      const base = `http://127.0.0.1:${fake.port}${pathname.slice(0, -`/ws/${endpoint}`.length)}`;
+      assert.ok(base.includes(';touch$IFS$MARK;') && base.includes("'$(touch$IFS$MARK)'"), `the browser kept the path's ; ' $( ): ${base}`);
+      await pasteAndConnect(page, pasted);
+      await until(page, `connected on ${endpoint}`, (n) => document.querySelectorAll('.entry[data-type="connected"]').length === n, endpoint === 'diner' ? 2 : 1);
+      await assertCommands(page, stubs, { base, key: 'wsgateway-dev-api-key', audience });
+    }
+
+    // An id with a control character (a Tab completes, in a terminal): no command.
+    fake.frame = { type: 'connected', endpoint: 'waiter', user_id: 7, tenant_id: 1, branch_ids: ['5\t;touch $MARK'], sector_ids: null, heartbeat_interval_s: 30 };
+    await pasteAndConnect(page, `ws://127.0.0.1:${fake.port}/ws/waiter?token=t`);
+    await until(page, 'the third connected', () => document.querySelectorAll('.entry[data-type="connected"]').length === 3);
+    assert.equal(await page.$$eval('#publish-commands pre', (l) => l.length), 0, 'a command with a Tab in it is shown');
+    assert.match(await page.$eval('#publish-hint', (e) => e.textContent), /no command to copy, a value holds a control or invisible character/);
+    assert.deepEqual(problems, []);
+  }
+
+  // A pasted URL whose host is hostile (nothing answers there): the commands are built at once.
+  {
+    const { page } = await openPage(browser);
+    await page.goto(pageUrl, { waitUntil: 'load', timeout: STEP_MS });
+    await until(page, 'the development tokens', () => document.querySelectorAll('#dev-token-buttons button').length === 4);
+    const pasted = "ws://a;touch$IFS$MARK;b$(touch$IFS$MARK)`touch$IFS$MARK`'q'&c{x,y}/ws/kitchen?token=t";
+    const { host } = await parsedUrl(page, pasted);
+    assert.ok(host.includes(';') && host.includes('$(') && host.includes('`'), `the browser kept the host's ; $( \`: ${host}`);
+    await pasteAndConnect(page, pasted);
+    await until(page, 'the kitchen endpoint', () => document.getElementById('fact-endpoint').textContent === 'kitchen');
+    await assertCommands(page, stubs, { base: `http://${host}`, key: 'wsgateway-dev-api-key', audience: { endpoint: 'kitchen', tenant_id: 1, branch_id: 5 } });
+  }
+
+  // The API key of session.json (here a hostile one), and none: "$WSGATEWAY_API_KEY".
+  for (const key of [HOSTILE.join(''), undefined]) {
+    const { page, problems } = await openPage(browser);
+    await page.setRequestInterception(true);
+    page.on('request', (req) => {
+      if (!req.url().endsWith('/demo/session.json')) return req.continue();
+      return req.respond({ status: 200, contentType: 'application/json', body: JSON.stringify({ dev: key !== undefined, api_key: key ?? null, tokens: [] }) });
+    });
+    await page.goto(pageUrl, { waitUntil: 'load', timeout: STEP_MS });
+    const said = key === undefined ? "the gateway's WSGATEWAY_API_KEY" : 'the development API key';
+    await until(page, `commands with ${said}`, (s) => document.getElementById('publish-hint').textContent.endsWith(`with ${s}:`), said);
+    await assertCommands(page, stubs, { base: `http://127.0.0.1:${port}`, key, audience: { endpoint: 'waiter', tenant_id: 1, branch_id: 5 } });
+    assert.deepEqual(problems, []);
+  }
 });
