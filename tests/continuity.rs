@@ -249,8 +249,8 @@ async fn deployments_on_one_server_never_meet() {
     let s = staging
         .publish_one(channel, event("ROUND_READY", 1, 5))
         .await;
-    assert_eq!(ids(&mut at_prod, quiet).await, [p.clone()]);
-    assert_eq!(ids(&mut at_staging, quiet).await, [s.clone()]);
+    assert_eq!(ids(&mut at_prod, quiet).await, std::slice::from_ref(&p));
+    assert_eq!(ids(&mut at_staging, quiet).await, [s]);
     assert!(ids(&mut at_bare, quiet).await.is_empty());
 
     // Through each deployment's function.
