@@ -354,3 +354,77 @@ async fn a_retried_caller_id_hides_nothing_through_redis() {
     assert_eq!((id.as_str(), status.as_str()), ("pay-77", "duplicate"));
     gw.stop().await;
 }
+
+/// The README's ACL lines, as written there.
+fn readme_acl() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("<!-- acl:begin -->")
+        .expect("README's ACL block");
+    let end = readme.find("<!-- acl:end -->").expect("README's ACL block");
+    readme[start..end]
+        .lines()
+        .filter(|l| l.starts_with("ACL SETUSER"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_acl_users_publish_as_it_says() {
+    let server = RedisServer::start();
+    let gw = redis_gateway(server.url(), None).await;
+    let lines = readme_acl();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        let mut cmd = redis::cmd("ACL");
+        for word in line.split_whitespace().skip(1) {
+            cmd.arg(word);
+        }
+        let _: () = server.query(&cmd).unwrap();
+    }
+    let (mut waiter, _) = gw.join("waiter", &staff(7, 1, &[5], &["WAITER"])).await;
+    let url = |user: &str| format!("redis://{user}:{user}-secret@127.0.0.1:{}", server.port);
+    let plain = |id: &str| {
+        json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "event_id": id}).to_string()
+    };
+    let channel = "channel:branch:5:waiters";
+    let gateway_channel = "wsgateway:events:{1}:branch:5";
+
+    // publisher: the seed's channels only.
+    assert_eq!(publish_to(&url("publisher"), channel, &plain("p1")), 1);
+    let client = redis::Client::open(url("publisher")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let refused = redis::cmd("PUBLISH")
+        .arg(gateway_channel)
+        .arg("1\nchannel:branch:5:waiters\n{}")
+        .query::<i64>(&mut conn)
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_uppercase().contains("NOPERM"),
+        "{refused}"
+    );
+    let refused = fcall(&url("publisher"), &[channel], &event("X", 1, 5)).unwrap_err();
+    assert!(
+        refused.to_string().to_uppercase().contains("NOPERM"),
+        "{refused}"
+    );
+
+    // backend: the seed's channels and the function.
+    assert_eq!(publish_to(&url("backend"), channel, &plain("b1")), 1);
+    let f = fcall(&url("backend"), &[channel], &event("ROUND_SERVED", 1, 5)).unwrap();
+    // What it may PUBLISH on the gateway's channels changes nothing.
+    publish_to(
+        &url("backend"),
+        gateway_channel,
+        "99999999999999999999\nchannel:branch:5:waiters\n{}",
+    );
+    publish_to(&url("backend"), gateway_channel, "garbage");
+    let after = gw.publish_one(channel, event("ROUND_READY", 1, 5)).await;
+    assert_eq!(
+        ids(&mut waiter, Duration::from_millis(500)).await,
+        ["p1".to_owned(), "b1".to_owned(), f, after]
+    );
+    gw.assert_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", 2.0)
+        .await;
+    gw.stop().await;
+}

@@ -121,7 +121,10 @@ local checked = {}
 -- this server process; if another one wrote it (a restart from a snapshot
 -- or AOF, a failover), moves the tenant's epoch past every number given
 -- before. A tenant without the marker has no data worth vouching for (new,
--- or flushed): its old cursors find no history.
+-- or flushed): its old cursors find no history. Only the gateway's own
+-- calls check: a backend's `wsgateway_publish` runs with the backend's
+-- ACL, which need not allow INFO; its numbers never go back anyway, and a
+-- resume or a gap fill checks before it reads.
 local function check_data(tenant, now)
   if checked[tenant] then
     return
@@ -167,7 +170,6 @@ end
 -- names of scope k (each name in one scope only), `payload` the event's
 -- JSON text. Returns the id and whether it was a duplicate.
 local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now)
-  check_data(tenant, now)
   local eid_key
   if caller_id ~= '' then
     eid_key = key(tenant, 'eid:' .. caller_id)
@@ -282,6 +284,7 @@ local function publish_batch(keys, args)
   local now = redis.call('TIME')
   local ids, duplicates = {}, {}
   for i, item in ipairs(spec.items) do
+    check_data(item.t, now)
     local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now)
     ids[i] = id
     duplicates[i] = duplicate and 1 or 0
