@@ -336,6 +336,7 @@ fn build_broker(
         RedisBounds {
             history,
             max_channels: config.max_publish_channels,
+            stale_event: config.stale_event_s.0,
         },
         queue.clone(),
         hub.clone(),
