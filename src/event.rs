@@ -36,8 +36,62 @@ pub const KNOWN_TYPES: &[&str] = &[
     "SECTOR_ASSIGNMENT_CHANGED",
 ];
 
+/// The gateway's own frame types (`crate::reply::Reply`, PROTOCOL.md §5
+/// "Reserved types"): an event of one of these types would pass for a
+/// protocol frame, so every way in refuses it. The Redis function library
+/// (`src/broker/lua/wsgateway.lua`) has the same list; a unit test keeps
+/// the two equal.
+pub const RESERVED_TYPES: &[&str] = &[
+    "connected",
+    "pong",
+    "error",
+    "resync",
+    "token_refreshed",
+    "sectors_updated",
+];
+
 /// Longest caller-supplied `event_id`, in bytes.
 pub const MAX_EVENT_ID_BYTES: usize = 128;
+
+/// Why an event is refused, the same whichever way it comes in
+/// (PROTOCOL.md §5, "Refusals"): the publish API's 400 `error` code, the
+/// Redis function's error code (`ERR wsgateway <code>: ...`), and, as
+/// `crate::metrics::Drop`, the reason a plain `PUBLISH` of it is dropped
+/// and counted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A rule of §5 broken: not an object, a field missing or of the wrong
+    /// type, a bad `event_id`, or disagreement with a channel.
+    InvalidEvent,
+    /// A type of [`RESERVED_TYPES`].
+    ReservedType,
+    /// A `ts` older than `WSGATEWAY_STALE_EVENT_S`.
+    StaleEvent,
+    /// A channel name that is not one of the seven families.
+    UnknownChannel,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::InvalidEvent,
+        Refusal::ReservedType,
+        Refusal::StaleEvent,
+        Refusal::UnknownChannel,
+    ];
+
+    /// The publish API's and the function's error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Refusal::InvalidEvent => "invalid_event",
+            Refusal::ReservedType => "reserved_type",
+            Refusal::StaleEvent => "stale_event",
+            Refusal::UnknownChannel => "unknown_channel",
+        }
+    }
+}
+
+/// What a stale event is refused with (the function's text is the same).
+pub const STALE_DETAIL: &str = "the event's `ts` is older than the stale limit";
 
 /// Why an event was refused. Each variant is a metric reason and an API
 /// error detail; none of them echoes the event's content.
@@ -57,6 +111,20 @@ pub enum InvalidEvent {
     BadEventId,
     #[error("the event's `{0}` differs from its channel's")]
     ChannelMismatch(&'static str),
+    /// The type is one of [`RESERVED_TYPES`] (named from that list, never
+    /// from the event).
+    #[error("the type `{0}` is reserved for the gateway's own frames")]
+    ReservedType(&'static str),
+}
+
+impl InvalidEvent {
+    /// The refusal this is, on every way in.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            InvalidEvent::ReservedType(_) => Refusal::ReservedType,
+            _ => Refusal::InvalidEvent,
+        }
+    }
 }
 
 /// The routing fields of an event.
@@ -85,6 +153,9 @@ impl Fields {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(_) => return Err(InvalidEvent::WrongType("type")),
         };
+        if let Some(reserved) = RESERVED_TYPES.iter().find(|t| **t == event_type) {
+            return Err(InvalidEvent::ReservedType(reserved));
+        }
         let tenant_id = required_int(obj, "tenant_id")?;
         let branch_id = required_int(obj, "branch_id")?;
         let sector_id = optional_int(obj, "sector_id")?;
@@ -373,8 +444,40 @@ mod tests {
             ),
             (
                 "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1.0,"branch_id":5}"#,
+                InvalidEvent::WrongType("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":1,"branch_id":5e0}"#,
+                InvalidEvent::WrongType("branch_id"),
+            ),
+            (
+                // serde_json reads `-0` as a float.
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":-0,"branch_id":5}"#,
+                InvalidEvent::WrongType("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"X","tenant_id":9223372036854775808,"branch_id":5}"#,
+                InvalidEvent::WrongType("tenant_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
                 r#"{"type":"X","tenant_id":1,"branch_id":5,"sector_id":"a"}"#,
                 InvalidEvent::WrongType("sector_id"),
+            ),
+            (
+                "channel:branch:5:waiters",
+                r#"{"type":"pong","tenant_id":1,"branch_id":5}"#,
+                InvalidEvent::ReservedType("pong"),
+            ),
+            (
+                // Checked right after `type`, before the other fields.
+                "channel:branch:5:waiters",
+                r#"{"type":"res\u0079nc"}"#,
+                InvalidEvent::ReservedType("resync"),
             ),
             (
                 "channel:branch:5:waiters",
@@ -418,6 +521,25 @@ mod tests {
         assert_eq!(
             parse("channel:session:1", &long_id.to_string()).unwrap_err(),
             InvalidEvent::BadEventId
+        );
+    }
+
+    #[test]
+    fn every_reserved_type_is_refused_as_reserved_and_only_those() {
+        for t in RESERVED_TYPES {
+            let text = json!({"type": t, "tenant_id": 1, "branch_id": 5}).to_string();
+            let why = parse("channel:branch:5:admin", &text).unwrap_err();
+            assert_eq!(why, InvalidEvent::ReservedType(t));
+            assert_eq!(why.refusal(), Refusal::ReservedType);
+            assert_eq!(why.refusal().code(), "reserved_type");
+        }
+        for t in ["Pong", "CONNECTED", "pong ", "ping", "error_x"] {
+            let text = json!({"type": t, "tenant_id": 1, "branch_id": 5}).to_string();
+            assert!(parse("channel:branch:5:admin", &text).is_ok(), "{t}");
+        }
+        assert_eq!(
+            InvalidEvent::WrongType("ts").refusal().code(),
+            "invalid_event"
         );
     }
 

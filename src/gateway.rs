@@ -337,6 +337,7 @@ fn build_broker(
             history,
             max_channels: config.max_publish_channels,
             names: RedisNames::new(config.redis_prefix.as_ref()),
+            stale_event: config.stale_event_s.0,
         },
         queue.clone(),
         hub.clone(),

@@ -14,6 +14,7 @@ use prometheus::{
 
 use crate::auth::Endpoint;
 use crate::drop_rate::DropRate;
+use crate::event::Refusal;
 use crate::unknown_types::UnknownTypes;
 
 /// Why a connection was refused (`wsgateway_connections_rejected_total{reason}`).
@@ -103,14 +104,23 @@ impl Disconnect {
 }
 
 /// Why an event was not dispatched (`wsgateway_events_dropped_total{reason}`).
+/// The first four are the refusals of [`Refusal`], one each, the reason a
+/// publish API request or a function call is refused with (PROTOCOL.md §5,
+/// "Refusals").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drop {
+    /// Malformed, or inconsistent with its channel (`invalid_event`); also
+    /// a malformed message on a gateway scope channel.
+    Invalid,
+    /// Of a type reserved for the gateway's own frames (`reserved_type`).
+    ReservedType,
+    /// Older than the stale limit at dispatch (`stale_event`).
+    Stale,
+    /// On a channel that matches a subscribed pattern but is not a valid
+    /// channel name (`unknown_channel`).
+    UnknownChannel,
     /// The event queue was full and this was its oldest event.
     QueueFull,
-    /// Malformed, or inconsistent with its channel.
-    Invalid,
-    /// Older than the stale limit at dispatch.
-    Stale,
     /// Published while this node was not subscribed, and gone from history
     /// before the node could fill the gap (a lower bound: one per scope
     /// whose history was trimmed past the gap's start).
@@ -120,7 +130,27 @@ pub enum Drop {
     UntrustedNumber,
 }
 
+impl From<Refusal> for Drop {
+    fn from(refusal: Refusal) -> Drop {
+        match refusal {
+            Refusal::InvalidEvent => Drop::Invalid,
+            Refusal::ReservedType => Drop::ReservedType,
+            Refusal::StaleEvent => Drop::Stale,
+            Refusal::UnknownChannel => Drop::UnknownChannel,
+        }
+    }
+}
+
 impl Drop {
+    pub const ALL: [Drop; 6] = [
+        Drop::Invalid,
+        Drop::ReservedType,
+        Drop::Stale,
+        Drop::UnknownChannel,
+        Drop::QueueFull,
+        Drop::Gap,
+    ];
+
     /// Whether this loss is the backpressure or outage kind that the
     /// drop-rate alert watches. Invalid and stale events are the
     /// publisher's fault, counted but not alerted on.
@@ -130,9 +160,11 @@ impl Drop {
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::QueueFull => "queue_full",
             Drop::Invalid => "invalid",
+            Drop::ReservedType => "reserved_type",
             Drop::Stale => "stale",
+            Drop::UnknownChannel => "unknown_channel",
+            Drop::QueueFull => "queue_full",
             Drop::Gap => "gap",
             Drop::UntrustedNumber => "untrusted_number",
         }
@@ -598,7 +630,8 @@ impl Metrics {
         for recovered in ["true", "false"] {
             m.resumes.with_label_values(&[recovered]).inc_by(0);
         }
-        for d in [Drop::QueueFull, Drop::Invalid, Drop::Stale] {
+        // Every reason but `gap` is exported from start, at 0.
+        for d in Drop::ALL.into_iter().filter(|d| *d != Drop::Gap) {
             m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
         }
         m
@@ -763,5 +796,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PROTOCOL.md §5, "Refusals": one drop reason per refusal, each
+    /// exported from start.
+    #[test]
+    fn each_refusal_has_a_drop_reason_of_its_own() {
+        let reasons: std::collections::BTreeSet<&str> = Refusal::ALL
+            .into_iter()
+            .map(|r| Drop::from(r).as_str())
+            .collect();
+        assert_eq!(reasons.len(), Refusal::ALL.len());
+        let text = Metrics::new().render();
+        for reason in reasons {
+            let sample = format!("wsgateway_events_dropped_total{{reason=\"{reason}\"}} 0");
+            assert!(text.contains(&sample), "{sample}");
+        }
     }
 }

@@ -171,6 +171,53 @@ mod tests {
         }
     }
 
+    /// Events may not take the replies' types (PROTOCOL.md §5, "Reserved
+    /// types"): `crate::event::RESERVED_TYPES` is exactly their list.
+    #[test]
+    fn the_reserved_event_types_are_the_replies_types() {
+        let replies = [
+            Reply::Connected(Connected {
+                endpoint: "admin",
+                who: Who::Staff {
+                    user_id: 7,
+                    tenant_id: 1,
+                    branch_ids: vec![5],
+                    sector_ids: None,
+                },
+                heartbeat_interval_s: 30,
+                recovered: None,
+            }),
+            Reply::Pong,
+            Reply::SectorsUpdated { sector_ids: None },
+            Reply::TokenRefreshed { expires_at: 1 },
+            Reply::Resync {
+                reason: ResyncReason::HistoryExpired,
+            },
+            Reply::Error {
+                code: ErrorCode::InvalidJson,
+            },
+        ];
+        for r in &replies {
+            // A new kind of reply stops this from compiling: list it above.
+            match r {
+                Reply::Connected(_)
+                | Reply::Pong
+                | Reply::SectorsUpdated { .. }
+                | Reply::TokenRefreshed { .. }
+                | Reply::Resync { .. }
+                | Reply::Error { .. } => {}
+            }
+        }
+        let mut types: Vec<String> = replies
+            .iter()
+            .map(|r| value(r)["type"].as_str().unwrap().to_owned())
+            .collect();
+        let mut reserved: Vec<&str> = crate::event::RESERVED_TYPES.to_vec();
+        types.sort();
+        reserved.sort();
+        assert_eq!(types, reserved);
+    }
+
     #[test]
     fn connected_has_every_field_and_recovered_only_on_resume() {
         let mut c = Connected {

@@ -1,10 +1,11 @@
 //! Events as they arrive from a broker: any channel name, any bytes. The
-//! parser must never panic, and a valid event must keep its exact text.
+//! parser must never panic, and a valid event must keep its exact text
+//! and never have a reserved type.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use wsgateway::channel::Channel;
-use wsgateway::event::Event;
+use wsgateway::event::{Event, RESERVED_TYPES};
 
 fuzz_target!(|data: &[u8]| {
     // First line: the channel name; the rest: the payload.
@@ -19,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(event.frame.as_bytes(), payload);
         assert!(event.fields.check_channel(channel).is_ok());
         assert!(!event.fields.event_type.is_empty());
+        assert!(!RESERVED_TYPES.contains(&event.fields.event_type.as_str()));
     }
     if let Ok(name) = std::str::from_utf8(name)
         && let Ok(channel) = name.parse::<Channel>()

@@ -15,7 +15,7 @@ use super::history::Scope;
 use crate::channel::Channel;
 use tungstenite::Utf8Bytes;
 
-use crate::event::{Event, Fields};
+use crate::event::{Event, Fields, Refusal};
 use crate::metrics::{Drop, Metrics};
 
 pub struct EventQueue {
@@ -55,18 +55,19 @@ impl EventQueue {
     }
 
     /// Validates a message as it arrived from a broker (channel name and
-    /// raw payload) and queues it; an invalid one is counted, logged with
-    /// its reason, and dropped.
+    /// raw payload) and queues it; an invalid one is counted by its
+    /// refusal (the publish API's code for it), logged with its reason,
+    /// and dropped.
     pub fn ingest(&self, channel: &str, payload: Bytes) {
         let parsed = channel
             .parse::<Channel>()
-            .map_err(|e| e.to_string())
-            .and_then(|c| Event::parse(c, payload).map_err(|e| e.to_string()));
+            .map_err(|e| (Refusal::UnknownChannel, e.to_string()))
+            .and_then(|c| Event::parse(c, payload).map_err(|e| (e.refusal(), e.to_string())));
         match parsed {
             Ok(event) => self.push(event),
-            Err(reason) => {
-                self.metrics.dropped(Drop::Invalid);
-                tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), %reason, "invalid event dropped");
+            Err((refusal, reason)) => {
+                self.metrics.dropped(refusal.into());
+                tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), code = refusal.code(), %reason, "invalid event dropped");
             }
         }
     }
@@ -86,8 +87,8 @@ impl EventQueue {
         let fields = match Fields::parse(frame.as_str()) {
             Ok(fields) => fields,
             Err(reason) => {
-                self.metrics.dropped(Drop::Invalid);
-                tracing::warn!(%reason, "invalid numbered event dropped");
+                self.metrics.dropped(reason.refusal().into());
+                tracing::warn!(code = reason.refusal().code(), %reason, "invalid numbered event dropped");
                 return false;
             }
         };
@@ -110,8 +111,8 @@ impl EventQueue {
                     queued = true;
                 }
                 Err(reason) => {
-                    self.metrics.dropped(Drop::Invalid);
-                    tracing::warn!(%channel, %reason, "invalid event dropped");
+                    self.metrics.dropped(reason.refusal().into());
+                    tracing::warn!(%channel, code = reason.refusal().code(), %reason, "invalid event dropped");
                 }
             }
         }
@@ -182,7 +183,13 @@ mod tests {
             "channel:branch:5:admin",
             Bytes::from_static(br#"{"type":"X","tenant_id":1,"branch_id":5}"#),
         );
-        assert_eq!(metrics.dropped_count(Drop::Invalid), 2);
+        q.ingest(
+            "channel:branch:5:admin",
+            Bytes::from_static(br#"{"type":"pong","tenant_id":1,"branch_id":5}"#),
+        );
+        assert_eq!(metrics.dropped_count(Drop::UnknownChannel), 1);
+        assert_eq!(metrics.dropped_count(Drop::Invalid), 1);
+        assert_eq!(metrics.dropped_count(Drop::ReservedType), 1);
         assert_eq!(q.len(), 1);
     }
 }

@@ -50,10 +50,7 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
     let broker = state.broker.status();
     let m = &state.metrics;
     let processed = m.events_processed.get();
-    let dropped: u64 = [Drop::QueueFull, Drop::Invalid, Drop::Stale, Drop::Gap]
-        .iter()
-        .map(|d| m.dropped_count(*d))
-        .sum();
+    let dropped: u64 = Drop::ALL.iter().map(|d| m.dropped_count(*d)).sum();
     let breakers = match broker.breaker {
         Some((state, failures)) => {
             json!({"redis": {"state": state.as_str(), "failures": failures}})

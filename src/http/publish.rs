@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use crate::broker::{Broker, BrokerError, Publication};
 use crate::channel::Channel;
 use crate::config::Secret;
-use crate::event::{Fields, unix_ms};
+use crate::event::{Fields, InvalidEvent, Refusal, STALE_DETAIL, unix_ms};
 use crate::metrics::Metrics;
 
 /// What the publish API reads.
@@ -243,12 +243,12 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
     for name in names {
         let Value::String(name) = name else {
             return Err(ApiError::bad(
-                "unknown_channel",
+                Refusal::UnknownChannel.code(),
                 "a channel must be a string",
             ));
         };
         let channel: Channel = name.parse().map_err(|e: crate::channel::UnknownChannel| {
-            ApiError::bad("unknown_channel", e.to_string())
+            ApiError::bad(Refusal::UnknownChannel.code(), e.to_string())
         })?;
         // A channel named twice is published once, in its first place.
         if seen.insert(channel) {
@@ -257,7 +257,7 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
     }
     let event: Map<String, Value> = match item.remove("event") {
         Some(Value::Object(event)) => event,
-        Some(_) => return Err(ApiError::bad("invalid_event", "`event` must be an object")),
+        Some(_) => return Err(refused(InvalidEvent::NotObject, "")),
         None => return Err(ApiError::bad("invalid_body", "an item needs an `event`")),
     };
     if let Some(extra) = item.keys().next() {
@@ -266,26 +266,29 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
             format!("unknown field {extra:?}"),
         ));
     }
-    let fields = Fields::read(&event).map_err(|e| ApiError::bad("invalid_event", e.to_string()))?;
+    let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;
     for channel in &channels {
         fields
             .check_channel(*channel)
-            .map_err(|e| ApiError::bad("invalid_event", format!("{e} ({channel})")))?;
+            .map_err(|e| refused(e, &format!(" ({channel})")))?;
     }
     if fields
         .ts_ms
         .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
     {
-        return Err(ApiError::bad(
-            "stale_event",
-            "the event's `ts` is older than the stale limit",
-        ));
+        return Err(ApiError::bad(Refusal::StaleEvent.code(), STALE_DETAIL));
     }
     Ok(Publication {
         channels,
         event,
         fields,
     })
+}
+
+/// An event refused by the rules every way in shares (PROTOCOL.md §5,
+/// "Refusals"): its code, and its reason with `suffix`.
+fn refused(why: InvalidEvent, suffix: &str) -> ApiError {
+    ApiError::bad(why.refusal().code(), format!("{why}{suffix}"))
 }
 
 #[cfg(test)]
@@ -351,6 +354,15 @@ mod tests {
             "invalid_event"
         );
         assert_eq!(read(r#"{"channel":"channel:branch:5:waiters","event":{"type":"X","tenant_id":1,"branch_id":5,"ts":1}}"#).unwrap_err(), "stale_event");
+        assert_eq!(
+            read(r#"{"channel":"channel:branch:5:waiters","event":{"type":"resync","tenant_id":1,"branch_id":5}}"#)
+                .unwrap_err(),
+            "reserved_type"
+        );
+        assert_eq!(
+            read(r#"{"channel":"channel:branch:5:waiters","event":[]}"#).unwrap_err(),
+            "invalid_event"
+        );
         let arr = format!(
             r#"[{{"channel":"channel:branch:5:kitchen","event":{ev}}},{{"channel":"bad","event":{ev}}}]"#
         );

@@ -68,6 +68,9 @@ pub struct RedisBounds {
     pub max_channels: usize,
     /// `WSGATEWAY_REDIS_PREFIX`'s names.
     pub names: Names,
+    /// `WSGATEWAY_STALE_EVENT_S`: the function refuses an older `ts`, as
+    /// the publish API does.
+    pub stale_event: Duration,
 }
 
 /// What health reports of the Redis connections.
@@ -248,7 +251,7 @@ impl RedisBroker {
 
 /// Prepares a new command connection: checks the server's version, loads
 /// the function library (again: a restarted Redis may have lost it) and
-/// records the bounds for direct publishers.
+/// records the bounds and the stale limit for direct publishers.
 async fn prepare(
     mut conn: redis::aio::MultiplexedConnection,
     bounds: RedisBounds,
@@ -273,6 +276,7 @@ async fn prepare(
         .arg(bounds.history.size)
         .arg(bounds.history.ttl.as_millis() as u64)
         .arg(bounds.max_channels)
+        .arg(bounds.stale_event.as_millis() as u64)
         .query_async::<String>(&mut conn)
         .await
         .map_err(refused)?;
@@ -536,5 +540,24 @@ mod tests {
         let old = old.to_string();
         assert!(old.contains("Redis 6.2.14 is not supported"), "{old}");
         assert!(check_version("nothing").is_err());
+    }
+
+    /// The library refuses the types the gateway reserves: its list is
+    /// `crate::event::RESERVED_TYPES`, written out again in Lua.
+    #[test]
+    fn the_librarys_reserved_types_are_the_gateways() {
+        let start = "local RESERVED_TYPES = {";
+        let at = names::LIBRARY
+            .find(start)
+            .expect("the library lists RESERVED_TYPES")
+            + start.len();
+        let list = &names::LIBRARY[at..at + names::LIBRARY[at..].find('}').unwrap()];
+        let lua: Vec<&str> = list
+            .split(',')
+            .map(|t| t.trim().trim_matches('\''))
+            .filter(|t| !t.is_empty())
+            .collect();
+        assert_eq!(lua, crate::event::RESERVED_TYPES);
+        assert_eq!(names::LIBRARY.matches(start).count(), 1);
     }
 }

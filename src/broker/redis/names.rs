@@ -18,7 +18,7 @@ use crate::config::RedisPrefix;
 
 /// The library's source: its name line and the two prefix lines are
 /// replaced at load.
-const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
+pub(super) const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
 const NAME_LINE: &str = "#!lua name=wsgateway\n";
 const KEY_LINE: &str = "local KEY_PREFIX = ''\n";
 const FN_LINE: &str = "local FN_PREFIX = ''\n";
