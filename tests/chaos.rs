@@ -1,9 +1,11 @@
 //! Chaos: two gateway nodes on one private Redis, node B behind a loopback
-//! proxy that black-holes and resets its flows, one kill and restart of
-//! Redis itself, a publisher running throughout (the publish API of node A
-//! and `FCALL wsgateway_publish` straight to Redis), and clients that stay,
-//! or hop away and back with `last_event_id`. At the end every client must
-//! hold exactly the events of its audience, in order and once.
+//! proxy that black-holes and resets its flows, two kills of Redis itself
+//! (one restarts it empty, the other from a snapshot taken seconds before,
+//! while clients are offline), a publisher running throughout (the publish
+//! API of node A and `FCALL wsgateway_publish` straight to Redis), and
+//! clients that stay, or hop away and back with `last_event_id`. At the end
+//! every client must hold exactly the events of its audience, in order and
+//! once.
 //!
 //! Rules the test lives by (so that what it asserts is what the gateway
 //! promises, no more):
@@ -14,8 +16,12 @@
 //!   otherwise to A, whose path to Redis is never faulted. No client
 //!   reconnects while Redis itself is down. So every resume can read
 //!   history, and `recovered: false` is a failure, with one honest
-//!   exception: a cursor from before the Redis restart (the test Redis keeps
-//!   no data, so history does not know that id any more).
+//!   exception: a cursor from before a Redis kill, resumed after it. Then
+//!   `recovered: false` is required: after the empty restart history does
+//!   not know that id any more, and after the restore the events published
+//!   between the snapshot and the kill are gone from Redis, so no earlier
+//!   cursor can be vouched for (a `recovered: true` there would be a lie,
+//!   which the chains below would also catch).
 //! - **Chains.** A client's connections linked by `recovered: true` form a
 //!   chain: together they must deliver exactly the audience events after the
 //!   chain's start. A chain starts at the first connection or at a
@@ -27,12 +33,24 @@
 //! - **Publish outcomes.** 202 / an FCALL id: published, expected. 503 / a
 //!   refused connection / a Redis error reply: not published, must never be
 //!   delivered. 504 / a transport error after sending: unknown, left out of
-//!   the exactness checks but delivered at most once per chain.
-//! - **The Redis kill.** The publisher is paused and the test waits until
+//!   the exactness checks but delivered at most once per chain. Every id
+//!   published is above every id published before it: no number is given
+//!   twice, the restore's included.
+//! - **The Redis kills.** The publisher is paused and the test waits until
 //!   every connected client received everything accepted so far; Redis is
-//!   killed and restarted; the publisher resumes once both nodes are
-//!   `healthy`. So the history lost with Redis's data held nothing anyone
-//!   still needs.
+//!   killed with SIGKILL and restarted on its dir; the publisher resumes
+//!   once both nodes are `healthy`. So the history lost with Redis's data
+//!   held nothing a connected client still needs. The first restart is
+//!   empty (no snapshot yet). Before the second, a `SAVE` is taken while
+//!   publishing goes on, and the restart loads it: the events published
+//!   after it are gone from history (checked), the connected clients had
+//!   them live, and some hopping clients are offline meanwhile, holding
+//!   cursors from before the `SAVE` and from after it.
+//! - **Resync.** The nodes' subscriptions had a gap across the restore's
+//!   reload, so each connection open across it must get a `resync`
+//!   (`history_unavailable`) before the driver goes on; it does not break
+//!   the connection's chain (the pause left nothing in flight). Any other
+//!   `resync` is a failure: history covers every other gap.
 //! - **Health.** While B's path is black-holed, from the fault's start + 3 s
 //!   until the heal, B must never say `healthy` (detection with these
 //!   timings is about 0.7 s).
@@ -473,6 +491,8 @@ struct Peer {
     reader: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     /// Whether it hops (disconnects and resumes) during the run.
     hops: bool,
+    /// When it last disconnected.
+    left_at: Option<Instant>,
 }
 
 impl Peer {
@@ -484,15 +504,12 @@ impl Peer {
             log: Arc::default(),
             reader: None,
             hops,
+            left_at: None,
         }
     }
 
     fn last_event_id(&self) -> Option<String> {
-        let log = self.log.lock().unwrap();
-        log.iter()
-            .rev()
-            .flat_map(|s| s.events.iter().rev())
-            .find_map(|g| g.id.clone())
+        cursor_of(&self.log.lock().unwrap()).map(|(_, id)| id)
     }
 
     fn received(&self) -> usize {
@@ -574,8 +591,19 @@ impl Peer {
         if let Some((stop, task)) = self.reader.take() {
             stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+            self.left_at = Some(Instant::now());
         }
     }
+}
+
+/// The last event with an id that these connections received (the cursor
+/// a resume after them sends): its `n` and its id.
+fn cursor_of(segments: &[Segment]) -> Option<(u64, String)> {
+    segments
+        .iter()
+        .rev()
+        .flat_map(|s| s.events.iter().rev())
+        .find_map(|g| g.id.clone().map(|id| (g.n, id)))
 }
 
 struct Fault {
@@ -584,6 +612,33 @@ struct Fault {
     heal: Instant,
     /// When B (or both nodes, for the Redis kill) said healthy again.
     healthy_again: Instant,
+}
+
+/// A SIGKILL of Redis and its restart on the same dir.
+struct Outage {
+    /// Whether the restart loaded the snapshot `SAVE` wrote (else it came
+    /// back empty).
+    restore: bool,
+    /// The kill.
+    at: Instant,
+    /// The connections open across it: (peer, segment).
+    open: Vec<(usize, usize)>,
+    /// Until when its `resync` frames may arrive: the driver waited until
+    /// every connection open across the restore had one (or 5 s).
+    resyncs_until: Instant,
+    /// The restore's: the newest number branch 5's history held right
+    /// after the restart (`None`: none).
+    restored_last: Option<u64>,
+}
+
+impl Outage {
+    fn kind(&self) -> &'static str {
+        if self.restore {
+            "restore from the older snapshot"
+        } else {
+            "empty restart"
+        }
+    }
 }
 
 /// Everything the driver needs, owned by the test body.
@@ -599,7 +654,9 @@ struct Run {
     faults: Vec<Fault>,
     hops: Vec<String>,
     hop_count: usize,
-    kill_at: Option<Instant>,
+    outages: Vec<Outage>,
+    /// The `SAVE`: when it was sent and when it was answered.
+    save: Option<(Instant, Instant)>,
 }
 
 impl Run {
@@ -624,26 +681,88 @@ impl Run {
     }
 
     /// Disconnects peer `ix`, lets events pass, and reconnects it with its
-    /// cursor (to B unless a fault of B is in progress).
+    /// cursor.
     async fn hop(&mut self, ix: usize) {
         self.peers[ix].disconnect().await;
         self.hop_count += 1;
         let away = Duration::from_millis(100 + 70 * (self.hop_count as u64 % 4));
         tokio::time::sleep(away).await;
+        self.rejoin(ix).await;
+    }
+
+    /// Reconnects peer `ix` with its cursor: to B unless a fault of B is in
+    /// progress.
+    async fn rejoin(&mut self, ix: usize) {
         let target = if !self.b_fault && self.b_looks_healthy() {
             Node::B
         } else {
             Node::A
         };
         let at = Instant::now();
+        let away = self.peers[ix].left_at.map_or(Duration::ZERO, |l| at - l);
         let addr = self.addr(target);
         self.peers[ix].connect(target, addr).await;
         let recovered = self.peers[ix].log.lock().unwrap().last().unwrap().recovered;
         let line = format!(
-            "{} {} -> {target:?} (away {away:?}, recovered {recovered:?})",
+            "{} {} -> {target:?} (away {} ms, recovered {recovered:?})",
             self.ms(at),
-            self.peers[ix].name
+            self.peers[ix].name,
+            away.as_millis()
         );
+        self.hops.push(line);
+    }
+
+    async fn rejoin_named(&mut self, name: &str) {
+        let ix = self.peer(name);
+        self.rejoin(ix).await;
+    }
+
+    /// Disconnects `name`, which stays away, holding its cursor, until
+    /// `rejoin_named`.
+    async fn leave_named(&mut self, name: &str) {
+        let ix = self.peer(name);
+        self.peers[ix].disconnect().await;
+        let line = format!(
+            "{} {} leaves, holding {:?}",
+            self.ms(Instant::now()),
+            name,
+            self.peers[ix].last_event_id()
+        );
+        self.hops.push(line);
+    }
+
+    /// Leaves `name` once the last event it received was published after
+    /// the `SAVE` was answered: its cursor is not in the snapshot.
+    async fn leave_after_save(&mut self, name: &str) {
+        let (_, saved) = self.save.expect("the SAVE comes first");
+        let ix = self.peer(name);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let cursor = cursor_of(&self.peers[ix].log.lock().unwrap());
+            let after = cursor.is_some_and(|(n, _)| {
+                let pubs = self.pubs.lock().unwrap();
+                pubs.iter().any(|p| p.n == n && p.started > saved)
+            });
+            if after {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} received no event published after the SAVE within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.leave_named(name).await;
+    }
+
+    /// `SAVE`, while the publisher goes on: the snapshot the restore loads.
+    fn save(&mut self, server: &RedisServer) {
+        let sent = Instant::now();
+        let reply: String = tokio::task::block_in_place(|| server.query(&redis::cmd("SAVE")))
+            .unwrap_or_else(|e| panic!("SAVE: {e}"));
+        assert_eq!(reply, "OK", "SAVE");
+        self.save = Some((sent, Instant::now()));
+        let line = format!("{} SAVE", self.ms(sent));
         self.hops.push(line);
     }
 
@@ -724,8 +843,15 @@ impl Run {
     }
 
     /// Pauses the publisher, waits until everyone has everything, kills
-    /// Redis, restarts it, waits until both nodes are healthy, resumes.
-    async fn kill_redis(&mut self, server: &mut RedisServer, ctl: &Control) {
+    /// Redis, restarts it on its dir (empty, or from the snapshot when
+    /// `restore`), waits until both nodes are healthy, resumes; after the
+    /// restore, waits until every connection open across it got `resync`.
+    async fn kill_redis(&mut self, server: &mut RedisServer, ctl: &Control, restore: bool) {
+        assert_eq!(
+            restore,
+            self.save.is_some(),
+            "only the restore has a snapshot"
+        );
         ctl.pause.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !ctl.idle.load(Ordering::SeqCst) {
@@ -747,19 +873,68 @@ impl Run {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.b_fault = true;
+        let open: Vec<(usize, usize)> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.reader.is_some())
+            .map(|(ix, p)| (ix, p.log.lock().unwrap().len() - 1))
+            .collect();
         let start = Instant::now();
-        self.kill_at = Some(start);
         tokio::task::block_in_place(|| server.kill());
         tokio::time::sleep(Duration::from_secs(1)).await;
         tokio::task::block_in_place(|| server.restart());
         let heal = Instant::now();
+        // What the restored history of branch 5 holds (the publisher is
+        // paused, so nothing has been added since the restart).
+        let restored_last = if restore {
+            let newest: Vec<(String, Vec<(String, String)>)> = tokio::task::block_in_place(|| {
+                server.query(
+                    redis::cmd("XREVRANGE")
+                        .arg("wsgateway:{1}:history:branch:5")
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1),
+                )
+            })
+            .unwrap_or_else(|e| panic!("XREVRANGE after the restore: {e}"));
+            newest
+                .first()
+                .and_then(|(id, _)| id.strip_suffix("-0"))
+                .and_then(|n| n.parse().ok())
+        } else {
+            None
+        };
         self.wait_healthy(Node::A, Duration::from_secs(15)).await;
         let healthy_again = self.wait_healthy(Node::B, Duration::from_secs(15)).await;
         self.b_fault = false;
         ctl.idle.store(false, Ordering::SeqCst);
         ctl.pause.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while restore && Instant::now() < deadline {
+            let missing = open.iter().any(|&(ix, seg)| {
+                let log = self.peers[ix].log.lock().unwrap();
+                !log[seg].resyncs.iter().any(|(at, _)| *at > start)
+            });
+            if !missing {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.outages.push(Outage {
+            restore,
+            at: start,
+            open,
+            resyncs_until: Instant::now(),
+            restored_last,
+        });
         self.faults.push(Fault {
-            kind: "redis kill+restart",
+            kind: if restore {
+                "redis restore"
+            } else {
+                "redis kill+restart"
+            },
             start,
             heal,
             healthy_again,
@@ -827,7 +1002,8 @@ async fn scenario() {
         faults: Vec::new(),
         hops: Vec::new(),
         hop_count: 0,
-        kill_at: None,
+        outages: Vec::new(),
+        save: None,
     };
     for ix in 0..run.peers.len() {
         let node = if run.peers[ix].name.ends_with("@A") {
@@ -877,14 +1053,31 @@ async fn scenario() {
     run.hop_named("waiter5.hop").await;
     run.hop_named("diner77.hop").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    run.kill_redis(&mut server, &ctl).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // waiter5 stays away across the empty restart.
+    run.leave_named("waiter5.hop").await;
+    run.kill_redis(&mut server, &ctl, false).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    run.rejoin_named("waiter5.hop").await;
     run.hop_named("admin5.hop").await;
-    run.hop_named("kitchen5.hop").await;
-    run.hop_named("admin6.hop").await;
+    // The snapshot, taken while publishing goes on; kitchen5 leaves before
+    // it, diner77 after it (holding an event the snapshot lacks).
+    run.leave_named("kitchen5.hop").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run.save(&server);
+    run.leave_after_save("diner77.hop").await;
     run.blackhole(&proxy, Duration::from_secs(3), &[(1000, "admin6.hop")])
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    run.hop_named("admin6.hop").await;
+    run.hop_named("waiter5.hop").await;
+    // Redis restarts from the snapshot while kitchen5 and diner77 are away.
+    run.kill_redis(&mut server, &ctl, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    run.rejoin_named("kitchen5.hop").await;
+    run.rejoin_named("diner77.hop").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.hop_named("admin5.hop").await;
+    run.hop_named("kitchen5.hop").await;
     run.hop_named("admin6.hop").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
 
@@ -1007,7 +1200,10 @@ fn evaluate(run: &Run) -> Vec<String> {
         }
     }
 
-    for peer in &run.peers {
+    failures.extend(check_numbers(&pubs));
+    failures.extend(check_restore(run, &pubs));
+
+    for (ix, peer) in run.peers.iter().enumerate() {
         let log = peer.log.lock().unwrap();
         let name = peer.name;
         let context = |n: u64| {
@@ -1020,7 +1216,7 @@ fn evaluate(run: &Run) -> Vec<String> {
             )
         };
         // Frame-level checks.
-        for s in log.iter() {
+        for (seg, s) in log.iter().enumerate() {
             if let Some(why) = &s.ended {
                 failures.push(format!(
                     "{name}: its connection to {:?} ended by the server: {why}",
@@ -1030,12 +1226,32 @@ fn evaluate(run: &Run) -> Vec<String> {
             for odd in &s.oddities {
                 failures.push(format!("{name}: {odd}"));
             }
+            // A `resync` is expected on each connection open across
+            // the restore (within its window), and nowhere else.
+            let restore = run
+                .outages
+                .iter()
+                .find(|o| o.restore && o.open.contains(&(ix, seg)));
             for (at, frame) in &s.resyncs {
+                let expected = restore.is_some_and(|o| {
+                    *at > o.at && *at <= o.resyncs_until && frame["reason"] == "history_unavailable"
+                });
+                if !expected {
+                    failures.push(format!(
+                        "{name}: got {frame} at {} on {:?}: history should have covered this gap; B's health around: {}",
+                        run.ms(*at),
+                        s.node,
+                        samples_around(run, *at)
+                    ));
+                }
+            }
+            if let Some(o) = restore
+                && !s.resyncs.iter().any(|(at, _)| *at > o.at)
+            {
                 failures.push(format!(
-                    "{name}: got {frame} at {} on {:?}: history should have covered this gap; B's health around: {}",
-                    run.ms(*at),
+                    "{name}: its connection to {:?}, open across the restore at {}, got no `resync` (its node's subscription had a gap across the reload)",
                     s.node,
-                    samples_around(run, *at)
+                    run.ms(o.at)
                 ));
             }
             if s.cursor.is_some() && s.recovered.is_none() {
@@ -1045,25 +1261,33 @@ fn evaluate(run: &Run) -> Vec<String> {
                     run.ms(s.opened)
                 ));
             }
-            if s.recovered == Some(false) {
-                let cursor_before_kill = s
-                    .cursor
-                    .as_ref()
-                    .and_then(|c| {
-                        pubs.iter()
-                            .find(|p| p.outcome == Outcome::Accepted(c.clone()))
-                    })
-                    .zip(run.kill_at)
-                    .is_some_and(|(p, kill)| p.started < kill && s.opened > kill);
-                if !cursor_before_kill {
-                    failures.push(format!(
-                        "{name}: `recovered: false` on {:?} at {} with cursor {:?} (history should know it); B's health around: {}",
-                        s.node,
-                        run.ms(s.opened),
-                        s.cursor,
-                        samples_around(run, s.opened)
-                    ));
-                }
+            // A cursor from before a Redis kill, resumed after it, must not
+            // be recovered; every other cursor must.
+            let cursor_at = cursor_of(&log[..seg])
+                .and_then(|(n, _)| by_n.get(&n))
+                .map(|p| p.started);
+            let crossed = run
+                .outages
+                .iter()
+                .find(|o| cursor_at.is_some_and(|at| at < o.at) && s.opened > o.at);
+            match (s.cursor.is_some(), s.recovered, crossed) {
+                (true, Some(false), None) => failures.push(format!(
+                    "{name}: `recovered: false` on {:?} at {} with cursor {:?} (history should know it); B's health around: {}",
+                    s.node,
+                    run.ms(s.opened),
+                    s.cursor,
+                    samples_around(run, s.opened)
+                )),
+                (true, Some(true), Some(o)) => failures.push(format!(
+                    "{name}: `recovered: true` on {:?} at {} with cursor {:?}, published at {} before the Redis {} at {}: events after it were lost with Redis's data",
+                    s.node,
+                    run.ms(s.opened),
+                    s.cursor,
+                    cursor_at.map_or("-".into(), |at| run.ms(at)),
+                    o.kind(),
+                    run.ms(o.at)
+                )),
+                _ => {}
             }
             for g in &s.events {
                 match by_n.get(&g.n) {
@@ -1197,6 +1421,97 @@ fn evaluate(run: &Run) -> Vec<String> {
     failures
 }
 
+/// Every id accepted is a number above every id accepted before it (the
+/// publisher sends one event at a time): no number is given twice, not
+/// even by a counter restored from an older snapshot.
+fn check_numbers(pubs: &[Published]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut last: Option<(u64, &Published)> = None;
+    for p in pubs {
+        let Outcome::Accepted(id) = &p.outcome else {
+            continue;
+        };
+        let Ok(number) = id.parse::<u64>() else {
+            failures.push(format!("n={} was published as {id:?}, not a number", p.n));
+            continue;
+        };
+        if let Some((before, q)) = last
+            && number <= before
+        {
+            failures.push(format!(
+                "n={} was published as {number}, not above n={}'s {before}: a number given again",
+                p.n, q.n
+            ));
+        }
+        last = Some((number, p));
+    }
+    failures
+}
+
+/// That the restore did what the test says: the restart loaded an older
+/// snapshot (history lacks events accepted before the kill), and clients
+/// resumed after it with cursors from before the `SAVE` and from after it.
+fn check_restore(run: &Run, pubs: &[Published]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let (Some((save_sent, saved)), Some(restore)) =
+        (run.save, run.outages.iter().find(|o| o.restore))
+    else {
+        return vec!["no SAVE and restore took place".into()];
+    };
+    let branch5 = |p: &&Published| {
+        ITEMS[p.item]
+            .channels
+            .iter()
+            .any(|c| c.starts_with("channel:branch:5:"))
+    };
+    let newest_before_kill = pubs
+        .iter()
+        .filter(|p| p.started < restore.at)
+        .filter(branch5)
+        .filter_map(|p| match &p.outcome {
+            Outcome::Accepted(id) => id.parse::<u64>().ok(),
+            _ => None,
+        })
+        .max();
+    let lost = restore
+        .restored_last
+        .zip(newest_before_kill)
+        .is_some_and(|(kept, newest)| kept < newest);
+    if !lost {
+        failures.push(format!(
+            "the restart did not load an older snapshot: branch 5's history ends at {:?} after it, the last event accepted before the kill was {newest_before_kill:?}",
+            restore.restored_last
+        ));
+    }
+    let by_n: HashMap<u64, &Published> = pubs.iter().map(|p| (p.n, p)).collect();
+    let (mut before_save, mut after_save) = (0, 0);
+    for peer in &run.peers {
+        let log = peer.log.lock().unwrap();
+        for (seg, s) in log.iter().enumerate() {
+            if s.opened < restore.at {
+                continue;
+            }
+            let Some(at) = cursor_of(&log[..seg])
+                .and_then(|(n, _)| by_n.get(&n))
+                .map(|p| p.started)
+            else {
+                continue;
+            };
+            if at < save_sent {
+                before_save += 1;
+            } else if at > saved && at < restore.at {
+                after_save += 1;
+            }
+        }
+    }
+    if before_save == 0 || after_save == 0 {
+        failures.push(format!(
+            "resumes after the restore with a cursor from before the SAVE: {before_save}, from after it: {after_save} (the test needs both)"
+        ));
+    }
+    failures
+}
+
 fn summarize(run: &Run) {
     let pubs = run.pubs.lock().unwrap();
     let count = |f: &dyn Fn(&Published) -> bool| pubs.iter().filter(|p| f(p)).count();
@@ -1250,13 +1565,32 @@ fn summarize(run: &Run) {
             f.healthy_again - f.heal
         );
     }
+    for o in &run.outages {
+        let resynced: usize = o
+            .open
+            .iter()
+            .filter(|&&(ix, seg)| {
+                run.peers[ix].log.lock().unwrap()[seg]
+                    .resyncs
+                    .iter()
+                    .any(|(at, _)| *at > o.at && *at <= o.resyncs_until)
+            })
+            .count();
+        println!(
+            "chaos: redis {} at {}: {} connection(s) open across it, {resynced} told to resync; branch 5's history restored up to {:?}",
+            o.kind(),
+            run.ms(o.at),
+            o.open.len(),
+            o.restored_last
+        );
+    }
     println!(
-        "chaos: {} hops ({}), {} health samples of B",
+        "chaos: {} driver steps (hops, leaves, rejoins, the SAVE; {} hopping clients), {} health samples of B",
         run.hops.len(),
         run.peers.iter().filter(|p| p.hops).count(),
         samples.len()
     );
     for h in &run.hops {
-        println!("chaos:   hop {h}");
+        println!("chaos:   {h}");
     }
 }
