@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
-    RedisConnector, RedisNames, RedisTiming, UnsupportedRedis,
+    RedisChannelKey, RedisConnector, RedisNames, RedisTiming, UnsupportedRedis,
 };
 use crate::close::Close;
 use crate::config::{Config, ConfigError};
@@ -317,6 +317,7 @@ fn build_broker(
     let Some(connector) = connector else {
         return (Arc::new(EmbeddedBroker::new(queue.clone(), history)), None);
     };
+    let names = RedisNames::new(config.redis_prefix.as_ref());
     let broker = Arc::new(RedisBroker::new(
         connector.clone(),
         RedisTiming {
@@ -336,7 +337,15 @@ fn build_broker(
         RedisBounds {
             history,
             max_channels: config.max_publish_channels,
-            names: RedisNames::new(config.redis_prefix.as_ref()),
+            names: names.clone(),
+            signing: RedisChannelKey::derive(
+                config
+                    .table_token_secret
+                    .as_ref()
+                    .map(|s| s.expose())
+                    .unwrap_or_default(),
+                names.key_prefix(),
+            ),
             stale_event: config.stale_event_s.0,
         },
         queue.clone(),

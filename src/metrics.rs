@@ -125,8 +125,11 @@ pub enum Drop {
     /// before the node could fill the gap (a lower bound: one per scope
     /// whose history was trimmed past the gap's start).
     Gap,
-    /// A message on a scope channel whose number is beyond anything Redis
-    /// can have given yet: not the function's, so not trusted.
+    /// A numbered message whose signature is not the function library's
+    /// (see `broker/redis/signing.rs`): published by someone else.
+    Unsigned,
+    /// A signed message whose number is beyond anything Redis can have
+    /// given yet.
     UntrustedNumber,
 }
 
@@ -142,13 +145,15 @@ impl From<Refusal> for Drop {
 }
 
 impl Drop {
-    pub const ALL: [Drop; 6] = [
+    pub const ALL: [Drop; 8] = [
         Drop::Invalid,
         Drop::ReservedType,
         Drop::Stale,
         Drop::UnknownChannel,
         Drop::QueueFull,
         Drop::Gap,
+        Drop::Unsigned,
+        Drop::UntrustedNumber,
     ];
 
     /// Whether this loss is the backpressure or outage kind that the
@@ -166,6 +171,7 @@ impl Drop {
             Drop::UnknownChannel => "unknown_channel",
             Drop::QueueFull => "queue_full",
             Drop::Gap => "gap",
+            Drop::Unsigned => "unsigned",
             Drop::UntrustedNumber => "untrusted_number",
         }
     }

@@ -46,11 +46,12 @@
 //!   after it are gone from history (checked), the connected clients had
 //!   them live, and some hopping clients are offline meanwhile, holding
 //!   cursors from before the `SAVE` and from after it.
-//! - **Resync.** The nodes' subscriptions had a gap across the restore's
-//!   reload, so each connection open across it must get a `resync`
-//!   (`history_unavailable`) before the driver goes on; it does not break
-//!   the connection's chain (the pause left nothing in flight). Any other
-//!   `resync` is a failure: history covers every other gap.
+//! - **Resync.** The nodes' subscriptions had a gap across each Redis
+//!   restart, which reloaded (or lost) the data: each connection open
+//!   across one must get a `resync` (`history_unavailable`) before the
+//!   driver goes on; it does not break the connection's chain (the pause
+//!   left nothing in flight). Any other `resync` is a failure: history
+//!   covers every other gap.
 //! - **Health.** While B's path is black-holed, from the fault's start + 3 s
 //!   until the heal, B must never say `healthy` (detection with these
 //!   timings is about 0.7 s).
@@ -844,8 +845,8 @@ impl Run {
 
     /// Pauses the publisher, waits until everyone has everything, kills
     /// Redis, restarts it on its dir (empty, or from the snapshot when
-    /// `restore`), waits until both nodes are healthy, resumes; after the
-    /// restore, waits until every connection open across it got `resync`.
+    /// `restore`), waits until both nodes are healthy, resumes, and waits
+    /// until every connection open across it got `resync`.
     async fn kill_redis(&mut self, server: &mut RedisServer, ctl: &Control, restore: bool) {
         assert_eq!(
             restore,
@@ -912,7 +913,7 @@ impl Run {
         ctl.idle.store(false, Ordering::SeqCst);
         ctl.pause.store(false, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while restore && Instant::now() < deadline {
+        while Instant::now() < deadline {
             let missing = open.iter().any(|&(ix, seg)| {
                 let log = self.peers[ix].log.lock().unwrap();
                 !log[seg].resyncs.iter().any(|(at, _)| *at > start)
@@ -1226,14 +1227,15 @@ fn evaluate(run: &Run) -> Vec<String> {
             for odd in &s.oddities {
                 failures.push(format!("{name}: {odd}"));
             }
-            // A `resync` is expected on each connection open across
-            // the restore (within its window), and nowhere else.
-            let restore = run
+            // A `resync` is expected on each connection open across a
+            // Redis restart (within its window), and nowhere else.
+            let across: Vec<&Outage> = run
                 .outages
                 .iter()
-                .find(|o| o.restore && o.open.contains(&(ix, seg)));
+                .filter(|o| o.open.contains(&(ix, seg)))
+                .collect();
             for (at, frame) in &s.resyncs {
-                let expected = restore.is_some_and(|o| {
+                let expected = across.iter().any(|o| {
                     *at > o.at && *at <= o.resyncs_until && frame["reason"] == "history_unavailable"
                 });
                 if !expected {
@@ -1245,11 +1247,12 @@ fn evaluate(run: &Run) -> Vec<String> {
                     ));
                 }
             }
-            if let Some(o) = restore
-                && !s.resyncs.iter().any(|(at, _)| *at > o.at)
+            for o in across
+                .iter()
+                .filter(|o| !s.resyncs.iter().any(|(at, _)| *at > o.at))
             {
                 failures.push(format!(
-                    "{name}: its connection to {:?}, open across the restore at {}, got no `resync` (its node's subscription had a gap across the reload)",
+                    "{name}: its connection to {:?}, open across the Redis restart at {}, got no `resync` (its node's subscription had a gap across the reload)",
                     s.node,
                     run.ms(o.at)
                 ));

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::redis_server::*;
 use common::*;
 use serde_json::{Value, json};
+use wsgateway::broker::RedisChannelKey;
 use wsgateway::config::Secret;
 
 const SESSION: &str = "channel:session:77";
@@ -154,56 +155,56 @@ async fn stray_messages_on_the_gateways_channels_silence_nothing() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64;
+    // What the function would sign, had it published these (the test holds
+    // the deployment's key: it derives it from the gateway's secret).
+    let key = RedisChannelKey::derive(TABLE_SECRET, "");
+    let signed = |channel: &str, n: u64, channels: &str, frame: &str| {
+        let n = n.to_string();
+        let signature = key.sign(channel, &n, channels, frame);
+        format!("{n}\n{channels}\n{signature}\n{frame}")
+    };
+    let waiters = "channel:branch:5:waiters";
     let far = now_us + 3_600_000_000;
+    let zeros = "0".repeat(40);
     let strays = [
-        // Far ahead of any number Redis can have given.
-        (
-            format!("{far}\nchannel:branch:5:waiters\n{}", frame(1)),
-            "untrusted_number",
-        ),
-        (
-            format!(
-                "18446744073709551615\nchannel:branch:5:waiters\n{}",
-                frame(1)
-            ),
-            "untrusted_number",
-        ),
+        // Unsigned: a number far ahead, the largest, a plausible one.
+        format!("{far}\n{waiters}\n{zeros}\n{}", frame(1)),
+        format!("18446744073709551615\n{waiters}\nbad\n{}", frame(1)),
+        format!("{now_us}\n{waiters}\n{}\n{}", "f".repeat(40), frame(1)),
+        // Signed for another channel than the one it came on.
+        signed("wsgateway:events:{1}:branch:6", now_us, waiters, &frame(1)),
         // Not the shape the function publishes.
-        ("garbage".to_owned(), "invalid"),
-        (format!("{now_us}\nchannel:nope\n{}", frame(1)), "invalid"),
-        // Another tenant's event on tenant 1's channel.
-        (
-            format!("{now_us}\nchannel:branch:5:waiters\n{}", frame(2)),
-            "invalid",
-        ),
-        // A channel of another scope than the one it came on.
-        (
-            format!("{now_us}\nchannel:branch:6:waiters\n{}", frame(1)),
-            "invalid",
-        ),
+        "garbage".to_owned(),
+        format!("{now_us}\nchannel:nope\nsig\n{}", frame(1)),
+        // Signed, but another tenant's event on tenant 1's channel, or a
+        // channel of another scope.
+        signed(channel, now_us, waiters, &frame(2)),
+        signed(channel, now_us, "channel:branch:6:waiters", &frame(1)),
+        // Signed, with a number beyond Redis's clock.
+        signed(channel, far, waiters, &frame(1)),
     ];
-    for (payload, _) in &strays {
+    for payload in &strays {
         server.publish(channel, payload);
     }
-    gw.wait_metric(
-        "wsgateway_events_dropped_total{reason=\"untrusted_number\"}",
-        |n| n == 2.0,
-    )
-    .await;
-    gw.wait_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", |n| {
-        n == 4.0
-    })
-    .await;
-    // Later events flow, through the API and the function alike.
-    let a = gw
-        .publish_one("channel:branch:5:waiters", event("ROUND_READY", 1, 5))
+    // A forged numbered message on a seed channel too.
+    server.publish(
+        waiters,
+        &format!("{now_us}\n{waiters}\n{zeros}\n{}", frame(1)),
+    );
+    for (reason, count) in [
+        ("unsigned", 5.0),
+        ("invalid", 4.0),
+        ("untrusted_number", 1.0),
+    ] {
+        gw.wait_metric(
+            &format!("wsgateway_events_dropped_total{{reason=\"{reason}\"}}"),
+            |n| n == count,
+        )
         .await;
-    let b = fcall(
-        &server.url(),
-        &["channel:branch:5:waiters"],
-        &event("ROUND_SERVED", 1, 5),
-    )
-    .unwrap();
+    }
+    // Later events flow, through the API and the function alike.
+    let a = gw.publish_one(waiters, event("ROUND_READY", 1, 5)).await;
+    let b = fcall(&server.url(), &[waiters], &event("ROUND_SERVED", 1, 5)).unwrap();
     assert_eq!(ids(&mut waiter, Duration::from_millis(500)).await, [a, b]);
     let (_, health) = gw.get_json("/ws/health/detailed").await;
     assert_eq!(health["status"], "healthy", "{health}");
@@ -409,22 +410,34 @@ async fn the_readme_acl_users_publish_as_it_says() {
         "{refused}"
     );
 
-    // backend: the seed's channels and the function.
+    // backend: the seed's channels and the function, not the gateway's
+    // channels.
     assert_eq!(publish_to(&url("backend"), channel, &plain("b1")), 1);
     let f = fcall(&url("backend"), &[channel], &event("ROUND_SERVED", 1, 5)).unwrap();
-    // What it may PUBLISH on the gateway's channels changes nothing.
-    publish_to(
-        &url("backend"),
-        gateway_channel,
-        "99999999999999999999\nchannel:branch:5:waiters\n{}",
+    let client = redis::Client::open(url("backend")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let refused = redis::cmd("PUBLISH")
+        .arg(gateway_channel)
+        .arg("1\nchannel:branch:5:waiters\nsig\n{}")
+        .query::<i64>(&mut conn)
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_uppercase().contains("NOPERM"),
+        "{refused}"
     );
-    publish_to(&url("backend"), gateway_channel, "garbage");
+    // What looks like the function's on a seed channel, but is not signed
+    // by it, is dropped.
+    let forged = format!("99999999999999\n{channel}\n{}\n{{}}", "0".repeat(40));
+    publish_to(&url("backend"), channel, &forged);
+    publish_to(&url("publisher"), channel, "12\ngarbage");
     let after = gw.publish_one(channel, event("ROUND_READY", 1, 5)).await;
     assert_eq!(
         ids(&mut waiter, Duration::from_millis(500)).await,
         ["p1".to_owned(), "b1".to_owned(), f, after]
     );
-    gw.assert_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", 2.0)
+    gw.assert_metric("wsgateway_events_dropped_total{reason=\"unsigned\"}", 1.0)
+        .await;
+    gw.assert_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", 1.0)
         .await;
     gw.stop().await;
 }

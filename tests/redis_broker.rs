@@ -243,6 +243,16 @@ async fn a_redis_outage_keeps_clients_connected_and_delivery_resumes() {
         "channel:session:77",
         &json!({"type": "TABLE_CLEARED", "tenant_id": 1, "branch_id": 5}).to_string(),
     );
+    // Redis came back without its data: what the node may have missed
+    // during the outage is unknown, and the clients are told so.
+    for client in [&mut waiter, &mut diner] {
+        let told = client.next_json().await.unwrap();
+        assert_eq!(
+            (told["type"].as_str(), told["reason"].as_str()),
+            (Some("resync"), Some("history_unavailable")),
+            "{told}"
+        );
+    }
     assert_eq!(waiter.next_json().await.unwrap()["type"], "ROUND_READY");
     assert_eq!(diner.next_json().await.unwrap()["type"], "TABLE_CLEARED");
     // Every transition was taken.

@@ -16,6 +16,9 @@
 -- deployments on one server never meet.
 local KEY_PREFIX = ''
 local FN_PREFIX = ''
+-- and the key that signs every message it publishes for the nodes (see
+-- `sign`), which only the nodes and this source hold:
+local SIGNING_KEY = ''
 --
 -- Every key of a tenant carries the tenant as its hash tag
 -- (`wsgateway:{7}:...`), so that one call's keys share one hash slot
@@ -25,10 +28,14 @@ local FN_PREFIX = ''
 --   wsgateway:{t}:epoch            the first number given since the data was last reloaded
 --   wsgateway:{t}:history:<scope>  a scope's history stream, entries "n-0"
 --   wsgateway:{t}:eid:<id>         a caller id's number, for the history's age
--- and the scope channel wsgateway:events:{t}:<scope>, where each event is
--- published once per scope as "n\n<channels>\n<frame>", so that a node
--- knows the number of every event it receives and can fill a gap from
--- history. Each scope's entry and message carry only the channels of that
+-- Each event is published once per scope as
+-- "n\n<channels>\n<signature>\n<frame>", so that a node knows the number of
+-- every event it receives and can fill a gap from history: for the
+-- gateway's publish API on the scope channel wsgateway:events:{t}:<scope>,
+-- for a backend's `wsgateway_publish` on the first of the scope's seed
+-- channels (Redis checks a function's PUBLISH against the caller's ACL: a
+-- backend allowed the seed's channels needs no right on the gateway's
+-- own). Each scope's entry and message carry only the channels of that
 -- scope (a node unites them by number).
 --
 -- Numbers are per tenant, never below the server's clock in microseconds:
@@ -55,6 +62,26 @@ end
 
 local function digits(n)
   return string.format('%d', n)
+end
+
+-- HMAC-SHA1 (RFC 2104) of `text` with SIGNING_KEY, in hex: the pads are
+-- made at the first call (the library's loading code may not use `string`).
+local IPAD, OPAD
+local function sign(text)
+  if not IPAD then
+    local function pad(byte)
+      local out = {}
+      for i = 1, 64 do
+        out[i] = string.char(bit.bxor(string.byte(SIGNING_KEY, i) or 0, byte))
+      end
+      return table.concat(out)
+    end
+    IPAD, OPAD = pad(0x36), pad(0x5c)
+  end
+  local inner = string.gsub(redis.sha1hex(IPAD .. text), '%x%x', function(h)
+    return string.char(tonumber(h, 16))
+  end)
+  return redis.sha1hex(OPAD .. inner)
 end
 
 -- Whether canonical decimal `a` is below `b` (no precision lost on 20 digits).
@@ -114,36 +141,39 @@ end
 
 -- The run_id of this server process, read once per load of the library.
 local run_id = nil
--- The tenants whose data this load has checked (see `check_data`).
-local checked = {}
 
--- Checks, once per tenant and load, that the tenant's data was written by
--- this server process; if another one wrote it (a restart from a snapshot
--- or AOF, a failover), moves the tenant's epoch past every number given
--- before. A tenant without the marker has no data worth vouching for (new,
--- or flushed): its old cursors find no history. Only the gateway's own
--- calls check: a backend's `wsgateway_publish` runs with the backend's
--- ACL, which need not allow INFO; its numbers never go back anyway, and a
--- resume or a gap fill checks before it reads.
-local function check_data(tenant, now)
-  if checked[tenant] then
-    return
-  end
+-- Checks that the tenant's data was last written by this server process.
+-- If another one wrote it (a restart from a snapshot or AOF, a failover),
+-- what it wrote last may be lost: the counter jumps ahead and the epoch
+-- moves past every number given before, so that no earlier cursor is
+-- vouched for and a node whose gap began before it resyncs. Without the
+-- note (the tenant's first event, or its data flushed) there is nothing
+-- left to vouch for: the note is written, nothing else. Returns "ok",
+-- "reloaded" or "new". Every call checks before it numbers or reads (a
+-- backend's ACL must allow INFO and GET).
+local function server_run()
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   end
+  return run_id
+end
+
+local function check_data(tenant, now)
+  server_run()
   local run_key = key(tenant, 'run')
   local stored = redis.call('GET', run_key)
-  if stored ~= run_id then
-    if stored then
-      local seq_key = key(tenant, 'seq')
-      local n = math.max(tonumber(redis.call('GET', seq_key) or '0'), clock_us(now)) + RELOAD_JUMP_US
-      redis.call('SET', seq_key, digits(n))
-      redis.call('SET', key(tenant, 'epoch'), digits(n + 1))
-    end
-    redis.call('SET', run_key, run_id)
+  if stored == run_id then
+    return 'ok'
   end
-  checked[tenant] = true
+  redis.call('SET', run_key, run_id)
+  if not stored then
+    return 'new'
+  end
+  local seq_key = key(tenant, 'seq')
+  local n = math.max(tonumber(redis.call('GET', seq_key) or '0'), clock_us(now)) + RELOAD_JUMP_US
+  redis.call('SET', seq_key, digits(n))
+  redis.call('SET', key(tenant, 'epoch'), digits(n + 1))
+  return 'reloaded'
 end
 
 -- The tenant's next number: one more than the last, and never below the
@@ -168,8 +198,9 @@ end
 -- Numbers, keeps and publishes one event, unless its caller id was used
 -- already. `scopes` are distinct scope suffixes, `channels[k]` the channel
 -- names of scope k (each name in one scope only), `payload` the event's
--- JSON text. Returns the id and whether it was a duplicate.
-local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now)
+-- JSON text; `on_seed` publishes on the seed's channels instead of the
+-- scope channels. Returns the id and whether it was a duplicate.
+local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now, on_seed)
   local eid_key
   if caller_id ~= '' then
     eid_key = key(tenant, 'eid:' .. caller_id)
@@ -195,11 +226,17 @@ local function keep_and_publish(tenant, caller_id, scopes, channels, payload, si
   end
   for k, scope in ipairs(scopes) do
     local list = table.concat(channels[k], ',')
-    local message = n .. '\n' .. list .. '\n' .. frame
     local stream = key(tenant, 'history:' .. scope)
     redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'f', frame, 'c', list, 't', now_ms)
     redis.call('PEXPIRE', stream, ttl_ms)
-    redis.call('PUBLISH', KEY_PREFIX .. 'wsgateway:events:{' .. tenant .. '}:' .. scope, message)
+    local channel
+    if on_seed then
+      channel = KEY_PREFIX .. channels[k][1]
+    else
+      channel = KEY_PREFIX .. 'wsgateway:events:{' .. tenant .. '}:' .. scope
+    end
+    local signature = sign(channel .. '\n' .. n .. '\n' .. list .. '\n' .. frame)
+    redis.call('PUBLISH', channel, n .. '\n' .. list .. '\n' .. signature .. '\n' .. frame)
   end
   return id, false
 end
@@ -553,8 +590,9 @@ local function publish(keys, args)
   if not event then
     return refusal
   end
+  check_data(event.tenant, now)
   local id, duplicate = keep_and_publish(event.tenant, event.caller_id, event.scopes, event.channels,
-    event.payload, size, ttl_ms, now)
+    event.payload, size, ttl_ms, now, true)
   return {id, duplicate and 'duplicate' or 'published'}
 end
 
@@ -569,7 +607,7 @@ local function publish_batch(keys, args)
   local ids, duplicates = {}, {}
   for i, item in ipairs(spec.items) do
     check_data(item.t, now)
-    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now)
+    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now, false)
     ids[i] = id
     duplicates[i] = duplicate and 1 or 0
   end
@@ -664,17 +702,18 @@ end
 -- ARGV[1]    the most entries to read per stream; then, per stream, its
 --            tenant and the last number the node is sure to have (entries
 --            after it are read)
--- Returns {time, {per stream: {trimmed, first, entries, counter, epoch}}}:
--- the server's TIME; how many entries the size bound removed and the
--- oldest number left ("0": none); the entries after the given number; and
--- the tenant's counter and epoch ("0": none).
+-- Returns {time, run_id, {per stream: {trimmed, first, entries, counter,
+-- epoch, data}}}: the server's TIME and run_id; how many entries the size
+-- bound removed and the oldest number left ("0": none); the entries after
+-- the given number; the tenant's counter and epoch ("0": none); and what
+-- `check_data` found of the tenant's data ("ok", "reloaded", "new").
 local function gap(keys, args)
   local now = redis.call('TIME')
   local max = tonumber(args[1])
-  local streams = {}
+  local streams, found = {}, {}
   for k = 1, #keys do
     local tenant, after = args[2 * k], args[2 * k + 1]
-    check_data(tenant, now)
+    found[tenant] = found[tenant] or check_data(tenant, now)
     local trimmed, first, entries = 0, '0', {}
     if redis.call('EXISTS', keys[k]) == 1 then
       local f
@@ -686,9 +725,10 @@ local function gap(keys, args)
       trimmed, first, entries,
       redis.call('GET', key(tenant, 'seq')) or '0',
       redis.call('GET', key(tenant, 'epoch')) or '0',
+      found[tenant],
     }
   end
-  return {now, streams}
+  return {now, server_run(), streams}
 end
 
 -- Records the history bounds, the channel bound and the stale limit (in

@@ -22,6 +22,7 @@
 pub mod connector;
 pub mod link;
 pub mod names;
+pub mod signing;
 mod subscriber;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use self::connector::Connector;
 use self::link::{LinkError, RedisLink, UnsupportedRedis};
 use self::names::Names;
+use self::signing::ChannelKey;
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
 use super::{
@@ -68,6 +70,8 @@ pub struct RedisBounds {
     pub max_channels: usize,
     /// `WSGATEWAY_REDIS_PREFIX`'s names.
     pub names: Names,
+    /// What signs the function's messages.
+    pub signing: ChannelKey,
     /// `WSGATEWAY_STALE_EVENT_S`: the function refuses an older `ts`, as
     /// the publish API does.
     pub stale_event: Duration,
@@ -96,6 +100,7 @@ pub struct RedisBroker {
     timing: RedisTiming,
     history: HistoryLimits,
     names: Names,
+    signing: ChannelKey,
     metrics: Arc<Metrics>,
 }
 
@@ -113,6 +118,7 @@ impl RedisBroker {
     ) -> RedisBroker {
         let history = bounds.history;
         let names = bounds.names.clone();
+        let signing = bounds.signing.clone();
         let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds.clone())));
         RedisBroker {
             link: RedisLink::new(connector, timing.timeout, Some(prepare)),
@@ -126,6 +132,7 @@ impl RedisBroker {
             timing,
             history,
             names,
+            signing,
             metrics,
         }
     }
@@ -266,7 +273,7 @@ async fn prepare(
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(bounds.names.library())
+        .arg(bounds.names.library(&bounds.signing))
         .query_async::<String>(&mut conn)
         .await
         .map_err(refused)?;

@@ -11,6 +11,7 @@
 //! Every key of a tenant carries the tenant as its hash tag,
 //! `wsgateway:{7}:…`, so that the keys of one call share one hash slot.
 
+use super::signing::ChannelKey;
 use crate::auth::TenantId;
 use crate::broker::Scope;
 use crate::channel::Channel;
@@ -22,6 +23,7 @@ pub(super) const LIBRARY: &str = include_str!("../lua/wsgateway.lua");
 const NAME_LINE: &str = "#!lua name=wsgateway\n";
 const KEY_LINE: &str = "local KEY_PREFIX = ''\n";
 const FN_LINE: &str = "local FN_PREFIX = ''\n";
+const KEY_SIGNING_LINE: &str = "local SIGNING_KEY = ''\n";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Names {
@@ -52,8 +54,14 @@ impl Names {
         format!("{}{name}", self.function)
     }
 
-    /// The function library with this deployment's names.
-    pub fn library(&self) -> String {
+    /// What keys and channels start with (`staging:`, or empty).
+    pub fn key_prefix(&self) -> &str {
+        &self.key
+    }
+
+    /// The function library with this deployment's names and the key that
+    /// signs its messages.
+    pub fn library(&self, signing: &ChannelKey) -> String {
         let quoted = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
         LIBRARY
             .replacen(
@@ -69,6 +77,11 @@ impl Names {
             .replacen(
                 FN_LINE,
                 &format!("local FN_PREFIX = '{}'\n", quoted(&self.function)),
+                1,
+            )
+            .replacen(
+                KEY_SIGNING_LINE,
+                &format!("local SIGNING_KEY = '{}'\n", signing.hex()),
                 1,
             )
     }
@@ -115,13 +128,21 @@ mod tests {
 
     #[test]
     fn the_library_takes_the_prefix() {
-        let plain = Names::default().library();
-        assert_eq!(plain, LIBRARY, "no prefix: the source as written");
-        let staging = Names::new(Some(&"staging".parse().unwrap())).library();
+        let key = ChannelKey::derive("s", "");
+        let plain = Names::default().library(&key);
+        assert_eq!(
+            plain,
+            LIBRARY.replace(
+                KEY_SIGNING_LINE,
+                &format!("local SIGNING_KEY = '{}'\n", key.hex())
+            ),
+            "no prefix: the source as written, with its key"
+        );
+        let staging = Names::new(Some(&"staging".parse().unwrap())).library(&key);
         assert!(staging.starts_with("#!lua name=staging_wsgateway\n"));
         assert!(staging.contains("local KEY_PREFIX = 'staging:'\n"));
         assert!(staging.contains("local FN_PREFIX = 'staging_'\n"));
-        for line in [NAME_LINE, KEY_LINE, FN_LINE] {
+        for line in [NAME_LINE, KEY_LINE, FN_LINE, KEY_SIGNING_LINE] {
             assert_eq!(LIBRARY.matches(line).count(), 1, "{line}");
         }
     }

@@ -35,7 +35,7 @@ use crate::broker::Scope;
 use crate::broker::backoff::Backoff;
 use crate::broker::history::Merged;
 use crate::channel::Channel;
-use crate::event::unix_ms;
+use crate::event::{Fields, unix_ms};
 use crate::metrics::Drop;
 use crate::reply::ResyncReason;
 
@@ -83,6 +83,8 @@ struct Position {
     alive: Instant,
     /// When the last plain (unnumbered) `PUBLISH` arrived.
     plain_seen: Option<Instant>,
+    /// The `run_id` of the Redis process the last fill read from.
+    run_id: Option<String>,
 }
 
 const MAX_TENANTS: usize = 100_000;
@@ -96,6 +98,7 @@ impl Default for Position {
             offset_us: 0,
             alive: Instant::now(),
             plain_seen: None,
+            run_id: None,
         }
     }
 }
@@ -330,7 +333,10 @@ fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
     let channel = m.get_channel_name();
     let payload = m.get_payload_bytes();
     let scope_channels = broker.names.scope_channels();
-    let Some(scope) = channel.strip_prefix(scope_channels.as_str()) else {
+    let scope_tail = channel.strip_prefix(scope_channels.as_str());
+    // On a seed channel, a plain event is a JSON object; the function's
+    // messages (a backend's `wsgateway_publish`) start with their number.
+    if scope_tail.is_none() && !payload.first().is_some_and(u8::is_ascii_digit) {
         position.plain_seen = Some(Instant::now());
         // The patterns are this deployment's: the prefix is there.
         let seed = broker.names.seed_channel(channel).unwrap_or(channel);
@@ -338,14 +344,42 @@ fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
             .queue
             .ingest(seed, bytes::Bytes::copy_from_slice(payload));
         return;
-    };
-    let Some((scope, (n, channels, frame))) = read_scope(scope).zip(read_numbered(payload)) else {
+    }
+    let shown = || channel.chars().take(200).collect::<String>();
+    let Some(message) = read_numbered(payload) else {
         broker.metrics.dropped(Drop::Invalid);
-        tracing::warn!(channel = %channel.chars().take(200).collect::<String>(), "malformed numbered event dropped");
+        tracing::warn!(channel = %shown(), "malformed numbered event dropped");
         return;
     };
+    if !broker.signing.verify(
+        channel,
+        message.number,
+        message.channel_list,
+        message.frame,
+        message.signature,
+    ) {
+        broker.metrics.dropped(Drop::Unsigned);
+        tracing::warn!(channel = %shown(), "numbered event dropped: not signed by the wsgateway function library");
+        return;
+    }
+    let scope = match scope_tail {
+        Some(tail) => read_scope(tail),
+        // On the seed channel of its scope's first channel.
+        None => Fields::parse(message.frame).ok().and_then(|fields| {
+            let first = *message.channels.first()?;
+            (broker.names.seed_channel(channel) == Some(first.to_string().as_str()))
+                .then(|| Scope::of(first, &fields))
+        }),
+    };
+    let Some(scope) = scope else {
+        broker.metrics.dropped(Drop::Invalid);
+        tracing::warn!(channel = %shown(), "numbered event dropped: not of the scope of its channel");
+        return;
+    };
+    let (n, channels) = (message.n, message.channels);
     match position.judge(scope, n, &channels) {
         Verdict::Deliver(fresh) => {
+            let frame = Utf8Bytes::from(message.frame.to_owned());
             if !fresh.is_empty()
                 && broker
                     .queue
@@ -372,17 +406,34 @@ fn read_scope(tail: &str) -> Option<Scope> {
     Scope::from_suffix(tenant, suffix)
 }
 
-/// Reads `n\n<channels>\n<frame>`.
-fn read_numbered(payload: &[u8]) -> Option<(u64, Vec<Channel>, Utf8Bytes)> {
+/// A numbered message, `n\n<channels>\n<signature>\n<frame>`.
+struct Numbered<'a> {
+    number: &'a str,
+    n: u64,
+    channel_list: &'a str,
+    channels: Vec<Channel>,
+    signature: &'a str,
+    frame: &'a str,
+}
+
+fn read_numbered(payload: &[u8]) -> Option<Numbered<'_>> {
     let text = std::str::from_utf8(payload).ok()?;
-    let (seq, rest) = text.split_once('\n')?;
-    let (channels, frame) = rest.split_once('\n')?;
-    let channels = channels
+    let mut parts = text.splitn(4, '\n');
+    let (number, channel_list, signature, frame) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let channels = channel_list
         .split(',')
         .map(|c| c.parse::<Channel>().ok())
         .collect::<Option<Vec<_>>>()?;
-    let seq = seq.parse().ok().filter(|_| !seq.starts_with('+'))?;
-    Some((seq, channels, Utf8Bytes::from(frame.to_owned())))
+    let n = number.parse().ok().filter(|_| !number.starts_with('+'))?;
+    Some(Numbered {
+        number,
+        n,
+        channel_list,
+        channels,
+        signature,
+        frame,
+    })
 }
 
 /// What one gap read found.
@@ -390,6 +441,8 @@ fn read_numbered(payload: &[u8]) -> Option<(u64, Vec<Channel>, Utf8Bytes)> {
 struct Filled {
     /// Redis's clock when it read, microseconds.
     redis_us: i64,
+    /// The `run_id` of the Redis process it read from.
+    run_id: String,
     /// Per tenant read, its counter.
     counters: HashMap<TenantId, u64>,
     /// Kept events after each tenant's gap start, by number, and the
@@ -401,6 +454,9 @@ struct Filled {
     /// after their gap's start: what was written last before it may be
     /// gone.
     reloaded: Vec<Scope>,
+    /// Scopes whose tenant's data is gone (no note of it: a flush), tenant
+    /// by tenant as the answer says.
+    gone: Vec<(Scope, TenantId)>,
 }
 
 /// Measures Redis's clock and, after a gap, fills it: queues what history
@@ -424,11 +480,21 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
     }
     position.filled.clear();
     position.filled_scopes.clear();
+    // Another Redis process than the one read last (a restart, a
+    // failover): what the old one had not written to disk, or to the
+    // replica, may be gone.
+    let restarted = match &read {
+        Ok(filled) => {
+            let before = position.run_id.replace(filled.run_id.clone());
+            before.is_some_and(|run| run != filled.run_id)
+        }
+        Err(_) => false,
+    };
     let Some(gap) = gap else {
         return;
     };
     let metrics = &broker.metrics;
-    let filled = match read {
+    let mut filled = match read {
         Ok(filled) => filled,
         Err(why) => {
             tracing::warn!(reason = %why, "cannot read history to fill a subscription gap");
@@ -436,6 +502,14 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             return;
         }
     };
+    // A tenant whose data has no note any more, though this node delivered
+    // its events: flushed.
+    let gone = std::mem::take(&mut filled.gone);
+    filled.reloaded.extend(
+        gone.into_iter()
+            .filter(|(_, tenant)| position.delivered.contains_key(tenant))
+            .map(|(scope, _)| scope),
+    );
     let mut count = 0;
     for (tenant, merged) in filled.entries {
         for entry in merged.into_entries() {
@@ -467,6 +541,11 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         .is_some_and(|at| at.elapsed() <= ttl + gap.since.elapsed());
     let outcome = if gap.since.elapsed() > ttl {
         lost(broker, None, ResyncReason::HistoryExpired, gap)
+    } else if restarted {
+        tracing::warn!(
+            "Redis is another process than before the gap (a restart or a failover): what it wrote last may be lost"
+        );
+        lost(broker, None, ResyncReason::HistoryUnavailable, gap)
     } else if plain_recently {
         lost(broker, None, ResyncReason::UnnumberedEvents, gap)
     } else if !filled.reloaded.is_empty() {
@@ -579,6 +658,7 @@ fn read_gap_answer(
     let Value::Array(streams) = top.pop()? else {
         return None;
     };
+    filled.run_id = text(&top.pop()?)?;
     let Value::Array(time) = top.pop()? else {
         return None;
     };
@@ -592,6 +672,7 @@ fn read_gap_answer(
         let Value::Array(mut parts) = stream else {
             return None;
         };
+        let data = text(&parts.pop()?)?;
         let epoch: u64 = text(&parts.pop()?)?.parse().ok()?;
         let counter: u64 = text(&parts.pop()?)?.parse().ok()?;
         let entries = read_entries(parts.pop()?)?;
@@ -600,6 +681,8 @@ fn read_gap_answer(
         filled.counters.insert(scope.tenant(), counter);
         if epoch > start.saturating_add(1) {
             filled.reloaded.push(*scope);
+        } else if data == "new" {
+            filled.gone.push((*scope, scope.tenant()));
         }
         // The size bound removed the entries before `first`; when `first`
         // is itself in the gap, some of them may have been too.
@@ -620,16 +703,21 @@ mod tests {
 
     #[test]
     fn reads_numbered_messages() {
-        let (seq, channels, frame) =
-            read_numbered(b"17\nchannel:branch:5:admin,channel:session:7\n{\"a\":\"x\\ny\"}")
-                .unwrap();
-        assert_eq!(seq, 17);
-        assert_eq!(channels, vec![Channel::BranchAdmin(5), Channel::Session(7)]);
-        assert_eq!(frame.as_str(), "{\"a\":\"x\\ny\"}");
-        assert!(read_numbered(b"x\nchannel:branch:5:admin\n{}").is_none());
-        assert!(read_numbered(b"+1\nchannel:branch:5:admin\n{}").is_none());
-        assert!(read_numbered(b"1\nchannel:nope\n{}").is_none());
-        assert!(read_numbered(b"1\n{}").is_none());
+        let m = read_numbered(
+            b"17\nchannel:branch:5:admin,channel:session:7\nab12\n{\"a\":\"x\\ny\"}\n",
+        )
+        .unwrap();
+        assert_eq!((m.number, m.n), ("17", 17));
+        assert_eq!(
+            m.channels,
+            vec![Channel::BranchAdmin(5), Channel::Session(7)]
+        );
+        assert_eq!(m.signature, "ab12");
+        assert_eq!(m.frame, "{\"a\":\"x\\ny\"}\n");
+        assert!(read_numbered(b"x\nchannel:branch:5:admin\ns\n{}").is_none());
+        assert!(read_numbered(b"+1\nchannel:branch:5:admin\ns\n{}").is_none());
+        assert!(read_numbered(b"1\nchannel:nope\ns\n{}").is_none());
+        assert!(read_numbered(b"1\nchannel:branch:5:admin\n{}").is_none());
     }
 
     #[test]
