@@ -171,22 +171,27 @@ mod tests {
         }
     }
 
+    /// A staff `connected` of user 7 of tenant 1, branch 5.
+    fn staff_connected(endpoint: &'static str) -> Connected {
+        Connected {
+            endpoint,
+            who: Who::Staff {
+                user_id: 7,
+                tenant_id: 1,
+                branch_ids: vec![5],
+                sector_ids: None,
+            },
+            heartbeat_interval_s: 30,
+            recovered: None,
+        }
+    }
+
     /// Events may not take the replies' types (PROTOCOL.md §5, "Reserved
     /// types"): `crate::event::RESERVED_TYPES` is exactly their list.
     #[test]
     fn the_reserved_event_types_are_the_replies_types() {
         let replies = [
-            Reply::Connected(Connected {
-                endpoint: "admin",
-                who: Who::Staff {
-                    user_id: 7,
-                    tenant_id: 1,
-                    branch_ids: vec![5],
-                    sector_ids: None,
-                },
-                heartbeat_interval_s: 30,
-                recovered: None,
-            }),
+            Reply::Connected(staff_connected("admin")),
             Reply::Pong,
             Reply::SectorsUpdated { sector_ids: None },
             Reply::TokenRefreshed { expires_at: 1 },
@@ -220,17 +225,7 @@ mod tests {
 
     #[test]
     fn connected_has_every_field_and_recovered_only_on_resume() {
-        let mut c = Connected {
-            endpoint: "waiter",
-            who: Who::Staff {
-                user_id: 7,
-                tenant_id: 1,
-                branch_ids: vec![5],
-                sector_ids: None,
-            },
-            heartbeat_interval_s: 30,
-            recovered: None,
-        };
+        let mut c = staff_connected("waiter");
         assert_eq!(
             value(&Reply::Connected(c.clone())),
             json!({"type": "connected", "endpoint": "waiter", "user_id": 7, "tenant_id": 1,

@@ -531,18 +531,25 @@ async fn the_api_the_function_and_plain_publish_refuse_each_invalid_event_alike(
     gw.stop().await;
 }
 
-/// The function's stale limit is the one `wsgateway_configure` last
-/// recorded; a caller of the older three-argument form (size, age,
-/// channels) leaves it as it was, 30 s when none was ever recorded.
-#[test]
-fn the_stale_limit_is_recorded_by_configure_and_kept_by_its_older_form() {
-    let server = RedisServer::start();
+/// A connection to `server` with the function library loaded as written
+/// (no prefix, no signing key).
+fn with_library(server: &RedisServer) -> redis::Connection {
     let mut conn = server.client().get_connection().unwrap();
     let _: String = redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg(LIBRARY)
         .query(&mut conn)
         .unwrap();
+    conn
+}
+
+/// The function's stale limit is the one `wsgateway_configure` last
+/// recorded; a caller of the older three-argument form (size, age,
+/// channels) leaves it as it was, 30 s when none was ever recorded.
+#[test]
+fn the_stale_limit_is_recorded_by_configure_and_kept_by_its_older_form() {
+    let server = RedisServer::start();
+    let mut conn = with_library(&server);
     let configure = |conn: &mut redis::Connection, args: &[u64]| {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("wsgateway_configure").arg(0);
@@ -847,12 +854,7 @@ fn generate(rng: &mut StdRng, now_ms: i64) -> Vec<u8> {
 #[test]
 fn the_function_reads_every_event_as_the_gateway_does() {
     let server = RedisServer::start();
-    let mut conn = server.client().get_connection().unwrap();
-    let _: String = redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg(LIBRARY)
-        .query(&mut conn)
-        .unwrap();
+    let mut conn = with_library(&server);
     let stale_ms: i64 = 30_000;
     let _: String = redis::cmd("FCALL")
         .arg("wsgateway_configure")
