@@ -63,7 +63,10 @@ test('a gateway restart mid-stream: 1001, reconnection, resume; no event lost or
 });
 
 test('a repeated event_id is delivered once, though the gateway sends it again after its window', async () => {
-  const gw = await startGateway({ env: { WSGATEWAY_DEDUP_WINDOW_S: '0.2' } });
+  // The gateway publishes a repeated caller id again only once its
+  // history has forgotten the first (WSGATEWAY_HISTORY_TTL_S), and sends it
+  // again only past its de-duplication window.
+  const gw = await startGateway({ env: { WSGATEWAY_DEDUP_WINDOW_S: '0.2', WSGATEWAY_HISTORY_TTL_S: '1' } });
   try {
     const rec = recordedClient({ url: gw.ws, endpoint: 'kitchen', getToken: () => staffToken({ sub: 302, roles: ['KITCHEN'] }) });
     rec.client.connect();
