@@ -12,6 +12,7 @@
 //! gateway's library only as a client would: to mint tokens, and for the
 //! names of the settings it gives the gateway it starts.
 
+mod beside;
 mod clients;
 mod floor;
 mod gateway;
@@ -165,6 +166,12 @@ pub struct BenchArgs {
     /// of a latency gap from the gateway's).
     #[arg(long, value_enum, default_value_t = FloorReaders::Raw)]
     pub floor_readers: FloorReaders,
+    /// `resume`: a publisher beside the storm, this many requests a second
+    /// (one event each, on a tenant none of the storm's clients is of),
+    /// from 2 s before the storm to its end; the report gives its statuses
+    /// and latencies before and during the storm.
+    #[arg(long, value_name = "PER_S")]
+    pub beside_rate: Option<f64>,
     /// `floor`: bytes per write (default 200, about a broadcast frame).
     #[arg(long)]
     pub frame_bytes: Option<usize>,

@@ -7,7 +7,8 @@
 //! the storm starts (every connection opened at once) to each client's
 //! `connected` and to its last replayed event; the gateway's CPU is its
 //! utime + stime over the storm, its memory the highest VmRSS sampled
-//! every 20 ms during it.
+//! every 20 ms during it. With `--beside-rate`, a publisher runs beside
+//! the storm on another tenant (see `beside.rs`).
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use wsgateway::auth::{StaffClaims, mint, unix_now};
 
+use super::beside::Beside;
 use super::clients::handshake;
 use super::gateway::{Sample, Target};
 use super::procfs::TICKS_PER_S;
@@ -46,6 +48,15 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
     let cursor = fill_history(target, args, plan.events, tenant, branch).await?;
     let expected = plan.events.saturating_sub(1) as u64;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The publisher beside the storm, alone for a moment first: its baseline.
+    let beside = match args.beside_rate {
+        Some(rate) if rate > 0.0 => {
+            let beside = Beside::start(target.addr, &args.api_key, rate)?;
+            tokio::time::sleep(super::beside::QUIET).await;
+            Some(beside)
+        }
+        _ => None,
+    };
     let before = target.sample();
 
     // Sampled while the storm lasts, for the peak.
@@ -130,6 +141,9 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
     let during = target.sample();
     sampling.cancel();
     let _ = sampler.await;
+    let beside = beside
+        .map(|b| b.finish((started, started + storm)))
+        .transpose()?;
     drop(open);
     Ok(report(
         plan,
@@ -140,6 +154,7 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
         before,
         during,
         peak_rss.load(Ordering::Relaxed),
+        beside,
     ))
 }
 
@@ -192,17 +207,19 @@ fn report(
     before: Sample,
     during: Sample,
     peak_rss_kib: u64,
+    beside: Option<Value>,
 ) -> Value {
     let connected: Vec<u32> = seen.iter().filter_map(|s| s.connected_us).collect();
     let done: Vec<u32> = seen.iter().filter_map(|s| s.done_us).collect();
     let replayed: u64 = seen.iter().map(|s| s.replayed).sum();
+    let recovered = seen.iter().filter(|s| s.recovered).count();
     let cpu_s = during.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_S;
     json!({
         "scenario": "resume",
         "broker": if target.redis_url.is_some() { "redis" } else { "embedded" },
         "history_events": plan.events,
         "clients": {"planned": plan.connections, "connected": connected.len(),
-                    "recovered": seen.iter().filter(|s| s.recovered).count(),
+                    "recovered": recovered, "not_recovered": connected.len() - recovered,
                     "complete": done.len()},
         "replay": {"expected_per_client": expected, "replayed": replayed,
                    "missing": (expected * plan.connections as u64).saturating_sub(replayed)},
@@ -214,5 +231,6 @@ fn report(
                     "cpu_us_per_replayed_event": (replayed > 0).then(|| cpu_s * 1e6 / replayed as f64),
                     "rss_kib_before": before.rss_kib, "rss_kib_peak": peak_rss_kib,
                     "rss_kib_done": during.rss_kib},
+        "beside": beside,
     })
 }

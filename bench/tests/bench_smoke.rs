@@ -164,3 +164,36 @@ async fn the_reconnect_storm_replays_the_whole_history_to_every_client() {
         "{run}"
     );
 }
+
+#[tokio::test]
+async fn a_publisher_beside_the_storm_reports_its_statuses_and_latency() {
+    let run = &bench(&[
+        "resume",
+        "--connections",
+        "50",
+        "--events",
+        "100",
+        "--beside-rate",
+        "50",
+    ])
+    .await;
+    assert_eq!(run["clients"]["recovered"], 50, "{run}");
+    assert_eq!(run["clients"]["not_recovered"], 0, "{run}");
+    let beside = &run["beside"];
+    assert_eq!(beside["rate_per_s"], 50.0, "{run}");
+    // 2 s alone before the storm at 50 requests a second.
+    let quiet = &beside["quiet"];
+    assert!(quiet["sent"].as_u64().unwrap() >= 50, "{run}");
+    assert_eq!(quiet["status"]["202"], quiet["sent"], "{run}");
+    assert!(quiet["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{run}");
+    let storm = &beside["storm"];
+    let s = &storm["status"];
+    assert_eq!(
+        s["202"].as_u64().unwrap()
+            + s["other"].as_u64().unwrap()
+            + s["unanswered"].as_u64().unwrap(),
+        storm["sent"].as_u64().unwrap(),
+        "{run}"
+    );
+    assert_eq!(s["other"], 0, "{run}");
+}

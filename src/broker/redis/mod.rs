@@ -1,18 +1,26 @@
 //! The Redis broker: several gateway nodes share one Redis.
 //!
-//! Two connections, as Redis wants them:
+//! Three connections, as Redis wants them:
 //! - the subscription ([`subscriber`]): pattern subscriptions to the seed's
 //!   channels (plain `PUBLISH`es from any backend, delivered live) and to the
 //!   gateway's scope channels (events numbered and kept in history by the
 //!   `wsgateway` function library). It PINGs on its own schedule, so a
 //!   silently dead path is found within the command timeout, and after any
 //!   gap it fills what history kept before reading live messages again.
-//! - a command connection ([`link::RedisLink`]) for publishing, history
-//!   reads, and health PINGs, replaced as soon as a call finds it dead.
+//! - a command connection ([`link::RedisLink`]) for publishing, the
+//!   subscriber's gap reads and health PINGs, replaced as soon as a call
+//!   finds it dead;
+//! - a second one for resumes' history reads: Redis answers one
+//!   connection's commands in order, so on a shared connection a publish
+//!   would wait behind every resume sent before it, each a reply of up to
+//!   `WSGATEWAY_RESUME_MAX_EVENTS` entries (in a reconnect storm, up to
+//!   `WSGATEWAY_RESUME_CONCURRENCY` of them); apart, it waits at most for
+//!   the script Redis is running. It is not PINGed: a read that times out
+//!   replaces it, like any call.
 //!
-//! Both go where the [`connector::Connector`] says: the one server, or the
-//! master the sentinels name, found again at every reconnect; both move to
-//! a new master as soon as either finds it.
+//! All go where the [`connector::Connector`] says: the one server, or the
+//! master the sentinels name, found again at every reconnect; all move to
+//! a new master as soon as one finds it.
 //!
 //! The circuit breaker guards calls (publish, resume), never the
 //! subscription: the subscriber reconnects on its own jittered schedule, so
@@ -93,6 +101,8 @@ struct Condition {
 pub struct RedisBroker {
     /// The command connection; its connector is the subscriber's too.
     link: RedisLink,
+    /// The connection of resumes' history reads (see the module's doc).
+    reads: RedisLink,
     queue: Arc<EventQueue>,
     listeners: Arc<dyn Listeners>,
     breaker: CircuitBreaker,
@@ -119,8 +129,12 @@ impl RedisBroker {
         let history = bounds.history;
         let names = bounds.names.clone();
         let signing = bounds.signing.clone();
+        let reads_bounds = bounds.clone();
         let prepare: link::Prepare = Box::new(move |conn| Box::pin(prepare(conn, bounds.clone())));
+        let prepare_reads: link::Prepare =
+            Box::new(move |conn| Box::pin(self::prepare(conn, reads_bounds.clone())));
         RedisBroker {
+            reads: RedisLink::new(connector.clone(), timing.timeout, Some(prepare_reads)),
             link: RedisLink::new(connector, timing.timeout, Some(prepare)),
             queue,
             listeners,
@@ -159,10 +173,19 @@ impl RedisBroker {
         F: Fn(redis::aio::MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.call_on(&self.link, op).await
+    }
+
+    /// [`RedisBroker::call`] on the given connection.
+    async fn call_on<T, F, Fut>(&self, link: &RedisLink, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let Some(permit) = self.breaker.allow() else {
             return Err(BrokerError::Unavailable("circuit breaker open".into()));
         };
-        let mut result = self.link.call(&op).await;
+        let mut result = link.call(&op).await;
         let retry = match &result {
             // Redis lost its functions (a restart without persistence):
             // nothing ran. Load the library on a fresh connection, once.
@@ -173,8 +196,8 @@ impl RedisBroker {
             _ => false,
         };
         if retry {
-            self.link.reset();
-            result = self.link.call(&op).await;
+            link.reset();
+            result = link.call(&op).await;
         }
         match result {
             Ok(value) => {
@@ -399,7 +422,7 @@ impl Broker for RedisBroker {
             .arg(self.history.ttl.as_millis() as u64);
         Box::pin(async move {
             let raw = self
-                .call(|mut c| {
+                .call_on(&self.reads, |mut c| {
                     let fcall = fcall.clone();
                     async move { fcall.query_async::<redis::Value>(&mut c).await }
                 })

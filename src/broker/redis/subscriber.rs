@@ -231,9 +231,10 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
                     .inc();
                 tracing::warn!(reason = %why, "lost the Redis subscription; reconnecting");
                 broker.set_subscribed(false, Some(format!("subscription lost: {why}")));
-                // The command connection most likely shares the fate of the
-                // path: make the next call connect afresh.
+                // The command connections most likely share the fate of the
+                // path: make the next calls connect afresh.
                 broker.link.reset();
+                broker.reads.reset();
                 gap = Some(Gap {
                     since: Instant::now(),
                 });
