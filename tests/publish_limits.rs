@@ -151,10 +151,11 @@ async fn redis_mode_keeps_each_channel_once() {
             .unwrap();
         assert!(!entries.is_empty(), "{stream}");
         for (id, fields) in entries {
+            // One field, `e`: "<kept at>\n<channels>\n<frame>".
             let c = fields
                 .iter()
-                .find(|(k, _)| k == "c")
-                .map(|(_, v)| v.as_str());
+                .find(|(k, _)| k == "e")
+                .and_then(|(_, v)| v.split('\n').nth(1));
             assert_eq!(c, Some(channel), "{stream} {id}");
         }
     }

@@ -26,7 +26,10 @@ local SIGNING_KEY = ''
 --   wsgateway:{t}:seq              the tenant's counter
 --   wsgateway:{t}:run              the run_id of the server that last checked the tenant's data
 --   wsgateway:{t}:epoch            the first number given since the data was last reloaded
---   wsgateway:{t}:history:<scope>  a scope's history stream, entries "n-0"
+--   wsgateway:{t}:history:<scope>  a scope's history stream: entry "n-0", one field
+--                                  e = "<kept at, ms>\n<channels>\n<frame>" (one
+--                                  field: a resume reads hundreds of entries,
+--                                  and each field costs Lua a string both ways)
 --   wsgateway:{t}:eid:<id>         a caller id's number, for the history's age
 -- Each event is published once per scope as
 -- "n\n<channels>\n<signature>\n<frame>", so that a node knows the number of
@@ -227,7 +230,7 @@ local function keep_and_publish(tenant, caller_id, scopes, channels, payload, si
   for k, scope in ipairs(scopes) do
     local list = table.concat(channels[k], ',')
     local stream = key(tenant, 'history:' .. scope)
-    redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'f', frame, 'c', list, 't', now_ms)
+    redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'e', now_ms .. '\n' .. list .. '\n' .. frame)
     redis.call('PEXPIRE', stream, ttl_ms)
     local channel
     if on_seed then
@@ -661,13 +664,7 @@ local function resume(keys, args)
   for k = 2, #keys do
     local at = redis.call('XRANGE', keys[k], seq .. '-0', seq .. '-0')
     if at[1] then
-      local fields = at[1][2]
-      for j = 1, #fields, 2 do
-        if fields[j] == 't' then
-          kept = tonumber(fields[j + 1])
-        end
-      end
-      kept = kept or 0
+      kept = tonumber(string.match(at[1][2][2] or '', '^(%d+)\n')) or 0
       break
     end
   end

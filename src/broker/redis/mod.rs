@@ -495,8 +495,9 @@ fn read_history(raw: redis::Value) -> Option<Found> {
     })
 }
 
-/// Reads raw XRANGE entries (`n-0`, fields `f` frame, `c` channels, `t`
-/// kept at); `None` when one is not in that shape.
+/// Reads raw XRANGE entries (`n-0`, one field `e`: `<kept at, Unix
+/// ms>\n<channels>\n<frame>`); `None` when one is not in that shape.
+/// Consumes the reply: a resume's hundreds of frames are moved, not copied.
 fn read_entries(raw: redis::Value) -> Option<Vec<Entry>> {
     use redis::Value;
     let Value::Array(entries) = raw else {
@@ -507,30 +508,27 @@ fn read_entries(raw: redis::Value) -> Option<Vec<Entry>> {
         let Value::Array(mut entry) = entry else {
             return None;
         };
-        let Value::Array(fields) = entry.pop()? else {
+        let Value::Array(mut fields) = entry.pop()? else {
             return None;
         };
         let n = stream_seq(&text(&entry.pop()?)?)?;
-        let mut frame = None;
-        let mut channels: Vec<Channel> = Vec::new();
-        let mut kept_ms = 0;
-        for pair in fields.chunks(2) {
-            let [name, value] = pair else { return None };
-            match text(name)?.as_str() {
-                "f" => frame = Some(text(value)?),
-                "c" => {
-                    channels = text(value)?
-                        .split(',')
-                        .filter_map(|c| c.parse::<Channel>().ok())
-                        .collect()
-                }
-                "t" => kept_ms = text(value)?.parse().ok()?,
-                _ => {}
-            }
-        }
+        let Value::BulkString(packed) = fields.pop()? else {
+            return None;
+        };
+        let packed = String::from_utf8(packed).ok()?;
+        let (kept_ms, rest) = packed.split_once('\n')?;
+        let (channels, frame) = rest.split_once('\n')?;
+        let kept_ms = kept_ms.parse().ok()?;
+        let channels: Vec<Channel> = channels
+            .split(',')
+            .filter_map(|c| c.parse::<Channel>().ok())
+            .collect();
+        let frame_at = packed.len() - frame.len();
+        let mut frame = packed;
+        frame.drain(..frame_at);
         out.push(Entry {
             seq: n,
-            frame: frame?.into(),
+            frame: frame.into(),
             channels: channels.into(),
             kept_ms,
         });
