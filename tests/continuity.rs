@@ -356,6 +356,26 @@ async fn a_retried_caller_id_hides_nothing_through_redis() {
     gw.stop().await;
 }
 
+/// A `PUBLISH` on `channel` as the user of `url`, of a message in the
+/// function's shape.
+fn publish_raw(url: &str, channel: &str) -> redis::RedisResult<i64> {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_connection()?;
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg("1\nchannel:branch:5:waiters\nsig\n{}")
+        .query(&mut conn)
+}
+
+/// Asserts that Redis refused a command for the user's ACL.
+fn no_permission<T: std::fmt::Debug>(result: redis::RedisResult<T>) {
+    let refused = result.unwrap_err();
+    assert!(
+        refused.to_string().to_uppercase().contains("NOPERM"),
+        "{refused}"
+    );
+}
+
 /// The README's ACL lines, as written there.
 fn readme_acl() -> Vec<String> {
     let readme = include_str!("../README.md");
@@ -393,38 +413,14 @@ async fn the_readme_acl_users_publish_as_it_says() {
 
     // publisher: the seed's channels only.
     assert_eq!(publish_to(&url("publisher"), channel, &plain("p1")), 1);
-    let client = redis::Client::open(url("publisher")).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let refused = redis::cmd("PUBLISH")
-        .arg(gateway_channel)
-        .arg("1\nchannel:branch:5:waiters\n{}")
-        .query::<i64>(&mut conn)
-        .unwrap_err();
-    assert!(
-        refused.to_string().to_uppercase().contains("NOPERM"),
-        "{refused}"
-    );
-    let refused = fcall(&url("publisher"), &[channel], &event("X", 1, 5)).unwrap_err();
-    assert!(
-        refused.to_string().to_uppercase().contains("NOPERM"),
-        "{refused}"
-    );
+    no_permission(publish_raw(&url("publisher"), gateway_channel));
+    no_permission(fcall(&url("publisher"), &[channel], &event("X", 1, 5)));
 
     // backend: the seed's channels and the function, not the gateway's
     // channels.
     assert_eq!(publish_to(&url("backend"), channel, &plain("b1")), 1);
     let f = fcall(&url("backend"), &[channel], &event("ROUND_SERVED", 1, 5)).unwrap();
-    let client = redis::Client::open(url("backend")).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let refused = redis::cmd("PUBLISH")
-        .arg(gateway_channel)
-        .arg("1\nchannel:branch:5:waiters\nsig\n{}")
-        .query::<i64>(&mut conn)
-        .unwrap_err();
-    assert!(
-        refused.to_string().to_uppercase().contains("NOPERM"),
-        "{refused}"
-    );
+    no_permission(publish_raw(&url("backend"), gateway_channel));
     // What looks like the function's on a seed channel, but is not signed
     // by it, is dropped.
     let forged = format!("99999999999999\n{channel}\n{}\n{{}}", "0".repeat(40));
