@@ -18,6 +18,7 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use wsgateway::broker::{LibraryBounds, RedisChannelKey, RedisNames};
 use wsgateway::channel::Channel;
 use wsgateway::config::{Secret, Secs};
 use wsgateway::event::{Fields, InvalidEvent, RESERVED_TYPES, STALE_DETAIL, unix_ms};
@@ -427,10 +428,6 @@ async fn the_api_the_function_and_plain_publish_refuse_each_invalid_event_alike(
     // command connection.
     gw.wait_health(Duration::from_secs(10), |_, b| b["status"] == "healthy")
         .await;
-    let stale_ms: String = server
-        .query(redis::cmd("HGET").arg("wsgateway:config").arg("stale_ms"))
-        .unwrap();
-    assert_eq!(stale_ms, (STALE_S * 1000).to_string());
     let (admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
     let (diner, _) = gw.join("diner", &diner(1, 5, 1, 77)).await;
     let mut clients = [admin, diner];
@@ -543,21 +540,12 @@ fn with_library(server: &RedisServer) -> redis::Connection {
     conn
 }
 
-/// The function's stale limit is the one `wsgateway_configure` last
-/// recorded; a caller of the older three-argument form (size, age,
-/// channels) leaves it as it was, 30 s when none was ever recorded.
+/// The function's stale limit is the one the gateway loaded the library
+/// with (`WSGATEWAY_STALE_EVENT_S`), 30 s in the source as written.
 #[test]
-fn the_stale_limit_is_recorded_by_configure_and_kept_by_its_older_form() {
+fn the_stale_limit_is_the_one_the_library_was_loaded_with() {
     let server = RedisServer::start();
     let mut conn = with_library(&server);
-    let configure = |conn: &mut redis::Connection, args: &[u64]| {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg("wsgateway_configure").arg(0);
-        for a in args {
-            cmd.arg(*a);
-        }
-        assert_eq!(cmd.query::<String>(conn).unwrap(), "OK");
-    };
     let aged = |conn: &mut redis::Connection, age_s: i64| {
         let ts = unix_ms() - age_s * 1000;
         let event = format!(r#"{{"type":"ROUND_READY","tenant_id":1,"branch_id":5,"ts":{ts}}}"#);
@@ -566,14 +554,25 @@ fn the_stale_limit_is_recorded_by_configure_and_kept_by_its_older_form() {
             .map_err(|(code, _)| code)
     };
     let stale = Err("stale_event".to_owned());
-    configure(&mut conn, &[1000, 600_000, 100]);
     assert_eq!(aged(&mut conn, 20), Ok(()));
     assert_eq!(aged(&mut conn, 40), stale);
-    configure(&mut conn, &[1000, 600_000, 100, 60_000]);
+    let library = RedisNames::default().library(
+        &RedisChannelKey::derive("secret", ""),
+        &LibraryBounds {
+            size: 1000,
+            ttl_ms: 600_000,
+            max_channels: 100,
+            stale_ms: 60_000,
+        },
+    );
+    let _: String = redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(library)
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(aged(&mut conn, 40), Ok(()));
     assert_eq!(aged(&mut conn, 90), stale);
-    configure(&mut conn, &[1000, 600_000, 100]);
-    assert_eq!(aged(&mut conn, 40), Ok(()), "kept");
 }
 
 /// What the gateway does with an event given to the publish API on
@@ -855,16 +854,8 @@ fn generate(rng: &mut StdRng, now_ms: i64) -> Vec<u8> {
 fn the_function_reads_every_event_as_the_gateway_does() {
     let server = RedisServer::start();
     let mut conn = with_library(&server);
+    // The library as written carries the default stale limit.
     let stale_ms: i64 = 30_000;
-    let _: String = redis::cmd("FCALL")
-        .arg("wsgateway_configure")
-        .arg(0)
-        .arg(1000)
-        .arg(600_000)
-        .arg(100)
-        .arg(stale_ms)
-        .query(&mut conn)
-        .unwrap();
     let channel_sets: &[&[&str]] = &[
         &["channel:branch:5:waiters"],
         &["channel:branch:5:admin", "channel:session:77"],

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::redis::connector::Connector as RedisConnector;
 pub use self::redis::link::{LinkError, RedisLink, UnsupportedRedis};
-pub use self::redis::names::Names as RedisNames;
+pub use self::redis::names::{LibraryBounds, Names as RedisNames};
 pub use self::redis::signing::ChannelKey as RedisChannelKey;
 pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};

@@ -19,6 +19,10 @@ local FN_PREFIX = ''
 -- and the key that signs every message it publishes for the nodes (see
 -- `sign`), which only the nodes and this source hold:
 local SIGNING_KEY = ''
+-- and the gateway's bounds (WSGATEWAY_HISTORY_SIZE, _HISTORY_TTL_S,
+-- _MAX_PUBLISH_CHANNELS, _STALE_EVENT_S), here rather than in a key, whose
+-- hash slot would not be a tenant's:
+local BOUNDS = {size = 1000, ttl_ms = 600000, max_channels = 100, stale_ms = 30000}
 --
 -- Every key of a tenant carries the tenant as its hash tag
 -- (`wsgateway:{7}:...`), so that one call's keys share one hash slot
@@ -49,7 +53,6 @@ local SIGNING_KEY = ''
 -- epoch moves to the next number, so that no resume from an earlier cursor
 -- says "recovered".
 
-local CONFIG = KEY_PREFIX .. 'wsgateway:config'
 local MAX_EVENT_ID_BYTES = 128
 -- How far the counter jumps after a reload: more than the clocks of two
 -- servers of one deployment may disagree.
@@ -192,10 +195,9 @@ local function next_number(tenant, now)
   return digits(n)
 end
 
--- The bounds, as the gateway recorded them (`configure`).
+-- The bounds the library was loaded with.
 local function settings()
-  local kept = redis.call('HMGET', CONFIG, 'size', 'ttl_ms', 'max_channels')
-  return tonumber(kept[1]) or 1000, tonumber(kept[2]) or 600000, tonumber(kept[3]) or 100
+  return BOUNDS.size, BOUNDS.ttl_ms, BOUNDS.max_channels
 end
 
 -- Numbers, keeps and publishes one event, unless its caller id was used
@@ -547,8 +549,7 @@ local function validate(args, max_channels, now)
     end
     ms = ms < 0 and math.ceil(ms) or math.floor(ms)
     local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    local stale_ms = tonumber(redis.call('HGET', CONFIG, 'stale_ms')) or 30000
-    if now_ms - ms > stale_ms then
+    if now_ms - ms > BOUNDS.stale_ms then
       return nil, fail('stale_event', "the event's `ts` is older than the stale limit")
     end
   end
@@ -728,20 +729,7 @@ local function gap(keys, args)
   return {now, server_run(), streams}
 end
 
--- Records the history bounds, the channel bound and the stale limit (in
--- ms) for wsgateway_publish (the gateway calls it with its own settings
--- when it loads the library). Without the stale limit (a caller that
--- passes three arguments), the one recorded before stays, or else 30 s.
-local function configure(keys, args)
-  redis.call('HSET', CONFIG, 'size', args[1], 'ttl_ms', args[2], 'max_channels', args[3] or 100)
-  if args[4] then
-    redis.call('HSET', CONFIG, 'stale_ms', args[4])
-  end
-  return 'OK'
-end
-
 redis.register_function(FN_PREFIX .. 'wsgateway_publish', publish)
 redis.register_function(FN_PREFIX .. 'wsgateway_publish_batch', publish_batch)
 redis.register_function(FN_PREFIX .. 'wsgateway_resume', resume)
 redis.register_function(FN_PREFIX .. 'wsgateway_gap', gap)
-redis.register_function(FN_PREFIX .. 'wsgateway_configure', configure)

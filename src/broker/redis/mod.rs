@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::connector::Connector;
 use self::link::{LinkError, RedisLink, UnsupportedRedis};
-use self::names::Names;
+use self::names::{LibraryBounds, Names};
 use self::signing::ChannelKey;
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
@@ -68,9 +68,9 @@ pub struct RedisTiming {
     pub health_check: Duration,
 }
 
-/// The bounds the function library applies, recorded in `wsgateway:config`
-/// for backends that call `wsgateway_publish` directly, and the
-/// deployment's names.
+/// The bounds the function library applies (written into its source at
+/// load, for backends that call `wsgateway_publish` directly too), the
+/// deployment's names and the key that signs the library's messages.
 #[derive(Debug, Clone)]
 pub struct RedisBounds {
     pub history: HistoryLimits,
@@ -279,9 +279,9 @@ impl RedisBroker {
     }
 }
 
-/// Prepares a new command connection: checks the server's version, loads
-/// the function library (again: a restarted Redis may have lost it) and
-/// records the bounds and the stale limit for direct publishers.
+/// Prepares a new command connection: checks the server's version and
+/// loads the function library with this node's names, key and bounds
+/// (again: a restarted Redis may have lost it).
 async fn prepare(
     mut conn: redis::aio::MultiplexedConnection,
     bounds: RedisBounds,
@@ -293,20 +293,16 @@ async fn prepare(
         .await
         .map_err(refused)?;
     check_version(&info)?;
+    let library_bounds = LibraryBounds {
+        size: bounds.history.size,
+        ttl_ms: bounds.history.ttl.as_millis() as u64,
+        max_channels: bounds.max_channels,
+        stale_ms: bounds.stale_event.as_millis() as u64,
+    };
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
-        .arg(bounds.names.library(&bounds.signing))
-        .query_async::<String>(&mut conn)
-        .await
-        .map_err(refused)?;
-    redis::cmd("FCALL")
-        .arg(bounds.names.function("wsgateway_configure"))
-        .arg(0)
-        .arg(bounds.history.size)
-        .arg(bounds.history.ttl.as_millis() as u64)
-        .arg(bounds.max_channels)
-        .arg(bounds.stale_event.as_millis() as u64)
+        .arg(bounds.names.library(&bounds.signing, &library_bounds))
         .query_async::<String>(&mut conn)
         .await
         .map_err(refused)?;

@@ -24,6 +24,22 @@ const NAME_LINE: &str = "#!lua name=wsgateway\n";
 const KEY_LINE: &str = "local KEY_PREFIX = ''\n";
 const FN_LINE: &str = "local FN_PREFIX = ''\n";
 const KEY_SIGNING_LINE: &str = "local SIGNING_KEY = ''\n";
+const BOUNDS_LINE: &str =
+    "local BOUNDS = {size = 1000, ttl_ms = 600000, max_channels = 100, stale_ms = 30000}\n";
+
+/// The bounds the library applies to what it keeps and to what a backend
+/// publishes through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LibraryBounds {
+    /// `WSGATEWAY_HISTORY_SIZE`.
+    pub size: usize,
+    /// `WSGATEWAY_HISTORY_TTL_S`, in ms.
+    pub ttl_ms: u64,
+    /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
+    pub max_channels: usize,
+    /// `WSGATEWAY_STALE_EVENT_S`, in ms.
+    pub stale_ms: u64,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Names {
@@ -59,9 +75,9 @@ impl Names {
         &self.key
     }
 
-    /// The function library with this deployment's names and the key that
-    /// signs its messages.
-    pub fn library(&self, signing: &ChannelKey) -> String {
+    /// The function library with this deployment's names, the key that
+    /// signs its messages, and its bounds.
+    pub fn library(&self, signing: &ChannelKey, bounds: &LibraryBounds) -> String {
         let quoted = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
         LIBRARY
             .replacen(
@@ -82,6 +98,14 @@ impl Names {
             .replacen(
                 KEY_SIGNING_LINE,
                 &format!("local SIGNING_KEY = '{}'\n", signing.hex()),
+                1,
+            )
+            .replacen(
+                BOUNDS_LINE,
+                &format!(
+                    "local BOUNDS = {{size = {}, ttl_ms = {}, max_channels = {}, stale_ms = {}}}\n",
+                    bounds.size, bounds.ttl_ms, bounds.max_channels, bounds.stale_ms
+                ),
                 1,
             )
     }
@@ -129,20 +153,37 @@ mod tests {
     #[test]
     fn the_library_takes_the_prefix() {
         let key = ChannelKey::derive("s", "");
-        let plain = Names::default().library(&key);
+        let defaults = LibraryBounds {
+            size: 1000,
+            ttl_ms: 600_000,
+            max_channels: 100,
+            stale_ms: 30_000,
+        };
+        let plain = Names::default().library(&key, &defaults);
         assert_eq!(
             plain,
             LIBRARY.replace(
                 KEY_SIGNING_LINE,
                 &format!("local SIGNING_KEY = '{}'\n", key.hex())
             ),
-            "no prefix: the source as written, with its key"
+            "no prefix, the defaults: the source as written, with its key"
         );
-        let staging = Names::new(Some(&"staging".parse().unwrap())).library(&key);
+        let bounds = LibraryBounds {
+            size: 5,
+            ttl_ms: 6,
+            max_channels: 7,
+            stale_ms: 8,
+        };
+        let staging = Names::new(Some(&"staging".parse().unwrap())).library(&key, &bounds);
+        assert!(
+            staging.contains(
+                "local BOUNDS = {size = 5, ttl_ms = 6, max_channels = 7, stale_ms = 8}\n"
+            )
+        );
         assert!(staging.starts_with("#!lua name=staging_wsgateway\n"));
         assert!(staging.contains("local KEY_PREFIX = 'staging:'\n"));
         assert!(staging.contains("local FN_PREFIX = 'staging_'\n"));
-        for line in [NAME_LINE, KEY_LINE, FN_LINE, KEY_SIGNING_LINE] {
+        for line in [NAME_LINE, KEY_LINE, FN_LINE, KEY_SIGNING_LINE, BOUNDS_LINE] {
             assert_eq!(LIBRARY.matches(line).count(), 1, "{line}");
         }
     }
