@@ -4,8 +4,8 @@
 //! the optional TOML file (`--config`); the first one given wins, in that
 //! order, then the default. Values are parsed and validated once, here, so a
 //! bad value stops start-up with one line that names the setting. The
-//! `settings!` table below is the single source of truth: the README's table
-//! is checked against it by a test.
+//! `settings!` table below is the single source of truth: the table of
+//! docs/CONFIGURATION.md is checked against it by a test.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -711,13 +711,17 @@ mod tests {
 
     #[test]
     fn readme_documents_every_setting() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../docs/CONFIGURATION.md");
         for s in SETTINGS {
-            assert!(readme.contains(s.env), "README.md lacks {}", s.env);
+            assert!(
+                readme.contains(s.env),
+                "docs/CONFIGURATION.md lacks {}",
+                s.env
+            );
             if let Some(default) = s.default {
                 assert!(
                     readme.contains(&format!("`{}` | `{}`", s.env, default)),
-                    "README.md lacks the default of {} ({default})",
+                    "docs/CONFIGURATION.md lacks the default of {} ({default})",
                     s.env
                 );
             }

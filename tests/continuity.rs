@@ -376,13 +376,15 @@ fn no_permission<T: std::fmt::Debug>(result: redis::RedisResult<T>) {
     );
 }
 
-/// The README's ACL lines, as written there.
+/// The ACL lines of docs/REDIS.md, as written there.
 fn readme_acl() -> Vec<String> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../docs/REDIS.md");
     let start = readme
         .find("<!-- acl:begin -->")
-        .expect("README's ACL block");
-    let end = readme.find("<!-- acl:end -->").expect("README's ACL block");
+        .expect("docs/REDIS.md's ACL block");
+    let end = readme
+        .find("<!-- acl:end -->")
+        .expect("docs/REDIS.md's ACL block");
     readme[start..end]
         .lines()
         .filter(|l| l.starts_with("ACL SETUSER"))

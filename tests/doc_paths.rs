@@ -13,6 +13,13 @@ use std::path::{Path, PathBuf};
 const DOCS: &[&str] = &[
     "README.md",
     "docs/ARCHITECTURE.md",
+    "docs/CONFIGURATION.md",
+    "docs/OPERATING.md",
+    "docs/POSTGRES.md",
+    "docs/REDIS.md",
+    "docs/RESUME.md",
+    "docs/TESTING.md",
+    "docs/USAGE.md",
     "docs/PROTOCOL.md",
     "BENCHMARKS.md",
 ];
