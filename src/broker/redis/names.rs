@@ -41,22 +41,34 @@ pub struct LibraryBounds {
     pub stale_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     /// `staging:`, or empty.
     key: String,
     /// `staging_`, or empty.
     function: String,
+    /// What every scope channel starts with, kept: the subscriber asks for
+    /// it at every message.
+    scope_channels: String,
+}
+
+impl Default for Names {
+    fn default() -> Names {
+        Names::new(None)
+    }
 }
 
 impl Names {
     pub fn new(prefix: Option<&RedisPrefix>) -> Names {
-        match prefix.map(RedisPrefix::as_str) {
-            None | Some("") => Names::default(),
-            Some(p) => Names {
-                key: format!("{p}:"),
-                function: format!("{p}_"),
-            },
+        let (key, function) = match prefix.map(RedisPrefix::as_str) {
+            None | Some("") => (String::new(), String::new()),
+            Some(p) => (format!("{p}:"), format!("{p}_")),
+        };
+        let scope_channels = format!("{key}wsgateway:events:");
+        Names {
+            key,
+            function,
+            scope_channels,
         }
     }
 
@@ -125,8 +137,8 @@ impl Names {
     }
 
     /// What every scope channel starts with.
-    pub fn scope_channels(&self) -> String {
-        self.key("wsgateway:events:")
+    pub fn scope_channels(&self) -> &str {
+        &self.scope_channels
     }
 
     /// The patterns a node subscribes to: the seed's channels, then the

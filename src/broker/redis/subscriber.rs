@@ -143,15 +143,20 @@ impl Position {
                 self.filled.remove(&tenant);
             }
         }
-        let fresh = match self.delivered.get(&tenant) {
+        Verdict::Deliver(self.undelivered(tenant, n, channels))
+    }
+
+    /// The channels of event `n` of `tenant` it was not delivered on yet
+    /// (all, unless `n` is the last delivered).
+    fn undelivered(&self, tenant: TenantId, n: u64, channels: &[Channel]) -> Vec<Channel> {
+        match self.delivered.get(&tenant) {
             Some(last) if last.n == n => channels
                 .iter()
                 .copied()
                 .filter(|c| !last.on.contains(c))
                 .collect(),
             _ => channels.to_vec(),
-        };
-        Verdict::Deliver(fresh)
+        }
     }
 
     /// Records event `n` of `tenant` delivered on `channels`.
@@ -333,8 +338,7 @@ fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
     position.alive = Instant::now();
     let channel = m.get_channel_name();
     let payload = m.get_payload_bytes();
-    let scope_channels = broker.names.scope_channels();
-    let scope_tail = channel.strip_prefix(scope_channels.as_str());
+    let scope_tail = channel.strip_prefix(broker.names.scope_channels());
     // On a seed channel, a plain event is a JSON object; the function's
     // messages (a backend's `wsgateway_publish`) start with their number.
     if scope_tail.is_none() && !payload.first().is_some_and(u8::is_ascii_digit) {
@@ -455,9 +459,8 @@ struct Filled {
     /// after their gap's start: what was written last before it may be
     /// gone.
     reloaded: Vec<Scope>,
-    /// Scopes whose tenant's data is gone (no note of it: a flush), tenant
-    /// by tenant as the answer says.
-    gone: Vec<(Scope, TenantId)>,
+    /// Scopes whose tenant's data has no note (new, or flushed).
+    gone: Vec<Scope>,
 }
 
 /// Measures Redis's clock and, after a gap, fills it: queues what history
@@ -508,21 +511,12 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
     let gone = std::mem::take(&mut filled.gone);
     filled.reloaded.extend(
         gone.into_iter()
-            .filter(|(_, tenant)| position.delivered.contains_key(tenant))
-            .map(|(scope, _)| scope),
+            .filter(|scope| position.delivered.contains_key(&scope.tenant())),
     );
     let mut count = 0;
     for (tenant, merged) in filled.entries {
         for entry in merged.into_entries() {
-            let fresh = match position.delivered.get(&tenant) {
-                Some(last) if last.n == entry.seq => entry
-                    .channels
-                    .iter()
-                    .copied()
-                    .filter(|c| !last.on.contains(c))
-                    .collect(),
-                _ => entry.channels.to_vec(),
-            };
+            let fresh = position.undelivered(tenant, entry.seq, &entry.channels);
             if !fresh.is_empty()
                 && broker
                     .queue
@@ -683,7 +677,7 @@ fn read_gap_answer(
         if epoch > start.saturating_add(1) {
             filled.reloaded.push(*scope);
         } else if data == "new" {
-            filled.gone.push((*scope, scope.tenant()));
+            filled.gone.push(*scope);
         }
         // The size bound removed the entries before `first`; when `first`
         // is itself in the gap, some of them may have been too.
