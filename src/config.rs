@@ -465,7 +465,7 @@ impl SettingValue for JwtAlgorithm {
     }
 }
 
-/// How the gateway finds its Redis (DESIGN §1.10).
+/// How the gateway finds its Redis (docs/REDIS.md, "Production Redis").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisMode {
     /// `REDIS_URL` names the one server.

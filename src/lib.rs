@@ -2,28 +2,47 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: broker → dispatcher → hub → connection.
+//! Data flows one way: broker → dispatcher → hub → connection. Modules,
+//! from the top layer down (each imports only from below it; checked by
+//! `tests/import_graph.rs`):
 //!
-//! - [`config`]: every setting, parsed and validated once.
+//! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
+//! - [`gateway`]: builds the parts, runs them, shuts them down.
+//! - [`http`]: the accept loop, routes, upgrade, health, metrics, publish
+//!   API, the demo page.
+//! - [`connection`]: one task per socket, admission to close.
+//! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
+//! - [`sectors`]: waiters' sector assignments from PostgreSQL, cached, and
+//!   the task that applies their changes.
+//! - [`revocation`]: the Redis set of revoked tokens (`WSGATEWAY_REVOKED_JTI_KEY`).
+//! - [`hub`]: the tenant-first index of open connections and the routing
+//!   rule ([`hub::audience`]).
+//! - [`broker`]: where events come from (the embedded broker, or Redis),
+//!   their history, and the bounded drop-oldest queue that feeds the
+//!   dispatcher.
 //! - [`auth`]: staff JWT and table-token verification.
 //! - [`channel`], [`event`]: the wire formats, validated at the edge.
-//! - [`reply`]: the gateway's own messages to clients, as types.
-//! - [`broker`]: where events come from (embedded; the seam for Redis), and
-//!   the bounded drop-oldest queue that feeds the dispatcher.
-//! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
+//! - [`reply`]: the gateway's own messages to clients, as types;
+//!   [`close`]: the close codes.
 //! - [`metrics`], [`drop_rate`], [`unknown_types`]: what is counted, the
 //!   drop-rate alert, unknown event types by name.
-//! - [`hub`]: the tenant-first index of open connections.
-//! - [`revocation`]: the Redis set of revoked tokens (`WSGATEWAY_REVOKED_JTI_KEY`).
-//! - [`connection`]: one task per socket, admission to close.
-//! - [`http`]: routes, upgrade, health, metrics, publish API.
-//! - [`gateway`]: builds the parts, runs them, shuts them down.
-//! - [`tls`]: the one TLS crypto provider (ring), installed at start.
-//! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
+//! - [`config`]: every setting, parsed and validated once.
+//! - [`tls`]: TLS for Redis and PostgreSQL (the crypto provider, roots,
+//!   certificate files).
 //!
 //! The load generator behind BENCHMARKS.md is a crate of its own,
 //! `wsgateway-bench` (`bench/`), that uses this library only for tokens
 //! and setting names.
+//!
+//! # Terms
+//!
+//! *The seed* is the original design of this gateway, a Python
+//! implementation written before this one. Its channel names
+//! (`channel:branch:{b}:waiters` and the others: "the seed's channels"),
+//! metric names, log texts, limits and numbers are kept so that backends,
+//! dashboards and alerts written for it work unchanged; a comment saying
+//! "the seed's" marks one of them. docs/ARCHITECTURE.md lists the other
+//! terms the code uses (scope, cursor, epoch, gap, floor).
 
 pub mod auth;
 pub mod broker;
