@@ -137,3 +137,156 @@ fn the_path_reader_finds_paths_and_only_paths() {
     );
     assert!(!exists("nowhere.rs", &paths));
 }
+
+/// The README is a newcomer's page (issue #29): the details live in docs/.
+#[test]
+fn the_readme_is_at_most_300_lines() {
+    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let lines = text.lines().count();
+    assert!(lines <= 300, "README.md has {lines} lines");
+}
+
+/// A heading's anchor as GitHub makes it: lower case, spaces to `-`, other
+/// punctuation dropped, `-1`, `-2`… on repeats.
+fn anchors(markdown: &str) -> BTreeSet<String> {
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut out = BTreeSet::new();
+    for heading in headings(markdown) {
+        let slug: String = heading
+            .1
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let n = seen.entry(slug.clone()).or_default();
+        out.insert(if *n == 0 {
+            slug.clone()
+        } else {
+            format!("{slug}-{n}")
+        });
+        *n += 1;
+    }
+    out
+}
+
+/// `(level, text)` of each heading outside code blocks.
+fn headings(markdown: &str) -> Vec<(usize, String)> {
+    let mut in_code = false;
+    let mut out = Vec::new();
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        let level = line.chars().take_while(|&c| c == '#').count();
+        if !in_code && level > 0 && line[level..].starts_with(' ') {
+            out.push((level, line[level..].trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// The relative links of `markdown`: `(path, anchor)`, path empty for the
+/// same file.
+fn links(markdown: &str) -> Vec<(String, Option<String>)> {
+    markdown
+        .split("](")
+        .skip(1)
+        .filter_map(|rest| rest.split(')').next())
+        .filter(|target| !target.contains("://") && !target.starts_with("mailto:"))
+        .filter(|target| !target.contains(char::is_whitespace))
+        .map(|target| match target.split_once('#') {
+            Some((path, anchor)) => (path.to_owned(), Some(anchor.to_owned())),
+            None => (target.to_owned(), None),
+        })
+        .collect()
+}
+
+/// Every link between the docs lands: on a file that exists and, with an
+/// anchor, on a heading of it. A renamed section fails here.
+#[test]
+fn every_link_in_the_docs_lands_on_a_file_and_heading() {
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    let docs = DOCS.iter().copied().chain(["clients/typescript/README.md"]);
+    for doc in docs {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        let dir = Path::new(doc).parent().unwrap();
+        for (path, anchor) in links(&text) {
+            checked += 1;
+            let target = if path.is_empty() {
+                root().join(doc)
+            } else {
+                root().join(dir).join(&path)
+            };
+            if !target.exists() {
+                broken.push(format!("{doc}: ({path}) does not exist"));
+                continue;
+            }
+            if let Some(anchor) = anchor
+                && target.extension().is_some_and(|e| e == "md")
+                && !anchors(&std::fs::read_to_string(&target).unwrap()).contains(&anchor)
+            {
+                broken.push(format!("{doc}: ({path}#{anchor}) names no heading"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(checked > 50, "only {checked} links found in the docs");
+}
+
+/// Every document of docs/ opens with its contents, and they list every
+/// section (`##`): a section added without its entry fails here.
+#[test]
+fn every_document_lists_its_sections_in_its_contents() {
+    let mut problems = Vec::new();
+    for doc in DOCS.iter().filter(|d| d.starts_with("docs/")) {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        let Some(start) = text.find("Contents") else {
+            problems.push(format!("{doc}: no contents"));
+            continue;
+        };
+        let contents: BTreeSet<String> = links(&text[start..])
+            .into_iter()
+            .filter(|(path, _)| path.is_empty())
+            .filter_map(|(_, anchor)| anchor)
+            .collect();
+        let sections: Vec<String> = headings(&text)
+            .into_iter()
+            .filter(|(level, text)| *level == 2 && text != "Contents")
+            .map(|(_, text)| text)
+            .collect();
+        let wanted = anchors(&text);
+        for section in sections {
+            let anchor = anchors(&format!("## {section}"))
+                .into_iter()
+                .next()
+                .unwrap();
+            if wanted.contains(&anchor) && !contents.contains(&anchor) {
+                problems.push(format!("{doc}: contents lack \"{section}\""));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_link_reader_finds_relative_links_and_anchors() {
+    let text = "[a](docs/X.md#b-c) [w](https://x.y/#z) [s](#here) [f](LICENSE-MIT)";
+    assert_eq!(
+        links(text),
+        [
+            ("docs/X.md".to_owned(), Some("b-c".to_owned())),
+            (String::new(), Some("here".to_owned())),
+            ("LICENSE-MIT".to_owned(), None),
+        ]
+    );
+    let anchors =
+        anchors("# T\n## Run it: `dev`, (#29)\n```\n## not\n```\n## Run it: `dev`, (#29)\n");
+    assert!(anchors.contains("run-it-dev-29"));
+    assert!(anchors.contains("run-it-dev-29-1"));
+    assert!(!anchors.contains("not"));
+}
