@@ -290,7 +290,22 @@ mod tests {
     }
 
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        crate::tls::provider()
+    }
+
+    #[test]
+    fn a_failed_handshake_is_marked_and_reads_as_before() {
+        let io = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            )
+        };
+        let marked = handshake_failed(io());
+        assert!(is_handshake_failure(&marked));
+        assert!(!is_handshake_failure(&io()));
+        assert_eq!(super::super::url::chain(&marked), io().to_string());
+        assert!(crate::tls::rustls_error(&marked).is_some());
     }
 
     fn name(n: &str) -> ServerName<'static> {

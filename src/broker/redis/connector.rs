@@ -23,15 +23,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::link::{describe_plain, tcp_settings};
-use crate::config::{Config, ConfigError, RedisMode};
-use crate::tls::{FileProblem, PemFile, TlsError};
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     TlsCertificates,
 };
+
+use super::link::{describe_plain, tcp_settings};
+use crate::config::{Config, ConfigError, RedisMode};
+use crate::tls::{FileProblem, PemFile, TlsError};
 
 /// Hands out clients for the server to use now. Cheap to clone: clones
 /// share what they learnt of the master.

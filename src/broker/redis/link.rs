@@ -298,3 +298,31 @@ pub fn describe_plain(e: &redis::RedisError) -> String {
         _ => format!("{:?}", e.kind()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::redis::connector::SentinelFailure;
+
+    #[test]
+    fn a_tls_failure_is_told_by_its_variant_and_reads_as_before() {
+        let sentinels = EndpointError::NoSentinel(vec![
+            SentinelFailure::TimedOut,
+            SentinelFailure::Failed(Failure::Tls("certificate not trusted (X)".into())),
+            SentinelFailure::UnknownMaster("mymaster".into()),
+        ]);
+        let e = LinkError::NotSent(sentinels.into());
+        assert!(e.is_tls());
+        assert_eq!(
+            e.to_string(),
+            "not sent: no sentinel named the master: timed out; TLS: certificate not trusted (X); does not know master \"mymaster\""
+        );
+        let plain = LinkError::Unknown(Failure::Other("connection reset (TLS: no)".into()));
+        assert!(!plain.is_tls());
+        assert!(LinkError::Unknown(Failure::Tls("x".into())).is_tls());
+        assert_eq!(
+            LinkError::NotSent(Unsent::TimedOut).to_string(),
+            "not sent: connect timed out"
+        );
+    }
+}
