@@ -341,6 +341,10 @@ impl Backend {
                 db.message(),
                 db.code().code()
             ),
+            // A handshake that failed below rustls (cut mid-way): told by
+            // the connector's marker. tokio-postgres's own refusal ("server
+            // does not support TLS") carries no type to tell it by, and
+            // says TLS in its words.
             (None, None) if tls::is_handshake_failure(e) => {
                 format!("{} ({})", url::chain(e), self.tls)
             }
