@@ -93,8 +93,15 @@ pub struct DatabaseSettings<'a> {
 
 /// A `DATABASE_URL` that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid setting DATABASE_URL (--database-url): {0}")]
-pub struct BadDatabaseUrl(String);
+pub enum BadDatabaseUrl {
+    #[error("invalid setting DATABASE_URL (--database-url): {0}")]
+    Url(#[from] url::UrlError),
+    /// A TLS parameter's file (or the system's roots) cannot be used.
+    #[error("invalid setting DATABASE_URL (--database-url): {0}")]
+    Tls(#[from] tls::TlsParamError),
+    #[error("invalid setting DATABASE_URL (--database-url): {0}")]
+    Pool(#[from] deadpool_postgres::BuildError),
+}
 
 /// Why one lookup gave no answer (each a one-line reason).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -122,7 +129,7 @@ impl SectorAssignments {
         let url::DatabaseUrl {
             config: mut pg,
             tls,
-        } = url::parse(settings.url).map_err(BadDatabaseUrl)?;
+        } = url::parse(settings.url)?;
         // The server gives up on a slow query too, so that a connection that
         // timed out on our side is free again soon. Added to the URL's own
         // `options`, if any.
@@ -136,7 +143,7 @@ impl SectorAssignments {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match tls::connector(&tls).map_err(BadDatabaseUrl)? {
+        let manager = match tls::connector(&tls)? {
             None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
             Some(connector) => Manager::from_config(pg, connector, manager_config),
         };
@@ -146,8 +153,7 @@ impl SectorAssignments {
             .create_timeout(Some(settings.timeout))
             .recycle_timeout(Some(settings.timeout))
             .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| BadDatabaseUrl(e.to_string()))?;
+            .build()?;
         let cache = moka::future::Cache::builder()
             .time_to_live(settings.cache_ttl)
             .max_capacity(1_000_000)
@@ -315,7 +321,7 @@ impl Backend {
     /// One line for people: a TLS failure says so, with the TLS settings;
     /// the server's refusals come with its message.
     fn describe(&self, e: &tokio_postgres::Error) -> String {
-        let text = match (tls::rustls_error(e), e.as_db_error()) {
+        let text = match (crate::tls::rustls_error(e), e.as_db_error()) {
             (Some(rustls::Error::InvalidCertificate(why)), _) => {
                 let hint = match why {
                     rustls::CertificateError::UnknownIssuer => {
@@ -335,7 +341,11 @@ impl Backend {
                 db.message(),
                 db.code().code()
             ),
-            (None, None) if url::chain(e).contains("TLS") => {
+            // A handshake that failed below rustls (cut mid-way): told by
+            // the connector's marker. tokio-postgres's own refusal ("server
+            // does not support TLS") carries no type to tell it by, and
+            // says TLS in its words.
+            (None, None) if tls::is_handshake_failure(e) => {
                 format!("{} ({})", url::chain(e), self.tls)
             }
             (None, None) => url::chain(e),

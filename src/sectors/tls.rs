@@ -7,55 +7,89 @@
 //! | `verify-ca` | (refused at start) | the chain, not the name |
 //! | `verify-full` | (refused at start) | the chain and the host name or IP |
 //!
-//! The crypto provider is rustls's `ring`, named here, so that nothing
-//! depends on a process-wide default provider. The certificate files are
-//! read once, at start-up: a file that cannot be used stops start-up.
+//! The provider, the roots and the PEM files come from [`crate::tls`],
+//! as for Redis; the provider is passed explicitly, so that nothing
+//! depends on a process-wide default. The certificate files are read once,
+//! at start-up: a file that cannot be used stops start-up.
 
 use std::sync::Arc;
 
+use futures_util::TryFutureExt;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 use super::url::{RootCerts, SslMode, TlsSettings};
+use crate::tls::{PemFile, TlsError};
+
+/// A TLS parameter of `DATABASE_URL` that cannot be used, worded with the
+/// parameter's name.
+#[derive(Debug, thiserror::Error)]
+pub struct TlsParamError {
+    /// `sslrootcert`, `sslcert` or `sslkey`.
+    param: &'static str,
+    #[source]
+    error: TlsError,
+}
+
+impl std::fmt::Display for TlsParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let param = self.param;
+        match &self.error {
+            TlsError::File { path, problem } => {
+                write!(f, "{param}={} cannot be used: {problem}", path.display())
+            }
+            TlsError::NoSystemRoots { .. } => write!(f, "{param}=system: {}", self.error),
+            TlsError::NotAPair(e) => {
+                write!(
+                    f,
+                    "sslcert and sslkey do not make a client certificate: {e}"
+                )
+            }
+            TlsError::Verifier(e) => write!(f, "{param}: {e}"),
+            TlsError::Rustls(e) => write!(f, "TLS: {e}"),
+        }
+    }
+}
+
+fn param(param: &'static str) -> impl Fn(TlsError) -> TlsParamError {
+    move |error| TlsParamError { param, error }
+}
 
 /// The TLS connector for `settings`, or `None` for `sslmode=disable`. The
 /// error names the parameter whose file could not be used.
-pub fn connector(
-    settings: &TlsSettings,
-) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, String> {
-    client_config(settings).map(|c| c.map(tokio_postgres_rustls::MakeRustlsConnect::new))
+pub fn connector(settings: &TlsSettings) -> Result<Option<MakeConnect>, TlsParamError> {
+    let config = client_config(settings)?;
+    Ok(config.map(|c| MakeConnect(tokio_postgres_rustls::MakeRustlsConnect::new(c))))
 }
 
-pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, String> {
+pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, TlsParamError> {
     if settings.mode == SslMode::Disable {
         return Ok(None);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let verifier = verifier(settings, &provider)?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(|e| param("sslmode")(TlsError::Rustls(e)))?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match &settings.client {
         None => builder.with_no_client_auth(),
         Some(client) => {
-            let chain = read_certs(&client.cert, "sslcert")?;
-            let key = PrivateKeyDer::from_pem_file(&client.key).map_err(|e| {
-                format!(
-                    "sslkey={} cannot be used: {}",
-                    client.key.display(),
-                    pem_error(e)
-                )
-            })?;
+            let chain = PemFile::read(&client.cert)
+                .and_then(|f| f.certificates())
+                .map_err(param("sslcert"))?;
+            let key = PemFile::read(&client.key)
+                .and_then(|f| f.private_key())
+                .map_err(param("sslkey"))?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("sslcert and sslkey do not make a client certificate: {e}"))?
+                .map_err(|e| param("sslkey")(TlsError::NotAPair(e)))?
         }
     };
     // What libpq sends (PostgreSQL 17 requires it with sslnegotiation=direct;
@@ -68,71 +102,98 @@ pub fn client_config(settings: &TlsSettings) -> Result<Option<ClientConfig>, Str
 fn verifier(
     settings: &TlsSettings,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ServerCertVerifier>, String> {
+) -> Result<Arc<dyn ServerCertVerifier>, TlsParamError> {
     let roots = match &settings.root {
         None => None,
-        Some(root) => Some(Arc::new(load_roots(root)?)),
+        Some(RootCerts::File(path)) => Some(PemFile::read(path).and_then(|f| f.roots())),
+        Some(RootCerts::System) => Some(crate::tls::system_roots()),
     };
+    let roots = roots
+        .transpose()
+        .map_err(param("sslrootcert"))?
+        .map(Arc::new);
     let algorithms = provider.signature_verification_algorithms;
     Ok(match (settings.mode, roots) {
         (SslMode::VerifyFull, Some(roots)) => {
             WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?
+                .map_err(|e| param("sslrootcert")(TlsError::Verifier(e)))?
         }
         (_, roots) => Arc::new(ChainOnly { roots, algorithms }),
     })
 }
 
-fn load_roots(root: &RootCerts) -> Result<RootCertStore, String> {
-    let mut store = RootCertStore::empty();
-    match root {
-        RootCerts::File(path) => {
-            for cert in read_certs(path, "sslrootcert")? {
-                store.add(cert).map_err(|e| {
-                    format!(
-                        "sslrootcert={} holds a certificate that cannot be a root: {e}",
-                        path.display()
-                    )
-                })?;
-            }
-        }
-        RootCerts::System => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _) = store.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default();
-                return Err(format!(
-                    "sslrootcert=system: no trusted root certificate found on this system{why}"
-                ));
-            }
-        }
+/// The connector given to tokio-postgres: rustls's, with its failures
+/// marked as [`HandshakeFailed`], so that a failed connection says whether
+/// TLS failed without reading its text.
+#[derive(Clone)]
+pub struct MakeConnect(tokio_postgres_rustls::MakeRustlsConnect);
+
+/// A TLS handshake (or its set-up) that failed: the error is the one
+/// tokio-postgres-rustls gave, unchanged in words.
+#[derive(Debug)]
+pub struct HandshakeFailed(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for HandshakeFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
-    Ok(store)
 }
 
-/// Every PEM certificate in `path`; at least one.
-fn read_certs(path: &std::path::Path, param: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let cannot = |why: String| format!("{param}={} cannot be used: {why}", path.display());
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| cannot(pem_error(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cannot(pem_error(e)))?;
-    if certs.is_empty() {
-        return Err(cannot("no PEM certificate in it".into()));
+impl std::error::Error for HandshakeFailed {
+    /// The error itself, not its source: its words are this one's, so a
+    /// chain of causes does not repeat them, and the rustls error inside
+    /// stays reachable.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
-    Ok(certs)
 }
 
-fn pem_error(e: rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        other => format!("not PEM: {other:?}"),
+fn handshake_failed<E: Into<Box<dyn std::error::Error + Send + Sync>>>(e: E) -> HandshakeFailed {
+    HandshakeFailed(e.into())
+}
+
+impl<S> MakeTlsConnect<S> for MakeConnect
+where
+    tokio_postgres_rustls::MakeRustlsConnect: MakeTlsConnect<S>,
+{
+    type Stream = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<S>>::Stream;
+    type TlsConnect =
+        Connect<<tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<S>>::TlsConnect>;
+    type Error = HandshakeFailed;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, HandshakeFailed> {
+        MakeTlsConnect::<S>::make_tls_connect(&mut self.0, domain)
+            .map(Connect)
+            .map_err(handshake_failed)
     }
+}
+
+/// One handshake, its failure marked (see [`MakeConnect`]).
+pub struct Connect<T>(T);
+
+impl<S, T: TlsConnect<S>> TlsConnect<S> for Connect<T> {
+    type Stream = T::Stream;
+    type Error = HandshakeFailed;
+    type Future = futures_util::future::MapErr<T::Future, fn(T::Error) -> HandshakeFailed>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        self.0
+            .connect(stream)
+            .map_err(handshake_failed::<T::Error> as fn(T::Error) -> HandshakeFailed)
+    }
+}
+
+/// Whether `e` (or a cause of it) is a failed TLS handshake.
+pub fn is_handshake_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<HandshakeFailed>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// `verify-ca` (and `prefer`/`require` with `sslrootcert`): the chain must
@@ -198,26 +259,6 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// The rustls error somewhere in `e`'s causes (a failed handshake), if any.
-pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut next = Some(e);
-    while let Some(e) = next {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        // An io::Error's `source` skips the error it wraps.
-        if let Some(tls) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls);
-        }
-        next = e.source();
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,7 +290,22 @@ mod tests {
     }
 
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        crate::tls::provider()
+    }
+
+    #[test]
+    fn a_failed_handshake_is_marked_and_reads_as_before() {
+        let io = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            )
+        };
+        let marked = handshake_failed(io());
+        assert!(is_handshake_failure(&marked));
+        assert!(!is_handshake_failure(&io()));
+        assert_eq!(super::super::url::chain(&marked), io().to_string());
+        assert!(crate::tls::rustls_error(&marked).is_some());
     }
 
     fn name(n: &str) -> ServerName<'static> {
@@ -338,7 +394,8 @@ mod tests {
             root: Some(RootCerts::File(missing.clone())),
             client: None,
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.starts_with("sslrootcert=") && e.contains(missing.to_str().unwrap()),
             "{e}"
@@ -350,7 +407,8 @@ mod tests {
             root: Some(RootCerts::File(junk)),
             client: None,
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("sslrootcert") && e.contains("no PEM"), "{e}");
         assert!(
             client_config(&TlsSettings {

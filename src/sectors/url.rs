@@ -86,114 +86,58 @@ pub struct DatabaseUrl {
     pub tls: TlsSettings,
 }
 
-/// Parses `url`. The error is a message to follow "invalid setting
-/// DATABASE_URL: ".
-pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+/// Why a `DATABASE_URL` cannot be used: a message to follow "invalid
+/// setting DATABASE_URL: ", naming parameters, never a value that could be
+/// the password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// tokio-postgres refused the `key=value` form (its words).
+    #[error(
+        "{0} (sslrootcert, sslcert, sslkey and sslmode=verify-ca or verify-full are read \
+         from the postgres:// URL form only)"
+    )]
+    KeyValue(String),
+    /// tokio-postgres refused the URL (its words, which name options,
+    /// never their values).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0} is not UTF-8 once percent-decoded")]
+    NotUtf8(&'static str),
+    #[error("sslmode=allow is not supported (plain first, TLS on failure): use prefer or disable")]
+    Allow,
+    #[error("sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full")]
+    UnknownMode(String),
+    #[error(
+        "sslmode={} needs sslrootcert: the CA certificate file that signed the \
+         server's certificate, or `system` (with verify-full) for the system's roots",
+        .0.as_str()
+    )]
+    NeedsRoot(SslMode),
+    #[error("sslrootcert=system needs sslmode=verify-full, not {} (as in libpq)", .0.as_str())]
+    SystemNeedsVerifyFull(SslMode),
+    #[error("sslcert is given without sslkey")]
+    CertWithoutKey,
+    #[error("sslkey is given without sslcert")]
+    KeyWithoutCert,
+}
+
+/// Parses `url`.
+pub fn parse(url: &str) -> Result<DatabaseUrl, UrlError> {
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
     if !is_url {
-        // The `key=value` form goes to tokio-postgres as it is; it knows
-        // only disable, prefer and require.
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!(
-                "{} (sslrootcert, sslcert, sslkey and sslmode=verify-ca or verify-full are read \
-                 from the postgres:// URL form only)",
-                chain(&e)
-            )
-        })?;
-        let mode = match config.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
-            tokio_postgres::config::SslMode::Require => SslMode::Require,
-            _ => SslMode::Prefer,
-        };
-        return Ok(DatabaseUrl {
-            config,
-            tls: TlsSettings {
-                mode,
-                root: None,
-                client: None,
-            },
-        });
+        return parse_key_value(url);
     }
-
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut kept: Vec<&str> = Vec::new();
-    let (mut mode, mut root, mut cert, mut key) = (None, None, None, None);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(k, "a parameter name")?;
-        // As in libpq, the last of repeated parameters counts.
-        match name.as_str() {
-            "sslmode" => mode = Some(decode(v, "sslmode")?),
-            "sslrootcert" => root = Some(decode(v, "sslrootcert")?),
-            "sslcert" => cert = Some(decode(v, "sslcert")?),
-            "sslkey" => key = Some(decode(v, "sslkey")?),
-            _ => kept.push(pair),
-        }
-    }
-    let rest = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    let mut config: tokio_postgres::Config = rest.parse().map_err(|e| chain(&e))?;
-
-    let root = match root.as_deref() {
+    let (rest, params) = TlsParams::take(url)?;
+    let mut config: tokio_postgres::Config =
+        rest.parse().map_err(|e| UrlError::Refused(chain(&e)))?;
+    let root = match params.root.as_deref() {
         None | Some("") => None,
         Some("system") => Some(RootCerts::System),
         Some(file) => Some(RootCerts::File(PathBuf::from(file))),
     };
-    let mode = match mode.as_deref() {
-        // libpq 16: sslrootcert=system makes verify-full the default.
-        None | Some("") if root == Some(RootCerts::System) => SslMode::VerifyFull,
-        // libpq's default.
-        None | Some("") => SslMode::Prefer,
-        Some("disable") => SslMode::Disable,
-        Some("prefer") => SslMode::Prefer,
-        Some("require") => SslMode::Require,
-        Some("verify-ca") => SslMode::VerifyCa,
-        Some("verify-full") => SslMode::VerifyFull,
-        Some("allow") => {
-            return Err(
-                "sslmode=allow is not supported (plain first, TLS on failure): use prefer or disable"
-                    .into(),
-            );
-        }
-        Some(other) => {
-            return Err(format!(
-                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-            ));
-        }
-    };
-    if mode != SslMode::Disable {
-        match (&root, mode) {
-            (None, SslMode::VerifyCa | SslMode::VerifyFull) => {
-                return Err(format!(
-                    "sslmode={} needs sslrootcert: the CA certificate file that signed the \
-                     server's certificate, or `system` (with verify-full) for the system's roots",
-                    mode.as_str()
-                ));
-            }
-            (Some(RootCerts::System), m) if m != SslMode::VerifyFull => {
-                return Err(format!(
-                    "sslrootcert=system needs sslmode=verify-full, not {} (as in libpq)",
-                    m.as_str()
-                ));
-            }
-            _ => {}
-        }
-    }
-    let client = match (
-        cert.filter(|c| !c.is_empty()),
-        key.filter(|k| !k.is_empty()),
-    ) {
-        (Some(cert), Some(key)) => Some(ClientCert {
-            cert: cert.into(),
-            key: key.into(),
-        }),
-        (None, None) => None,
-        (Some(_), None) => return Err("sslcert is given without sslkey".into()),
-        (None, Some(_)) => return Err("sslkey is given without sslcert".into()),
-    };
+    let mode = read_mode(params.mode.as_deref(), root.as_ref())?;
+    check_root(mode, root.as_ref())?;
+    let client = client_cert(params.cert, params.key)?;
     config.ssl_mode(match mode {
         SslMode::Disable => tokio_postgres::config::SslMode::Disable,
         SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -207,11 +151,111 @@ pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
     })
 }
 
-fn decode(s: &str, what: &str) -> Result<String, String> {
+/// The `key=value` form goes to tokio-postgres as it is; it knows only
+/// disable, prefer and require.
+fn parse_key_value(url: &str) -> Result<DatabaseUrl, UrlError> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| UrlError::KeyValue(chain(&e)))?;
+    let mode = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+        tokio_postgres::config::SslMode::Require => SslMode::Require,
+        _ => SslMode::Prefer,
+    };
+    Ok(DatabaseUrl {
+        config,
+        tls: TlsSettings {
+            mode,
+            root: None,
+            client: None,
+        },
+    })
+}
+
+/// The TLS parameters of a URL's query, percent-decoded.
+#[derive(Default)]
+struct TlsParams {
+    mode: Option<String>,
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+impl TlsParams {
+    /// Takes the TLS parameters out of `url`'s query; returns the rest of
+    /// the URL, byte for byte, and them.
+    fn take(url: &str) -> Result<(String, TlsParams), UrlError> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut kept: Vec<&str> = Vec::new();
+        let mut params = TlsParams::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = decode(k, "a parameter name")?;
+            // As in libpq, the last of repeated parameters counts.
+            match name.as_str() {
+                "sslmode" => params.mode = Some(decode(v, "sslmode")?),
+                "sslrootcert" => params.root = Some(decode(v, "sslrootcert")?),
+                "sslcert" => params.cert = Some(decode(v, "sslcert")?),
+                "sslkey" => params.key = Some(decode(v, "sslkey")?),
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok((rest, params))
+    }
+}
+
+fn read_mode(mode: Option<&str>, root: Option<&RootCerts>) -> Result<SslMode, UrlError> {
+    Ok(match mode {
+        // libpq 16: sslrootcert=system makes verify-full the default.
+        None | Some("") if root == Some(&RootCerts::System) => SslMode::VerifyFull,
+        // libpq's default.
+        None | Some("") => SslMode::Prefer,
+        Some("disable") => SslMode::Disable,
+        Some("prefer") => SslMode::Prefer,
+        Some("require") => SslMode::Require,
+        Some("verify-ca") => SslMode::VerifyCa,
+        Some("verify-full") => SslMode::VerifyFull,
+        Some("allow") => return Err(UrlError::Allow),
+        Some(other) => return Err(UrlError::UnknownMode(other.to_owned())),
+    })
+}
+
+/// The verifying modes need a root; the system's roots go with
+/// verify-full only (as in libpq).
+fn check_root(mode: SslMode, root: Option<&RootCerts>) -> Result<(), UrlError> {
+    match (root, mode) {
+        (_, SslMode::Disable) => Ok(()),
+        (None, SslMode::VerifyCa | SslMode::VerifyFull) => Err(UrlError::NeedsRoot(mode)),
+        (Some(RootCerts::System), m) if m != SslMode::VerifyFull => {
+            Err(UrlError::SystemNeedsVerifyFull(m))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn client_cert(cert: Option<String>, key: Option<String>) -> Result<Option<ClientCert>, UrlError> {
+    match (
+        cert.filter(|c| !c.is_empty()),
+        key.filter(|k| !k.is_empty()),
+    ) {
+        (Some(cert), Some(key)) => Ok(Some(ClientCert {
+            cert: cert.into(),
+            key: key.into(),
+        })),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(UrlError::CertWithoutKey),
+        (None, Some(_)) => Err(UrlError::KeyWithoutCert),
+    }
+}
+
+fn decode(s: &str, what: &'static str) -> Result<String, UrlError> {
     percent_decode_str(s)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| format!("{what} is not UTF-8 once percent-decoded"))
+        .map_err(|_| UrlError::NotUtf8(what))
 }
 
 /// An error and its causes, `: `-separated (tokio-postgres's `Display`
@@ -240,7 +284,7 @@ mod tests {
     }
 
     fn err(url: &str) -> String {
-        parse(url).unwrap_err()
+        parse(url).unwrap_err().to_string()
     }
 
     #[test]

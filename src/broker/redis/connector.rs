@@ -20,7 +20,6 @@
 //! mode the sentinel URLs' scheme applies to the master too. The files are
 //! read and checked once, here, at start.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,11 +29,10 @@ use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
     TlsCertificates,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::link::{describe_plain, tcp_settings};
 use crate::config::{Config, ConfigError, RedisMode};
+use crate::tls::{FileProblem, PemFile, TlsError};
 
 /// Hands out clients for the server to use now. Cheap to clone: clones
 /// share what they learnt of the master.
@@ -81,184 +79,51 @@ pub struct Endpoint {
     pub addr: String,
 }
 
+/// The TLS files' settings: (environment variable, flag, value).
+type TlsFile<'a> = (&'static str, &'static str, &'a Option<std::path::PathBuf>);
+
+fn tls_files(config: &Config) -> [TlsFile<'_>; 3] {
+    [
+        (
+            "WSGATEWAY_REDIS_CA_FILE",
+            "redis-ca-file",
+            &config.redis_ca_file,
+        ),
+        (
+            "WSGATEWAY_REDIS_CLIENT_CERT_FILE",
+            "redis-client-cert-file",
+            &config.redis_client_cert_file,
+        ),
+        (
+            "WSGATEWAY_REDIS_CLIENT_KEY_FILE",
+            "redis-client-key-file",
+            &config.redis_client_key_file,
+        ),
+    ]
+}
+
+fn bad_url(reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        env: "REDIS_URL",
+        flag: "redis-url",
+        reason,
+    }
+}
+
 impl Connector {
     /// The connector `config` describes, or `None` without `REDIS_URL`.
     /// Every inconsistency, and a CA, certificate or key file that cannot
     /// be read or is not PEM, is an error naming its setting.
     pub fn from_config(config: &Config) -> Result<Option<Connector>, ConfigError> {
-        let tls_files = [
-            (
-                "WSGATEWAY_REDIS_CA_FILE",
-                "redis-ca-file",
-                &config.redis_ca_file,
-            ),
-            (
-                "WSGATEWAY_REDIS_CLIENT_CERT_FILE",
-                "redis-client-cert-file",
-                &config.redis_client_cert_file,
-            ),
-            (
-                "WSGATEWAY_REDIS_CLIENT_KEY_FILE",
-                "redis-client-key-file",
-                &config.redis_client_key_file,
-            ),
-        ];
         let Some(url) = &config.redis_url else {
-            if config.redis_mode == RedisMode::Sentinel {
-                return Err(ConfigError::Missing {
-                    env: "REDIS_URL",
-                    flag: "redis-url",
-                    why: "required by WSGATEWAY_REDIS_MODE=sentinel",
-                });
-            }
-            let given = [
-                (
-                    "WSGATEWAY_REDIS_PASSWORD",
-                    "redis-password",
-                    config.redis_password.is_some(),
-                ),
-                (
-                    "WSGATEWAY_REDIS_SENTINEL_MASTER",
-                    "redis-sentinel-master",
-                    config.redis_sentinel_master.is_some(),
-                ),
-            ]
-            .into_iter()
-            .chain(tls_files.iter().map(|(e, f, v)| (*e, *f, v.is_some())))
-            .find(|(_, _, set)| *set);
-            return match given {
-                Some((env, flag, _)) => Err(ConfigError::Invalid {
-                    env,
-                    flag,
-                    reason: "set, but REDIS_URL is not".into(),
-                }),
-                None => Ok(None),
-            };
+            return without_url(config).map(|()| None);
         };
-        let bad_url = |reason: String| ConfigError::Invalid {
-            env: "REDIS_URL",
-            flag: "redis-url",
-            reason,
-        };
-        let urls: Vec<&str> = match config.redis_mode {
-            RedisMode::Standalone => vec![url.expose().trim()],
-            RedisMode::Sentinel => url
-                .expose()
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect(),
-        };
-        if urls.is_empty() {
-            return Err(bad_url("no sentinel URL in the list".into()));
-        }
-        let mut infos = Vec::with_capacity(urls.len());
-        for u in &urls {
-            let info = u
-                .into_connection_info()
-                .map_err(|e| bad_url(format!("not a Redis URL ({:?})", e.kind())))?
-                .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
-            // Pub/sub and functions ignore the database index: another
-            // database is no isolation without a prefix.
-            let db = info.redis_settings().db();
-            if db != 0 && config.redis_prefix.is_none() {
-                return Err(bad_url(format!(
-                    "selects database {db}, but Redis pub/sub and functions ignore the database: set WSGATEWAY_REDIS_PREFIX to keep this deployment apart"
-                )));
-            }
-            infos.push(info);
-        }
-        let tls = match infos.iter().map(|i| is_tls(i.addr())).collect::<Vec<_>>() {
-            flags if flags.iter().all(|t| *t) => true,
-            flags if flags.iter().all(|t| !*t) => false,
-            _ => return Err(bad_url("mixes redis:// and rediss:// URLs".into())),
-        };
-        if !tls && let Some((env, flag, _)) = tls_files.iter().find(|(_, _, v)| v.is_some()) {
-            let named: Vec<&str> = tls_files
-                .iter()
-                .filter(|(_, _, v)| v.is_some())
-                .map(|(e, _, _)| *e)
-                .collect();
-            return Err(ConfigError::Invalid {
-                env,
-                flag,
-                reason: format!(
-                    "{} need a rediss:// REDIS_URL (TLS); REDIS_URL is redis://",
-                    named.join(", ")
-                ),
-            });
-        }
+        let infos = connection_infos(config, url.expose())?;
+        let tls = uses_tls(config, &infos)?;
         let certs = tls_certificates(config)?;
-        let password_override = |mut info: ConnectionInfo| {
-            if let Some(password) = &config.redis_password {
-                let redis = info
-                    .redis_settings()
-                    .clone()
-                    .set_password(password.expose());
-                info = info.set_redis_settings(redis);
-            }
-            info
-        };
-        let client = |info: ConnectionInfo| {
-            match &certs {
-                Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
-                None => redis::Client::open(info),
-            }
-            .map_err(|e| bad_url(format!("not usable ({:?})", e.kind())))
-        };
         let topology = match config.redis_mode {
-            RedisMode::Standalone => {
-                if config.redis_sentinel_master.is_some() {
-                    return Err(ConfigError::Invalid {
-                        env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
-                        flag: "redis-sentinel-master",
-                        reason: "set, but WSGATEWAY_REDIS_MODE is not sentinel".into(),
-                    });
-                }
-                let info = password_override(infos.remove(0));
-                let addr = address(info.addr());
-                Topology::Standalone {
-                    client: client(info)?,
-                    addr,
-                }
-            }
-            RedisMode::Sentinel => {
-                let Some(name) = config.redis_sentinel_master.clone() else {
-                    return Err(ConfigError::Missing {
-                        env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
-                        flag: "redis-sentinel-master",
-                        why: "required by WSGATEWAY_REDIS_MODE=sentinel",
-                    });
-                };
-                if infos
-                    .iter()
-                    .any(|i| matches!(i.addr(), ConnectionAddr::Unix(_)))
-                {
-                    return Err(bad_url(
-                        "a sentinel URL must be redis:// or rediss://".into(),
-                    ));
-                }
-                // The master: the first URL's credentials and database (or
-                // WSGATEWAY_REDIS_PASSWORD); each sentinel: its own URL's
-                // credentials, database 0.
-                let master = MasterTemplate {
-                    tls,
-                    redis: password_override(infos[0].clone()).redis_settings().clone(),
-                    certs: certs.clone(),
-                };
-                let sentinels = infos
-                    .into_iter()
-                    .map(|info| {
-                        let redis = info.redis_settings().clone().set_db(0);
-                        client(info.set_redis_settings(redis))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Topology::Sentinel {
-                    sentinels,
-                    name,
-                    master,
-                }
-            }
+            RedisMode::Standalone => standalone(config, infos, &certs)?,
+            RedisMode::Sentinel => sentinel(config, infos, tls, certs)?,
         };
         Ok(Some(Connector {
             inner: Arc::new(Inner {
@@ -275,7 +140,7 @@ impl Connector {
     /// A client for the server to use now: standalone, the one server;
     /// sentinel, the master the sentinels name (asked now). The error says
     /// why, without the URL.
-    pub async fn endpoint(&self) -> Result<Endpoint, String> {
+    pub async fn endpoint(&self) -> Result<Endpoint, EndpointError> {
         match &self.inner.topology {
             Topology::Standalone { client, addr } => Ok(Endpoint {
                 client: client.clone(),
@@ -299,14 +164,14 @@ impl Connector {
                 };
                 let info = addr
                     .into_connection_info()
-                    .map_err(|e| format!("sentinels named an unusable master ({:?})", e.kind()))?
+                    .map_err(|e| EndpointError::UnusableMaster(e.kind()))?
                     .set_redis_settings(master.redis.clone())
                     .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
                 let client = match &master.certs {
                     Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
                     None => redis::Client::open(info),
                 }
-                .map_err(|e| format!("cannot build a client for the master ({:?})", e.kind()))?;
+                .map_err(|e| EndpointError::Client(e.kind()))?;
                 let addr = format!("{host}:{port}");
                 self.note_master(&addr);
                 Ok(Endpoint { client, addr })
@@ -336,7 +201,7 @@ impl Connector {
         &self,
         sentinels: &[redis::Client],
         name: &str,
-    ) -> Result<(String, u16), String> {
+    ) -> Result<(String, u16), EndpointError> {
         let timeout = self.inner.timeout;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -371,16 +236,13 @@ impl Connector {
                     *self.inner.sentinel.lock() = Some((i, conn));
                     return Ok(found);
                 }
-                Ok(Ok((None, _))) => failures.push(format!("does not know master {name:?}")),
-                Ok(Err(e)) => failures.push(self.describe(&e)),
-                Err(_) => failures.push("timed out".into()),
+                Ok(Ok((None, _))) => failures.push(SentinelFailure::UnknownMaster(name.into())),
+                Ok(Err(e)) => failures.push(SentinelFailure::Failed(self.describe(&e))),
+                Err(_) => failures.push(SentinelFailure::TimedOut),
             }
         }
         failures.dedup();
-        Err(format!(
-            "no sentinel named the master: {}",
-            failures.join("; ")
-        ))
+        Err(EndpointError::NoSentinel(failures))
     }
 
     /// Records the master found, and logs a change.
@@ -440,9 +302,11 @@ impl Connector {
 
     /// A connection error in words, never the URL; TLS failures say which
     /// setting to look at.
-    pub fn describe(&self, e: &redis::RedisError) -> String {
-        tls_reason(e, self.inner.ca_file, self.inner.client_cert)
-            .unwrap_or_else(|| describe_plain(e))
+    pub fn describe(&self, e: &redis::RedisError) -> Failure {
+        match tls_reason(e, self.inner.ca_file, self.inner.client_cert) {
+            Some(reason) => Failure::Tls(reason),
+            None => Failure::Other(describe_plain(e)),
+        }
     }
 }
 
@@ -467,6 +331,187 @@ fn role_of(v: &redis::Value) -> Option<String> {
     }
 }
 
+/// Without `REDIS_URL` (the embedded broker), no Redis setting may be set.
+fn without_url(config: &Config) -> Result<(), ConfigError> {
+    if config.redis_mode == RedisMode::Sentinel {
+        return Err(ConfigError::Missing {
+            env: "REDIS_URL",
+            flag: "redis-url",
+            why: "required by WSGATEWAY_REDIS_MODE=sentinel",
+        });
+    }
+    let given = [
+        (
+            "WSGATEWAY_REDIS_PASSWORD",
+            "redis-password",
+            config.redis_password.is_some(),
+        ),
+        (
+            "WSGATEWAY_REDIS_SENTINEL_MASTER",
+            "redis-sentinel-master",
+            config.redis_sentinel_master.is_some(),
+        ),
+    ]
+    .into_iter()
+    .chain(tls_files(config).map(|(e, f, v)| (e, f, v.is_some())))
+    .find(|(_, _, set)| *set);
+    match given {
+        Some((env, flag, _)) => Err(ConfigError::Invalid {
+            env,
+            flag,
+            reason: "set, but REDIS_URL is not".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `REDIS_URL`'s server (standalone) or sentinels, each checked.
+fn connection_infos(config: &Config, url: &str) -> Result<Vec<ConnectionInfo>, ConfigError> {
+    let urls: Vec<&str> = match config.redis_mode {
+        RedisMode::Standalone => vec![url.trim()],
+        RedisMode::Sentinel => url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect(),
+    };
+    if urls.is_empty() {
+        return Err(bad_url("no sentinel URL in the list".into()));
+    }
+    let mut infos = Vec::with_capacity(urls.len());
+    for u in &urls {
+        let info = u
+            .into_connection_info()
+            .map_err(|e| bad_url(format!("not a Redis URL ({:?})", e.kind())))?
+            .set_tcp_settings(tcp_settings(Duration::from_secs(10)));
+        // Pub/sub and functions ignore the database index: another
+        // database is no isolation without a prefix.
+        let db = info.redis_settings().db();
+        if db != 0 && config.redis_prefix.is_none() {
+            return Err(bad_url(format!(
+                "selects database {db}, but Redis pub/sub and functions ignore the database: set WSGATEWAY_REDIS_PREFIX to keep this deployment apart"
+            )));
+        }
+        infos.push(info);
+    }
+    Ok(infos)
+}
+
+/// Whether the URLs are all `rediss://` (TLS) or all `redis://`; the TLS
+/// files need TLS.
+fn uses_tls(config: &Config, infos: &[ConnectionInfo]) -> Result<bool, ConfigError> {
+    let tls = match infos.iter().map(|i| is_tls(i.addr())).collect::<Vec<_>>() {
+        flags if flags.iter().all(|t| *t) => true,
+        flags if flags.iter().all(|t| !*t) => false,
+        _ => return Err(bad_url("mixes redis:// and rediss:// URLs".into())),
+    };
+    let files = tls_files(config);
+    if !tls && let Some((env, flag, _)) = files.iter().find(|(_, _, v)| v.is_some()) {
+        let named: Vec<&str> = files
+            .iter()
+            .filter(|(_, _, v)| v.is_some())
+            .map(|(e, _, _)| *e)
+            .collect();
+        return Err(ConfigError::Invalid {
+            env,
+            flag,
+            reason: format!(
+                "{} need a rediss:// REDIS_URL (TLS); REDIS_URL is redis://",
+                named.join(", ")
+            ),
+        });
+    }
+    Ok(tls)
+}
+
+/// `info` with `WSGATEWAY_REDIS_PASSWORD`, when set, as its password.
+fn with_password(config: &Config, mut info: ConnectionInfo) -> ConnectionInfo {
+    if let Some(password) = &config.redis_password {
+        let redis = info
+            .redis_settings()
+            .clone()
+            .set_password(password.expose());
+        info = info.set_redis_settings(redis);
+    }
+    info
+}
+
+fn client(
+    info: ConnectionInfo,
+    certs: &Option<TlsCertificates>,
+) -> Result<redis::Client, ConfigError> {
+    match certs {
+        Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| bad_url(format!("not usable ({:?})", e.kind())))
+}
+
+fn standalone(
+    config: &Config,
+    mut infos: Vec<ConnectionInfo>,
+    certs: &Option<TlsCertificates>,
+) -> Result<Topology, ConfigError> {
+    if config.redis_sentinel_master.is_some() {
+        return Err(ConfigError::Invalid {
+            env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
+            flag: "redis-sentinel-master",
+            reason: "set, but WSGATEWAY_REDIS_MODE is not sentinel".into(),
+        });
+    }
+    let info = with_password(config, infos.remove(0));
+    let addr = address(info.addr());
+    Ok(Topology::Standalone {
+        client: client(info, certs)?,
+        addr,
+    })
+}
+
+fn sentinel(
+    config: &Config,
+    infos: Vec<ConnectionInfo>,
+    tls: bool,
+    certs: Option<TlsCertificates>,
+) -> Result<Topology, ConfigError> {
+    let Some(name) = config.redis_sentinel_master.clone() else {
+        return Err(ConfigError::Missing {
+            env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
+            flag: "redis-sentinel-master",
+            why: "required by WSGATEWAY_REDIS_MODE=sentinel",
+        });
+    };
+    if infos
+        .iter()
+        .any(|i| matches!(i.addr(), ConnectionAddr::Unix(_)))
+    {
+        return Err(bad_url(
+            "a sentinel URL must be redis:// or rediss://".into(),
+        ));
+    }
+    // The master: the first URL's credentials and database (or
+    // WSGATEWAY_REDIS_PASSWORD); each sentinel: its own URL's
+    // credentials, database 0.
+    let master = MasterTemplate {
+        tls,
+        redis: with_password(config, infos[0].clone())
+            .redis_settings()
+            .clone(),
+        certs: certs.clone(),
+    };
+    let sentinels = infos
+        .into_iter()
+        .map(|info| {
+            let redis = info.redis_settings().clone().set_db(0);
+            client(info.set_redis_settings(redis), &certs)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Topology::Sentinel {
+        sentinels,
+        name,
+        master,
+    })
+}
+
 fn is_tls(addr: &ConnectionAddr) -> bool {
     matches!(addr, ConnectionAddr::TcpTls { .. })
 }
@@ -483,31 +528,36 @@ fn address(addr: &ConnectionAddr) -> String {
 
 /// Reads and checks the CA and client certificate files, when given.
 fn tls_certificates(config: &Config) -> Result<Option<TlsCertificates>, ConfigError> {
-    let root_cert = match &config.redis_ca_file {
-        None => None,
-        Some(path) => {
-            let pem = read("WSGATEWAY_REDIS_CA_FILE", "redis-ca-file", path)?;
-            let invalid = |reason: String| ConfigError::Invalid {
-                env: "WSGATEWAY_REDIS_CA_FILE",
-                flag: "redis-ca-file",
-                reason,
-            };
-            let certs =
-                certificates(&pem).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    invalid(format!("{}: not a CA certificate ({e})", path.display()))
-                })?;
-            }
-            Some(pem)
-        }
+    let root_cert = root_cert(config)?;
+    let client_tls = client_tls(config)?;
+    if root_cert.is_none() && client_tls.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// `WSGATEWAY_REDIS_CA_FILE`'s PEM, checked: CA certificates only.
+fn root_cert(config: &Config) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(path) = &config.redis_ca_file else {
+        return Ok(None);
     };
-    let client_tls = match (
+    let invalid = invalid_file("WSGATEWAY_REDIS_CA_FILE", "redis-ca-file");
+    let pem = PemFile::read(path).map_err(&invalid)?;
+    pem.roots().map_err(&invalid)?;
+    Ok(Some(pem.into_bytes()))
+}
+
+/// The client certificate and key's PEM, checked: both or neither, and a
+/// pair.
+fn client_tls(config: &Config) -> Result<Option<ClientTlsConfig>, ConfigError> {
+    let (cert_path, key_path) = match (
         &config.redis_client_cert_file,
         &config.redis_client_key_file,
     ) {
-        (None, None) => None,
+        (None, None) => return Ok(None),
         (Some(_), None) => {
             return Err(ConfigError::Missing {
                 env: "WSGATEWAY_REDIS_CLIENT_KEY_FILE",
@@ -522,107 +572,112 @@ fn tls_certificates(config: &Config) -> Result<Option<TlsCertificates>, ConfigEr
                 why: "required by WSGATEWAY_REDIS_CLIENT_KEY_FILE",
             });
         }
-        (Some(cert_path), Some(key_path)) => {
-            let cert_env = ("WSGATEWAY_REDIS_CLIENT_CERT_FILE", "redis-client-cert-file");
-            let key_env = ("WSGATEWAY_REDIS_CLIENT_KEY_FILE", "redis-client-key-file");
-            let client_cert = read(cert_env.0, cert_env.1, cert_path)?;
-            let client_key = read(key_env.0, key_env.1, key_path)?;
-            let chain = certificates(&client_cert).map_err(|e| ConfigError::Invalid {
-                env: cert_env.0,
-                flag: cert_env.1,
-                reason: format!("{}: {e}", cert_path.display()),
-            })?;
-            let bad_key = |reason: String| ConfigError::Invalid {
-                env: key_env.0,
-                flag: key_env.1,
-                reason,
-            };
-            let key = PrivateKeyDer::from_pem_slice(&client_key).map_err(|_| {
-                bad_key(format!("{}: no PEM private key in it", key_path.display()))
-            })?;
-            // The pair must be usable, and be a pair.
-            rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| bad_key(e.to_string()))?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| {
-                    bad_key(format!(
-                        "{}: not usable with WSGATEWAY_REDIS_CLIENT_CERT_FILE ({e})",
-                        key_path.display()
-                    ))
-                })?;
-            Some(ClientTlsConfig {
-                client_cert,
-                client_key,
-            })
-        }
+        (Some(cert), Some(key)) => (cert, key),
     };
-    if root_cert.is_none() && client_tls.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(TlsCertificates {
-        client_tls,
-        root_cert,
+    let bad_cert = invalid_file("WSGATEWAY_REDIS_CLIENT_CERT_FILE", "redis-client-cert-file");
+    let bad_key = invalid_file("WSGATEWAY_REDIS_CLIENT_KEY_FILE", "redis-client-key-file");
+    let cert = PemFile::read(cert_path).map_err(&bad_cert)?;
+    let key = PemFile::read(key_path).map_err(&bad_key)?;
+    let chain = cert.certificates().map_err(&bad_cert)?;
+    let private_key = key.private_key().map_err(&bad_key)?;
+    // The pair must be usable, and be a pair.
+    crate::tls::check_pair(chain, private_key).map_err(|e| match e {
+        TlsError::NotAPair(e) => ConfigError::Invalid {
+            env: "WSGATEWAY_REDIS_CLIENT_KEY_FILE",
+            flag: "redis-client-key-file",
+            reason: format!(
+                "{}: not usable with WSGATEWAY_REDIS_CLIENT_CERT_FILE ({e})",
+                key_path.display()
+            ),
+        },
+        other => bad_key(other),
+    })?;
+    Ok(Some(ClientTlsConfig {
+        client_cert: cert.into_bytes(),
+        client_key: key.into_bytes(),
     }))
 }
 
-fn read(env: &'static str, flag: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| ConfigError::Invalid {
+/// A TLS file error as an invalid `env` setting.
+fn invalid_file(env: &'static str, flag: &'static str) -> impl Fn(TlsError) -> ConfigError {
+    move |e| ConfigError::Invalid {
         env,
         flag,
-        reason: format!("cannot read {}: {e}", path.display()),
-    })
-}
-
-/// The PEM certificates of a file: at least one, all well-formed.
-fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM ({e})"))?;
-    if certs.is_empty() {
-        return Err("no PEM certificate in it".into());
+        reason: match e {
+            TlsError::File {
+                path,
+                problem: FileProblem::Unreadable(e),
+            } => format!("cannot read {}: {e}", path.display()),
+            other => other.to_string(),
+        },
     }
-    Ok(certs)
 }
 
-/// The rustls error behind a connection error, if there is one: the redis
-/// crate wraps it in an `io::Error`, itself in an `Arc`.
-fn rustls_error(e: &redis::RedisError) -> Option<rustls::Error> {
-    use std::error::Error;
-    let mut source: Option<&(dyn Error + 'static)> = e.source();
-    while let Some(s) = source {
-        if let Some(r) = s.downcast_ref::<rustls::Error>() {
-            return Some(r.clone());
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-        {
-            return Some(r.clone());
-        }
-        if let Some(inner) = s.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
-            let inner: &(dyn Error + 'static) = &**inner;
-            if let Some(io) = inner.downcast_ref::<std::io::Error>()
-                && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-            {
-                return Some(r.clone());
-            }
-            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                return Some(r.clone());
-            }
-            source = inner.source();
-            continue;
-        }
-        source = s.source();
+/// Why a Redis connection failed, in words, never the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The TLS handshake failed: a setting or a certificate to fix, not a
+    /// fault that passes (logged as an error). The words name the setting
+    /// to look at.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Anything else: refused, reset, timed out, a server's error reply.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Failure {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Failure::Tls(_))
     }
-    None
 }
 
-/// A TLS failure in words, naming the setting to look at; `None` when `e`
-/// is not a TLS failure.
+/// Why there is no server to connect to now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// Sentinel mode: each sentinel failed, for these reasons (the same
+    /// reason once when several in a row give it).
+    #[error("no sentinel named the master: {}", join(.0))]
+    NoSentinel(Vec<SentinelFailure>),
+    #[error("sentinels named an unusable master ({0:?})")]
+    UnusableMaster(redis::ErrorKind),
+    #[error("cannot build a client for the master ({0:?})")]
+    Client(redis::ErrorKind),
+}
+
+impl EndpointError {
+    /// Whether a sentinel could not be reached for a TLS failure.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            EndpointError::NoSentinel(failures) => failures
+                .iter()
+                .any(|f| matches!(f, SentinelFailure::Failed(f) if f.is_tls())),
+            EndpointError::UnusableMaster(_) | EndpointError::Client(_) => false,
+        }
+    }
+}
+
+/// Why one sentinel did not name the master.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SentinelFailure {
+    #[error("does not know master {0:?}")]
+    UnknownMaster(String),
+    #[error(transparent)]
+    Failed(Failure),
+    #[error("timed out")]
+    TimedOut,
+}
+
+fn join(failures: &[SentinelFailure]) -> String {
+    let words: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    words.join("; ")
+}
+
+/// A TLS failure in words, naming the setting to look at (without the
+/// `TLS: ` of [`Failure::Tls`]); `None` when `e` is not a TLS failure.
 fn tls_reason(e: &redis::RedisError, ca_file: bool, client_cert: bool) -> Option<String> {
     use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
-    let error = rustls_error(e)?;
+    let error = crate::tls::rustls_error(e)?;
     let trust = if ca_file {
         "WSGATEWAY_REDIS_CA_FILE"
     } else {
@@ -630,21 +685,20 @@ fn tls_reason(e: &redis::RedisError, ca_file: bool, client_cert: bool) -> Option
     };
     Some(match error {
         Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {
-            format!("TLS: certificate not trusted ({trust})")
+            format!("certificate not trusted ({trust})")
         }
         Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => {
-            "TLS: certificate not valid for the host in REDIS_URL".into()
+            "certificate not valid for the host in REDIS_URL".into()
         }
         Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
-            "TLS: server certificate expired".into()
+            "server certificate expired".into()
         }
         Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
-            "TLS: server certificate not valid yet".into()
+            "server certificate not valid yet".into()
         }
-        Error::InvalidCertificate(other) => format!("TLS: invalid server certificate ({other})"),
+        Error::InvalidCertificate(other) => format!("invalid server certificate ({other})"),
         Error::AlertReceived(Alert::CertificateRequired) if !client_cert => {
-            "TLS: the server requires a client certificate (WSGATEWAY_REDIS_CLIENT_CERT_FILE)"
-                .into()
+            "the server requires a client certificate (WSGATEWAY_REDIS_CLIENT_CERT_FILE)".into()
         }
         Error::AlertReceived(
             Alert::CertificateRequired
@@ -655,14 +709,13 @@ fn tls_reason(e: &redis::RedisError, ca_file: bool, client_cert: bool) -> Option
             | Alert::CertificateRevoked
             | Alert::AccessDenied,
         ) if client_cert => {
-            "TLS: the server refused the client certificate (WSGATEWAY_REDIS_CLIENT_CERT_FILE)"
-                .into()
+            "the server refused the client certificate (WSGATEWAY_REDIS_CLIENT_CERT_FILE)".into()
         }
-        Error::AlertReceived(alert) => format!("TLS: the server ended the handshake ({alert:?})"),
+        Error::AlertReceived(alert) => format!("the server ended the handshake ({alert:?})"),
         Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
-            "TLS: no TLS handshake from the server (is REDIS_URL's port a TLS port?)".into()
+            "no TLS handshake from the server (is REDIS_URL's port a TLS port?)".into()
         }
-        other => format!("TLS: {other}"),
+        other => other.to_string(),
     })
 }
 
@@ -683,15 +736,15 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_rustls_error_inside() {
+    fn words_a_tls_failure_with_its_setting() {
         let io = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         );
         let e = redis::RedisError::from(io);
-        let reason = tls_reason(&e, true, false).unwrap();
+        let reason = Failure::Tls(tls_reason(&e, true, false).unwrap());
         assert_eq!(
-            reason,
+            reason.to_string(),
             "TLS: certificate not trusted (WSGATEWAY_REDIS_CA_FILE)"
         );
         let plain =

@@ -22,18 +22,18 @@ use redis::aio::MultiplexedConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{AsyncConnectionConfig, RedisResult};
 
-use super::connector::{Connector, RoleError};
+use super::connector::{Connector, EndpointError, Failure, RoleError};
 
 /// What a call could not do, and whether it may have happened anyway.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
     /// Nothing was sent: no connection could be made.
     #[error("not sent: {0}")]
-    NotSent(String),
-    /// Sent, but no answer came in time or the connection broke: the
-    /// command may or may not have run.
+    NotSent(Unsent),
+    /// Sent, but the connection broke: the command may or may not have
+    /// run.
     #[error("outcome unknown: {0}")]
-    Unknown(String),
+    Unknown(Failure),
     /// Sent, but no answer came within the timeout: the command may or
     /// may not have run.
     #[error("outcome unknown: timed out")]
@@ -48,6 +48,34 @@ pub enum LinkError {
     /// the connection was discarded, so the next call finds the master.
     #[error("not the master: {0}")]
     NotMaster(String),
+}
+
+impl LinkError {
+    /// Whether the connection failed for TLS: a setting or a certificate
+    /// to fix, which retrying does not (logged as an error).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            LinkError::NotSent(Unsent::NoEndpoint(e)) => e.is_tls(),
+            LinkError::NotSent(Unsent::Connect(f)) | LinkError::Unknown(f) => f.is_tls(),
+            _ => false,
+        }
+    }
+}
+
+/// Why no connection was there to send on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unsent {
+    /// No server to connect to (no sentinel named the master).
+    #[error(transparent)]
+    NoEndpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Connect(Failure),
+    /// The new connection could not be prepared (the server's refusal, or
+    /// the connection's failure, in words).
+    #[error("{0}")]
+    Prepare(String),
+    #[error("connect timed out")]
+    TimedOut,
 }
 
 /// A server older than the gateway needs (`redis_version` from `INFO`).
@@ -204,22 +232,23 @@ impl RedisLink {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
         let connect = async {
+            let not_sent = |e: redis::RedisError| {
+                LinkError::NotSent(Unsent::Connect(self.connector.describe(&e)))
+            };
             let endpoint = self
                 .connector
                 .endpoint()
                 .await
-                .map_err(LinkError::NotSent)?;
+                .map_err(|e| LinkError::NotSent(e.into()))?;
             let mut conn = endpoint
                 .client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
-                .map_err(|e| LinkError::NotSent(self.connector.describe(&e)))?;
+                .map_err(not_sent)?;
             match self.connector.check_master(&mut conn, &endpoint.addr).await {
                 Ok(()) => {}
                 Err(RoleError::NotMaster(why)) => return Err(LinkError::NotMaster(why)),
-                Err(RoleError::Failed(e)) => {
-                    return Err(LinkError::NotSent(self.connector.describe(&e)));
-                }
+                Err(RoleError::Failed(e)) => return Err(not_sent(e)),
             }
             if let Some(prepare) = &self.prepare {
                 prepare(conn.clone()).await?;
@@ -228,7 +257,7 @@ impl RedisLink {
         };
         let (conn, addr) = match tokio::time::timeout(self.timeout * 2, connect).await {
             Ok(result) => result?,
-            Err(_) => return Err(LinkError::NotSent("connect timed out".into())),
+            Err(_) => return Err(LinkError::NotSent(Unsent::TimedOut)),
         };
         let mut slot = self.slot.lock();
         // Another caller may have connected meanwhile: share one connection.
@@ -267,5 +296,33 @@ pub fn describe_plain(e: &redis::RedisError) -> String {
         (Some(code), Some(detail)) => format!("{code} {detail}"),
         _ if e.is_io_error() => e.to_string(),
         _ => format!("{:?}", e.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::redis::connector::SentinelFailure;
+
+    #[test]
+    fn a_tls_failure_is_told_by_its_variant_and_reads_as_before() {
+        let sentinels = EndpointError::NoSentinel(vec![
+            SentinelFailure::TimedOut,
+            SentinelFailure::Failed(Failure::Tls("certificate not trusted (X)".into())),
+            SentinelFailure::UnknownMaster("mymaster".into()),
+        ]);
+        let e = LinkError::NotSent(sentinels.into());
+        assert!(e.is_tls());
+        assert_eq!(
+            e.to_string(),
+            "not sent: no sentinel named the master: timed out; TLS: certificate not trusted (X); does not know master \"mymaster\""
+        );
+        let plain = LinkError::Unknown(Failure::Other("connection reset (TLS: no)".into()));
+        assert!(!plain.is_tls());
+        assert!(LinkError::Unknown(Failure::Tls("x".into())).is_tls());
+        assert_eq!(
+            LinkError::NotSent(Unsent::TimedOut).to_string(),
+            "not sent: connect timed out"
+        );
     }
 }

@@ -189,6 +189,8 @@ impl RedisBroker {
         let retry = match &result {
             // Redis lost its functions (a restart without persistence):
             // nothing ran. Load the library on a fresh connection, once.
+            // (Read from the server's own error reply, `ERR Function not
+            // found`: no code of its own tells it apart.)
             Err(LinkError::Refused(why)) if why.contains("Function not found") => true,
             // A demoted master (a failover): nothing ran; the link has
             // dropped the connection, and the next finds the new master.
@@ -208,7 +210,7 @@ impl RedisBroker {
                 self.note_incompatible(&e);
                 permit.failure();
                 Err(match e {
-                    LinkError::Unknown(why) => BrokerError::OutcomeUnknown(why),
+                    LinkError::Unknown(why) => BrokerError::OutcomeUnknown(why.to_string()),
                     LinkError::TimedOut => BrokerError::OutcomeUnknown("timed out".into()),
                     other => BrokerError::Unavailable(other.to_string()),
                 })
@@ -242,7 +244,7 @@ impl RedisBroker {
             let result = self.link.check().await;
             let failed = result.as_ref().err().map(|e| {
                 self.note_incompatible(e);
-                format!("command connection: {e}")
+                (format!("command connection: {e}"), e.is_tls())
             });
             match (permit, &result) {
                 (Some(permit), Ok(_)) => permit.success(),
@@ -251,21 +253,22 @@ impl RedisBroker {
                 (None, Err(_)) => {}
             }
             let mut condition = self.condition.lock();
-            if failed.is_some() && condition.commands.is_none() {
-                self.metrics
-                    .redis_reconnects
-                    .with_label_values(&["commands"])
-                    .inc();
-                let reason = failed.as_deref().unwrap_or("");
-                if reason.contains("TLS:") {
-                    tracing::error!(reason, "Redis command connection failing");
-                } else {
-                    tracing::warn!(reason, "Redis command connection failing");
+            match (&failed, &condition.commands) {
+                (Some((reason, tls)), None) => {
+                    self.metrics
+                        .redis_reconnects
+                        .with_label_values(&["commands"])
+                        .inc();
+                    if *tls {
+                        tracing::error!(reason, "Redis command connection failing");
+                    } else {
+                        tracing::warn!(reason, "Redis command connection failing");
+                    }
                 }
-            } else if failed.is_none() && condition.commands.is_some() {
-                tracing::info!("Redis command connection back");
+                (None, Some(_)) => tracing::info!("Redis command connection back"),
+                _ => {}
             }
-            condition.commands = failed;
+            condition.commands = failed.map(|(reason, _)| reason);
             if result.is_ok() {
                 condition.incompatible = None;
             }
@@ -286,7 +289,8 @@ async fn prepare(
     mut conn: redis::aio::MultiplexedConnection,
     bounds: RedisBounds,
 ) -> Result<(), LinkError> {
-    let refused = |e: redis::RedisError| LinkError::NotSent(link::describe_plain(&e));
+    let refused =
+        |e: redis::RedisError| LinkError::NotSent(link::Unsent::Prepare(link::describe_plain(&e)));
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut conn)

@@ -21,14 +21,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
-use super::connector::RoleError;
+use super::connector::{EndpointError, Failure, RoleError};
+use super::link::LinkError;
 use super::{RedisBroker, read_entries, text};
 use crate::auth::TenantId;
 use crate::broker::Scope;
@@ -202,6 +203,53 @@ struct Gap {
     since: Instant,
 }
 
+/// Why no subscription could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SubscribeError {
+    #[error("cannot subscribe: {0}")]
+    NoEndpoint(#[from] EndpointError),
+    #[error("cannot subscribe: {0}")]
+    Failed(#[from] Failure),
+    /// Sentinel mode: the server the sentinels named is not the master.
+    #[error("cannot subscribe: {0}")]
+    NotMaster(String),
+    #[error("cannot subscribe: timed out")]
+    TimedOut,
+}
+
+impl SubscribeError {
+    /// A TLS failure is a setting to fix: logged as an error.
+    fn is_tls(&self) -> bool {
+        match self {
+            SubscribeError::NoEndpoint(e) => e.is_tls(),
+            SubscribeError::Failed(f) => f.is_tls(),
+            SubscribeError::NotMaster(_) | SubscribeError::TimedOut => false,
+        }
+    }
+}
+
+/// Why a live subscription was given up.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    #[error("the master moved from {from} to {to}")]
+    MasterMoved { from: String, to: String },
+    #[error("PING failed: {0}")]
+    Ping(Failure),
+    #[error("no answer to PING within {0:?}")]
+    NoPong(Duration),
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Why a gap could not be read.
+#[derive(Debug, thiserror::Error)]
+enum GapError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("unexpected gap answer")]
+    Unexpected,
+}
+
 /// Subscribes, fills gaps, and delivers, until `shutdown`.
 pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
     let timing = broker.timing;
@@ -210,7 +258,7 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
     let mut gap: Option<Gap> = None;
     // The last failure logged: a failure is logged when it changes, not at
     // every retry.
-    let mut failing: Option<String> = None;
+    let mut failing: Option<SubscribeError> = None;
     loop {
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -245,18 +293,18 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
                 });
                 None
             }
-            Ok(Err(why)) => Some(format!("cannot subscribe: {why}")),
-            Err(_) => Some("cannot subscribe: timed out".into()),
+            Ok(Err(why)) => Some(why),
+            Err(_) => Some(SubscribeError::TimedOut),
         };
         if let Some(why) = failure {
             if failing.as_ref() != Some(&why) {
-                if why.contains("TLS:") {
+                if why.is_tls() {
                     tracing::error!(reason = %why, "Redis subscription failed; retrying");
                 } else {
                     tracing::warn!(reason = %why, "Redis subscription failed; retrying");
                 }
             }
-            broker.set_subscribed(false, Some(why.clone()));
+            broker.set_subscribed(false, Some(why.to_string()));
             failing = Some(why);
         }
         tokio::select! {
@@ -268,10 +316,10 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
 
 /// Subscribes on the server to use now (in sentinel mode, confirmed as the
 /// master first); returns the connection and the server's address.
-async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String), String> {
+async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String), SubscribeError> {
     let connector = broker.link.connector();
     let endpoint = connector.endpoint().await?;
-    let describe = |e: redis::RedisError| connector.describe(&e);
+    let describe = |e: redis::RedisError| SubscribeError::Failed(connector.describe(&e));
     if connector.is_sentinel() {
         let mut conn = endpoint
             .client
@@ -282,7 +330,7 @@ async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String)
             .check_master(&mut conn, &endpoint.addr)
             .await
             .map_err(|e| match e {
-                RoleError::NotMaster(why) => why,
+                RoleError::NotMaster(why) => SubscribeError::NotMaster(why),
                 RoleError::Failed(e) => describe(e),
             })?;
     }
@@ -303,7 +351,7 @@ async fn listen(
     addr: &str,
     position: &mut Position,
     shutdown: &CancellationToken,
-) -> Option<String> {
+) -> Option<Lost> {
     let connector = broker.link.connector();
     let timing = broker.timing;
     let mut ping = tokio::time::interval_at(
@@ -317,18 +365,18 @@ async fn listen(
             _ = shutdown.cancelled() => return None,
             _ = ping.tick() => {
                 if !connector.is_current(addr) {
-                    let master = connector.master().unwrap_or_default();
-                    return Some(format!("the master moved from {addr} to {master}"));
+                    let to = connector.master().unwrap_or_default();
+                    return Some(Lost::MasterMoved { from: addr.to_owned(), to });
                 }
                 match tokio::time::timeout(timing.timeout, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => position.alive = Instant::now(),
-                    Ok(Err(e)) => return Some(format!("PING failed: {}", connector.describe(&e))),
-                    Err(_) => return Some(format!("no answer to PING within {:?}", timing.timeout)),
+                    Ok(Err(e)) => return Some(Lost::Ping(connector.describe(&e))),
+                    Err(_) => return Some(Lost::NoPong(timing.timeout)),
                 }
             }
             message = stream.next() => match message {
                 Some(m) => receive(broker, &m, position),
-                None => return Some("connection closed".into()),
+                None => return Some(Lost::Closed),
             },
         }
     }
@@ -475,29 +523,10 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         .iter()
         .map(|s| position.gap_start(s.tenant()))
         .collect();
-    let asked_at = unix_us();
-    let read = read_gap(broker, &scopes, &starts).await;
-    if let Ok(filled) = &read {
-        // Halfway through the call: the error is half its time at most.
-        let local = (asked_at + unix_us()) / 2;
-        position.offset_us = filled.redis_us - local;
-    }
-    position.filled.clear();
-    position.filled_scopes.clear();
-    // Another Redis process than the one read last (a restart, a
-    // failover): what the old one had not written to disk, or to the
-    // replica, may be gone.
-    let restarted = match &read {
-        Ok(filled) => {
-            let before = position.run_id.replace(filled.run_id.clone());
-            before.is_some_and(|run| run != filled.run_id)
-        }
-        Err(_) => false,
-    };
+    let (read, restarted) = read_and_measure(broker, position, &scopes, &starts).await;
     let Some(gap) = gap else {
         return;
     };
-    let metrics = &broker.metrics;
     let mut filled = match read {
         Ok(filled) => filled,
         Err(why) => {
@@ -513,8 +542,55 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
         gone.into_iter()
             .filter(|scope| position.delivered.contains_key(&scope.tenant())),
     );
+    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
+    position.filled = std::mem::take(&mut filled.counters);
+    position.filled_scopes = scopes.into_iter().collect();
+    broker.metrics.gap_filled_events.inc_by(count);
+    let outcome = gap_outcome(broker, position, &filled, restarted, gap);
+    tracing::info!(
+        filled = count,
+        outcome,
+        gap_ms = gap.since.elapsed().as_millis() as u64,
+        "subscription gap closed"
+    );
+}
+
+/// Reads the gap of `scopes` (with none, only Redis's clock) and notes what
+/// the read says of Redis: its clock, and whether it is another process
+/// than the one read last (a restart, a failover: what the old one had not
+/// written to disk, or to the replica, may be gone), returned.
+async fn read_and_measure(
+    broker: &RedisBroker,
+    position: &mut Position,
+    scopes: &[Scope],
+    starts: &[u64],
+) -> (Result<Filled, GapError>, bool) {
+    let asked_at = unix_us();
+    let read = read_gap(broker, scopes, starts).await;
+    position.filled.clear();
+    position.filled_scopes.clear();
+    let restarted = match &read {
+        Ok(filled) => {
+            // Halfway through the call: the error is half its time at most.
+            let local = (asked_at + unix_us()) / 2;
+            position.offset_us = filled.redis_us - local;
+            let before = position.run_id.replace(filled.run_id.clone());
+            before.is_some_and(|run| run != filled.run_id)
+        }
+        Err(_) => false,
+    };
+    (read, restarted)
+}
+
+/// Queues the events history kept, in order, each on the channels it was
+/// not delivered on yet; returns how many were queued.
+fn deliver_filled(
+    broker: &RedisBroker,
+    position: &mut Position,
+    entries: HashMap<TenantId, Merged>,
+) -> u64 {
     let mut count = 0;
-    for (tenant, merged) in filled.entries {
+    for (tenant, merged) in entries {
         for entry in merged.into_entries() {
             let fresh = position.undelivered(tenant, entry.seq, &entry.channels);
             if !fresh.is_empty()
@@ -527,14 +603,23 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             }
         }
     }
-    position.filled = filled.counters;
-    position.filled_scopes = scopes.into_iter().collect();
-    metrics.gap_filled_events.inc_by(count as u64);
+    count
+}
+
+/// Whether the fill closed the gap, or what it lost (the first reason that
+/// applies, the connections concerned told to resync).
+fn gap_outcome(
+    broker: &RedisBroker,
+    position: &Position,
+    filled: &Filled,
+    restarted: bool,
+    gap: Gap,
+) -> &'static str {
     let ttl = broker.history.ttl;
     let plain_recently = position
         .plain_seen
         .is_some_and(|at| at.elapsed() <= ttl + gap.since.elapsed());
-    let outcome = if gap.since.elapsed() > ttl {
+    if gap.since.elapsed() > ttl {
         lost(broker, None, ResyncReason::HistoryExpired, gap)
     } else if restarted {
         tracing::warn!(
@@ -555,7 +640,9 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             gap,
         )
     } else if !filled.trimmed.is_empty() {
-        metrics.dropped_n(Drop::Gap, filled.trimmed.len() as u64);
+        broker
+            .metrics
+            .dropped_n(Drop::Gap, filled.trimmed.len() as u64);
         lost(
             broker,
             Some(&filled.trimmed),
@@ -563,18 +650,13 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             gap,
         )
     } else {
-        metrics
+        broker
+            .metrics
             .subscription_gaps
             .with_label_values(&["filled"])
             .inc();
         "filled"
-    };
-    tracing::info!(
-        filled = count,
-        outcome,
-        gap_ms = gap.since.elapsed().as_millis() as u64,
-        "subscription gap closed"
-    );
+    }
 }
 
 /// Counts a gap that history could not fill and tells the connections of
@@ -606,7 +688,7 @@ async fn read_gap(
     broker: &RedisBroker,
     scopes: &[Scope],
     starts: &[u64],
-) -> Result<Filled, String> {
+) -> Result<Filled, GapError> {
     let mut filled = Filled::default();
     let mut chunks: Vec<(&[Scope], &[u64])> = scopes
         .chunks(SCOPES_PER_READ)
@@ -632,9 +714,8 @@ async fn read_gap(
                 let fcall = fcall.clone();
                 async move { fcall.query_async::<redis::Value>(&mut c).await }
             })
-            .await
-            .map_err(|e| e.to_string())?;
-        read_gap_answer(raw, chunk, starts, &mut filled).ok_or("unexpected gap answer")?;
+            .await?;
+        read_gap_answer(raw, chunk, starts, &mut filled).ok_or(GapError::Unexpected)?;
     }
     Ok(filled)
 }
