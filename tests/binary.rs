@@ -136,10 +136,12 @@ async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Both missing secrets, in one line.
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("TABLE_TOKEN_SECRET")
+        err.contains("TABLE_TOKEN_SECRET") && err.contains("JWT_SECRET (--jwt-secret)"),
+        "{err}"
     );
 }
 
@@ -593,4 +595,29 @@ async fn serve_at_the_default_level_logs_closes_once_and_says_publish_is_off() {
         warnings[0].contains("WARN") && warnings[0].contains("WSGATEWAY_API_KEY"),
         "{log}"
     );
+}
+
+/// `serve --help` and `dev --help` show each setting's default, from the
+/// settings table; the help only shows it (an environment variable still
+/// beats the file and the default: `config.rs`'s tests).
+#[tokio::test]
+async fn help_shows_every_default() {
+    for command in ["serve", "dev"] {
+        let out = Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for s in wsgateway::config::SETTINGS {
+            if let Some(default) = s.default {
+                assert!(
+                    help.contains(&format!("[default: {default}]")),
+                    "{command} --help lacks the default of {}:\n{help}",
+                    s.env
+                );
+            }
+        }
+    }
 }

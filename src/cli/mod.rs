@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, FileSettings, LogFormat, SettingArgs};
+use crate::config::{Config, ConfigError, FileSettings, LogFormat, SETTINGS, SettingArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +34,39 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Publish one event through a gateway's publish API.
     Publish(publish::PublishArgs),
+}
+
+impl Cli {
+    /// Parses the command line, with each setting's default in the help
+    /// of `serve` and `dev`.
+    pub fn parse_with_defaults() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = defaults_in_help(Cli::command()).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// Appends `[default: …]` to the help of every setting that has a default.
+/// Only the text: a clap default would be taken as given, and beat the
+/// environment and the file (the order is flag, environment, file, default).
+fn defaults_in_help(cli: clap::Command) -> clap::Command {
+    let with_defaults = |command: clap::Command| {
+        SETTINGS.iter().fold(command, |command, setting| {
+            let Some(default) = setting.default else {
+                return command;
+            };
+            command.mut_arg(setting.key, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let arg = arg.help(format!("{help} [default: {default}]"));
+                match arg.get_long_help().map(ToString::to_string) {
+                    Some(long) => arg.long_help(format!("{long} [default: {default}]")),
+                    None => arg,
+                }
+            })
+        })
+    };
+    cli.mut_subcommand("serve", with_defaults)
+        .mut_subcommand("dev", with_defaults)
 }
 
 #[derive(Debug, Clone, clap::Args)]

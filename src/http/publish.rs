@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use crate::broker::{Broker, BrokerError, Publication};
 use crate::channel::Channel;
 use crate::config::Secret;
-use crate::event::{Fields, InvalidEvent, Refusal, STALE_DETAIL, unix_ms};
+use crate::event::{Fields, InvalidEvent, Refusal, stale_detail, unix_ms};
 use crate::metrics::Metrics;
 
 /// What the publish API reads.
@@ -292,7 +292,11 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
         .ts_ms
         .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
     {
-        return Err(ApiError::bad(Refusal::StaleEvent.code(), STALE_DETAIL));
+        let limit = std::time::Duration::from_millis(rules.stale_ms.max(0) as u64);
+        return Err(ApiError::bad(
+            Refusal::StaleEvent.code(),
+            stale_detail(limit),
+        ));
     }
     Ok(Publication {
         channels,
