@@ -226,7 +226,7 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
     let answer = run(curl.trim().to_owned()).await;
     let got = w.next_json().await.unwrap();
     assert_eq!(got["event_id"], answer["event_ids"][0]);
-    assert_eq!(got["type"], "SERVICE_CALL_CREATED");
+    assert_eq!(got["type"], "ROUND_READY");
     assert_eq!(a.next_json().await.unwrap()["event_id"], got["event_id"]);
     for other in [k, d] {
         assert!(

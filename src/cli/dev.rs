@@ -163,7 +163,7 @@ fn print_banner(addr: SocketAddr, tokens: &[DevToken], secrets: &DevSecrets) {
     );
     println!("or with curl:");
     println!(
-        "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:branch:5:waiters\",\"event\":{{\"type\":\"SERVICE_CALL_CREATED\",\"tenant_id\":1,\"branch_id\":5}}}}'"
+        "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:branch:5:waiters\",\"event\":{{\"type\":\"ROUND_READY\",\"tenant_id\":1,\"branch_id\":5}}}}'"
     );
     println!();
 }
