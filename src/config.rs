@@ -28,8 +28,20 @@ pub enum ConfigError {
         flag: &'static str,
         why: &'static str,
     },
+    /// Several [`ConfigError::Missing`], reported together.
+    #[error("missing settings: {}", join_missing(.0))]
+    MissingSeveral(Vec<ConfigError>),
     #[error("config file {path}: {reason}")]
     File { path: String, reason: String },
+}
+
+/// `A (--a): why; B (--b): why`.
+fn join_missing(all: &[ConfigError]) -> String {
+    let each = all.iter().map(|m| match m {
+        ConfigError::Missing { env, flag, why } => format!("{env} (--{flag}): {why}"),
+        other => other.to_string(),
+    });
+    each.collect::<Vec<_>>().join("; ")
 }
 
 /// How one setting is parsed from its textual form.
@@ -45,6 +57,8 @@ pub struct SettingInfo {
     pub flag: &'static str,
     pub key: &'static str,
     pub default: Option<&'static str>,
+    /// Its description (the doc comment in the table).
+    pub help: &'static str,
 }
 
 impl SettingInfo {
@@ -93,7 +107,7 @@ macro_rules! settings {
 
         /// Every setting: environment variable, flag, file key and default.
         pub const SETTINGS: &[SettingInfo] = &[
-            $( SettingInfo { env: $env, flag: $flag, key: stringify!($field), default: $default }, )*
+            $( SettingInfo { env: $env, flag: $flag, key: stringify!($field), default: $default, help: concat!($($doc),*) }, )*
         ];
 
         impl Config {
@@ -255,17 +269,37 @@ impl Config {
         config
     }
 
-    /// Checks what `serve` needs beyond each value being well-formed.
+    /// Checks what `serve` needs beyond each value being well-formed. Every
+    /// missing setting is named at once, not one per attempt.
     pub fn check_for_serve(&self) -> Result<(), ConfigError> {
+        let mut missing = Vec::new();
         if self.revoked_jti_key.is_some() && self.redis_url.is_none() {
-            return Err(ConfigError::Missing {
+            missing.push(ConfigError::Missing {
                 env: "REDIS_URL",
                 flag: "redis-url",
                 why: "required by WSGATEWAY_REVOKED_JTI_KEY",
             });
         }
         if self.table_token_secret.is_none() {
-            return Err(missing("TABLE_TOKEN_SECRET", "table-token-secret"));
+            missing.push(required("TABLE_TOKEN_SECRET", "table-token-secret"));
+        }
+        match self.jwt_algorithm {
+            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() => {
+                missing.push(required("JWT_SECRET", "jwt-secret"));
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if self.jwt_public_key_file.is_none() => {
+                missing.push(ConfigError::Missing {
+                    env: "WSGATEWAY_JWT_PUBLIC_KEY_FILE",
+                    flag: "jwt-public-key-file",
+                    why: "required by RS256 and ES256",
+                });
+            }
+            _ => {}
+        }
+        match missing.len() {
+            0 => {}
+            1 => return Err(missing.remove(0)),
+            _ => return Err(ConfigError::MissingSeveral(missing)),
         }
         // One secret for both would let whoever holds the diners' secret
         // sign staff tokens too.
@@ -276,23 +310,11 @@ impl Config {
                 reason: "equals TABLE_TOKEN_SECRET; the two must differ".into(),
             });
         }
-        match self.jwt_algorithm {
-            JwtAlgorithm::Hs256 if self.jwt_secret.is_none() => {
-                Err(missing("JWT_SECRET", "jwt-secret"))
-            }
-            JwtAlgorithm::Rs256 | JwtAlgorithm::Es256 if self.jwt_public_key_file.is_none() => {
-                Err(ConfigError::Missing {
-                    env: "WSGATEWAY_JWT_PUBLIC_KEY_FILE",
-                    flag: "jwt-public-key-file",
-                    why: "required by RS256 and ES256",
-                })
-            }
-            _ => Ok(()),
-        }
+        Ok(())
     }
 }
 
-fn missing(env: &'static str, flag: &'static str) -> ConfigError {
+fn required(env: &'static str, flag: &'static str) -> ConfigError {
     ConfigError::Missing {
         env,
         flag,
@@ -678,7 +700,18 @@ mod tests {
     fn serve_needs_its_secrets() {
         let c = load(SettingArgs::default(), "").unwrap();
         let err = c.check_for_serve().unwrap_err().to_string();
-        assert!(err.contains("TABLE_TOKEN_SECRET"), "{err}");
+        // Both at once, each with its flag.
+        assert_eq!(
+            err,
+            "missing settings: TABLE_TOKEN_SECRET (--table-token-secret): required by `serve`; \
+             JWT_SECRET (--jwt-secret): required by `serve`"
+        );
+        let mut one = Config::with_secrets("a", "b");
+        one.table_token_secret = None;
+        assert_eq!(
+            one.check_for_serve().unwrap_err().to_string(),
+            "missing setting TABLE_TOKEN_SECRET (--table-token-secret): required by `serve`"
+        );
         assert!(Config::with_secrets("a", "b").check_for_serve().is_ok());
         let err = Config::with_secrets("same", "same")
             .check_for_serve()
@@ -707,6 +740,81 @@ mod tests {
         const JWT: &SettingInfo = SettingInfo::named("jwt_secret");
         assert_eq!((JWT.env, JWT.flag), ("JWT_SECRET", "jwt-secret"));
         assert!(std::panic::catch_unwind(|| SettingInfo::named("jwt_secre")).is_err());
+    }
+
+    /// docs/wsgateway.example.toml as the table makes it: every setting,
+    /// commented out, with its description and default.
+    fn example_file() -> String {
+        let mut out = String::from(EXAMPLE_HEAD);
+        for s in SETTINGS {
+            out.push('\n');
+            let mut line = String::from("#");
+            for word in s.help.split_whitespace() {
+                if line.len() + 1 + word.len() > 76 {
+                    out.push_str(&line);
+                    out.push('\n');
+                    line = String::from("#");
+                }
+                line.push(' ');
+                line.push_str(word);
+            }
+            out.push_str(&line);
+            out.push('\n');
+            let value = match s.default {
+                Some(d) if d.parse::<f64>().is_ok() || d == "true" || d == "false" => d.to_owned(),
+                Some(d) => format!("{d:?}"),
+                None => "\"\"".to_owned(),
+            };
+            let default = if s.default.is_some() {
+                ""
+            } else {
+                "   # unset"
+            };
+            out.push_str(&format!("# {} = {value}{default}\n", s.key));
+            out.push_str(&format!("#   (env {}, flag --{})\n", s.env, s.flag));
+        }
+        out
+    }
+
+    const EXAMPLE_HEAD: &str = "\
+# A sample settings file for `wsgateway serve --config FILE` (or
+# WSGATEWAY_CONFIG=FILE); `dev` reads it too. Every setting is here,
+# commented out, with its default: uncomment the ones you change. A flag
+# or an environment variable beats the file, which beats the default. An
+# empty string leaves an optional setting unset. docs/CONFIGURATION.md
+# describes each one. (Made from the table in src/config.rs, and checked
+# against it by its tests: `WSGATEWAY_WRITE_EXAMPLE=1 cargo test --lib
+# example_config` writes it again.)
+";
+
+    #[test]
+    fn the_example_config_lists_every_setting_with_its_default_and_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/wsgateway.example.toml");
+        let expected = example_file();
+        if std::env::var_os("WSGATEWAY_WRITE_EXAMPLE").is_some() {
+            std::fs::write(&path, &expected).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text == expected,
+            "docs/wsgateway.example.toml is not the table's: run WSGATEWAY_WRITE_EXAMPLE=1 cargo test --lib example_config"
+        );
+        // As it is (all commented out), and with every setting uncommented:
+        // read as `--config` reads it, each gives the defaults.
+        let defaults = format!("{:?}", load(SettingArgs::default(), "").unwrap());
+        let as_is = Config::load(&SettingArgs::default(), &FileSettings::read(&path).unwrap());
+        assert_eq!(format!("{:?}", as_is.unwrap()), defaults);
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains(" = "))
+            .map(|l| format!("{}\n", l.split("   #").next().unwrap()))
+            .collect();
+        let file = FileSettings::parse("uncommented", &uncommented).unwrap();
+        assert_eq!(file.table.len(), SETTINGS.len(), "{uncommented}");
+        let all = Config::load(&SettingArgs::default(), &file).unwrap();
+        assert_eq!(format!("{all:?}"), defaults);
     }
 
     #[test]

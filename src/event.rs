@@ -90,8 +90,14 @@ impl Refusal {
     }
 }
 
-/// What a stale event is refused with (the function's text is the same).
-pub const STALE_DETAIL: &str = "the event's `ts` is older than the stale limit";
+/// What a stale event is refused with, naming the limit in seconds (the
+/// function's text is the same: Lua prints 30 and 0.5 as Rust does).
+pub fn stale_detail(limit: std::time::Duration) -> String {
+    format!(
+        "the event's `ts` is older than the stale limit ({} s)",
+        limit.as_secs_f64()
+    )
+}
 
 /// Why an event was refused. Each variant is a metric reason and an API
 /// error detail; none of them echoes the event's content.

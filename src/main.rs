@@ -1,9 +1,7 @@
 //! The `wsgateway` binary: parse the command line, run the command.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = wsgateway::cli::Cli::parse();
+    let cli = wsgateway::cli::Cli::parse_with_defaults();
     match wsgateway::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -136,10 +136,12 @@ async fn a_bad_setting_stops_startup_with_one_line_naming_it() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Both missing secrets, in one line.
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("TABLE_TOKEN_SECRET")
+        err.contains("TABLE_TOKEN_SECRET") && err.contains("JWT_SECRET (--jwt-secret)"),
+        "{err}"
     );
 }
 
@@ -178,6 +180,10 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let value_of = |line: String| line.split_once('=').unwrap().1.to_owned();
+    let jwt_secret = value_of(wait_for_line(&mut stdout, "JWT_SECRET=").await);
+    let table_secret = value_of(wait_for_line(&mut stdout, "TABLE_TOKEN_SECRET=").await);
+    let api_key = value_of(wait_for_line(&mut stdout, "WSGATEWAY_API_KEY=").await);
     let url_of = |line: String| line.split_whitespace().nth(1).unwrap().to_owned();
     let waiter = url_of(wait_for_line(&mut stdout, "/ws/waiter?token=").await);
     let kitchen = url_of(wait_for_line(&mut stdout, "/ws/kitchen?token=").await);
@@ -216,15 +222,52 @@ async fn dev_prints_tokens_and_a_publish_command_that_work() {
         (json!("ROUND_READY"), id.clone())
     );
     assert_eq!(a.next_json().await.unwrap()["event_id"], id);
+    // The curl too reaches the first printed URL, the waiter's.
     let answer = run(curl.trim().to_owned()).await;
-    let got = d.next_json().await.unwrap();
+    let got = w.next_json().await.unwrap();
     assert_eq!(got["event_id"], answer["event_ids"][0]);
-    assert_eq!(got["type"], "PAYMENT_APPROVED");
-    assert!(
-        k.next_json_within(Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    assert_eq!(got["type"], "ROUND_READY");
+    assert_eq!(a.next_json().await.unwrap()["event_id"], got["event_id"]);
+    for other in [k, d] {
+        assert!(
+            other
+                .next_json_within(Duration::from_millis(300))
+                .await
+                .is_none()
+        );
+    }
+    // The printed secrets are the ones it uses: a token minted with them
+    // connects, and the key publishes.
+    let addr = waiter.split("/ws/").next().unwrap().replace("ws://", "");
+    let mint = |args: Vec<String>| async move {
+        let out = Command::new(BIN).args(args).output().await.unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let staff = mint(
+        "token staff --sub 70 --tenant 1 --branches 5 --roles WAITER --secret"
+            .split(' ')
+            .map(str::to_owned)
+            .chain([jwt_secret])
+            .collect(),
+    )
+    .await;
+    let table = mint(
+        "token table --tenant 1 --branch 5 --table 3 --session 78 --secret"
+            .split(' ')
+            .map(str::to_owned)
+            .chain([table_secret])
+            .collect(),
+    )
+    .await;
+    for url in [
+        format!("ws://{addr}/ws/waiter?token={staff}"),
+        format!("ws://{addr}/ws/diner?table_token={table}"),
+    ] {
+        let mut c = Client::open(&url, None).await;
+        assert_eq!(c.next_json().await.unwrap()["type"], "connected", "{url}");
+    }
+    assert_eq!(api_key, "wsgateway-dev-api-key");
     // The demo page is served.
     let page = reqwest::get(
         waiter
@@ -411,5 +454,170 @@ async fn nothing_secret_is_logged_even_at_trace_level() {
             !log.contains(piece),
             "the log holds a secret ({piece}):\n{log}"
         );
+    }
+}
+
+/// `--secret "$JWT_SECRET"` with the variable unset is an empty secret: no
+/// token is minted with it, the message says why, and the status is not 0.
+#[tokio::test]
+async fn token_refuses_an_empty_secret() {
+    for (args, env) in [
+        (
+            &["staff", "--sub", "7", "--tenant", "1", "--branches", "5"][..],
+            "JWT_SECRET",
+        ),
+        (
+            &[
+                "table",
+                "--tenant",
+                "1",
+                "--branch",
+                "5",
+                "--table",
+                "12",
+                "--session",
+                "77",
+            ][..],
+            "TABLE_TOKEN_SECRET",
+        ),
+    ] {
+        for secret in ["", "  "] {
+            let out = Command::new(BIN)
+                .arg("token")
+                .args(args)
+                .args(["--secret", secret])
+                .env_remove("JWT_SECRET")
+                .env_remove("TABLE_TOKEN_SECRET")
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+            assert!(out.stdout.is_empty(), "no token is printed");
+            let err = String::from_utf8(out.stderr).unwrap();
+            assert!(
+                err.contains("--secret is empty") && err.contains(env),
+                "{err}"
+            );
+        }
+        // A secret still mints a token.
+        let out = Command::new(BIN)
+            .arg("token")
+            .args(args)
+            .args(["--secret", "s"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8(out.stdout).unwrap().split('.').count(), 3);
+    }
+}
+
+/// At the default level (no RUST_LOG): connections that close log no
+/// tungstenite line, and each `Connection closed` line names its
+/// `sector_ids` once. Without `WSGATEWAY_API_KEY`, one warning at start says
+/// the publish API is off, and `/api/publish` answers 404 with a JSON body
+/// saying so.
+#[tokio::test]
+async fn serve_at_the_default_level_logs_closes_once_and_says_publish_is_off() {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
+        .env_remove("RUST_LOG")
+        .env_remove("WSGATEWAY_API_KEY")
+        .env_remove("WSGATEWAY_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = wait_for_line(&mut stderr, "addr=").await;
+    let addr = listening.split("addr=").nth(1).unwrap().trim().to_owned();
+    // Closed by the client, by the gateway (forbidden), and by shutdown.
+    let waiter = format!(
+        "ws://{addr}/ws/waiter?token={}",
+        staff(1, 1, &[5], &["WAITER"])
+    );
+    let mut c = Client::open(&waiter, None).await;
+    assert_eq!(c.next_json().await.unwrap()["type"], "connected");
+    drop(c);
+    let kitchen = format!(
+        "ws://{addr}/ws/kitchen?token={}",
+        staff(2, 1, &[5], &["WAITER"])
+    );
+    assert_eq!(
+        Client::open(&kitchen, None).await.close_code().await,
+        Some(4003)
+    );
+    let mut open = Client::open(&waiter, None).await;
+    assert_eq!(open.next_json().await.unwrap()["type"], "connected");
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/api/publish"))
+        .bearer_auth("any")
+        .body(r#"{"channel":"channel:branch:5:waiters","event":{"type":"X","tenant_id":1,"branch_id":5}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 404);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "publish_disabled");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("WSGATEWAY_API_KEY"),
+        "{body}"
+    );
+    terminate(&child);
+    assert_eq!(open.close_code().await, Some(1001));
+    let mut log = listening + "\n";
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    assert!(child.wait().await.unwrap().success());
+    assert!(!log.contains("tungstenite"), "{log}");
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Connection closed"))
+        .collect();
+    assert!(closed.len() >= 2, "{log}");
+    for line in closed {
+        assert_eq!(line.matches("sector_ids=").count(), 1, "{line}");
+    }
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("publish API is off"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains("WSGATEWAY_API_KEY"),
+        "{log}"
+    );
+}
+
+/// `serve --help` and `dev --help` show each setting's default, from the
+/// settings table; the help only shows it (an environment variable still
+/// beats the file and the default: `config.rs`'s tests).
+#[tokio::test]
+async fn help_shows_every_default() {
+    for command in ["serve", "dev"] {
+        let out = Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for s in wsgateway::config::SETTINGS {
+            if let Some(default) = s.default {
+                assert!(
+                    help.contains(&format!("[default: {default}]")),
+                    "{command} --help lacks the default of {}:\n{help}",
+                    s.env
+                );
+            }
+        }
     }
 }

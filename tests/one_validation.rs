@@ -21,7 +21,7 @@ use serde_json::Value;
 use wsgateway::broker::{LibraryBounds, RedisChannelKey, RedisNames};
 use wsgateway::channel::Channel;
 use wsgateway::config::{Secret, Secs};
-use wsgateway::event::{Fields, InvalidEvent, RESERVED_TYPES, STALE_DETAIL, unix_ms};
+use wsgateway::event::{Fields, InvalidEvent, RESERVED_TYPES, stale_detail, unix_ms};
 
 const LIBRARY: &str = include_str!("../src/broker/lua/wsgateway.lua");
 
@@ -94,7 +94,10 @@ fn table() -> Vec<Case> {
         "invalid_event",
         "`event_id` must be a non-empty string of at most 128 bytes",
     );
-    let stale = refused("stale_event", STALE_DETAIL);
+    let stale = refused(
+        "stale_event",
+        &stale_detail(std::time::Duration::from_secs(STALE_S)),
+    );
     let admin = "channel:branch:5:admin";
     let waiters = "channel:branch:5:waiters";
     let mut cases = vec![
@@ -606,7 +609,8 @@ fn gateway_verdict(
         .ts_ms
         .is_some_and(|ts| now_ms.saturating_sub(ts) > stale_ms)
     {
-        return Err(("stale_event".to_owned(), STALE_DETAIL.to_owned()));
+        let limit = std::time::Duration::from_millis(stale_ms as u64);
+        return Err(("stale_event".to_owned(), stale_detail(limit)));
     }
     Ok(serde_json::from_str(text).unwrap())
 }

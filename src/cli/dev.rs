@@ -47,6 +47,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         .api_key
         .get_or_insert(Secret(DEV_API_KEY.into()))
         .clone();
+    let (jwt_shown, table_shown) = (jwt.clone(), table.clone());
     init_tracing(config.log_format);
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -57,7 +58,12 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
             api_key: api_key.expose().to_owned(),
             mint: Box::new(move || dev_tokens(&jwt, &table)),
         };
-        print_banner(addr, &(session.mint)(), &api_key);
+        let secrets = DevSecrets {
+            jwt: jwt_shown,
+            table: table_shown,
+            api_key,
+        };
+        print_banner(addr, &(session.mint)(), &secrets);
         let gateway = Gateway::new(config)?.with_demo_page(DemoPage::dev(session));
         gateway.serve(listener, shutdown_signal()).await?;
         Ok(())
@@ -118,13 +124,28 @@ fn dev_tokens(jwt: &Secret, table: &Secret) -> Vec<DevToken> {
     ]
 }
 
-fn print_banner(addr: SocketAddr, tokens: &[DevToken], api_key: &Secret) {
+fn print_banner(addr: SocketAddr, tokens: &[DevToken], secrets: &DevSecrets) {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "wsgateway".into());
-    let key = api_key.expose();
+    let key = secrets.api_key.expose();
     println!("wsgateway dev: embedded broker, DEVELOPMENT SECRETS (never use them in production)");
     println!("listening on http://{addr}   demo page: http://{addr}/");
+    println!();
+    // Printed so that `wsgateway token` and a backend can sign and publish
+    // for this gateway; a secret the user gave is theirs, not repeated.
+    println!("Secrets:");
+    for (env, secret, dev) in [
+        ("JWT_SECRET", &secrets.jwt, DEV_JWT_SECRET),
+        ("TABLE_TOKEN_SECRET", &secrets.table, DEV_TABLE_TOKEN_SECRET),
+        ("WSGATEWAY_API_KEY", &secrets.api_key, DEV_API_KEY),
+    ] {
+        if secret.expose() == dev {
+            println!("  {env}={dev}");
+        } else {
+            println!("  {env}: as given");
+        }
+    }
     println!();
     println!("Tokens (tenant 1, branch 5; valid 24 h):");
     for t in tokens {
@@ -132,15 +153,26 @@ fn print_banner(addr: SocketAddr, tokens: &[DevToken], api_key: &Secret) {
         println!("  {name:<7} ws://{addr}/ws/{name}?{param}={}", t.token);
     }
     println!();
-    println!("Publish an event (reaches the waiter and the admin):");
+    // Both commands reach the first URL above (the waiter), as a newcomer
+    // connects that one first.
+    println!(
+        "Publish an event to the waiter (and the admin; for the kitchen use channel:branch:5:kitchen, for the diner channel:session:77 with \"session_id\":77):"
+    );
     println!(
         "  {exe} publish --url http://{addr} --api-key {key} --channel channel:branch:5:waiters --event '{{\"type\":\"ROUND_READY\",\"tenant_id\":1,\"branch_id\":5}}'"
     );
     println!("or with curl:");
     println!(
-        "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:session:77\",\"event\":{{\"type\":\"PAYMENT_APPROVED\",\"tenant_id\":1,\"branch_id\":5,\"session_id\":77}}}}'"
+        "  curl -sS -X POST http://{addr}/api/publish -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"channel\":\"channel:branch:5:waiters\",\"event\":{{\"type\":\"ROUND_READY\",\"tenant_id\":1,\"branch_id\":5}}}}'"
     );
     println!();
+}
+
+/// The secrets `dev` runs with: its development ones unless given.
+struct DevSecrets {
+    jwt: Secret,
+    table: Secret,
+    api_key: Secret,
 }
 
 #[cfg(test)]

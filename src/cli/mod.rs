@@ -1,6 +1,7 @@
 //! The command line: `serve`, `dev`, `token` and `publish`.
 
 pub mod dev;
+mod log_fields;
 mod publish;
 mod serve;
 mod token;
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, FileSettings, LogFormat, SettingArgs};
+use crate::config::{Config, ConfigError, FileSettings, LogFormat, SETTINGS, SettingArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +34,39 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Publish one event through a gateway's publish API.
     Publish(publish::PublishArgs),
+}
+
+impl Cli {
+    /// Parses the command line, with each setting's default in the help
+    /// of `serve` and `dev`.
+    pub fn parse_with_defaults() -> Cli {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = defaults_in_help(Cli::command()).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
+/// Appends `[default: …]` to the help of every setting that has a default.
+/// Only the text: a clap default would be taken as given, and beat the
+/// environment and the file (the order is flag, environment, file, default).
+fn defaults_in_help(cli: clap::Command) -> clap::Command {
+    let with_defaults = |command: clap::Command| {
+        SETTINGS.iter().fold(command, |command, setting| {
+            let Some(default) = setting.default else {
+                return command;
+            };
+            command.mut_arg(setting.key, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                let arg = arg.help(format!("{help} [default: {default}]"));
+                match arg.get_long_help().map(ToString::to_string) {
+                    Some(long) => arg.long_help(format!("{long} [default: {default}]")),
+                    None => arg,
+                }
+            })
+        })
+    };
+    cli.mut_subcommand("serve", with_defaults)
+        .mut_subcommand("dev", with_defaults)
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,30 +98,37 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Whatever RUST_LOG says: tungstenite's trace lines print whole client
-    // frames, and a `refresh_token` message holds a token. Each module that
-    // prints frames is named, so that a more specific RUST_LOG directive
-    // for it is replaced too.
-    let filter = [
-        "tungstenite=debug",
-        "tungstenite::protocol=debug",
-        "tungstenite::protocol::frame=debug",
-    ]
-    .into_iter()
-    .fold(filter, |f, d| {
-        f.add_directive(d.parse().expect("a valid directive"))
-    });
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Whatever RUST_LOG says, tungstenite never logs below debug: its trace
+    // lines print whole client frames, and a `refresh_token` message holds
+    // a token. A cap, not a directive: `tungstenite=debug` would also raise
+    // it to debug when RUST_LOG asks for less.
+    let filter = filter.and(filter_fn(|meta| {
+        !(is_tungstenite(meta.target()) && *meta.level() > tracing::Level::DEBUG)
+    }));
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry
+            .with(
+                layer
+                    .fmt_fields(log_fields::ReplacingFields::default())
+                    .with_filter(filter),
+            )
+            .init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).init(),
     }
+}
+
+/// tungstenite's own modules (`tungstenite`, `tungstenite::protocol::frame`,
+/// ...), not tokio-tungstenite.
+fn is_tungstenite(target: &str) -> bool {
+    target == "tungstenite" || target.starts_with("tungstenite::")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -22,9 +22,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let publish_off = config.api_key.is_none();
         let mut gateway = Gateway::new(config)?;
         gateway.preflight().await?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        if publish_off {
+            tracing::warn!("{}", crate::http::PUBLISH_DISABLED);
+        }
         if let Some(metrics) = metrics {
             tracing::info!(metrics = %metrics.local_addr()?, "serving /ws/metrics");
             gateway = gateway.with_metrics_listener(metrics)?;

@@ -1,5 +1,6 @@
 //! `wsgateway token`: mint tokens for development and tests.
 
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use crate::auth::{StaffClaims, TableClaims, mint, unix_now};
@@ -52,6 +53,15 @@ enum TokenKind {
 }
 
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
+    // `--secret "$JWT_SECRET"` with the variable unset passes an empty
+    // secret: a token signed with it is valid for nobody, and silently so.
+    let (secret, env) = match &args.kind {
+        TokenKind::Staff { secret, .. } => (secret, "JWT_SECRET"),
+        TokenKind::Table { secret, .. } => (secret, "TABLE_TOKEN_SECRET"),
+    };
+    if secret.trim().is_empty() {
+        bail!("--secret is empty (is {env} set?): refusing to sign a token with an empty secret");
+    }
     let now = unix_now();
     let token = match args.kind {
         TokenKind::Staff {

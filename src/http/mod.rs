@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 
 pub use demo::{DemoPage, DevSession, DevToken};
 pub use health::HealthState;
-pub use publish::PublishState;
+pub use publish::{PUBLISH_DISABLED, PublishState};
 
 use crate::auth::Endpoint;
 use crate::connection;
@@ -58,7 +58,8 @@ pub struct Routes {
     /// that the platform's counts (tenants, branches, sessions) are not
     /// told to anyone who can reach the public port.
     pub metrics: bool,
-    /// `/api/publish`: only with `WSGATEWAY_API_KEY` (otherwise 404).
+    /// `/api/publish`: only with `WSGATEWAY_API_KEY` (otherwise a 404 that
+    /// says so).
     pub publish: bool,
     /// The demo page at `/` (always under `dev`; `WSGATEWAY_DEMO_PAGE`).
     pub demo_page: Option<DemoPage>,
@@ -82,6 +83,8 @@ pub fn router(state: HttpState, routes: Routes) -> Router {
             "/api/publish",
             post(publish::publish).layer(DefaultBodyLimit::disable()),
         );
+    } else {
+        router = router.route("/api/publish", any(publish::disabled));
     }
     if let Some(page) = routes.demo_page {
         router = router.merge(page.routes());

@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 use crate::broker::{Broker, BrokerError, Publication};
 use crate::channel::Channel;
 use crate::config::Secret;
-use crate::event::{Fields, InvalidEvent, Refusal, STALE_DETAIL, unix_ms};
+use crate::event::{Fields, InvalidEvent, Refusal, stale_detail, unix_ms};
 use crate::metrics::Metrics;
 
 /// What the publish API reads.
@@ -36,6 +36,10 @@ pub struct PublishState {
 }
 
 /// A refusal of the publish API, as `{"error": code, "detail": ...}`.
+/// Why `/api/publish` answers 404 (and `serve` warns at start).
+pub const PUBLISH_DISABLED: &str =
+    "the publish API is off: set WSGATEWAY_API_KEY (--api-key) to enable POST /api/publish";
+
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
@@ -61,6 +65,18 @@ impl IntoResponse for ApiError {
         )
             .into_response()
     }
+}
+
+/// `/api/publish` without `WSGATEWAY_API_KEY`, whatever the method: a 404
+/// that says why. Not a refusal of the request (not counted): the API is
+/// off.
+pub async fn disabled() -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "publish_disabled",
+        detail: PUBLISH_DISABLED.into(),
+    }
+    .into_response()
 }
 
 pub async fn publish(
@@ -90,7 +106,7 @@ async fn answer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Some(key) = &state.api_key else {
-        return Ok(StatusCode::NOT_FOUND.into_response());
+        return Ok(disabled().await);
     };
     if !bearer_matches(&headers, key.expose()) {
         return Err(ApiError {
@@ -276,7 +292,11 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
         .ts_ms
         .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
     {
-        return Err(ApiError::bad(Refusal::StaleEvent.code(), STALE_DETAIL));
+        let limit = std::time::Duration::from_millis(rules.stale_ms.max(0) as u64);
+        return Err(ApiError::bad(
+            Refusal::StaleEvent.code(),
+            stale_detail(limit),
+        ));
     }
     Ok(Publication {
         channels,

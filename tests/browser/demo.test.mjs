@@ -206,6 +206,23 @@ async function checkLayouts(page, { mobile }) {
   // Wide: the log sits beside the controls.
   const [controls, log] = await Promise.all(['#connect-section', '#log-section'].map((s) => page.$eval(s, (e) => e.getBoundingClientRect().toJSON())));
   assert.ok(log.left >= controls.right, `at 1280 px the log (left ${log.left}) is not beside the controls (right ${controls.right})`);
+  // Wide, scrolled to the close codes: every cell of the table is on top,
+  // none under the sticky log.
+  await page.$eval('#codes-section', (e) => e.scrollIntoView({ block: 'end' }));
+  const covered = await page.$$eval('#codes-body td', (cells) => {
+    const seen = cells.filter((td) => {
+      const r = td.getBoundingClientRect();
+      return r.top >= 0 && r.bottom <= window.innerHeight;
+    });
+    const under = seen.filter((td) => {
+      const r = td.getBoundingClientRect();
+      return !td.contains(document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2));
+    });
+    return { seen: seen.length, under: under.map((td) => td.textContent) };
+  });
+  assert.ok(covered.seen >= 3, `at 1280 px only ${covered.seen} close-code cells are in view`);
+  assert.deepEqual(covered.under, [], 'at 1280 px close-code cells are covered (by the sticky log?)');
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.setViewport({ width: 390, height: 844 });
   await until(page, 'the 390 px layout', () => window.innerWidth === 390);
   await assertNoHorizontalOverflow(page, 390);

@@ -284,6 +284,10 @@ export class WsGatewayClient {
       return;
     }
     const action = closeAction(code);
+    if (action === 'reauth' && this.authRetried) {
+      // The usual cause: a getToken that returns a fixed token, which has expired.
+      this.emit('error', new Error('closed for good: the gateway refused two tokens in a row (4001: missing, invalid, expired or revoked); getToken must return a fresh token'));
+    }
     if (action === 'stop' || (action === 'reauth' && this.authRetried)) {
       this.wantOpen = false;
       this.detachGlobals();

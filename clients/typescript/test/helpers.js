@@ -151,10 +151,11 @@ function redisPing(port) {
 
 /**
  * `wsgateway serve` on 127.0.0.1 (port 0 unless given), JSON logs, the
- * test secrets and API key; `env` adds or overrides settings.
+ * test secrets and API key; `env` adds or overrides settings. `command`
+ * `dev` runs `wsgateway dev` instead (its own secrets, whatever `env` says).
  */
-export async function startGateway({ port = 0, env = {} } = {}) {
-  const proc = spawn(gatewayBin(), ['serve'], {
+export async function startGateway({ port = 0, env = {}, command = 'serve' } = {}) {
+  const proc = spawn(gatewayBin(), [command], {
     env: {
       PATH: process.env.PATH,
       RUST_LOG: 'info',
@@ -178,7 +179,7 @@ export async function startGateway({ port = 0, env = {} } = {}) {
       if (!line) continue;
       logs.push(line);
       if (logs.length > 2000) logs.shift();
-      const m = /"addr":"([^"]+)"/.exec(line) ?? /addr=(\S+)/.exec(line);
+      const m = /"addr":"([^"]+)"/.exec(line) ?? /addr=(\S+)/.exec(line) ?? /listening on http:\/\/(\S+)/.exec(line);
       if (!addr && m && line.includes('listening')) addr = m[1];
     }
   };

@@ -550,7 +550,7 @@ local function validate(args, max_channels, now)
     ms = ms < 0 and math.ceil(ms) or math.floor(ms)
     local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
     if now_ms - ms > BOUNDS.stale_ms then
-      return nil, fail('stale_event', "the event's `ts` is older than the stale limit")
+      return nil, fail('stale_event', "the event's `ts` is older than the stale limit (" .. BOUNDS.stale_ms / 1000 .. ' s)')
     end
   end
   -- The gateway's own rules end here. Lua numbers are doubles, which hold
