@@ -409,97 +409,143 @@ mod tests {
         assert!(e.fields.is_known_type());
     }
 
+    /// A branch channel every event below names correctly.
+    const WAITERS: &str = "channel:branch:5:waiters";
+
+    /// Each text, published on `channel`, is refused for its reason.
+    fn assert_refused(channel: &str, cases: &[(&str, InvalidEvent)]) {
+        for (text, why) in cases {
+            assert_eq!(&parse(channel, text).unwrap_err(), why, "{text}");
+        }
+    }
+
     #[test]
-    fn invalid_events_say_why() {
-        let cases = [
-            (
-                "channel:branch:5:waiters",
-                "not json",
-                InvalidEvent::NotJson,
-            ),
-            ("channel:branch:5:waiters", "[1]", InvalidEvent::NotObject),
-            (
-                "channel:branch:5:waiters",
-                r#"{"tenant_id":1,"branch_id":5}"#,
-                InvalidEvent::Missing("type"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"","tenant_id":1,"branch_id":5}"#,
-                InvalidEvent::WrongType("type"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","branch_id":5}"#,
-                InvalidEvent::Missing("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1}"#,
-                InvalidEvent::Missing("branch_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":"1","branch_id":5}"#,
-                InvalidEvent::WrongType("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1.5,"branch_id":5}"#,
-                InvalidEvent::WrongType("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1.0,"branch_id":5}"#,
-                InvalidEvent::WrongType("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1,"branch_id":5e0}"#,
-                InvalidEvent::WrongType("branch_id"),
-            ),
-            (
+    fn text_that_is_not_a_json_object_says_why() {
+        assert_refused(
+            WAITERS,
+            &[
+                ("not json", InvalidEvent::NotJson),
+                ("[1]", InvalidEvent::NotObject),
+            ],
+        );
+        assert_eq!(
+            Event::parse(Channel::Session(1), Bytes::from_static(b"\xff\xfe")).unwrap_err(),
+            InvalidEvent::NotUtf8
+        );
+    }
+
+    #[test]
+    fn a_missing_or_empty_required_field_is_named() {
+        assert_refused(
+            WAITERS,
+            &[
+                (
+                    r#"{"tenant_id":1,"branch_id":5}"#,
+                    InvalidEvent::Missing("type"),
+                ),
+                (
+                    r#"{"type":"","tenant_id":1,"branch_id":5}"#,
+                    InvalidEvent::WrongType("type"),
+                ),
+                (
+                    r#"{"type":"X","branch_id":5}"#,
+                    InvalidEvent::Missing("tenant_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1}"#,
+                    InvalidEvent::Missing("branch_id"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn ids_are_integers_written_as_integers_that_fit() {
+        assert_refused(
+            WAITERS,
+            &[
+                (
+                    r#"{"type":"X","tenant_id":"1","branch_id":5}"#,
+                    InvalidEvent::WrongType("tenant_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1.5,"branch_id":5}"#,
+                    InvalidEvent::WrongType("tenant_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1.0,"branch_id":5}"#,
+                    InvalidEvent::WrongType("tenant_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1,"branch_id":5e0}"#,
+                    InvalidEvent::WrongType("branch_id"),
+                ),
                 // serde_json reads `-0` as a float.
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":-0,"branch_id":5}"#,
-                InvalidEvent::WrongType("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":9223372036854775808,"branch_id":5}"#,
-                InvalidEvent::WrongType("tenant_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1,"branch_id":5,"sector_id":"a"}"#,
-                InvalidEvent::WrongType("sector_id"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"pong","tenant_id":1,"branch_id":5}"#,
-                InvalidEvent::ReservedType("pong"),
-            ),
-            (
+                (
+                    r#"{"type":"X","tenant_id":-0,"branch_id":5}"#,
+                    InvalidEvent::WrongType("tenant_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":9223372036854775808,"branch_id":5}"#,
+                    InvalidEvent::WrongType("tenant_id"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_optional_field_of_the_wrong_type_is_named() {
+        assert_refused(
+            WAITERS,
+            &[
+                (
+                    r#"{"type":"X","tenant_id":1,"branch_id":5,"sector_id":"a"}"#,
+                    InvalidEvent::WrongType("sector_id"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1,"branch_id":5,"entity":3}"#,
+                    InvalidEvent::WrongType("entity"),
+                ),
+                (
+                    r#"{"type":"X","tenant_id":1,"branch_id":5,"ts":"now"}"#,
+                    InvalidEvent::WrongType("ts"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_event_id_is_not_empty_nor_too_long() {
+        let empty = r#"{"type":"X","tenant_id":1,"branch_id":5,"event_id":""}"#;
+        assert_refused(WAITERS, &[(empty, InvalidEvent::BadEventId)]);
+        let long_id = json!({"type":"X","tenant_id":1,"branch_id":5,"event_id":"a".repeat(129)});
+        assert_eq!(
+            parse("channel:session:1", &long_id.to_string()).unwrap_err(),
+            InvalidEvent::BadEventId
+        );
+    }
+
+    #[test]
+    fn a_reserved_type_is_refused_before_the_other_fields_are_read() {
+        assert_refused(
+            WAITERS,
+            &[
+                (
+                    r#"{"type":"pong","tenant_id":1,"branch_id":5}"#,
+                    InvalidEvent::ReservedType("pong"),
+                ),
                 // Checked right after `type`, before the other fields.
-                "channel:branch:5:waiters",
-                r#"{"type":"res\u0079nc"}"#,
-                InvalidEvent::ReservedType("resync"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1,"branch_id":5,"entity":3}"#,
-                InvalidEvent::WrongType("entity"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1,"branch_id":5,"ts":"now"}"#,
-                InvalidEvent::WrongType("ts"),
-            ),
-            (
-                "channel:branch:5:waiters",
-                r#"{"type":"X","tenant_id":1,"branch_id":5,"event_id":""}"#,
-                InvalidEvent::BadEventId,
-            ),
+                (
+                    r#"{"type":"res\u0079nc"}"#,
+                    InvalidEvent::ReservedType("resync"),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn an_event_that_contradicts_its_channel_names_the_field() {
+        let cases = [
             (
                 "channel:branch:6:waiters",
                 r#"{"type":"X","tenant_id":1,"branch_id":5}"#,
@@ -517,17 +563,8 @@ mod tests {
             ),
         ];
         for (channel, text, why) in cases {
-            assert_eq!(parse(channel, text).unwrap_err(), why, "{text}");
+            assert_refused(channel, &[(text, why)]);
         }
-        assert_eq!(
-            Event::parse(Channel::Session(1), Bytes::from_static(b"\xff\xfe")).unwrap_err(),
-            InvalidEvent::NotUtf8
-        );
-        let long_id = json!({"type":"X","tenant_id":1,"branch_id":5,"event_id":"a".repeat(129)});
-        assert_eq!(
-            parse("channel:session:1", &long_id.to_string()).unwrap_err(),
-            InvalidEvent::BadEventId
-        );
     }
 
     #[test]

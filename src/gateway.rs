@@ -63,6 +63,11 @@ pub struct Gateway {
 struct Parts {
     verifier: Verifier,
     revocations: Option<Revocations>,
+    shared: Shared,
+}
+
+/// The parts several tasks and routes hold, each a handle.
+struct Shared {
     hub: Arc<Hub>,
     queue: Arc<EventQueue>,
     broker: Arc<dyn Broker>,
@@ -94,12 +99,14 @@ impl Gateway {
             parts: Parts {
                 verifier,
                 revocations,
-                hub,
-                queue,
-                broker,
-                sectors,
-                sector_sync,
-                metrics,
+                shared: Shared {
+                    hub,
+                    queue,
+                    broker,
+                    sectors,
+                    sector_sync,
+                    metrics,
+                },
             },
             redis,
             sector_commands,
@@ -158,79 +165,16 @@ impl Gateway {
         let Parts {
             verifier,
             revocations,
-            hub,
-            queue,
-            broker,
-            sectors,
-            sector_sync,
-            metrics,
+            shared,
         } = parts;
+        let connections = shared.connections(&config, verifier, revocations, &shutdown, &tasks);
         let http = HttpState {
-            health: Arc::new(HealthState {
-                hub: hub.clone(),
-                broker: broker.clone(),
-                queue: queue.clone(),
-                sectors: sectors.clone(),
-                metrics: metrics.clone(),
-                max_connections: config.max_connections,
-                rate_limit_per_s: config.rate_limit_per_s,
-                drop_rate_window: config.drop_rate_window_s.0,
-            }),
-            publish: Arc::new(PublishState {
-                broker: broker.clone(),
-                metrics: metrics.clone(),
-                api_key: config.api_key.clone(),
-                max_bytes: config.max_publish_bytes,
-                max_items: config.max_publish_items,
-                max_channels: config.max_publish_channels,
-                stale_event: config.stale_event_s.0,
-            }),
-            connections: Arc::new(connection::Context {
-                settings: connection::Settings::from_config(&config),
-                verifier,
-                revocations,
-                hub: hub.clone(),
-                broker: broker.clone(),
-                sectors: sectors.clone(),
-                sector_sync: sector_sync.clone(),
-                resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
-                metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
-                tasks: tasks.clone(),
-            }),
+            health: Arc::new(shared.health(&config)),
+            publish: Arc::new(shared.publish(&config)),
+            connections: Arc::new(connections),
         };
-        let dispatcher = Dispatcher::new(
-            hub.clone(),
-            queue.clone(),
-            metrics.clone(),
-            config.stale_event_s.0,
-            config.dedup_window_s.0,
-        )
-        // A quarter of a connection's queue: a burst never fills it alone.
-        .coalescing(config.send_queue_size / 4)
-        .with_sector_sync(sector_sync.clone());
-        tasks.spawn(crate::sectors::sync::run(
-            sector_commands,
-            hub.clone(),
-            sectors.clone(),
-            config.sector_retry_s.0,
-            shutdown.clone(),
-        ));
-        tasks.spawn(dispatcher.run(shutdown.clone()));
-        tasks.spawn(cleanup(
-            http.connections.clone(),
-            Cleanup::from_config(&config),
-        ));
-        tasks.spawn(broker.clone().run(shutdown.clone()));
-
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = signal => tracing::info!("shutting down"),
-                _ = token.cancelled() => {}
-            }
-            token.cancel();
-        });
+        shared.spawn_workers(&config, sector_commands, &http.connections, &tasks);
+        cancel_on(signal, shutdown.clone());
         let limits = ServerLimits {
             max_pending: config.max_pending_connections,
             handshake_timeout: config.handshake_timeout_s.0,
@@ -243,7 +187,7 @@ impl Gateway {
                 listener,
                 crate::http::metrics_router(http.health.clone()),
                 limits,
-                metrics.clone(),
+                shared.metrics.clone(),
                 shutdown.clone(),
                 tasks.clone(),
             ));
@@ -258,26 +202,126 @@ impl Gateway {
             listener,
             crate::http::router(http, routes),
             limits,
-            metrics,
+            shared.metrics.clone(),
             shutdown.clone(),
             tasks.clone(),
         )
         .await;
-        shutdown.cancel();
-        // Connections admitted from here on close themselves on seeing the
-        // cancelled token; these are the ones already in the hub.
-        hub.close_all(Close::Shutdown);
-        tasks.close();
-        let grace = config.shutdown_grace_s.0;
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-            tracing::warn!(
-                remaining = hub.counts().total,
-                "shutdown grace period over; dropping the remaining connections"
-            );
-        }
-        // The seed's text, for monitors that wait for a clean stop.
+        shut_down(&shared.hub, &shutdown, &tasks, config.shutdown_grace_s.0).await;
         tracing::info!("WebSocket Gateway shutdown complete");
         Ok(())
+    }
+}
+
+impl Shared {
+    fn health(&self, config: &Config) -> HealthState {
+        HealthState {
+            hub: self.hub.clone(),
+            broker: self.broker.clone(),
+            queue: self.queue.clone(),
+            sectors: self.sectors.clone(),
+            metrics: self.metrics.clone(),
+            max_connections: config.max_connections,
+            rate_limit_per_s: config.rate_limit_per_s,
+            drop_rate_window: config.drop_rate_window_s.0,
+        }
+    }
+
+    fn publish(&self, config: &Config) -> PublishState {
+        PublishState {
+            broker: self.broker.clone(),
+            metrics: self.metrics.clone(),
+            api_key: config.api_key.clone(),
+            max_bytes: config.max_publish_bytes,
+            max_items: config.max_publish_items,
+            max_channels: config.max_publish_channels,
+            stale_event: config.stale_event_s.0,
+        }
+    }
+
+    /// What every connection task is given; the verifier and the revoked
+    /// set are the connections' alone.
+    fn connections(
+        &self,
+        config: &Config,
+        verifier: Verifier,
+        revocations: Option<Revocations>,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> connection::Context {
+        connection::Context {
+            settings: connection::Settings::from_config(config),
+            verifier,
+            revocations,
+            hub: self.hub.clone(),
+            broker: self.broker.clone(),
+            sectors: self.sectors.clone(),
+            sector_sync: self.sector_sync.clone(),
+            resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
+            metrics: self.metrics.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        }
+    }
+
+    /// The tasks behind the routes: sector sync, dispatcher, cleanup and
+    /// broker, each stopped by the connections' shutdown token.
+    fn spawn_workers(
+        &self,
+        config: &Config,
+        sector_commands: SectorQueue,
+        connections: &Arc<connection::Context>,
+        tasks: &TaskTracker,
+    ) {
+        let shutdown = &connections.shutdown;
+        let dispatcher = Dispatcher::new(
+            self.hub.clone(),
+            self.queue.clone(),
+            self.metrics.clone(),
+            config.stale_event_s.0,
+            config.dedup_window_s.0,
+        )
+        // A quarter of a connection's queue: a burst never fills it alone.
+        .coalescing(config.send_queue_size / 4)
+        .with_sector_sync(self.sector_sync.clone());
+        tasks.spawn(crate::sectors::sync::run(
+            sector_commands,
+            self.hub.clone(),
+            self.sectors.clone(),
+            config.sector_retry_s.0,
+            shutdown.clone(),
+        ));
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+        tasks.spawn(cleanup(connections.clone(), Cleanup::from_config(config)));
+        tasks.spawn(self.broker.clone().run(shutdown.clone()));
+    }
+}
+
+/// Cancels `token` once `signal` resolves; stops waiting if the token is
+/// cancelled first.
+fn cancel_on(signal: impl Future<Output = ()> + Send + 'static, token: CancellationToken) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = signal => tracing::info!("shutting down"),
+            _ = token.cancelled() => {}
+        }
+        token.cancel();
+    });
+}
+
+/// After the listeners stopped: closes every connection (1001) and waits
+/// for the tasks, at most `grace`.
+async fn shut_down(hub: &Hub, shutdown: &CancellationToken, tasks: &TaskTracker, grace: Duration) {
+    shutdown.cancel();
+    // Connections admitted from here on close themselves on seeing the
+    // cancelled token; these are the ones already in the hub.
+    hub.close_all(Close::Shutdown);
+    tasks.close();
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = hub.counts().total,
+            "shutdown grace period over; dropping the remaining connections"
+        );
     }
 }
 

@@ -3,10 +3,12 @@
 //! A registry per gateway (not a process-global recorder) lets several
 //! gateways run in one test process with exact, independent counts. Names
 //! and labels are the seed's `wsgateway_*` ones, plus latency histograms.
+//! Each metric is declared once, in the `metrics!` table below.
 
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus::core::Collector;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -270,73 +272,286 @@ impl SectorQuery {
     }
 }
 
-pub struct Metrics {
-    registry: Registry,
+/// What kind of series a metric exports (its `# TYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One row of the `metrics!` table: a metric as exported.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricInfo {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// Label names; empty for a single series.
+    pub labels: &'static [&'static str],
+    /// Bucket upper bounds; histograms only.
+    pub buckets: &'static [f64],
+}
+
+/// A type the table can declare a metric of: built from its row, then
+/// registered through its collector.
+trait Family: Sized {
+    const KIND: Kind;
+    fn build(info: &MetricInfo) -> prometheus::Result<Self>;
+    fn collector(&self) -> Box<dyn Collector>;
+}
+
+/// A row with labels or buckets its type cannot have is a mistake in the
+/// table, refused when the registry is built (by any test).
+fn refuse(info: &MetricInfo, what: &str) -> prometheus::Error {
+    prometheus::Error::Msg(format!("{}: {what}", info.name))
+}
+
+fn opts(info: &MetricInfo) -> Opts {
+    Opts::new(info.name, info.help)
+}
+
+macro_rules! single_series {
+    ($($ty:ty: $kind:expr;)*) => {$(
+        impl Family for $ty {
+            const KIND: Kind = $kind;
+            fn build(info: &MetricInfo) -> prometheus::Result<Self> {
+                if !info.labels.is_empty() || !info.buckets.is_empty() {
+                    return Err(refuse(info, "a single series has no labels or buckets"));
+                }
+                <$ty>::with_opts(opts(info))
+            }
+            fn collector(&self) -> Box<dyn Collector> {
+                Box::new(self.clone())
+            }
+        }
+    )*};
+}
+
+macro_rules! labelled {
+    ($($ty:ty: $kind:expr;)*) => {$(
+        impl Family for $ty {
+            const KIND: Kind = $kind;
+            fn build(info: &MetricInfo) -> prometheus::Result<Self> {
+                if info.labels.is_empty() || !info.buckets.is_empty() {
+                    return Err(refuse(info, "a labelled family needs labels, no buckets"));
+                }
+                <$ty>::new(opts(info), info.labels)
+            }
+            fn collector(&self) -> Box<dyn Collector> {
+                Box::new(self.clone())
+            }
+        }
+    )*};
+}
+
+single_series! {
+    IntCounter: Kind::Counter;
+    IntGauge: Kind::Gauge;
+    Gauge: Kind::Gauge;
+}
+
+labelled! {
+    IntCounterVec: Kind::Counter;
+    IntGaugeVec: Kind::Gauge;
+}
+
+impl Family for Histogram {
+    const KIND: Kind = Kind::Histogram;
+    fn build(info: &MetricInfo) -> prometheus::Result<Self> {
+        if !info.labels.is_empty() || info.buckets.is_empty() {
+            return Err(refuse(info, "a histogram needs buckets, no labels"));
+        }
+        Histogram::with_opts(
+            HistogramOpts::new(info.name, info.help).buckets(info.buckets.to_vec()),
+        )
+    }
+    fn collector(&self) -> Box<dyn Collector> {
+        Box::new(self.clone())
+    }
+}
+
+/// The unknown-type counters, with the types seen (see `unknown_types`).
+impl Family for UnknownTypes {
+    const KIND: Kind = Kind::Counter;
+    fn build(info: &MetricInfo) -> prometheus::Result<Self> {
+        IntCounterVec::build(info).map(UnknownTypes::new)
+    }
+    fn collector(&self) -> Box<dyn Collector> {
+        Box::new(UnknownTypes::collector(self))
+    }
+}
+
+/// Builds the metric of `info` and registers it.
+fn declare<F: Family>(registry: &Registry, info: &MetricInfo) -> F {
+    let family = F::build(info).unwrap_or_else(|e| panic!("metric table: {e}"));
+    registry
+        .register(family.collector())
+        .unwrap_or_else(|e| panic!("metric {}: {e}", info.name));
+    family
+}
+
+/// Each metric is one row: its field, its type, its exported name and help,
+/// then its label names or its histogram buckets. From the rows come the
+/// fields of [`Metrics`] (direct handles, no lookup by name per event),
+/// their construction and registration, and [`METRICS`], which tests check
+/// the docs against. A macro, like `settings!` in `config.rs`, because a
+/// field per row can only be written by one.
+macro_rules! metrics {
+    (@row $ty:ty, $name:literal, $help:literal, [$($label:literal),*], [$($bucket:literal),*]) => {
+        MetricInfo {
+            name: $name,
+            help: $help,
+            kind: <$ty as Family>::KIND,
+            labels: &[$($label),*],
+            buckets: &[$($bucket),*],
+        }
+    };
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $name:literal, $help:literal
+            $(, labels = [$($label:literal),+])?
+            $(, buckets = [$($bucket:literal),+])?;
+    )*) => {
+        /// Every metric of the gateway, in the order of the table.
+        pub const METRICS: &[MetricInfo] = &[$(
+            metrics!(@row $ty, $name, $help, [$($($label),+)?], [$($($bucket),+)?]),
+        )*];
+
+        pub struct Metrics {
+            registry: Registry,
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+            drop_rate: Mutex<DropRate>,
+        }
+
+        impl Metrics {
+            /// Every metric of the table, built and registered, none set.
+            fn declared(drop_rate: DropRate) -> Metrics {
+                let registry = Registry::new();
+                Metrics {
+                    $( $field: declare(
+                        &registry,
+                        &metrics!(@row $ty, $name, $help, [$($($label),+)?], [$($($bucket),+)?]),
+                    ), )*
+                    registry,
+                    drop_rate: Mutex::new(drop_rate),
+                }
+            }
+        }
+    };
+}
+
+metrics! {
     /// Open connections (the seed's meaning: a gauge despite `_total`).
-    pub connections_total: IntGauge,
-    pub connections_by_endpoint: IntGaugeVec,
-    pub connections_rejected: IntCounterVec,
+    connections_total: IntGauge = "wsgateway_connections_total", "Open WebSocket connections";
+    connections_by_endpoint: IntGaugeVec = "wsgateway_connections_by_endpoint",
+        "Open WebSocket connections by endpoint", labels = ["endpoint"];
+    connections_rejected: IntCounterVec = "wsgateway_connections_rejected_total",
+        "Connections refused or closed for breaking a rule, by reason", labels = ["reason"];
     /// Connections still sending their request head, closed unanswered to
     /// give their place in a full pending budget to a new connection.
-    pub handshakes_evicted: IntCounter,
-    pub disconnects: IntCounterVec,
+    handshakes_evicted: IntCounter = "wsgateway_handshakes_evicted_total",
+        "Connections still sending their request head, closed unanswered to make room for a new one while the pending budget was full";
+    disconnects: IntCounterVec = "wsgateway_disconnects_total",
+        "Open connections closed by the gateway, by reason", labels = ["reason"];
     /// Event frames queued to connections.
-    pub broadcasts_total: IntCounter,
+    broadcasts_total: IntCounter = "wsgateway_broadcasts_total", "Event frames queued to connections";
     /// Event frames not delivered to a chosen recipient, by [`Undelivered`].
-    pub broadcasts_failed: IntCounterVec,
-    pub events_processed: IntCounter,
-    pub events_dropped: IntCounterVec,
+    broadcasts_failed: IntCounterVec = "wsgateway_broadcasts_failed_total",
+        "Event frames not delivered to a chosen recipient, by reason", labels = ["reason"];
+    events_processed: IntCounter = "wsgateway_events_processed_total",
+        "Events dispatched to their audience";
+    events_dropped: IntCounterVec = "wsgateway_events_dropped_total",
+        "Events not dispatched, by reason", labels = ["reason"];
     /// `wsgateway_events_unknown_type_total{type}`, and the types seen.
-    pub unknown_types: UnknownTypes,
-    pub events_deduplicated: IntCounter,
-    pub events_published: IntCounter,
+    unknown_types: UnknownTypes = "wsgateway_events_unknown_type_total",
+        "Events of a type the gateway does not know (still delivered), by type; \
+         types beyond the first 100 are counted as \"other\"", labels = ["type"];
+    events_deduplicated: IntCounter = "wsgateway_events_deduplicated_total",
+        "Repeated arrivals of an event within the de-duplication window";
+    events_published: IntCounter = "wsgateway_events_published_total",
+        "Events accepted by the publish API";
     /// Publish API items whose caller `event_id` was used already: nothing
     /// was published again.
-    pub publish_duplicates: IntCounter,
+    publish_duplicates: IntCounter = "wsgateway_publish_duplicates_total",
+        "Publish API items not published again: their tenant had used their event_id within the history window";
     /// Publish API requests refused (4xx), by error code.
-    pub publish_rejected: IntCounterVec,
+    publish_rejected: IntCounterVec = "wsgateway_publish_rejected_total",
+        "Publish API requests refused (4xx), by error code", labels = ["reason"];
     /// Event received → last recipient queued, seconds.
-    pub dispatch_seconds: Histogram,
+    dispatch_seconds: Histogram = "wsgateway_dispatch_seconds",
+        "Time from an event's arrival to its last recipient queued",
+        buckets = [0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
     /// Recipients per dispatched event.
-    pub fanout_size: Histogram,
+    fanout_size: Histogram = "wsgateway_fanout_size", "Recipients per dispatched event",
+        buckets = [0.0, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0];
     /// The event's `ts` → recipients queued, seconds.
-    pub publish_to_queue_seconds: Histogram,
+    publish_to_queue_seconds: Histogram = "wsgateway_publish_to_queue_seconds",
+        "Time from an event's ts to its recipients queued",
+        buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
     /// The event's `ts` → written to the client (once per written batch,
     /// for its newest frame), seconds.
-    pub publish_to_client_seconds: Histogram,
+    publish_to_client_seconds: Histogram = "wsgateway_publish_to_client_seconds",
+        "Time from an event's ts to its frame written to a client",
+        buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
     /// Sizes of the hub's indices: the replacement of the seed's
     /// `wsgateway_locks_*` (a sharded lock per branch and per user).
-    pub hub_index_entries: IntGaugeVec,
-    pub event_drop_rate: Gauge,
+    hub_index_entries: IntGaugeVec = "wsgateway_hub_index_entries",
+        "Keys in each hub index (replaces the seed's wsgateway_locks_*)", labels = ["index"];
+    event_drop_rate: Gauge = "wsgateway_event_drop_rate",
+        "Dropped / (processed + dropped) events over the drop-rate window";
     /// Drop-rate alerts logged (`High drop rate detected: X%`).
-    pub drop_rate_alerts: IntCounter,
+    drop_rate_alerts: IntCounter = "wsgateway_drop_rate_alerts_total",
+        "Drop-rate alerts logged (High drop rate detected)";
     /// Resumes (`last_event_id`), by whether history covered the gap.
-    pub resumes: IntCounterVec,
+    resumes: IntCounterVec = "wsgateway_resumes_total",
+        "Connections that asked to resume, by whether they were recovered", labels = ["recovered"];
     /// Events replayed to resuming clients.
-    pub replayed_events: IntCounter,
+    replayed_events: IntCounter = "wsgateway_replayed_events_total",
+        "Events replayed to resuming connections";
     /// Revocation checks, by outcome (`revoked`, `valid`, `error`).
-    pub revocation_checks: IntCounterVec,
+    revocation_checks: IntCounterVec = "wsgateway_revocation_checks_total",
+        "Token ids checked against the revoked set, by outcome", labels = ["outcome"];
     /// `refresh_token` messages, by outcome (`accepted`, `rejected`).
-    pub token_refreshes: IntCounterVec,
+    token_refreshes: IntCounterVec = "wsgateway_token_refreshes_total",
+        "refresh_token messages, by outcome", labels = ["outcome"];
     /// Sector lookups that reached the database, by outcome.
-    pub sector_queries: IntCounterVec,
+    sector_queries: IntCounterVec = "wsgateway_sector_queries_total",
+        "Sector assignment queries sent to PostgreSQL, by outcome", labels = ["outcome"];
     /// `refresh_sectors` that joined one already pending for the connection.
-    pub sector_refreshes_coalesced: IntCounter,
+    sector_refreshes_coalesced: IntCounter = "wsgateway_sector_refreshes_coalesced_total",
+        "refresh_sectors messages answered by a refresh already pending for the connection";
     /// `SECTOR_ASSIGNMENT_CHANGED` re-reads dropped on a full queue.
-    pub sector_changes_dropped: IntCounter,
+    sector_changes_dropped: IntCounter = "wsgateway_sector_changes_dropped_total",
+        "Sector assignment changes not re-read because the sync queue was full";
     /// 0 closed, 1 open, 2 half-open.
-    pub circuit_breaker_state: IntGaugeVec,
-    pub circuit_breaker_failures: IntGaugeVec,
-    pub circuit_breaker_transitions: IntCounterVec,
+    circuit_breaker_state: IntGaugeVec = "wsgateway_circuit_breaker_state",
+        "Circuit breaker state: 0 closed, 1 open, 2 half-open", labels = ["name"];
+    circuit_breaker_failures: IntGaugeVec = "wsgateway_circuit_breaker_failures",
+        "Consecutive failures seen by the circuit breaker", labels = ["name"];
+    circuit_breaker_transitions: IntCounterVec = "wsgateway_circuit_breaker_transitions_total",
+        "Circuit breaker state changes, by the state entered", labels = ["name", "to"];
     /// Gaps in the broker subscription, by outcome (`filled`, `lost`).
-    pub subscription_gaps: IntCounterVec,
+    subscription_gaps: IntCounterVec = "wsgateway_subscription_gaps_total",
+        "Gaps in the broker subscription, by whether history filled them", labels = ["outcome"];
     /// Events read from history to fill subscription gaps.
-    pub gap_filled_events: IntCounter,
+    gap_filled_events: IntCounter = "wsgateway_gap_filled_events_total",
+        "Events read from history to fill subscription gaps";
     /// Connections told to reload their state after a gap (`resync`).
-    pub resync_notices: IntCounter,
+    resync_notices: IntCounter = "wsgateway_resync_notices_total",
+        "Connections told to reload their state after an unrecoverable gap";
     /// Redis connections found dead or lost and replaced, by connection.
-    pub redis_reconnects: IntCounterVec,
-    drop_rate: Mutex<DropRate>,
+    redis_reconnects: IntCounterVec = "wsgateway_redis_connections_lost_total",
+        "Redis connections found dead or closed and replaced, by connection", labels = ["connection"];
 }
 
 impl Metrics {
@@ -351,339 +566,55 @@ impl Metrics {
     }
 
     pub fn with_drop_rate(drop_rate: DropRate) -> Metrics {
-        let registry = Registry::new();
-        let m = Metrics {
-            connections_total: IntGauge::new(
-                "wsgateway_connections_total",
-                "Open WebSocket connections",
-            )
-            .unwrap(),
-            connections_by_endpoint: IntGaugeVec::new(
-                Opts::new(
-                    "wsgateway_connections_by_endpoint",
-                    "Open WebSocket connections by endpoint",
-                ),
-                &["endpoint"],
-            )
-            .unwrap(),
-            connections_rejected: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_connections_rejected_total",
-                    "Connections refused or closed for breaking a rule, by reason",
-                ),
-                &["reason"],
-            )
-            .unwrap(),
-            handshakes_evicted: IntCounter::new(
-                "wsgateway_handshakes_evicted_total",
-                "Connections still sending their request head, closed unanswered to make room for a new one while the pending budget was full",
-            )
-            .unwrap(),
-            disconnects: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_disconnects_total",
-                    "Open connections closed by the gateway, by reason",
-                ),
-                &["reason"],
-            )
-            .unwrap(),
-            broadcasts_total: IntCounter::new(
-                "wsgateway_broadcasts_total",
-                "Event frames queued to connections",
-            )
-            .unwrap(),
-            broadcasts_failed: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_broadcasts_failed_total",
-                    "Event frames not delivered to a chosen recipient, by reason",
-                ),
-                &["reason"],
-            )
-            .unwrap(),
-            events_processed: IntCounter::new(
-                "wsgateway_events_processed_total",
-                "Events dispatched to their audience",
-            )
-            .unwrap(),
-            events_dropped: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_events_dropped_total",
-                    "Events not dispatched, by reason",
-                ),
-                &["reason"],
-            )
-            .unwrap(),
-            unknown_types: UnknownTypes::new(),
-            events_deduplicated: IntCounter::new(
-                "wsgateway_events_deduplicated_total",
-                "Repeated arrivals of an event within the de-duplication window",
-            )
-            .unwrap(),
-            events_published: IntCounter::new(
-                "wsgateway_events_published_total",
-                "Events accepted by the publish API",
-            )
-            .unwrap(),
-            publish_duplicates: IntCounter::new(
-                "wsgateway_publish_duplicates_total",
-                "Publish API items not published again: their tenant had used their event_id within the history window",
-            )
-            .unwrap(),
-            publish_rejected: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_publish_rejected_total",
-                    "Publish API requests refused (4xx), by error code",
-                ),
-                &["reason"],
-            )
-            .unwrap(),
-            dispatch_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "wsgateway_dispatch_seconds",
-                    "Time from an event's arrival to its last recipient queued",
-                )
-                .buckets(vec![
-                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                    0.5,
-                ]),
-            )
-            .unwrap(),
-            fanout_size: Histogram::with_opts(
-                HistogramOpts::new("wsgateway_fanout_size", "Recipients per dispatched event")
-                    .buckets(vec![
-                        0.0, 1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0,
-                    ]),
-            )
-            .unwrap(),
-            publish_to_queue_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "wsgateway_publish_to_queue_seconds",
-                    "Time from an event's ts to its recipients queued",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-                ]),
-            )
-            .unwrap(),
-            publish_to_client_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "wsgateway_publish_to_client_seconds",
-                    "Time from an event's ts to its frame written to a client",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-                ]),
-            )
-            .unwrap(),
-            hub_index_entries: IntGaugeVec::new(
-                Opts::new(
-                    "wsgateway_hub_index_entries",
-                    "Keys in each hub index (replaces the seed's wsgateway_locks_*)",
-                ),
-                &["index"],
-            )
-            .unwrap(),
-            resumes: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_resumes_total",
-                    "Connections that asked to resume, by whether they were recovered",
-                ),
-                &["recovered"],
-            )
-            .unwrap(),
-            replayed_events: IntCounter::new(
-                "wsgateway_replayed_events_total",
-                "Events replayed to resuming connections",
-            )
-            .unwrap(),
-            revocation_checks: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_revocation_checks_total",
-                    "Token ids checked against the revoked set, by outcome",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
-            token_refreshes: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_token_refreshes_total",
-                    "refresh_token messages, by outcome",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
-            sector_queries: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_sector_queries_total",
-                    "Sector assignment queries sent to PostgreSQL, by outcome",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
-            sector_refreshes_coalesced: IntCounter::new(
-                "wsgateway_sector_refreshes_coalesced_total",
-                "refresh_sectors messages answered by a refresh already pending for the connection",
-            )
-            .unwrap(),
-            sector_changes_dropped: IntCounter::new(
-                "wsgateway_sector_changes_dropped_total",
-                "Sector assignment changes not re-read because the sync queue was full",
-            )
-            .unwrap(),
-            event_drop_rate: Gauge::new(
-                "wsgateway_event_drop_rate",
-                "Dropped / (processed + dropped) events over the drop-rate window",
-            )
-            .unwrap(),
-            drop_rate_alerts: IntCounter::new(
-                "wsgateway_drop_rate_alerts_total",
-                "Drop-rate alerts logged (High drop rate detected)",
-            )
-            .unwrap(),
-            circuit_breaker_state: IntGaugeVec::new(
-                Opts::new(
-                    "wsgateway_circuit_breaker_state",
-                    "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-                ),
-                &["name"],
-            )
-            .unwrap(),
-            circuit_breaker_failures: IntGaugeVec::new(
-                Opts::new(
-                    "wsgateway_circuit_breaker_failures",
-                    "Consecutive failures seen by the circuit breaker",
-                ),
-                &["name"],
-            )
-            .unwrap(),
-            circuit_breaker_transitions: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_circuit_breaker_transitions_total",
-                    "Circuit breaker state changes, by the state entered",
-                ),
-                &["name", "to"],
-            )
-            .unwrap(),
-            subscription_gaps: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_subscription_gaps_total",
-                    "Gaps in the broker subscription, by whether history filled them",
-                ),
-                &["outcome"],
-            )
-            .unwrap(),
-            gap_filled_events: IntCounter::new(
-                "wsgateway_gap_filled_events_total",
-                "Events read from history to fill subscription gaps",
-            )
-            .unwrap(),
-            resync_notices: IntCounter::new(
-                "wsgateway_resync_notices_total",
-                "Connections told to reload their state after an unrecoverable gap",
-            )
-            .unwrap(),
-            redis_reconnects: IntCounterVec::new(
-                Opts::new(
-                    "wsgateway_redis_connections_lost_total",
-                    "Redis connections found dead or closed and replaced, by connection",
-                ),
-                &["connection"],
-            )
-            .unwrap(),
-            drop_rate: Mutex::new(drop_rate),
-            registry,
-        };
-        m.register_all();
+        let m = Metrics::declared(drop_rate);
+        m.export_at_zero();
+        m
+    }
+
+    /// Creates the series known in advance, at 0, so that they exist
+    /// before their first count: alert rules on their rate see a series
+    /// before the first failure (docs/prometheus/alerts.yml).
+    fn export_at_zero(&self) {
         for e in Endpoint::ALL {
-            m.connections_by_endpoint
+            self.connections_by_endpoint
                 .with_label_values(&[e.as_str()])
                 .set(0);
         }
+        let zero = |family: &IntCounterVec, label: &str| {
+            family.with_label_values(&[label]).inc_by(0);
+        };
         for r in Rejection::ALL {
-            m.connections_rejected
-                .with_label_values(&[r.as_str()])
-                .inc_by(0);
+            zero(&self.connections_rejected, r.as_str());
         }
         for d in Disconnect::ALL {
-            m.disconnects.with_label_values(&[d.as_str()]).inc_by(0);
+            zero(&self.disconnects, d.as_str());
         }
         for u in Undelivered::ALL {
-            m.broadcasts_failed
-                .with_label_values(&[u.as_str()])
-                .inc_by(0);
+            zero(&self.broadcasts_failed, u.as_str());
         }
         for t in [
             TokenRefresh::Accepted,
             TokenRefresh::Rejected,
             TokenRefresh::Busy,
         ] {
-            m.token_refreshes.with_label_values(&[t.as_str()]).inc_by(0);
+            zero(&self.token_refreshes, t.as_str());
         }
-        // Exported at 0, so that alert rules on their rate see a series
-        // before the first failure (docs/prometheus/alerts.yml).
         for c in [
             RevocationCheck::Valid,
             RevocationCheck::Revoked,
             RevocationCheck::Error,
         ] {
-            m.revocation_checks
-                .with_label_values(&[c.as_str()])
-                .inc_by(0);
+            zero(&self.revocation_checks, c.as_str());
         }
         for q in [SectorQuery::Ok, SectorQuery::Timeout, SectorQuery::Error] {
-            m.sector_queries.with_label_values(&[q.as_str()]).inc_by(0);
+            zero(&self.sector_queries, q.as_str());
         }
         for recovered in ["true", "false"] {
-            m.resumes.with_label_values(&[recovered]).inc_by(0);
+            zero(&self.resumes, recovered);
         }
         // Every reason but `gap` is exported from start, at 0.
         for d in Drop::ALL.into_iter().filter(|d| *d != Drop::Gap) {
-            m.events_dropped.with_label_values(&[d.as_str()]).inc_by(0);
-        }
-        m
-    }
-
-    fn register_all(&self) {
-        let r = &self.registry;
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(self.connections_total.clone()),
-            Box::new(self.connections_by_endpoint.clone()),
-            Box::new(self.connections_rejected.clone()),
-            Box::new(self.handshakes_evicted.clone()),
-            Box::new(self.disconnects.clone()),
-            Box::new(self.broadcasts_total.clone()),
-            Box::new(self.broadcasts_failed.clone()),
-            Box::new(self.events_processed.clone()),
-            Box::new(self.events_dropped.clone()),
-            Box::new(self.unknown_types.collector()),
-            Box::new(self.events_deduplicated.clone()),
-            Box::new(self.events_published.clone()),
-            Box::new(self.publish_duplicates.clone()),
-            Box::new(self.publish_rejected.clone()),
-            Box::new(self.dispatch_seconds.clone()),
-            Box::new(self.fanout_size.clone()),
-            Box::new(self.publish_to_queue_seconds.clone()),
-            Box::new(self.publish_to_client_seconds.clone()),
-            Box::new(self.hub_index_entries.clone()),
-            Box::new(self.event_drop_rate.clone()),
-            Box::new(self.drop_rate_alerts.clone()),
-            Box::new(self.sector_queries.clone()),
-            Box::new(self.sector_refreshes_coalesced.clone()),
-            Box::new(self.sector_changes_dropped.clone()),
-            Box::new(self.revocation_checks.clone()),
-            Box::new(self.token_refreshes.clone()),
-            Box::new(self.resumes.clone()),
-            Box::new(self.replayed_events.clone()),
-            Box::new(self.circuit_breaker_state.clone()),
-            Box::new(self.circuit_breaker_failures.clone()),
-            Box::new(self.circuit_breaker_transitions.clone()),
-            Box::new(self.subscription_gaps.clone()),
-            Box::new(self.gap_filled_events.clone()),
-            Box::new(self.resync_notices.clone()),
-            Box::new(self.redis_reconnects.clone()),
-        ];
-        for c in collectors {
-            r.register(c).expect("metric names are unique");
+            zero(&self.events_dropped, d.as_str());
         }
     }
 
@@ -822,6 +753,86 @@ mod tests {
         for reason in reasons {
             let sample = format!("wsgateway_events_dropped_total{{reason=\"{reason}\"}} 0");
             assert!(text.contains(&sample), "{sample}");
+        }
+    }
+
+    /// The rows of the metrics table of PROTOCOL.md (`GET /ws/metrics`):
+    /// name, type column, labels column.
+    fn documented_metrics() -> Vec<(&'static str, &'static str, &'static str)> {
+        let protocol = include_str!("../docs/PROTOCOL.md");
+        let section = protocol
+            .split("### `GET /ws/metrics`")
+            .nth(1)
+            .expect("PROTOCOL.md has a `GET /ws/metrics` section");
+        section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|row| {
+                let cells: Vec<&str> = row.split(" | ").collect();
+                let name = cells[0].trim_start_matches("| ").trim_matches('`');
+                let labels = cells.get(2).map_or("", |l| l.trim_end_matches('|').trim());
+                (name, cells[1], labels)
+            })
+            .collect()
+    }
+
+    /// PROTOCOL.md lists every metric of the table once, with its type and
+    /// label names, and no metric that is not in it.
+    #[test]
+    fn the_protocol_documents_every_metric() {
+        let documented = documented_metrics();
+        for m in METRICS {
+            let rows: Vec<_> = documented.iter().filter(|d| d.0 == m.name).collect();
+            assert_eq!(rows.len(), 1, "PROTOCOL.md rows of {}", m.name);
+            let (_, kind, labels) = rows[0];
+            assert!(
+                kind.starts_with(m.kind.as_str()),
+                "type of {}: {kind}",
+                m.name
+            );
+            assert_eq!(
+                labels.is_empty(),
+                m.labels.is_empty(),
+                "labels of {}",
+                m.name
+            );
+            for label in m.labels {
+                assert!(
+                    labels.contains(&format!("`{label}`")),
+                    "{} lacks `{label}`",
+                    m.name
+                );
+            }
+        }
+        for (name, _, _) in &documented {
+            assert!(
+                METRICS.iter().any(|m| m.name == *name),
+                "{name} is not a metric"
+            );
+        }
+        assert_eq!(documented.len(), METRICS.len());
+    }
+
+    /// USAGE.md and OPERATING.md name only metrics of the table.
+    #[test]
+    fn the_guides_name_only_metrics_of_the_table() {
+        for text in [
+            include_str!("../docs/USAGE.md"),
+            include_str!("../docs/OPERATING.md"),
+        ] {
+            for (i, _) in text.match_indices("wsgateway_") {
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                // A name ending in `_` is a prefix (`wsgateway_*`).
+                assert!(
+                    name.ends_with('_') || METRICS.iter().any(|m| m.name == name),
+                    "{name} is not a metric"
+                );
+            }
         }
     }
 }

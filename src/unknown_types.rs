@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec};
 
 /// Distinct unknown types that get a label of their own (the seed's
 /// `MAX_UNKNOWN_EVENT_TYPES`).
@@ -57,16 +57,8 @@ impl Snapshot {
 }
 
 impl UnknownTypes {
-    pub fn new() -> UnknownTypes {
-        let counters = IntCounterVec::new(
-            Opts::new(
-                "wsgateway_events_unknown_type_total",
-                "Events of a type the gateway does not know (still delivered), by type; \
-                 types beyond the first 100 are counted as \"other\"",
-            ),
-            &["type"],
-        )
-        .expect("valid metric");
+    /// Wraps `counters`, the `{type}` family declared in the metrics table.
+    pub fn new(counters: IntCounterVec) -> UnknownTypes {
         // Exported from start, so that the series exists before the first one.
         let other = counters.with_label_values(&[OTHER]);
         UnknownTypes {
@@ -92,12 +84,6 @@ impl UnknownTypes {
             types,
             other: self.other.get(),
         }
-    }
-}
-
-impl Default for UnknownTypes {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -157,10 +143,12 @@ fn label(event_type: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus::Opts;
 
     #[test]
     fn the_first_types_are_counted_by_name_the_rest_as_other() {
-        let shared = UnknownTypes::new();
+        let counters = IntCounterVec::new(Opts::new("unknown_types", "test"), &["type"]).unwrap();
+        let shared = UnknownTypes::new(counters);
         let mut t = Tracker::default();
         for i in 0..MAX_TRACKED_TYPES {
             t.record(&shared, &format!("T{i}"));

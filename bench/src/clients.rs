@@ -50,6 +50,59 @@ pub struct Member {
     pub role: Role,
 }
 
+impl Member {
+    /// The URL member `i` connects to, with a token of its own: a table
+    /// token for a diner, a staff JWT with its role otherwise.
+    fn url(self, i: usize, server: SocketAddr, args: &BenchArgs, exp: u64) -> String {
+        let token = match self.role {
+            Role::Diner => mint(
+                &args.table_token_secret,
+                &TableClaims {
+                    tenant_id: self.tenant,
+                    branch_id: self.branch,
+                    table_id: i as i64,
+                    session_id: i as i64,
+                    exp,
+                },
+            ),
+            role => mint(
+                &args.jwt_secret,
+                &StaffClaims {
+                    sub: i as i64 + 1,
+                    tenant_id: self.tenant,
+                    branch_ids: vec![self.branch],
+                    roles: vec![match role {
+                        Role::Admin => "ADMIN".into(),
+                        Role::Kitchen => "KITCHEN".into(),
+                        _ => "WAITER".into(),
+                    }],
+                    exp,
+                    iat: None,
+                    jti: None,
+                },
+            ),
+        };
+        let param = if self.role == Role::Diner {
+            "table_token"
+        } else {
+            "token"
+        };
+        format!("ws://{server}/ws/{}?{param}={token}", self.role.endpoint())
+    }
+}
+
+/// The address client `i` connects from: the `--client-addresses`
+/// loopback addresses from 127.0.0.1 up, in turn (each has ports of its
+/// own).
+pub(super) fn client_address(i: usize, args: &BenchArgs) -> Ipv4Addr {
+    Ipv4Addr::new(
+        127,
+        0,
+        0,
+        1 + (i % args.client_addresses.max(1) as usize) as u8,
+    )
+}
+
 /// Who connects: spread evenly over tenants × branches.
 pub struct Population {
     pub members: Vec<Member>,
@@ -165,50 +218,8 @@ impl Fleet {
         let exp = unix_now() + 24 * 3600;
         let mut tasks = Vec::with_capacity(population.members.len());
         for (i, member) in population.members.iter().copied().enumerate() {
-            let token = match member.role {
-                Role::Diner => mint(
-                    &args.table_token_secret,
-                    &TableClaims {
-                        tenant_id: member.tenant,
-                        branch_id: member.branch,
-                        table_id: i as i64,
-                        session_id: i as i64,
-                        exp,
-                    },
-                ),
-                role => mint(
-                    &args.jwt_secret,
-                    &StaffClaims {
-                        sub: i as i64 + 1,
-                        tenant_id: member.tenant,
-                        branch_ids: vec![member.branch],
-                        roles: vec![match role {
-                            Role::Admin => "ADMIN".into(),
-                            Role::Kitchen => "KITCHEN".into(),
-                            _ => "WAITER".into(),
-                        }],
-                        exp,
-                        iat: None,
-                        jti: None,
-                    },
-                ),
-            };
-            let param = if member.role == Role::Diner {
-                "table_token"
-            } else {
-                "token"
-            };
-            let url = format!(
-                "ws://{}/ws/{}?{param}={token}",
-                target.addr,
-                member.role.endpoint()
-            );
-            let local = Ipv4Addr::new(
-                127,
-                0,
-                0,
-                1 + (i % args.client_addresses.max(1) as usize) as u8,
-            );
+            let url = member.url(i, target.addr, args, exp);
+            let local = client_address(i, args);
             let (gate, stop, delivered, ready, failed) = (
                 gate.clone(),
                 stop.clone(),
@@ -298,7 +309,7 @@ impl Fleet {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub(super) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn open(server: SocketAddr, local: Ipv4Addr, url: &str) -> anyhow::Result<Ws> {
     Ok(handshake(server, local, url).await?.0)

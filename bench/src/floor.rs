@@ -12,7 +12,7 @@
 //! under a 20 000 open-files limit, as the gateway's run does.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,53 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
             "--floor-io uring: cannot set up an io_uring (kernel too old, or blocked by seccomp)",
         )?;
     }
+    let (mut readers, servers) = connect_readers(n, frame_bytes, args).await?;
+    let events = shape.events;
+    // Event k writes group k mod groups; socket i is in group i mod groups.
+    let groups = (n / shape.sockets.max(1)).max(1);
+    // As many writer threads as the gateway has workers (one per core),
+    // each with its share of every group, on the same schedule.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (group_sizes, shares) = deal(servers, groups, threads);
+    let schedule = Schedule {
+        start: Instant::now() + Duration::from_millis(100),
+        interval: if shape.rate > 0.0 {
+            Duration::from_secs_f64(1.0 / shape.rate)
+        } else {
+            Duration::ZERO
+        },
+        events,
+        groups,
+    };
+    let io = args.floor_io;
+    let process_cpu_before = cpu_ticks("/proc/self/stat");
+    let (cpu_ticks_sum, mut loops) = write_events(shares, schedule, io, &template).await?;
+    let process_ticks = cpu_ticks("/proc/self/stat").saturating_sub(process_cpu_before);
+    let (latencies_us, event_of) = read_latencies(&mut readers).await?;
+    let writes: u64 = (0..events).map(|k| group_sizes[k % groups]).sum();
+    let per_write = |ticks: u64| ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64;
+    loops.sort_by(f64::total_cmp);
+    Ok(Floor {
+        shape,
+        io,
+        readers: args.floor_readers,
+        writes,
+        received: latencies_us.len() as u64,
+        cpu_us_per_write: per_write(cpu_ticks_sum),
+        process_cpu_us_per_write: per_write(process_ticks),
+        loop_ms_median: loops.get(loops.len() / 2).copied().unwrap_or(0.0),
+        latencies_us,
+        events: event_of,
+    })
+}
+
+/// Starts the readers' child process and accepts its `n` sockets, made
+/// blocking for the writer threads.
+async fn connect_readers(
+    n: usize,
+    frame_bytes: usize,
+    args: &BenchArgs,
+) -> anyhow::Result<(tokio::process::Child, Vec<std::net::TcpStream>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut readers = tokio::process::Command::new(std::env::current_exe()?)
@@ -192,21 +239,22 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     })
     .await;
     accepted.context("the floor's readers did not connect in 120 s")??;
-    drop(listener);
+    Ok((readers, servers))
+}
 
-    let events = shape.events;
-    let interval = if shape.rate > 0.0 {
-        Duration::from_secs_f64(1.0 / shape.rate)
-    } else {
-        Duration::ZERO
-    };
-    // Event k writes group k mod groups; socket i is in group i mod groups.
-    let groups = (n / shape.sockets.max(1)).max(1);
+/// One writer thread's sockets, by group.
+type Share = Vec<Vec<std::net::TcpStream>>;
+
+/// Deals socket i to group i mod `groups`, and each group's sockets in
+/// turn to the `threads` writers: the size of each group, and each
+/// writer's share.
+fn deal(
+    servers: Vec<std::net::TcpStream>,
+    groups: usize,
+    threads: usize,
+) -> (Vec<u64>, Vec<Share>) {
     let mut group_sizes = vec![0u64; groups];
-    // As many writer threads as the gateway has workers (one per core),
-    // each with its share of every group, on the same schedule.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut shares: Vec<Vec<Vec<std::net::TcpStream>>> = (0..threads)
+    let mut shares: Vec<Share> = (0..threads)
         .map(|_| (0..groups).map(|_| Vec::new()).collect())
         .collect();
     for (i, s) in servers.into_iter().enumerate() {
@@ -214,40 +262,36 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         group_sizes[group] += 1;
         shares[(i / groups) % threads][group].push(s);
     }
-    let io = args.floor_io;
-    let start = Instant::now() + Duration::from_millis(100);
-    let process_cpu_before = cpu_ticks("/proc/self/stat");
+    (group_sizes, shares)
+}
+
+/// When each event is due, and which group it writes.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    interval: Duration,
+    events: usize,
+    groups: usize,
+}
+
+/// Runs one writer thread per share: the writers' CPU ticks, and per event
+/// the slowest writer's time from the event's due time, in ms.
+async fn write_events(
+    shares: Vec<Share>,
+    schedule: Schedule,
+    io: FloorIo,
+    template: &Template,
+) -> anyhow::Result<(u64, Vec<f64>)> {
     let writers: Vec<_> = shares
         .into_iter()
-        .map(|mut share| {
+        .map(|share| {
             let template = template.clone();
-            std::thread::spawn(move || -> std::io::Result<(u64, Vec<f64>)> {
-                let mut writer = Writer::new(io, template.bytes.clone())?;
-                let mut loops = Vec::with_capacity(events);
-                let cpu_before = thread_cpu_ticks();
-                for k in 0..events {
-                    let due = start + interval * k as u32;
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    // Stamped when the writer starts the event, not at its
-                    // due time: the latency is one event's fan-out, the
-                    // lower bound of any gateway's when it keeps up. A
-                    // writer that falls behind (a burst, an overloaded
-                    // machine) does not count its lateness, where a
-                    // gateway's clients do.
-                    template.stamp(writer.frame_mut(), now_us(), k as u32);
-                    writer.send_to_all(&mut share[k % groups])?;
-                    loops.push(due.elapsed().as_secs_f64() * 1000.0);
-                }
-                Ok((thread_cpu_ticks().saturating_sub(cpu_before), loops))
-            })
+            std::thread::spawn(move || write_share(share, schedule, io, template))
         })
         .collect();
-    let (cpu_ticks_sum, mut loops) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut ticks = 0;
-        // Per event, the slowest writer's time from the event's due time.
-        let mut loops = vec![0f64; events];
+        let mut loops = vec![0f64; schedule.events];
         for w in writers {
             let (t, l) = w
                 .join()
@@ -260,11 +304,43 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
         }
         anyhow::Ok((ticks, loops))
     })
-    .await??;
-    let process_ticks = cpu_ticks("/proc/self/stat").saturating_sub(process_cpu_before);
+    .await?
+}
 
-    // The writers dropped their sockets: each reader ends at end of
-    // stream, and the child reports every latency it measured.
+/// One writer thread: each event, at its due time, to its group of
+/// `share`. Its CPU ticks, and per event its time from the due time (ms).
+fn write_share(
+    mut share: Share,
+    schedule: Schedule,
+    io: FloorIo,
+    template: Template,
+) -> std::io::Result<(u64, Vec<f64>)> {
+    let mut writer = Writer::new(io, template.bytes.clone())?;
+    let mut loops = Vec::with_capacity(schedule.events);
+    let cpu_before = thread_cpu_ticks();
+    for k in 0..schedule.events {
+        let due = schedule.start + schedule.interval * k as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        // Stamped when the writer starts the event, not at its due time:
+        // the latency is one event's fan-out, the lower bound of any
+        // gateway's when it keeps up. A writer that falls behind (a burst,
+        // an overloaded machine) does not count its lateness, where a
+        // gateway's clients do.
+        template.stamp(writer.frame_mut(), now_us(), k as u32);
+        writer.send_to_all(&mut share[k % schedule.groups])?;
+        loops.push(due.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok((thread_cpu_ticks().saturating_sub(cpu_before), loops))
+}
+
+/// Once the writers dropped their sockets, each reader ends at end of
+/// stream, and the child reports every latency it measured (µs), with
+/// its event.
+async fn read_latencies(
+    readers: &mut tokio::process::Child,
+) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
     let mut out = Vec::new();
     let mut stdout = readers.stdout.take().expect("piped");
     tokio::time::timeout(Duration::from_secs(30), stdout.read_to_end(&mut out))
@@ -273,25 +349,10 @@ pub async fn run(shape: Shape, args: &BenchArgs) -> anyhow::Result<Floor> {
     let status = readers.wait().await?;
     anyhow::ensure!(status.success(), "the floor's readers failed: {status}");
     let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let (latencies_us, event_of): (Vec<u32>, Vec<u32>) = out
+    Ok(out
         .chunks_exact(8)
         .map(|pair| (word(&pair[..4]), word(&pair[4..])))
-        .unzip();
-    let writes: u64 = (0..events).map(|k| group_sizes[k % groups]).sum();
-    let per_write = |ticks: u64| ticks as f64 / TICKS_PER_S * 1e6 / writes.max(1) as f64;
-    loops.sort_by(f64::total_cmp);
-    Ok(Floor {
-        shape,
-        io,
-        readers: args.floor_readers,
-        writes,
-        received: latencies_us.len() as u64,
-        cpu_us_per_write: per_write(cpu_ticks_sum),
-        process_cpu_us_per_write: per_write(process_ticks),
-        loop_ms_median: loops.get(loops.len() / 2).copied().unwrap_or(0.0),
-        latencies_us,
-        events: event_of,
-    })
+        .unzip())
 }
 
 /// How a writer thread sends one event's frame to its sockets.
@@ -429,12 +490,7 @@ pub async fn serve_readers(args: &BenchArgs) -> anyhow::Result<()> {
         .max(STAMP_BYTES);
     let mut readers = Vec::with_capacity(n);
     for i in 0..n {
-        let local = Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % args.client_addresses.max(1) as usize) as u8,
-        );
+        let local = clients::client_address(i, args);
         let socket = TcpSocket::new_v4()?;
         socket.bind(SocketAddr::new(local.into(), 0))?;
         let stream = socket.connect(addr).await?;

@@ -10,7 +10,7 @@
 //! every 20 ms during it. With `--beside-rate`, a publisher runs beside
 //! the storm on another tenant (see `beside.rs`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use wsgateway::auth::{StaffClaims, mint, unix_now};
 
 use super::beside::Beside;
-use super::clients::handshake;
+use super::clients::{Ws, client_address, handshake};
 use super::gateway::{Sample, Target};
 use super::procfs::TICKS_PER_S;
 use super::report::percentile_ms;
@@ -58,21 +58,8 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
         _ => None,
     };
     let before = target.sample();
-
     // Sampled while the storm lasts, for the peak.
-    let peak_rss = Arc::new(AtomicU64::new(before.rss_kib));
-    let sampling = tokio_util::sync::CancellationToken::new();
-    let sampler = {
-        let (peak, stop, pid) = (peak_rss.clone(), sampling.clone(), target.pid);
-        tokio::spawn(async move {
-            let Some(pid) = pid else { return };
-            let mut every = tokio::time::interval(Duration::from_millis(20));
-            while !stop.is_cancelled() {
-                every.tick().await;
-                peak.fetch_max(super::procfs::rss_kib(pid), Ordering::Relaxed);
-            }
-        })
-    };
+    let peak_rss = PeakRss::start(target.pid, before.rss_kib);
 
     let exp = unix_now() + 24 * 3600;
     let started = Instant::now();
@@ -94,38 +81,9 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
             "ws://{}/ws/waiter?token={token}&last_event_id={cursor}",
             target.addr
         );
-        let local = Ipv4Addr::new(
-            127,
-            0,
-            0,
-            1 + (i % args.client_addresses.max(1) as usize) as u8,
-        );
-        let server = target.addr;
+        let (server, local) = (target.addr, client_address(i, args));
         clients.push(tokio::spawn(async move {
-            let mut seen = Seen::default();
-            let since =
-                |at: Instant| at.duration_since(started).as_micros().min(u32::MAX as u128) as u32;
-            let read = async {
-                let (mut ws, hello) = handshake(server, local, &url).await?;
-                seen.connected_us = Some(since(Instant::now()));
-                seen.recovered = hello.contains("\"recovered\":true");
-                // Not recovered: nothing is replayed, nothing to wait for.
-                while seen.recovered && seen.replayed < expected {
-                    match ws.next().await {
-                        Some(Ok(Message::Text(_))) => seen.replayed += 1,
-                        Some(Ok(_)) => {}
-                        _ => anyhow::bail!("closed after {} replayed events", seen.replayed),
-                    }
-                }
-                if seen.recovered {
-                    seen.done_us = Some(since(Instant::now()));
-                }
-                anyhow::Ok(ws)
-            };
-            match tokio::time::timeout(PATIENCE, read).await {
-                Ok(Ok(ws)) => (seen, Some(ws)),
-                Ok(Err(_)) | Err(_) => (seen, None),
-            }
+            resume(server, local, &url, started, expected).await
         }));
     }
     let mut seen = Vec::with_capacity(clients.len());
@@ -139,8 +97,7 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
     }
     let storm = started.elapsed();
     let during = target.sample();
-    sampling.cancel();
-    let _ = sampler.await;
+    let peak_rss_kib = peak_rss.stop().await;
     let beside = beside
         .map(|b| b.finish((started, started + storm)))
         .transpose()?;
@@ -153,9 +110,82 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
         storm,
         before,
         during,
-        peak_rss.load(Ordering::Relaxed),
+        peak_rss_kib,
         beside,
     ))
+}
+
+/// One client of the storm: connects from `local` with its cursor in
+/// `url`, then reads its replay of `expected` events, within [`PATIENCE`].
+/// What it saw, and its socket unless it failed.
+async fn resume(
+    server: SocketAddr,
+    local: Ipv4Addr,
+    url: &str,
+    started: Instant,
+    expected: u64,
+) -> (Seen, Option<Ws>) {
+    let mut seen = Seen::default();
+    let since = |at: Instant| at.duration_since(started).as_micros().min(u32::MAX as u128) as u32;
+    let read = async {
+        let (mut ws, hello) = handshake(server, local, url).await?;
+        seen.connected_us = Some(since(Instant::now()));
+        seen.recovered = hello.contains("\"recovered\":true");
+        // Not recovered: nothing is replayed, nothing to wait for.
+        while seen.recovered && seen.replayed < expected {
+            match ws.next().await {
+                Some(Ok(Message::Text(_))) => seen.replayed += 1,
+                Some(Ok(_)) => {}
+                _ => anyhow::bail!("closed after {} replayed events", seen.replayed),
+            }
+        }
+        if seen.recovered {
+            seen.done_us = Some(since(Instant::now()));
+        }
+        anyhow::Ok(ws)
+    };
+    match tokio::time::timeout(PATIENCE, read).await {
+        Ok(Ok(ws)) => (seen, Some(ws)),
+        Ok(Err(_)) | Err(_) => (seen, None),
+    }
+}
+
+/// The gateway's highest VmRSS, sampled every 20 ms until stopped.
+struct PeakRss {
+    peak: Arc<AtomicU64>,
+    stop: tokio_util::sync::CancellationToken,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    /// Starts sampling the process `pid` (none: the peak stays `from_kib`).
+    fn start(pid: Option<u32>, from_kib: u64) -> PeakRss {
+        let peak = Arc::new(AtomicU64::new(from_kib));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sampler = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            tokio::spawn(async move {
+                let Some(pid) = pid else { return };
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                while !stop.is_cancelled() {
+                    every.tick().await;
+                    peak.fetch_max(super::procfs::rss_kib(pid), Ordering::Relaxed);
+                }
+            })
+        };
+        PeakRss {
+            peak,
+            stop,
+            sampler,
+        }
+    }
+
+    /// Stops sampling; the peak, in KiB.
+    async fn stop(self) -> u64 {
+        self.stop.cancel();
+        let _ = self.sampler.await;
+        self.peak.load(Ordering::Relaxed)
+    }
 }
 
 /// Publishes `events` on one branch's waiters channel, in order; returns

@@ -208,11 +208,7 @@ impl Live {
                             biased;
                             why = handle.close_requested() => break End::Gateway(why),
                             written = write_queued(handle, &mut this.catch_up) => match written {
-                                Ok(published_ms) if published_ms > 0 => ctx
-                                    .metrics
-                                    .publish_to_client_seconds
-                                    .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0),
-                                Ok(_) => {}
+                                Ok(published_ms) => observe_written(ctx, published_ms),
                                 Err(Broken) => break End::Lost,
                             },
                         },
@@ -220,13 +216,9 @@ impl Live {
                     // A `refresh_token` checked: applied and answered here.
                     () = this.refreshes.next(ctx, handle), if this.refreshes.is_running() => {}
                     inbound = socket.next() => {
-                        let message = match inbound {
-                            None => break End::Lost,
-                            Some(Err(e)) => match read_error_code(e) {
-                                Some(why) => break End::Gateway(why),
-                                None => break End::Lost,
-                            },
-                            Some(Ok(m)) => m,
+                        let message = match received(inbound) {
+                            Ok(message) => message,
+                            Err(end) => break end,
                         };
                         handle.touch();
                         match message {
@@ -234,22 +226,8 @@ impl Live {
                                 if this.limiter.check().is_err() {
                                     break End::Gateway(Close::RateLimited);
                                 }
-                                match ClientMessage::parse(handle.endpoint, text.as_str()) {
-                                    // Answered by the sector sync task with `sectors_updated`.
-                                    ClientMessage::RefreshSectors => {
-                                        ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
-                                    }
-                                    // Checked beside the loop, one at a time: one
-                                    // sent meanwhile is refused at once.
-                                    ClientMessage::RefreshToken(token) => {
-                                        this.refreshes.push(ctx, handle, this.owner, token);
-                                    }
-                                    // Replies share the outbound queue: one writer, in order.
-                                    other => {
-                                        let reply = other.fixed_reply().unwrap_or_default();
-                                        handle.push(Outbound::reply(reply));
-                                    }
-                                }
+                                let message = ClientMessage::parse(handle.endpoint, text.as_str());
+                                on_message(ctx, handle, message, &mut this.refreshes, this.owner);
                             }
                             Message::Binary(_) => break End::Gateway(Close::Binary),
                             // Raw frames only come out of a read when configured to.
@@ -271,6 +249,50 @@ impl Live {
             // Boxed: a one-off phase, kept out of the loop's state.
             Box::pin(finish(ctx, &this.registered, socket, end)).await;
         }
+    }
+}
+
+/// What a read from the socket gave: a message, or the end of the
+/// connection.
+fn received(inbound: Option<Result<Message, tungstenite::Error>>) -> Result<Message, End> {
+    match inbound {
+        None => Err(End::Lost),
+        Some(Err(e)) => Err(read_error_code(e).map_or(End::Lost, End::Gateway)),
+        Some(Ok(message)) => Ok(message),
+    }
+}
+
+/// Answers a client's message, or hands it to whoever answers it.
+fn on_message(
+    ctx: &Arc<Context>,
+    handle: &ConnHandle,
+    message: ClientMessage,
+    refreshes: &mut refresh::Refreshes,
+    owner: refresh::Owner,
+) {
+    match message {
+        // Answered by the sector sync task with `sectors_updated`.
+        ClientMessage::RefreshSectors => {
+            ctx.sector_sync.send(SectorCommand::Refresh(handle.id));
+        }
+        // Checked beside the loop, one at a time: one sent meanwhile is
+        // refused at once.
+        ClientMessage::RefreshToken(token) => refreshes.push(ctx, handle, owner, token),
+        // Replies share the outbound queue: one writer, in order.
+        other => {
+            let reply = other.fixed_reply().unwrap_or_default();
+            handle.push(Outbound::reply(reply));
+        }
+    }
+}
+
+/// Observes the delay from publish (`ts`, Unix ms; 0 when none was
+/// written) to the client.
+fn observe_written(ctx: &Context, published_ms: i64) {
+    if published_ms > 0 {
+        ctx.metrics
+            .publish_to_client_seconds
+            .observe((unix_ms() - published_ms).max(0) as f64 / 1000.0);
     }
 }
 
@@ -397,94 +419,124 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
     // The token is not kept past admission (nor is the origin).
     let token = req.token.take();
     let origin = req.origin.take();
-    let settings = &ctx.settings;
-    let span = tracing::Span::current();
-    let heartbeat_s = settings.heartbeat_interval.as_secs_f64().round() as u64;
     let identified = if req.endpoint == Endpoint::Diner {
-        let id: DinerIdentity = ctx.verifier.table(token.as_deref()).map_err(auth_refusal)?;
-        span.record("tenant", id.tenant_id);
-        span.record("branches", tracing::field::display(id.branch_id));
-        span.record("session", id.session_id);
-        let connected = Connected {
-            endpoint: Endpoint::Diner.as_str(),
-            who: Who::Diner {
-                tenant_id: id.tenant_id,
-                branch_id: id.branch_id,
-                session_id: id.session_id,
-                table_id: id.table_id,
-            },
-            heartbeat_interval_s: heartbeat_s,
-            recovered: None,
-        };
-        let member = Member::Diner {
+        identify_diner(ctx, token.as_deref())?
+    } else {
+        identify_staff(ctx, req.endpoint, token.as_deref(), origin.as_deref()).await?
+    };
+    register(ctx, req, identified)
+}
+
+/// `connected`'s `heartbeat_interval_s`.
+fn heartbeat_s(settings: &Settings) -> u64 {
+    settings.heartbeat_interval.as_secs_f64().round() as u64
+}
+
+/// A diner, by its table token.
+fn identify_diner(ctx: &Context, token: Option<&str>) -> Result<Identified, Refused> {
+    let id: DinerIdentity = ctx.verifier.table(token).map_err(auth_refusal)?;
+    let span = tracing::Span::current();
+    span.record("tenant", id.tenant_id);
+    span.record("branches", tracing::field::display(id.branch_id));
+    span.record("session", id.session_id);
+    let connected = Connected {
+        endpoint: Endpoint::Diner.as_str(),
+        who: Who::Diner {
+            tenant_id: id.tenant_id,
             branch_id: id.branch_id,
             session_id: id.session_id,
-        };
-        Identified {
-            tenant_id: id.tenant_id,
-            member,
-            expires_at: id.exp,
-            jti: None,
-            connected,
-            owner: refresh::Owner::Diner {
-                tenant_id: id.tenant_id,
-                branch_id: id.branch_id,
-                session_id: id.session_id,
-                table_id: id.table_id,
-            },
-        }
-    } else {
-        if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, &origin)
-            && !allowed.allows(origin.trim_end_matches('/'))
-        {
-            return Err(Refused::Origin);
-        }
-        let id: StaffIdentity = ctx.verifier.staff(token.as_deref()).map_err(auth_refusal)?;
-        span.record("user", id.user_id);
-        span.record("tenant", id.tenant_id);
-        span.record("branches", tracing::field::debug(&id.branch_ids));
-        if token_revoked(ctx, id.tenant_id, id.jti.as_deref(), "token").await {
-            tracing::debug!("token revoked");
-            return Err(Refused::Auth);
-        }
-        if !req.endpoint.allows(id.roles) {
-            return Err(Refused::Forbidden);
-        }
-        let sectors = if req.endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
-            ctx.sectors.scope_for(&id).await
-        } else {
-            SectorScope::All
-        };
-        record_sector_ids(&span, &sectors);
-        let connected = Connected {
-            endpoint: req.endpoint.as_str(),
-            who: Who::Staff {
-                user_id: id.user_id,
-                tenant_id: id.tenant_id,
-                branch_ids: id.branch_ids.clone(),
-                sector_ids: sectors.reported(),
-            },
-            heartbeat_interval_s: heartbeat_s,
-            recovered: None,
-        };
-        let member = Member::Staff {
-            user_id: id.user_id,
-            branch_ids: id.branch_ids,
-            sectors,
-        };
-        let jti = id.jti.map(String::into_boxed_str);
-        Identified {
-            tenant_id: id.tenant_id,
-            member,
-            expires_at: id.exp,
-            jti,
-            connected,
-            owner: refresh::Owner::Staff {
-                tenant_id: id.tenant_id,
-                user_id: id.user_id,
-            },
-        }
+            table_id: id.table_id,
+        },
+        heartbeat_interval_s: heartbeat_s(&ctx.settings),
+        recovered: None,
     };
+    let member = Member::Diner {
+        branch_id: id.branch_id,
+        session_id: id.session_id,
+    };
+    Ok(Identified {
+        tenant_id: id.tenant_id,
+        member,
+        expires_at: id.exp,
+        jti: None,
+        connected,
+        owner: refresh::Owner::Diner {
+            tenant_id: id.tenant_id,
+            branch_id: id.branch_id,
+            session_id: id.session_id,
+            table_id: id.table_id,
+        },
+    })
+}
+
+/// A member of staff: origin, token, revocation, roles, then a waiter's
+/// sectors.
+async fn identify_staff(
+    ctx: &Context,
+    endpoint: Endpoint,
+    token: Option<&str>,
+    origin: Option<&str>,
+) -> Result<Identified, Refused> {
+    let settings = &ctx.settings;
+    if let (Some(allowed), Some(origin)) = (&settings.allowed_origins, origin)
+        && !allowed.allows(origin.trim_end_matches('/'))
+    {
+        return Err(Refused::Origin);
+    }
+    let id: StaffIdentity = ctx.verifier.staff(token).map_err(auth_refusal)?;
+    let span = tracing::Span::current();
+    span.record("user", id.user_id);
+    span.record("tenant", id.tenant_id);
+    span.record("branches", tracing::field::debug(&id.branch_ids));
+    if token_revoked(ctx, id.tenant_id, id.jti.as_deref(), "token").await {
+        tracing::debug!("token revoked");
+        return Err(Refused::Auth);
+    }
+    if !endpoint.allows(id.roles) {
+        return Err(Refused::Forbidden);
+    }
+    let sectors = if endpoint == Endpoint::Waiter && !id.roles.sees_all_sectors() {
+        ctx.sectors.scope_for(&id).await
+    } else {
+        SectorScope::All
+    };
+    record_sector_ids(&span, &sectors);
+    let connected = Connected {
+        endpoint: endpoint.as_str(),
+        who: Who::Staff {
+            user_id: id.user_id,
+            tenant_id: id.tenant_id,
+            branch_ids: id.branch_ids.clone(),
+            sector_ids: sectors.reported(),
+        },
+        heartbeat_interval_s: heartbeat_s(settings),
+        recovered: None,
+    };
+    let member = Member::Staff {
+        user_id: id.user_id,
+        branch_ids: id.branch_ids,
+        sectors,
+    };
+    Ok(Identified {
+        tenant_id: id.tenant_id,
+        member,
+        expires_at: id.exp,
+        jti: id.jti.map(String::into_boxed_str),
+        connected,
+        owner: refresh::Owner::Staff {
+            tenant_id: id.tenant_id,
+            user_id: id.user_id,
+        },
+    })
+}
+
+/// Puts an identified connection in the hub, within the capacity and
+/// per-user (per-session) limits.
+fn register(
+    ctx: &Context,
+    req: &ConnectRequest,
+    identified: Identified,
+) -> Result<Admitted, Refused> {
     let Identified {
         tenant_id,
         member,
@@ -493,7 +545,6 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
         connected,
         owner,
     } = identified;
-
     // `connected` is queued before registration, so that no event can
     // precede it; a resuming connection writes it itself, before its replay.
     let (greeting, deferred) = if req.last_event_id.is_some() {
@@ -510,7 +561,7 @@ async fn admit(ctx: &Arc<Context>, req: &mut ConnectRequest) -> Result<Admitted,
             member,
             expires_at,
             jti,
-            queue_capacity: settings.send_queue_size,
+            queue_capacity: ctx.settings.send_queue_size,
             greeting,
         })
         .map_err(|refusal| match refusal {

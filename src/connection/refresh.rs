@@ -145,28 +145,7 @@ async fn check(
 ) -> Result<Refreshed, Rejected> {
     let token = Some(token.as_str());
     match owner {
-        Owner::Diner {
-            tenant_id,
-            branch_id,
-            session_id,
-            table_id,
-        } => {
-            let new = ctx.verifier.table(token).map_err(Rejected::Token)?;
-            let same = (new.tenant_id, new.branch_id, new.session_id, new.table_id)
-                == (tenant_id, branch_id, session_id, table_id);
-            if !same {
-                return Err(Rejected::OtherOwner);
-            }
-            // Table tokens carry no `jti`: nothing to check for revocation.
-            Ok(Refreshed {
-                member: Member::Diner {
-                    branch_id,
-                    session_id,
-                },
-                expires_at: new.exp,
-                jti: None,
-            })
-        }
+        Owner::Diner { .. } => check_diner(&ctx, owner, token),
         Owner::Staff { tenant_id, user_id } => {
             let new = ctx.verifier.staff(token).map_err(Rejected::Token)?;
             if (new.tenant_id, new.user_id) != (tenant_id, user_id) {
@@ -181,40 +160,7 @@ async fn check(
                 return Err(Rejected::Revoked);
             }
             let sectors = if endpoint == Endpoint::Waiter && !new.roles.sees_all_sectors() {
-                // Only the branches it adds are read: the hub keeps the
-                // sectors it knows for the others (`Hub::refresh_token`).
-                let known: Vec<BranchId> = match ctx.hub.member(id) {
-                    Some((
-                        _,
-                        _,
-                        Member::Staff {
-                            branch_ids,
-                            sectors: SectorScope::ByBranch(_),
-                            ..
-                        },
-                    )) => branch_ids,
-                    _ => Vec::new(),
-                };
-                let added: Vec<BranchId> = new
-                    .branch_ids
-                    .iter()
-                    .copied()
-                    .filter(|b| !known.contains(b))
-                    .collect();
-                // A lookup answers by branch; anything else counts as unknown.
-                let read = match ctx.sectors.scope(tenant_id, user_id, &added).await {
-                    SectorScope::ByBranch(read) => read,
-                    SectorScope::All => Vec::new(),
-                };
-                let scope = new
-                    .branch_ids
-                    .iter()
-                    .map(|b| {
-                        let found = read.iter().find(|(r, _)| r == b);
-                        (*b, found.and_then(|(_, s)| s.clone()))
-                    })
-                    .collect();
-                SectorScope::ByBranch(scope)
+                waiter_sectors(&ctx, id, tenant_id, user_id, &new.branch_ids).await
             } else {
                 SectorScope::All
             };
@@ -229,6 +175,72 @@ async fn check(
             })
         }
     }
+}
+
+/// A diner's new table token: the same tenant, branch, session and table
+/// as `owner`.
+fn check_diner(ctx: &Context, owner: Owner, token: Option<&str>) -> Result<Refreshed, Rejected> {
+    let new = ctx.verifier.table(token).map_err(Rejected::Token)?;
+    let same = Owner::Diner {
+        tenant_id: new.tenant_id,
+        branch_id: new.branch_id,
+        session_id: new.session_id,
+        table_id: new.table_id,
+    } == owner;
+    if !same {
+        return Err(Rejected::OtherOwner);
+    }
+    // Table tokens carry no `jti`: nothing to check for revocation.
+    Ok(Refreshed {
+        member: Member::Diner {
+            branch_id: new.branch_id,
+            session_id: new.session_id,
+        },
+        expires_at: new.exp,
+        jti: None,
+    })
+}
+
+/// The sectors of a waiter whose new token lists `branch_ids`. Only the
+/// branches it adds are read: the hub keeps the sectors it knows for the
+/// others (`Hub::refresh_token`).
+async fn waiter_sectors(
+    ctx: &Context,
+    id: ConnId,
+    tenant_id: TenantId,
+    user_id: UserId,
+    branch_ids: &[BranchId],
+) -> SectorScope {
+    let known: Vec<BranchId> = match ctx.hub.member(id) {
+        Some((
+            _,
+            _,
+            Member::Staff {
+                branch_ids,
+                sectors: SectorScope::ByBranch(_),
+                ..
+            },
+        )) => branch_ids,
+        _ => Vec::new(),
+    };
+    let added: Vec<BranchId> = branch_ids
+        .iter()
+        .copied()
+        .filter(|b| !known.contains(b))
+        .collect();
+    // A lookup answers by branch; anything else counts as unknown.
+    let read = match ctx.sectors.scope(tenant_id, user_id, &added).await {
+        SectorScope::ByBranch(read) => read,
+        SectorScope::All => Vec::new(),
+    };
+    let scope = branch_ids
+        .iter()
+        .map(|b| {
+            let found = read.iter().find(|(r, _)| r == b);
+            (*b, found.and_then(|(_, s)| s.clone()))
+        })
+        .collect();
+    SectorScope::ByBranch(scope)
 }
 
 /// Applies a checked refresh: swaps the connection's place in the hub and

@@ -22,7 +22,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -56,35 +56,16 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let router = router.layer(axum::middleware::from_fn(release_when_answered));
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Typically EMFILE: out of file descriptors. Back off
-                    // instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        let Pending {
+    while let Some((tcp, peer)) = accept(&listener, &shutdown).await {
+        let Some(Pending {
             slot,
             head,
             evicted,
-        } = match budget.admit() {
-            Admission::Free(pending) => pending,
-            Admission::Evicted(pending) => {
-                metrics.handshakes_evicted.inc();
-                pending
-            }
-            Admission::Full => {
-                metrics.rejected(Rejection::HandshakeLimit);
-                drop(tcp);
-                continue;
-            }
+        }) = take_place(&budget, &metrics)
+        else {
+            // Closed at once, unanswered.
+            drop(tcp);
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let router = router.clone();
@@ -122,6 +103,44 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+/// The next connection, or `None` once `shutdown` is cancelled.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    // Typically EMFILE: out of file descriptors. Back off
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A new connection's place among the pending ones, counted: a free one,
+/// or the place of the oldest still reading its head; `None` when every
+/// pending connection is past its head (the new one is then closed).
+fn take_place(budget: &Arc<PendingBudget>, metrics: &Metrics) -> Option<Pending> {
+    match budget.admit() {
+        Admission::Free(pending) => Some(pending),
+        Admission::Evicted(pending) => {
+            metrics.handshakes_evicted.inc();
+            Some(pending)
+        }
+        Admission::Full => {
+            metrics.rejected(Rejection::HandshakeLimit);
+            None
+        }
     }
 }
 
