@@ -226,6 +226,44 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
     let Value::Object(mut item) = item else {
         return Err(ApiError::bad("invalid_body", "an item must be an object"));
     };
+    let channels = read_channels(&mut item, rules)?;
+    let event: Map<String, Value> = match item.remove("event") {
+        Some(Value::Object(event)) => event,
+        Some(_) => return Err(refused(InvalidEvent::NotObject, "")),
+        None => return Err(ApiError::bad("invalid_body", "an item needs an `event`")),
+    };
+    if let Some(extra) = item.keys().next() {
+        return Err(ApiError::bad(
+            "invalid_body",
+            format!("unknown field {extra:?}"),
+        ));
+    }
+    let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;
+    for channel in &channels {
+        fields
+            .check_channel(*channel)
+            .map_err(|e| refused(e, &format!(" ({channel})")))?;
+    }
+    if fields
+        .ts_ms
+        .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
+    {
+        let limit = std::time::Duration::from_millis(rules.stale_ms.max(0) as u64);
+        return Err(ApiError::bad(
+            Refusal::StaleEvent.code(),
+            stale_detail(limit),
+        ));
+    }
+    Ok(Publication {
+        channels,
+        event,
+        fields,
+    })
+}
+
+/// An item's `channel` or `channels`, taken out of it: parsed, bounded, and
+/// each named once, in its first place.
+fn read_channels(item: &mut Map<String, Value>, rules: &Rules) -> Result<Vec<Channel>, ApiError> {
     let names: Vec<Value> = match (item.remove("channel"), item.remove("channels")) {
         (Some(one), None) => vec![one],
         (None, Some(Value::Array(many))) if !many.is_empty() => many,
@@ -271,38 +309,7 @@ fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
             channels.push(channel);
         }
     }
-    let event: Map<String, Value> = match item.remove("event") {
-        Some(Value::Object(event)) => event,
-        Some(_) => return Err(refused(InvalidEvent::NotObject, "")),
-        None => return Err(ApiError::bad("invalid_body", "an item needs an `event`")),
-    };
-    if let Some(extra) = item.keys().next() {
-        return Err(ApiError::bad(
-            "invalid_body",
-            format!("unknown field {extra:?}"),
-        ));
-    }
-    let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;
-    for channel in &channels {
-        fields
-            .check_channel(*channel)
-            .map_err(|e| refused(e, &format!(" ({channel})")))?;
-    }
-    if fields
-        .ts_ms
-        .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
-    {
-        let limit = std::time::Duration::from_millis(rules.stale_ms.max(0) as u64);
-        return Err(ApiError::bad(
-            Refusal::StaleEvent.code(),
-            stale_detail(limit),
-        ));
-    }
-    Ok(Publication {
-        channels,
-        event,
-        fields,
-    })
+    Ok(channels)
 }
 
 /// An event refused by the rules every way in shares (PROTOCOL.md §5,
