@@ -5,7 +5,7 @@
 //! history entry carries only its own channels, so what a publication
 //! keeps is linear in its size.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! sessions. For every channel family the exact set of connections that got
 //! each event is compared with an oracle written from PROTOCOL.md §6.
 
-mod common;
+use crate::common;
 
 use common::table::*;
 use common::*;

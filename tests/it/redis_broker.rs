@@ -2,7 +2,7 @@
 //! validation, outage and recovery, several gateway processes, and the
 //! drop-oldest queue.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! answered or admitted) are never evicted, and when every place is held
 //! by one of those the new connection is refused (`handshake_limit`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

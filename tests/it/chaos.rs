@@ -56,7 +56,7 @@
 //!   until the heal, B must never say `healthy` (detection with these
 //!   timings is about 0.7 s).
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@
 //! not, are given to the function and to the gateway's own parser, which
 //! must agree on each.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

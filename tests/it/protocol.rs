@@ -1,6 +1,6 @@
 //! The client protocol (PROTOCOL.md §7), health (§12) and the publish API (§10).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! (`WSGATEWAY_REVOKED_JTI_KEY`): refused at connect, closed at the next
 //! re-validation, and never across tenants.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

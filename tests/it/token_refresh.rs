@@ -2,7 +2,7 @@
 //! token is what the connection lives by from then on (expiry, `jti`,
 //! branches); a rejected one changes nothing.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! verify leaves `sector_repository` degraded with the reason, logged once,
 //! and waiters hearing every sector; a missing `sslrootcert` stops `serve`.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

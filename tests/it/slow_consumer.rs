@@ -1,7 +1,7 @@
 //! A client that stops reading is closed with 1008 once its queue overflows,
 //! while everyone else keeps receiving every event.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! node deaf; deployments on one server kept apart by their prefix; and a
 //! retried caller `event_id` publishes nothing twice.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

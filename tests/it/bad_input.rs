@@ -3,7 +3,7 @@
 //! and four bystanders (one per endpoint) have received every event
 //! published meanwhile, exactly once and in order.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -15,7 +15,7 @@
 //!
 //! Each test waits on conditions with deadlines.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};

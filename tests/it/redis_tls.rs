@@ -5,7 +5,7 @@
 //! another CA refused with a clear reason; and bad TLS settings stopping
 //! `serve` at start with one line naming the setting.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! waits on conditions with deadlines, and prints the times it measured
 //! (BENCHMARKS.md collects them).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

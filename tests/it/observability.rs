@@ -1,7 +1,7 @@
 //! Metrics and health: a known scenario, then every counter checked exactly
 //! on `/ws/metrics` as parsed by a Prometheus text-format parser.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

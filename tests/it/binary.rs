@@ -3,7 +3,7 @@
 //! as printed, and gives its demo page working tokens; `serve` serves the
 //! demo page only with `WSGATEWAY_DEMO_PAGE=true`.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! means branch-wide delivery without delaying the handshake past the
 //! timeout; and the cache saves repeated queries.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

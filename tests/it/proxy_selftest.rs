@@ -2,7 +2,7 @@
 //! heals for new connections only, closes on demand, and frees its port
 //! when dropped.
 
-mod common;
+use crate::common;
 
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};

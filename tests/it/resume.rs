@@ -3,7 +3,7 @@
 //! order and once, then live ones; `recovered: false` when history cannot
 //! cover the gap; across a restart and across nodes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Each close code of PROTOCOL.md §9 is produced by the behaviour that
 //! should produce it, and a bystander connection is untouched by it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

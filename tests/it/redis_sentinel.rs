@@ -9,7 +9,7 @@
 //! The sentinel helpers block (std threads, sync Redis clients), so these
 //! tests run on a multi-threaded runtime.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
