@@ -2,17 +2,17 @@
 # Measures the Redis fault timings BENCHMARKS.md reports: how long after
 # Redis accepts connections again live delivery (and the publish API) is
 # back, and how long after a silent black hole a node notices. Runs the
-# fault tests of tests/redis_faults.rs N times (default 5) against real
+# fault tests of tests/it/redis_faults.rs N times (default 5) against real
 # redis-server processes on loopback and prints the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-5}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --release --test redis_faults --no-run >/dev/null 2>&1
+cargo test --release --test it --no-run >/dev/null 2>&1
 for _ in $(seq "$runs"); do
   for t in live_delivery_is_back a_silently_dead_path; do
-    cargo test --release --test redis_faults "$t" -- --nocapture 2>/dev/null | grep '^measured:' >>"$log"
+    cargo test --release --test it "redis_faults::$t" -- --nocapture 2>/dev/null | grep '^measured:' >>"$log"
   done
 done
 python3 - "$log" <<'PY'

@@ -10,7 +10,7 @@
 #     postgres://postgres@127.0.0.1:5432/test) with the backend's
 #     waiter_sector_assignment table;
 #   - PostgreSQL's server binaries and setpriv, for the TLS tests' own
-#     cluster (tests/postgres_tls.rs);
+#     cluster (tests/it/postgres_tls.rs);
 #   - Node.js 20+ and npm, for the TypeScript client's tests
 #     (clients/typescript), which run against the gateway binary cargo built;
 #   - Chromium (Debian's package) and curl, for the demo page's browser test
@@ -89,7 +89,7 @@ ensure_postgres() {
     -f tests/fixtures/waiter_sector_assignment.sql >/dev/null
 }
 
-# tests/postgres_tls.rs starts its own cluster with ssl=on: it needs the
+# tests/it/postgres_tls.rs starts its own cluster with ssl=on: it needs the
 # server binaries (/usr/lib/postgresql/<version>/bin/initdb and postgres, the
 # newest version is used), the postgres user, and setpriv to run them as that
 # user, which only root may do.
@@ -103,7 +103,7 @@ ensure_postgres_server() {
     apt_install setpriv || apt_install util-linux || true
   fi
   command -v setpriv >/dev/null 2>&1 || die "setpriv is missing: install util-linux (or Debian's setpriv package)"
-  [ "$(id -u)" = 0 ] || die "tests/postgres_tls.rs runs its PostgreSQL as the postgres user (setpriv), which needs root: run as root"
+  [ "$(id -u)" = 0 ] || die "tests/it/postgres_tls.rs runs its PostgreSQL as the postgres user (setpriv), which needs root: run as root"
 }
 
 # The TypeScript client (clients/typescript) is tested with Node's own test

@@ -16,8 +16,8 @@ use crate::config::{Config, JwtAlgorithm};
 // Ids are aliases, not newtypes: they are read from JSON, written to Redis
 // keys, Lua arguments and SQL parameters, and compared in the hub's
 // indices; a mix-up between them would route across a tenant or a branch,
-// which the routing tables and property tests (tests/routing.rs,
-// tests/property_routing.rs) check end to end. Newtypes were weighed and
+// which the routing tables and property tests (tests/it/routing.rs,
+// tests/it/property_routing.rs) check end to end. Newtypes were weighed and
 // left: 118 uses, each needing a conversion at those edges, for a class of
 // bug the tests already catch.
 pub type TenantId = i64;

@@ -17,9 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use wsgateway::auth::unix_now;
 use wsgateway::config::{JwtAlgorithm, Secs};
 
-const PRIVATE: &[u8] = include_bytes!("fixtures/rs256-private.pem");
-const OTHER_PRIVATE: &[u8] = include_bytes!("fixtures/rs256-other-private.pem");
-const PUBLIC: &[u8] = include_bytes!("fixtures/rs256-public.pem");
+const PRIVATE: &[u8] = include_bytes!("../fixtures/rs256-private.pem");
+const OTHER_PRIVATE: &[u8] = include_bytes!("../fixtures/rs256-other-private.pem");
+const PUBLIC: &[u8] = include_bytes!("../fixtures/rs256-public.pem");
 const MAX_PENDING: usize = 16;
 
 fn rs256(claims: &Value) -> String {

@@ -945,6 +945,7 @@ impl Run {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_under_outages_and_dead_paths_lose_nothing_history_kept() {
+    let _heavy = common::heavy().await;
     tokio::time::timeout(BUDGET, scenario())
         .await
         .unwrap_or_else(|_| panic!("the chaos test did not end within {BUDGET:?}"));

@@ -83,6 +83,7 @@ async fn receives(client: &mut Client, expected: &[String]) {
 
 #[tokio::test]
 async fn a_restore_from_an_older_snapshot_reuses_no_number_and_never_lies() {
+    let _heavy = common::heavy().await;
     let mut server = RedisServer::start();
     let gw = redis_gateway(server.url(), None).await;
     let e1 = publish_retrying(&gw, SESSION, paid("E1")).await;
@@ -378,7 +379,7 @@ fn no_permission<T: std::fmt::Debug>(result: redis::RedisResult<T>) {
 
 /// The ACL lines of docs/REDIS.md, as written there.
 fn readme_acl() -> Vec<String> {
-    let readme = include_str!("../docs/REDIS.md");
+    let readme = include_str!("../../docs/REDIS.md");
     let start = readme
         .find("<!-- acl:begin -->")
         .expect("docs/REDIS.md's ACL block");

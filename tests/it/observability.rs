@@ -354,8 +354,8 @@ async fn the_dashboard_and_alerts_use_only_exported_metrics() {
     let gw = TestGateway::start_with(|c| c.redis_url = Some(Secret(url))).await;
     let exported = gw.metrics().await;
     let files = [
-        include_str!("../docs/grafana/wsgateway-dashboard.json"),
-        include_str!("../docs/prometheus/alerts.yml"),
+        include_str!("../../docs/grafana/wsgateway-dashboard.json"),
+        include_str!("../../docs/prometheus/alerts.yml"),
     ];
     let mut checked = 0;
     for text in files {

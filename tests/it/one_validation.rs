@@ -23,7 +23,7 @@ use wsgateway::channel::Channel;
 use wsgateway::config::{Secret, Secs};
 use wsgateway::event::{Fields, InvalidEvent, RESERVED_TYPES, stale_detail, unix_ms};
 
-const LIBRARY: &str = include_str!("../src/broker/lua/wsgateway.lua");
+const LIBRARY: &str = include_str!("../../src/broker/lua/wsgateway.lua");
 
 /// The gateway's stale limit here: not the default 30 s, so that the
 /// function is seen to use the one the gateway recorded.

@@ -1,5 +1,5 @@
 //! Sector assignments over TLS, against a real PostgreSQL with `ssl=on`
-//! that takes TCP connections over TLS only (tests/common/pg_tls.rs):
+//! that takes TCP connections over TLS only (tests/it/common/pg_tls.rs):
 //! each `sslmode` means what it means in libpq; a certificate that does not
 //! verify leaves `sector_repository` degraded with the reason, logged once,
 //! and waiters hearing every sector; a missing `sslrootcert` stops `serve`.

@@ -30,6 +30,7 @@ async fn ns(client: &mut Client, quiet: Duration) -> Vec<u64> {
 
 #[tokio::test]
 async fn live_delivery_is_back_within_3_s_of_redis_restarting_whatever_the_breaker() {
+    let _heavy = common::heavy().await;
     let mut server = RedisServer::start();
     // The seed's breaker (30 s to half-open); quick health checks so that it
     // opens quickly.
@@ -106,6 +107,7 @@ async fn live_delivery_is_back_within_3_s_of_redis_restarting_whatever_the_break
 
 #[tokio::test]
 async fn a_silently_dead_path_is_detected_replaced_and_its_gap_filled() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
     // Production timing: PING every 1 s, 2 s deadline.
@@ -217,6 +219,7 @@ async fn a_silently_dead_path_is_detected_replaced_and_its_gap_filled() {
 
 #[tokio::test]
 async fn a_gap_history_cannot_fill_tells_the_clients_to_resync() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
     let gw = TestGateway::start_with(|c| {
@@ -273,6 +276,7 @@ async fn a_gap_history_cannot_fill_tells_the_clients_to_resync() {
 
 #[tokio::test]
 async fn direct_publishers_get_numbering_history_and_resume_through_the_function() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let gw = TestGateway::start_with(|c| c.redis_url = Some(Secret(server.url()))).await;
     gw.wait_connected().await;
@@ -374,6 +378,7 @@ async fn direct_publishers_get_numbering_history_and_resume_through_the_function
 
 #[tokio::test]
 async fn a_failover_that_lost_writes_reuses_no_number_and_says_so() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port);
     let gw = TestGateway::start_with(|c| {

@@ -188,6 +188,7 @@ async fn healthy_gateway(
 
 #[tokio::test]
 async fn a_publish_answered_late_is_504_and_a_retry_with_its_event_id_is_delivered_once() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let gw = healthy_gateway(&server, 500, 200, |c| {
         // The breaker stays closed: this test is about one late answer.
@@ -236,6 +237,7 @@ async fn a_publish_answered_late_is_504_and_a_retry_with_its_event_id_is_deliver
 
 #[tokio::test]
 async fn a_publish_refused_with_503_published_nothing() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let gw = healthy_gateway(&server, 500, 200, |_| {}).await;
     let (mut admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
@@ -330,6 +332,7 @@ async fn a_publish_refused_with_503_published_nothing() {
 
 #[tokio::test]
 async fn an_aborted_half_open_publish_does_not_wedge_the_breaker() {
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let gw = healthy_gateway(&server, 300, 100, |c| {
         c.breaker_recovery_s = Secs(Duration::from_secs(1));

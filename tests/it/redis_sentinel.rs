@@ -87,6 +87,7 @@ async fn collect(client: &mut Client, count: usize, within: Duration) -> Vec<u64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_follows_a_failover_when_the_master_dies() {
+    let _heavy = common::heavy().await;
     let started = Instant::now();
     let mut group = SentinelGroup::start("redis-pw");
     let old = group.master.addr();
@@ -181,6 +182,7 @@ async fn the_gateway_follows_a_failover_when_the_master_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demoted_master_is_left_for_the_promoted_replica() {
+    let _heavy = common::heavy().await;
     let started = Instant::now();
     let group = SentinelGroup::start("redis-pw");
     let old = group.master.addr();

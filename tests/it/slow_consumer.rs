@@ -11,6 +11,7 @@ use wsgateway::config::Secs;
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_1008_and_delays_no_one() {
+    let _heavy = common::heavy().await;
     let gw = TestGateway::start_with(|c| {
         c.send_queue_size = 100;
         // Long enough for the stalled client to resume and read its close.
@@ -112,6 +113,7 @@ async fn read_ids(client: &mut Client, n: usize) -> Vec<String> {
 /// counted as `write_failed`, those still queued as `connection_closed`.
 #[tokio::test]
 async fn frames_lost_to_a_reset_connection_are_counted() {
+    let _heavy = common::heavy().await;
     let gw = TestGateway::start_with(|c| c.send_queue_size = 10_000).await;
     let (stalled, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
     // ~26 MB, far more than the loopback buffers hold: the gateway's write

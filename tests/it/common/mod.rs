@@ -26,6 +26,23 @@ use wsgateway::auth::{StaffClaims, TableClaims, mint, unix_now};
 use wsgateway::config::{Secret, Secs};
 use wsgateway::{Config, Gateway};
 
+/// The tests in this binary share one process and run side by side. Those
+/// that load the machine or measure recovery times (killed Redis servers,
+/// stalls, failovers, thousands of sockets, slow readers) hold this lock,
+/// so that at most one of them runs at a time: each then measures the
+/// gateway, not the other heavy tests. Take it first thing in the test.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
+/// Raises this process's soft open-file limit to its hard limit, once for
+/// every test (the limit is the process's, not a test's); returns it.
+pub fn raise_open_file_limit() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| rlimit::increase_nofile_limit(u64::MAX).unwrap())
+}
+
 pub const JWT_SECRET: &str = "test-jwt-secret";
 pub const TABLE_SECRET: &str = "test-table-secret";
 pub const API_KEY: &str = "test-api-key";

@@ -170,7 +170,7 @@ impl TlsPostgres {
         db.batch_execute(&format!(
             "SET client_min_messages = warning; {} CREATE ROLE {CERT_USER} LOGIN; \
              GRANT SELECT ON waiter_sector_assignment TO {CERT_USER};",
-            include_str!("../fixtures/waiter_sector_assignment.sql")
+            include_str!("../../fixtures/waiter_sector_assignment.sql")
         ))
         .await
         .unwrap();

@@ -29,7 +29,7 @@ pub async fn connect() -> tokio_postgres::Client {
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(80010); {} COMMIT;",
-            include_str!("../fixtures/waiter_sector_assignment.sql")
+            include_str!("../../fixtures/waiter_sector_assignment.sql")
         ))
         .await
         .unwrap();
