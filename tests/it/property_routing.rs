@@ -1,7 +1,8 @@
 //! Property: for random populations of connections across tenants and
 //! users, and random events on every channel family, the hub delivers each event to exactly the audience that
 //! PROTOCOL.md §6 defines (computed here independently), and never across
-//! tenants. Through the dispatcher, with two tenants drawing event ids from
+//! tenants; and that audience is the one `hub::audience::receives`, the
+//! gateway's own statement of the rule, gives. Through the dispatcher, with two tenants drawing event ids from
 //! one small pool, each connection gets each of its tenant's events once,
 //! and one tenant's id never suppresses another tenant's event.
 
@@ -16,6 +17,7 @@ use wsgateway::broker::EventQueue;
 use wsgateway::channel::Channel;
 use wsgateway::dispatcher::Dispatcher;
 use wsgateway::event::{Event, Fields};
+use wsgateway::hub::audience::receives;
 use wsgateway::hub::{Hub, Limits, Member, Registered, Registration, SectorScope};
 use wsgateway::metrics::Metrics;
 
@@ -85,35 +87,39 @@ fn event() -> impl Strategy<Value = (Channel, i64, i64, Option<i64>)> {
         })
 }
 
+/// What a drawn connection's token makes it a member of.
+fn member(c: &Conn) -> Member {
+    match c.endpoint {
+        Endpoint::Diner => Member::Diner {
+            branch_id: c.seat.0,
+            session_id: c.seat.1,
+        },
+        endpoint => Member::Staff {
+            user_id: c.user,
+            branch_ids: c.branches.clone(),
+            sectors: if endpoint != Endpoint::Waiter || c.unfiltered {
+                SectorScope::All
+            } else {
+                SectorScope::ByBranch(
+                    c.branches
+                        .iter()
+                        .map(|b| (*b, c.sectors[*b as usize].clone()))
+                        .collect(),
+                )
+            },
+        },
+    }
+}
+
 /// Opens one hub registration per drawn connection.
 fn register<'a>(hub: &Arc<Hub>, conns: &'a [Conn]) -> Vec<(Registered, &'a Conn)> {
     let mut open = Vec::new();
     for c in conns {
-        let member = match c.endpoint {
-            Endpoint::Diner => Member::Diner {
-                branch_id: c.seat.0,
-                session_id: c.seat.1,
-            },
-            endpoint => Member::Staff {
-                user_id: c.user,
-                branch_ids: c.branches.clone(),
-                sectors: if endpoint != Endpoint::Waiter || c.unfiltered {
-                    SectorScope::All
-                } else {
-                    SectorScope::ByBranch(
-                        c.branches
-                            .iter()
-                            .map(|b| (*b, c.sectors[*b as usize].clone()))
-                            .collect(),
-                    )
-                },
-            },
-        };
         let reg = hub
             .register(Registration {
                 tenant_id: c.tenant,
                 endpoint: c.endpoint,
-                member,
+                member: member(c),
                 expires_at: u64::MAX,
                 jti: None,
                 queue_capacity: 100,
@@ -199,6 +205,10 @@ proptest! {
             let mut expected = 0;
             for (reg, c) in open.iter_mut() {
                 let want = audience(c, channel, tenant, branch, sector);
+                // The second oracle: the gateway's own rule, which the hub's
+                // indices are a fast way to enumerate.
+                let rule = receives(c.tenant, c.endpoint, &member(c), channel, &event.fields);
+                prop_assert_eq!(rule, want, "receives disagrees with the model: {:?} for {:?} t{} b{} s{:?}", c, channel, tenant, branch, sector);
                 let got = reg.handle.pop().is_some();
                 prop_assert_eq!(got, want, "{:?} for {:?} t{} b{} s{:?}", c, channel, tenant, branch, sector);
                 prop_assert!(reg.handle.pop().is_none(), "delivered twice");
