@@ -13,7 +13,7 @@ use common::redis_server::RedisServer;
 use common::*;
 use serde_json::{Value, json};
 use wsgateway::Config;
-use wsgateway::config::Secret;
+use wsgateway::config::{Secret, Secs};
 
 const ITEMS: usize = 200;
 const CHANNELS: usize = 100;
@@ -127,10 +127,16 @@ async fn embedded_mode() {
 
 #[tokio::test]
 async fn redis_mode_keeps_each_channel_once() {
+    // A maximal request is 20,000 events in one function call: it loads
+    // the machine, and on a loaded one it may take Redis longer than the
+    // default command timeout (2 s). This test is about the bounds, not
+    // the latency.
+    let _heavy = common::heavy().await;
     let server = RedisServer::start();
     let gw = TestGateway::start_with(|c| {
         bounds(c);
         c.redis_url = Some(Secret(server.url()));
+        c.redis_timeout_s = Secs(Duration::from_secs(10));
     })
     .await;
     gw.wait_connected().await;
