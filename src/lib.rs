@@ -4,7 +4,7 @@
 //!
 //! Data flows one way: broker → dispatcher → hub → connection. Modules,
 //! from the top layer down (each imports only from below it; checked by
-//! `tests/import_graph.rs`):
+//! `tests/it/import_graph.rs`):
 //!
 //! - [`cli`]: the `serve`, `dev`, `token` and `publish` commands.
 //! - [`gateway`]: builds the parts, runs them, shuts them down.
