@@ -621,3 +621,26 @@ async fn help_shows_every_default() {
         }
     }
 }
+
+/// `--version` names the package version, and `--help` the commands the
+/// README names: a newcomer's first two commands.
+#[test]
+fn version_and_help_answer_without_a_configuration() {
+    let run = |arg: &str| {
+        let out = std::process::Command::new(BIN)
+            .arg(arg)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{arg}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        run("--version").trim(),
+        format!("wsgateway {}", env!("CARGO_PKG_VERSION"))
+    );
+    let help = run("--help");
+    for command in ["serve", "dev", "token", "publish"] {
+        assert!(help.contains(command), "--help lacks {command}: {help}");
+    }
+}
