@@ -176,16 +176,55 @@ local function server_run()
   return run_id
 end
 
+-- What the note holds: the run_id; on a cluster node, its node id first
+-- ("<node id>:<run_id>"), so that data a resharding moved here is told
+-- from data a failover or a restart left here.
+local mark = nil
+local function server_mark()
+  if not mark then
+    mark = server_run()
+    if is_sharded() then
+      mark = redis.call('CLUSTER', 'MYID') .. ':' .. mark
+    end
+  end
+  return mark
+end
+
+-- Whether data noted `stored` was written by another primary of this
+-- cluster that is still a healthy primary: a resharding moved it here
+-- whole (MIGRATE moves a slot's keys; a tenant's keys share one slot),
+-- and nothing of it was lost. A noting primary that failed, or is a
+-- replica now (a failover), or is gone, vouches for nothing. The cluster
+-- permission (CLUSTER MYID, NODES) is needed on a cluster.
+local function moved_here(stored)
+  if not is_sharded() then
+    return false
+  end
+  local node = string.match(stored, '^(%x+):')
+  if not node or node == redis.call('CLUSTER', 'MYID') then
+    return false
+  end
+  for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\n]+') do
+    local id, flags = string.match(line, '^(%x+) %S+ (%S+)')
+    if id == node then
+      return string.find(flags, 'master', 1, true) ~= nil and string.find(flags, 'fail', 1, true) == nil
+    end
+  end
+  return false
+end
+
 local function check_data(tenant, now)
-  server_run()
   local run_key = key(tenant, 'run')
   local stored = redis.call('GET', run_key)
-  if stored == run_id then
+  if stored == server_mark() then
     return 'ok'
   end
-  redis.call('SET', run_key, run_id)
+  redis.call('SET', run_key, server_mark())
   if not stored then
     return 'new'
+  end
+  if moved_here(stored) then
+    return 'ok'
   end
   local seq_key = key(tenant, 'seq')
   local n = math.max(tonumber(redis.call('GET', seq_key) or '0'), clock_us(now)) + RELOAD_JUMP_US
