@@ -136,6 +136,18 @@ impl ScopeChanges {
     pub fn take_since_us(&self) -> Option<i64> {
         Some(self.since_us.swap(0, Ordering::AcqRel)).filter(|&t| t != 0)
     }
+
+    /// Gives back what [`ScopeChanges::take_since_us`] took, when the
+    /// changes could not be applied after all.
+    pub fn give_back(&self, since_us: Option<i64>) {
+        if let Some(since) = since_us {
+            let _ = self
+                .since_us
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                    Some(if now == 0 { since } else { now.min(since) })
+                });
+        }
+    }
 }
 
 pub trait Broker: Send + Sync {

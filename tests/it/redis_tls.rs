@@ -357,7 +357,10 @@ fn bad_tls_settings_stop_serve_with_one_line_naming_the_setting() {
         ),
         (
             vec![
-                ("REDIS_URL", "redis://127.0.0.1:7000/2,redis://127.0.0.1:7001"),
+                (
+                    "REDIS_URL",
+                    "redis://127.0.0.1:7000/2,redis://127.0.0.1:7001",
+                ),
                 ("WSGATEWAY_REDIS_MODE", "cluster"),
                 ("WSGATEWAY_REDIS_PREFIX", "p"),
             ],
@@ -365,7 +368,10 @@ fn bad_tls_settings_stop_serve_with_one_line_naming_the_setting() {
             "a Redis Cluster has database 0 only",
         ),
         (
-            vec![("REDIS_URL", tls_url), ("WSGATEWAY_REDIS_MODE", "clustered")],
+            vec![
+                ("REDIS_URL", tls_url),
+                ("WSGATEWAY_REDIS_MODE", "clustered"),
+            ],
             "WSGATEWAY_REDIS_MODE",
             "is not one of standalone, sentinel, cluster",
         ),

@@ -548,10 +548,12 @@ async fn open(broker: &RedisBroker) -> Result<(Live, Option<i64>), SubscribeErro
     };
     // Taken before the scopes are read: a scope that comes after is a
     // change still to take.
-    let since = broker.listeners.changes().take_since_us();
-    live.subscribe(broker, &broker.listeners.scopes())
-        .await
-        .map_err(|why| SubscribeError::Failed(Failure::Other(why.to_string())))?;
+    let changes = broker.listeners.changes();
+    let since = changes.take_since_us();
+    if let Err(why) = live.subscribe(broker, &broker.listeners.scopes()).await {
+        changes.give_back(since);
+        return Err(SubscribeError::Failed(Failure::Other(why.to_string())));
+    }
     Ok((live, since))
 }
 
