@@ -208,7 +208,15 @@ impl RedisBroker {
             }
             Err(e) => {
                 self.note_incompatible(&e);
-                permit.failure();
+                match &e {
+                    // Redis answered: it is there, and refused this call
+                    // (in a cluster, a script touching a slot being
+                    // migrated, until its keys have moved). The breaker
+                    // guards against a Redis that does not answer, and
+                    // would shut out every tenant for one tenant's slot.
+                    LinkError::Refused(_) => permit.success(),
+                    _ => permit.failure(),
+                }
                 Err(match e {
                     LinkError::Unknown(why) => BrokerError::OutcomeUnknown(why.to_string()),
                     LinkError::TimedOut => BrokerError::OutcomeUnknown("timed out".into()),

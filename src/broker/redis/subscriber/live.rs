@@ -34,6 +34,8 @@ pub(super) enum Sub {
     Cluster {
         conn: ClusterConnection,
         pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        /// Pushes read ahead (see [`Live::absorb`]), to be read first.
+        pending: std::collections::VecDeque<redis::PushInfo>,
     },
 }
 
@@ -144,8 +146,26 @@ impl Live {
     pub(super) async fn next(&mut self) -> Incoming {
         match &mut self.sub {
             Sub::One { stream, .. } => stream.next().await.map_or(Incoming::Closed, Incoming::Msg),
-            Sub::Cluster { pushes, .. } => {
-                pushes.recv().await.map_or(Incoming::Closed, Incoming::Push)
+            Sub::Cluster {
+                pushes, pending, ..
+            } => match pending.pop_front() {
+                Some(push) => Incoming::Push(push),
+                None => pushes.recv().await.map_or(Incoming::Closed, Incoming::Push),
+            },
+        }
+    }
+
+    /// Takes the pushes already arrived for which `absorbed` holds out of
+    /// the way; the others stay, in order, to be read next.
+    pub(super) fn absorb(&mut self, absorbed: impl Fn(&redis::PushInfo) -> bool) {
+        if let Sub::Cluster {
+            pushes, pending, ..
+        } = &mut self.sub
+        {
+            while let Ok(push) = pushes.try_recv() {
+                if !absorbed(&push) {
+                    pending.push_back(push);
+                }
             }
         }
     }

@@ -232,7 +232,11 @@ async fn open_cluster(broker: &RedisBroker) -> Result<Live, SubscribeError> {
         conn.psubscribe(pattern).await.map_err(describe)?;
     }
     Ok(Live {
-        sub: Sub::Cluster { conn, pushes },
+        sub: Sub::Cluster {
+            conn,
+            pushes,
+            pending: Default::default(),
+        },
         addr: connector.seeds().unwrap_or_default().to_owned(),
         subscribed: HashSet::new(),
     })
@@ -347,14 +351,21 @@ async fn pushed(
         PushKind::PMessage => (text(push.data.get(1)), text(push.data.get(2))),
         PushKind::Disconnection => return Err(Lost::NodeDropped),
         PushKind::SUnsubscribe => {
-            let moved = text(push.data.first())
-                .and_then(|c| String::from_utf8(c).ok())
-                .and_then(|c| read_scope(c.strip_prefix(broker.names.scope_channels())?))
-                .filter(|scope| live.subscribed.contains(scope));
-            if let Some(scope) = moved {
-                return moved_scope(broker, live, position, scope).await;
-            }
-            return Ok(());
+            let moved = |push: &redis::PushInfo| {
+                (push.kind == PushKind::SUnsubscribe)
+                    .then(|| text(push.data.first()))
+                    .flatten()
+                    .and_then(|c| String::from_utf8(c).ok())
+                    .and_then(|c| read_scope(c.strip_prefix(broker.names.scope_channels())?))
+            };
+            let Some(scope) = moved(&push).filter(|s| live.subscribed.contains(s)) else {
+                return Ok(());
+            };
+            // The slot moved: every channel of the tenant was unsubscribed
+            // (one slot); those notices already here are this one's.
+            let tenant = scope.tenant();
+            live.absorb(|p| moved(p).is_some_and(|s| s.tenant() == tenant));
+            return moved_tenant(broker, live, position, tenant).await;
         }
         _ => return Ok(()),
     };
@@ -366,28 +377,45 @@ async fn pushed(
     Ok(())
 }
 
-/// A scope whose shard channel the server unsubscribed (a slot migrated):
-/// subscribed again (on the slot's new owner), then its history read from
-/// the tenant's last event delivered.
-async fn moved_scope(
+/// A tenant whose shard channels the server unsubscribed (its slot
+/// migrated): all its scopes subscribed again (on the slot's new owner),
+/// then their history read together, in number order, from the tenant's
+/// last event delivered (one start for all: a scope's fill must not move
+/// another's start past events it has not had).
+async fn moved_tenant(
     broker: &RedisBroker,
     live: &mut Live,
     position: &mut Position,
-    scope: Scope,
+    tenant: TenantId,
 ) -> Result<(), Lost> {
     let since = Instant::now();
-    live.subscribed.remove(&scope);
-    live.subscribe(broker, &[scope]).await?;
-    let start = position.gap_start(scope.tenant());
-    let (read, _) = read_and_measure(broker, position, &[scope], &[start]).await;
+    let scopes: Vec<Scope> = live
+        .scopes()
+        .into_iter()
+        .filter(|s| s.tenant() == tenant)
+        .collect();
+    for scope in &scopes {
+        live.subscribed.remove(scope);
+    }
+    live.subscribe(broker, &scopes).await?;
+    let starts = vec![position.gap_start(tenant); scopes.len()];
+    let (read, _) = read_and_measure(broker, position, &scopes, &starts).await;
     let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
     let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
-    note_filled(position, &[scope], &filled);
+    note_filled(position, &scopes, &filled);
     broker.metrics.gap_filled_events.inc_by(count);
-    if !filled.reloaded.is_empty() || !filled.trimmed.is_empty() {
+    let mut lost_scopes: Vec<Scope> = filled
+        .reloaded
+        .iter()
+        .chain(&filled.trimmed)
+        .copied()
+        .collect();
+    lost_scopes.sort_unstable();
+    lost_scopes.dedup();
+    if !lost_scopes.is_empty() {
         lost(
             broker,
-            Some(&[scope]),
+            Some(&lost_scopes),
             ResyncReason::HistoryUnavailable,
             Gap { since },
         );
@@ -398,7 +426,12 @@ async fn moved_scope(
             .with_label_values(&["filled"])
             .inc();
     }
-    tracing::info!(scope = %broker.names.scope_channel(scope), filled = count, "shard channel moved to another node; subscribed there");
+    tracing::info!(
+        tenant,
+        scopes = scopes.len(),
+        filled = count,
+        "a tenant's shard channels moved to another node; subscribed there"
+    );
     Ok(())
 }
 
