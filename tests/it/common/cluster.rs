@@ -178,7 +178,7 @@ impl RedisCluster {
             .collect();
         let ids = nodes
             .iter()
-            .map(|n| n.query(&redis::cmd("CLUSTER").arg("MYID")).unwrap())
+            .map(|n| n.query(redis::cmd("CLUSTER").arg("MYID")).unwrap())
             .collect();
         let cluster = RedisCluster {
             nodes,
