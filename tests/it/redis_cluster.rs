@@ -867,3 +867,55 @@ async fn a_backends_fcall_and_plain_publish_reach_the_kitchen() {
     println!("measured: {:?} in all", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_and_a_prefix_work_as_in_the_other_modes() {
+    let _heavy = common::heavy().await;
+    let started = Instant::now();
+    let cluster = blocking(|| RedisCluster::start_with(3, 0, Some("cluster-pw")));
+    assert!(cluster.seeds().contains(":cluster-pw@127.0.0.1:"));
+    let node = Node::start_with(&cluster.seeds(), &[("WSGATEWAY_REDIS_PREFIX", "staging")]).await;
+    node.wait_healthy(Duration::from_secs(15)).await;
+    let nodes = [node];
+    let (mut waiter, _) = nodes[0]
+        .join("waiter", &staff(1, 3, &[5], &["WAITER"]))
+        .await;
+    let id = nodes[0]
+        .publish_one(
+            "channel:branch:5:waiters",
+            json!({"type": "ROUND_READY", "tenant_id": 3, "branch_id": 5, "event_id": "p-1"}),
+        )
+        .await;
+    let got = waiter.next_json().await;
+    assert_eq!(
+        got.as_ref().map(|f| f["event_id"].clone()),
+        Some(json!(id)),
+        "{}",
+        logs(&nodes).await
+    );
+    // The tenant's keys carry the prefix, on the primary of their slot.
+    let key = "staging:wsgateway:{3}:seq";
+    let owner = blocking(|| cluster.primary_of_slot(cluster.slot_of(key)));
+    let exists: i64 = blocking(|| cluster.query(owner, redis::cmd("EXISTS").arg(key))).unwrap();
+    assert_eq!(exists, 1, "{key} on node {owner}");
+    // A plain PUBLISH on the prefixed seed channel reaches the waiter.
+    let plain = json!({"type": "ROUND_SERVED", "tenant_id": 3, "branch_id": 5, "n": "plain"});
+    blocking(|| {
+        cluster.cli_on(
+            owner,
+            &[
+                "PUBLISH",
+                "staging:channel:branch:5:waiters",
+                &plain.to_string(),
+            ],
+        )
+    });
+    assert_eq!(
+        waiter.next_json().await,
+        Some(plain),
+        "{}",
+        logs(&nodes).await
+    );
+    println!("measured: {:?} in all", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
