@@ -61,9 +61,11 @@ pub struct Migration {
     pub to: usize,
 }
 
-/// A port whose cluster bus port (port + 10000) is free too, below the
-/// kernel's ephemeral range (32768 and up on Linux) so that no outgoing
-/// connection takes it meanwhile.
+/// A port whose cluster bus port (port + 10000) is free too, both below
+/// the kernel's ephemeral range (32768 and up on Linux), where the other
+/// tests' servers (port 0) and outgoing connections take theirs. Should
+/// one be taken anyway before the node binds it, the node exits and
+/// `RedisServer::start_on_ports` tries another pair.
 fn cluster_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let seed = std::time::SystemTime::now()
@@ -73,13 +75,13 @@ fn cluster_port() -> u16 {
         ^ std::process::id().wrapping_mul(2_654_435_761);
     for _ in 0..200 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 10000) as u16;
+        let port = 20000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 2768) as u16;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10000) {
             return port;
         }
     }
-    panic!("no free port pair (p, p + 10000) between 20000 and 40000");
+    panic!("no free port pair (p, p + 10000) with p between 20000 and 22767");
 }
 
 /// Polls `check` every 50 ms until it holds; panics after `within`.
