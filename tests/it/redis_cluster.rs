@@ -919,3 +919,51 @@ async fn a_password_and_a_prefix_work_as_in_the_other_modes() {
     println!("measured: {:?} in all", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(60));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_reached_with_the_ca_file() {
+    let _heavy = common::heavy().await;
+    let started = Instant::now();
+    let pki = common::tls::Pki::generate("cluster");
+    let base = common::redis_server::Options {
+        tls: Some(pki.server("no")),
+        ..Default::default()
+    };
+    let cluster = blocking(|| RedisCluster::start_from(3, 0, base));
+    assert!(cluster.seeds().starts_with("rediss://127.0.0.1:"));
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let node = Node::start_with(&cluster.seeds(), &[("WSGATEWAY_REDIS_CA_FILE", &ca)]).await;
+    node.wait_healthy(Duration::from_secs(15)).await;
+    let nodes = [node];
+    let (mut waiter, _) = nodes[0]
+        .join("waiter", &staff(1, 1, &[5], &["WAITER"]))
+        .await;
+    let id = nodes[0]
+        .publish_one(
+            "channel:branch:5:waiters",
+            json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "event_id": "tls-1"}),
+        )
+        .await;
+    let got = waiter.next_json().await;
+    assert_eq!(
+        got.as_ref().map(|f| f["event_id"].clone()),
+        Some(json!(id)),
+        "{}",
+        logs(&nodes).await
+    );
+    let plain = json!({"type": "ROUND_SERVED", "tenant_id": 1, "branch_id": 5, "n": "plain"});
+    blocking(|| {
+        cluster.cli_on(
+            2,
+            &["PUBLISH", "channel:branch:5:waiters", &plain.to_string()],
+        )
+    });
+    assert_eq!(
+        waiter.next_json().await,
+        Some(plain),
+        "{}",
+        logs(&nodes).await
+    );
+    println!("measured: {:?} in all", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(60));
+}

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::redis_server::{Options, RedisServer};
+use super::redis_server::{Options, RedisServer, ServerTls};
 
 pub const SLOTS: u16 = 16384;
 
@@ -29,6 +29,7 @@ pub struct RedisCluster {
     /// Each node's cluster id (`CLUSTER MYID`), by index.
     ids: Vec<String>,
     password: Option<String>,
+    tls: Option<ServerTls>,
 }
 
 /// One line of `CLUSTER NODES`.
@@ -127,6 +128,21 @@ pub fn parse_nodes(text: &str) -> Vec<NodeLine> {
         .collect()
 }
 
+/// A command on a new connection to `server`, bounded in time: 2 s to
+/// connect, 10 s for the answer (more than `WAIT`'s and `MIGRATE`'s own
+/// 5 s), so that a node that never answers fails the test, not hangs it.
+fn query_on<T: redis::FromRedisValue>(
+    server: &RedisServer,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let mut conn = server
+        .client()
+        .get_connection_with_timeout(Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    cmd.query(&mut conn)
+}
+
 fn field(info: &str, name: &str) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
@@ -147,13 +163,28 @@ impl RedisCluster {
         replicas_per_primary: usize,
         password: Option<&str>,
     ) -> RedisCluster {
+        let base = Options {
+            password: password.map(str::to_owned),
+            ..Options::default()
+        };
+        Self::start_from(primaries, replicas_per_primary, base)
+    }
+
+    /// The same, every node with `base`'s password and TLS: a TLS-only
+    /// cluster (`--tls-cluster yes --tls-replication yes`: the bus and the
+    /// replication links are TLS too, and the nodes announce their TLS
+    /// ports).
+    pub fn start_from(
+        primaries: usize,
+        replicas_per_primary: usize,
+        base: Options,
+    ) -> RedisCluster {
         assert!(
             primaries >= 3,
             "redis-cli --cluster create needs 3 primaries"
         );
         let started = Instant::now();
-        let options = Options {
-            password: password.map(str::to_owned),
+        let mut options = Options {
             args: [
                 "--cluster-enabled",
                 "yes",
@@ -172,20 +203,37 @@ impl RedisCluster {
             ]
             .map(str::to_owned)
             .to_vec(),
-            ..Options::default()
+            ..base.clone()
         };
+        if let Some(tls) = &base.tls {
+            for arg in ["--tls-cluster", "yes", "--tls-replication", "yes"] {
+                options.args.push(arg.into());
+            }
+            // The bus always asks the connecting node for a certificate:
+            // a node connects with the client certificate, not its server
+            // one (whose key usage is server authentication only).
+            for (flag, file) in [
+                ("--tls-client-cert-file", &tls.client.0),
+                ("--tls-client-key-file", &tls.client.1),
+            ] {
+                options.args.push(flag.into());
+                options.args.push(file.to_str().unwrap().into());
+            }
+        }
+        options.args.extend(base.args);
         let total = primaries * (1 + replicas_per_primary);
         let nodes: Vec<RedisServer> = (0..total)
             .map(|_| RedisServer::start_on_ports(options.clone(), cluster_port))
             .collect();
         let ids = nodes
             .iter()
-            .map(|n| n.query(redis::cmd("CLUSTER").arg("MYID")).unwrap())
+            .map(|n| query_on(n, redis::cmd("CLUSTER").arg("MYID")).unwrap())
             .collect();
         let cluster = RedisCluster {
             nodes,
             ids,
-            password: password.map(str::to_owned),
+            password: base.password.clone(),
+            tls: base.tls.clone(),
         };
         let mut create = cluster.cli();
         create.arg("--cluster").arg("create");
@@ -208,11 +256,24 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis-cli` with the cluster's password, if any.
+    /// `redis-cli` with the cluster's password and TLS files, if any,
+    /// killed after 20 s.
     pub fn cli(&self) -> Command {
-        let mut c = Command::new("redis-cli");
+        // Bounded: `redis-cli --cluster create` waits for the nodes to
+        // join with no limit of its own.
+        let mut c = Command::new("timeout");
+        c.args(["--kill-after=2", "20", "redis-cli"]);
         if let Some(pw) = &self.password {
             c.args(["-a", pw, "--no-auth-warning"]);
+        }
+        if let Some(tls) = &self.tls {
+            c.arg("--tls")
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client.0)
+                .arg("--key")
+                .arg(&tls.client.1);
         }
         c
     }
@@ -268,13 +329,14 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no node on port {port}"))
     }
 
-    /// A command on `node`, on a new connection.
+    /// A command on `node`, on a new connection; an error after 10 s
+    /// without an answer.
     pub fn query<T: redis::FromRedisValue>(
         &self,
         node: usize,
         cmd: &redis::Cmd,
     ) -> redis::RedisResult<T> {
-        self.nodes[node].query(cmd)
+        query_on(&self.nodes[node], cmd)
     }
 
     /// `CLUSTER NODES` as `node` sees it.
