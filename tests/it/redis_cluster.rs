@@ -12,7 +12,7 @@
 
 use crate::common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -368,14 +368,27 @@ struct Accepted {
     at: Instant,
 }
 
+/// One publish call of the stream: when it was answered, the event (its
+/// tenant and `n`), the HTTP status (0: no answer within 5 s) and the body.
+#[derive(Clone)]
+struct Attempt {
+    at: Instant,
+    tenant: i64,
+    n: usize,
+    status: u16,
+    body: String,
+}
+
 /// The stream's publisher: a task that, every `every`, publishes the next
 /// event of each tenant through the nodes' APIs in turn, retrying one
 /// until it is accepted (503 and 504 are retried with the same `event_id`,
 /// which makes a retry safe), so that the accepted events are in order.
+/// It gives up when one event is refused for 30 s.
 struct Publisher {
     accepted: Arc<Mutex<Vec<Accepted>>>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
     stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<usize>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Publisher {
@@ -383,20 +396,20 @@ impl Publisher {
         let urls: Vec<String> = nodes.iter().map(|n| n.url("/api/publish")).collect();
         let tenants = tenants.to_vec();
         let accepted = Arc::new(Mutex::new(Vec::new()));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let (sink, stopped) = (accepted.clone(), stop.clone());
+        let (sink, tries, stopped) = (accepted.clone(), attempts.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .build()
                 .unwrap();
-            let mut retries = 0;
             let mut turn = 0;
             let mut tick = tokio::time::interval(every);
             for n in 0.. {
                 tick.tick().await;
                 if stopped.is_cancelled() {
-                    break;
+                    return Ok(());
                 }
                 for &tenant in &tenants {
                     let body = steady_item(tenant, n).to_string();
@@ -409,19 +422,25 @@ impl Publisher {
                             .body(body.clone())
                             .send()
                             .await;
-                        let status = match answer {
-                            Ok(r) => r.status().as_u16(),
-                            Err(_) => 0,
+                        let (status, text) = match answer {
+                            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                            Err(e) => (0, e.to_string()),
                         };
+                        tries.lock().push(Attempt {
+                            at: Instant::now(),
+                            tenant,
+                            n,
+                            status,
+                            body: text.chars().take(300).collect(),
+                        });
                         match status {
                             202 => break,
-                            0 | 503 | 504 => retries += 1,
-                            other => panic!("event {n} of tenant {tenant}: {other}"),
+                            0 | 503 | 504 => {}
+                            other => return Err(format!("event {n} of tenant {tenant}: {other}")),
                         }
-                        assert!(
-                            first.elapsed() < Duration::from_secs(30),
-                            "event {n} of tenant {tenant} refused for 30 s"
-                        );
+                        if first.elapsed() > Duration::from_secs(30) {
+                            return Err(format!("event {n} of tenant {tenant} refused for 30 s"));
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     sink.lock().push(Accepted {
@@ -431,10 +450,11 @@ impl Publisher {
                     });
                 }
             }
-            retries
+            Ok(())
         });
         Publisher {
             accepted,
+            attempts,
             stop,
             task,
         }
@@ -444,27 +464,90 @@ impl Publisher {
         self.accepted.lock().len()
     }
 
+    /// The last attempts, for a failure's message.
+    fn last_attempts(&self) -> String {
+        last_of(&self.attempts)
+    }
+
     /// Waits until `more` events beyond those accepted now are accepted.
     async fn wait_more(&self, more: usize) {
         let target = self.count() + more;
+        self.wait_for(&format!("{more} more accepted events"), || {
+            self.count() >= target
+        })
+        .await;
+    }
+
+    /// Waits until `more` publish calls beyond those answered now are
+    /// answered, whatever the answers.
+    async fn wait_attempts(&self, more: usize) {
+        let target = self.attempts.lock().len() + more;
+        self.wait_for(&format!("{more} more publish calls"), || {
+            self.attempts.lock().len() >= target
+        })
+        .await;
+    }
+
+    async fn wait_for(&self, what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(40);
-        while self.count() < target {
+        while !done() {
             assert!(
-                Instant::now() < deadline,
-                "the stream stalled at {} events",
-                self.count()
+                Instant::now() < deadline && !self.task.is_finished(),
+                "the stream stalled waiting for {what} at {} events; last calls: {}",
+                self.count(),
+                self.last_attempts()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
+    /// The answers to the calls made between `from` and `to`: how many of
+    /// each status (and error code), by tenant.
+    fn answers_between(&self, from: Instant, to: Instant) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for a in self
+            .attempts
+            .lock()
+            .iter()
+            .filter(|a| a.at >= from && a.at < to)
+        {
+            let code = serde_json::from_str::<Value>(&a.body)
+                .ok()
+                .and_then(|b| b["error"].as_str().map(str::to_owned));
+            let key = match code {
+                Some(code) => format!("tenant {}: {} {code}", a.tenant, a.status),
+                None => format!("tenant {}: {}", a.tenant, a.status),
+            };
+            *out.entry(key).or_default() += 1;
+        }
+        out
+    }
+
     /// Stops; returns every accepted event and the number of retries.
     async fn finish(self) -> (Vec<Accepted>, usize) {
         self.stop.cancel();
-        let retries = self.task.await.expect("the publisher ran to its end");
+        let ended = self.task.await.expect("the publisher does not panic");
+        if let Err(e) = ended {
+            panic!("{e}; last calls: {}", last_of(&self.attempts));
+        }
         let accepted = self.accepted.lock().clone();
+        let retries = self.attempts.lock().len() - accepted.len();
         (accepted, retries)
     }
+}
+
+/// The last five publish calls.
+fn last_of(attempts: &Mutex<Vec<Attempt>>) -> String {
+    let attempts = attempts.lock();
+    attempts[attempts.len().saturating_sub(5)..]
+        .iter()
+        .map(|a| {
+            format!(
+                "\n  event {} of tenant {}: {} {}",
+                a.n, a.tenant, a.status, a.body
+            )
+        })
+        .collect()
 }
 
 /// A client of the stream: which tenant's events, and which half of them.
@@ -672,7 +755,7 @@ async fn a_primary_failover_under_a_steady_stream_loses_nothing_history_kept() {
         n.wait_healthy(Duration::from_secs(20)).await;
     }
     let healthy_again = killed_at.elapsed();
-    publisher.wait_more(20).await;
+    publisher.wait_more(40).await;
     let (accepted, retries) = publisher.finish().await;
     publisher_done(&accepted);
     let samples = health.finish().await;
@@ -756,14 +839,34 @@ async fn a_resharding_under_a_steady_stream_delivers_every_event_once_in_order()
     let publisher = Publisher::start(&nodes, &[1, 3], Duration::from_millis(30));
     publisher.wait_more(20).await;
 
-    // Step by step, with events published between the steps.
+    // Step by step, with events published between the steps. While the
+    // slot is migrating, tenant 1's publications may be refused (503) and
+    // retried: wait for calls, not acceptances.
+    let begun = Instant::now();
     let m = blocking(|| cluster.begin_migration(slot, to));
-    publisher.wait_more(20).await;
+    publisher.wait_attempts(10).await;
+    let moving = Instant::now();
     let moved = blocking(|| cluster.move_keys(&m, 2));
-    publisher.wait_more(20).await;
+    let keys_moved = Instant::now();
+    publisher.wait_attempts(10).await;
+    let finishing = Instant::now();
     blocking(|| cluster.finish_migration(m, Duration::from_secs(10)));
     let finished = Instant::now();
     publisher.wait_more(30).await;
+    let phases = [
+        ("migrating, keys on the old owner", begun, moving),
+        ("moving the keys", moving, keys_moved),
+        ("migrating, keys on the new owner", keys_moved, finishing),
+        ("setting the new owner", finishing, finished),
+        ("after", finished, Instant::now()),
+    ]
+    .map(|(name, a, b)| {
+        format!(
+            "{name} ({:?}): {:?}",
+            b - a,
+            publisher.answers_between(a, b)
+        )
+    });
     let (accepted, retries) = publisher.finish().await;
     publisher_done(&accepted);
     assert!(accepted.iter().any(|a| a.at > finished));
@@ -785,9 +888,10 @@ async fn a_resharding_under_a_steady_stream_delivers_every_event_once_in_order()
     }
     println!(
         "measured: slot {slot} moved from node {from} to node {to} with {moved} keys; {} events \
-         accepted, {retries} retries; {:?} in all\n{}",
+         accepted, {retries} retries; {:?} in all\nanswers to the publish calls, by phase:\n{}\n{}",
         accepted.len(),
         started.elapsed(),
+        phases.join("\n"),
         report.join("\n")
     );
     assert!(
