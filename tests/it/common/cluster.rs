@@ -492,6 +492,20 @@ impl RedisCluster {
         primary
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to `node`'s process, one this
+    /// cluster started. A stopped replica takes no more of its primary's
+    /// writes: killing the primary then loses them, as an asynchronous
+    /// replica can.
+    pub fn signal(&self, node: usize, signal: &str) {
+        let pid = self.nodes[node].pid().expect("a running node");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Waits until a replica of `killed` serves `slot` and the cluster is
     /// ready again (every running node ok and agreeing); returns the new
     /// primary.
