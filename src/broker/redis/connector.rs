@@ -513,11 +513,8 @@ fn client(
     .map_err(|e| bad_url(format!("not usable ({:?})", e.kind())))
 }
 
-fn standalone(
-    config: &Config,
-    mut infos: Vec<ConnectionInfo>,
-    certs: &Option<TlsCertificates>,
-) -> Result<Topology, ConfigError> {
+/// Outside sentinel mode, no master name may be set.
+fn no_sentinel_master(config: &Config) -> Result<(), ConfigError> {
     if config.redis_sentinel_master.is_some() {
         return Err(ConfigError::Invalid {
             env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
@@ -525,6 +522,15 @@ fn standalone(
             reason: "set, but WSGATEWAY_REDIS_MODE is not sentinel".into(),
         });
     }
+    Ok(())
+}
+
+fn standalone(
+    config: &Config,
+    mut infos: Vec<ConnectionInfo>,
+    certs: &Option<TlsCertificates>,
+) -> Result<Topology, ConfigError> {
+    no_sentinel_master(config)?;
     let info = with_password(config, infos.remove(0));
     let addr = address(info.addr());
     Ok(Topology::Standalone {
@@ -583,13 +589,7 @@ fn cluster(
     infos: Vec<ConnectionInfo>,
     certs: Option<TlsCertificates>,
 ) -> Result<Topology, ConfigError> {
-    if config.redis_sentinel_master.is_some() {
-        return Err(ConfigError::Invalid {
-            env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
-            flag: "redis-sentinel-master",
-            reason: "set, but WSGATEWAY_REDIS_MODE is not sentinel".into(),
-        });
-    }
+    no_sentinel_master(config)?;
     if let Some(info) = infos.iter().find(|i| i.redis_settings().db() != 0) {
         return Err(bad_url(format!(
             "selects database {}, but a Redis Cluster has database 0 only",
