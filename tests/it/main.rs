@@ -22,6 +22,7 @@ mod protocol;
 mod proxy_selftest;
 mod publish_limits;
 mod redis_broker;
+mod redis_cluster;
 mod redis_faults;
 mod redis_outcomes;
 mod redis_sentinel;

@@ -2,6 +2,7 @@
 //! real HTTP calls.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod logs;
 pub mod pg_tls;
 pub mod postgres;

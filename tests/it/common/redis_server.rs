@@ -74,9 +74,15 @@ impl RedisServer {
     }
 
     pub fn start_with(options: Options) -> RedisServer {
+        Self::start_on_ports(options, free_port)
+    }
+
+    /// Like [`RedisServer::start_with`], on ports that `pick` chooses (a
+    /// cluster node needs its bus port, port + 10000, free as well).
+    pub fn start_on_ports(options: Options, pick: impl Fn() -> u16) -> RedisServer {
         for _ in 0..5 {
             let mut server = RedisServer {
-                port: free_port(),
+                port: pick(),
                 child: None,
                 options: options.clone(),
                 dir: tempfile::tempdir().unwrap(),
