@@ -418,13 +418,16 @@ fn print_table(
 ) {
     println!(
         "--- median of {runs} run(s): {} connections on nodes 1 and 2, none on node 3; \
-         {} tenants × {} branches; {} events/s for {} s through {:?} nodes' APIs",
+         {} tenants × {} branches; {} events/s for {} s through the publish APIs of {}",
         plan.connections,
         plan.tenants,
         plan.branches,
         plan.rate,
         plan.hold.as_secs_f64(),
-        args.publish_to,
+        match args.publish_to {
+            PublishTo::Serving => "nodes 1 and 2",
+            PublishTo::All => "the three nodes",
+        },
     );
     println!(
         "{:<8} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11} {:>12} {:>9}",
