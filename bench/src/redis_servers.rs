@@ -54,23 +54,36 @@ impl Drop for Server {
 
 impl RedisServers {
     /// Starts the servers and, for a cluster, makes them one (every slot
-    /// assigned, `cluster_state:ok` on each), within a minute or fails.
+    /// assigned, `cluster_state:ok` on each), within a minute or fails. A
+    /// server that does not answer (its port taken before it bound it) is
+    /// given new ports, twice at most.
     pub async fn start(kind: Kind) -> anyhow::Result<RedisServers> {
-        let count = match kind {
-            Kind::Single => 1,
-            Kind::Cluster => CLUSTER_SIZE,
+        let mut attempt = 1;
+        let set = loop {
+            match RedisServers::start_servers(kind).await {
+                Ok(set) => break set,
+                Err(e) if attempt == 3 => return Err(e),
+                Err(_) => attempt += 1,
+            }
         };
-        let ports = free_ports(count, kind == Kind::Cluster)?;
-        let mut servers = Vec::with_capacity(count);
+        if kind == Kind::Cluster {
+            set.create_cluster().await?;
+        }
+        Ok(set)
+    }
+
+    async fn start_servers(kind: Kind) -> anyhow::Result<RedisServers> {
+        let ports = match kind {
+            Kind::Single => free_ports(1)?,
+            Kind::Cluster => cluster_ports(CLUSTER_SIZE)?,
+        };
+        let mut servers = Vec::with_capacity(ports.len());
         for port in ports {
             servers.push(Server::start(port, kind).await?);
         }
         let set = RedisServers { kind, servers };
         for server in &set.servers {
             server.wait_for_ping().await?;
-        }
-        if kind == Kind::Cluster {
-            set.create_cluster().await?;
         }
         Ok(set)
     }
@@ -243,37 +256,49 @@ impl Server {
     }
 }
 
-/// `count` distinct free loopback ports; for a cluster, each with its bus
-/// port (port + 10 000) free too. The listeners are held until all are
-/// found, so no port is given twice.
-fn free_ports(count: usize, with_bus: bool) -> anyhow::Result<Vec<u16>> {
+/// `count` distinct free loopback ports (the kernel's choice). The
+/// listeners are held until all are found, so no port is given twice.
+fn free_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
+/// `count` free loopback ports, each with its bus port (port + 10 000)
+/// free too, all below the kernel's ephemeral range (32 768 and up), where
+/// no outgoing connection or port-0 server takes one between this check
+/// and the node's bind: ports 12 768–19 999, buses 22 768–29 999 (apart
+/// from the ranges the integration tests' clusters use, 20 000–22 767
+/// and 30 000–32 767). Listeners are held until all are found.
+fn cluster_ports(count: usize) -> anyhow::Result<Vec<u16>> {
+    const LOW: u32 = 12_768;
+    const SPAN: u32 = 20_000 - LOW;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
     let mut held = Vec::new();
     let mut ports = Vec::new();
-    for _ in 0..200 {
+    for n in 0..500u32 {
         if ports.len() == count {
             return Ok(ports);
         }
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        held.push(listener);
-        if !with_bus {
-            ports.push(port);
-            continue;
-        }
-        // A held bus port is never handed out as a port, nor a held port
-        // as a bus port.
-        let Some(bus) = port.checked_add(BUS_OFFSET) else {
-            continue;
-        };
-        if let Ok(bus_listener) = TcpListener::bind(("127.0.0.1", bus)) {
-            held.push(bus_listener);
+        let port = (LOW + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN) as u16;
+        let bind = |p: u16| TcpListener::bind(("127.0.0.1", p));
+        if let (Ok(node), Ok(bus)) = (bind(port), bind(port + BUS_OFFSET)) {
+            held.push(node);
+            held.push(bus);
             ports.push(port);
         }
     }
     if ports.len() == count {
         return Ok(ports);
     }
-    bail!("cannot find {count} free loopback ports for Redis")
+    bail!("cannot find {count} free loopback port pairs (p, p + 10000) for Redis Cluster")
 }
 
 /// Redis Cluster's hash slot of a hash tag: CRC16 (XMODEM) mod 16 384.
