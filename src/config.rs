@@ -156,9 +156,9 @@ settings! {
     resume_concurrency: usize = Some("16"), env = "WSGATEWAY_RESUME_CONCURRENCY", flag = "resume-concurrency";
     /// Longest wait for a place among the history reads, in seconds; beyond it, `recovered: false`.
     resume_wait_s: Secs = Some("10"), env = "WSGATEWAY_RESUME_WAIT_S", flag = "resume-wait-s";
-    /// Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS); in sentinel mode a comma-separated list of sentinel URLs. Unset: the embedded one-node broker.
+    /// Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS); in sentinel mode a comma-separated list of sentinel URLs, in cluster mode of seed nodes. Unset: the embedded one-node broker.
     redis_url: Option<Secret> = None, env = "REDIS_URL", flag = "redis-url";
-    /// How REDIS_URL is read: `standalone` (one server) or `sentinel` (the sentinels of WSGATEWAY_REDIS_SENTINEL_MASTER). `cluster` is not supported yet.
+    /// How REDIS_URL is read: `standalone` (one server), `sentinel` (the sentinels of WSGATEWAY_REDIS_SENTINEL_MASTER) or `cluster` (seed nodes of a Redis Cluster).
     redis_mode: RedisMode = Some("standalone"), env = "WSGATEWAY_REDIS_MODE", flag = "redis-mode";
     /// Prefix of every Redis key, channel and function this deployment uses (letters, digits, `_`; at most 32), so that several deployments share one Redis server; unset: none. Required when REDIS_URL selects a database other than 0.
     redis_prefix: Option<RedisPrefix> = None, env = "WSGATEWAY_REDIS_PREFIX", flag = "redis-prefix";
@@ -494,6 +494,8 @@ pub enum RedisMode {
     Standalone,
     /// `REDIS_URL` lists sentinels, which name the master.
     Sentinel,
+    /// `REDIS_URL` lists seed nodes of a Redis Cluster.
+    Cluster,
 }
 
 impl SettingValue for RedisMode {
@@ -501,8 +503,10 @@ impl SettingValue for RedisMode {
         match raw.trim().to_ascii_lowercase().as_str() {
             "standalone" => Ok(RedisMode::Standalone),
             "sentinel" => Ok(RedisMode::Sentinel),
-            "cluster" => Err("cluster is not supported yet (use standalone or sentinel)".into()),
-            _ => Err(format!("{raw:?} is not one of standalone, sentinel")),
+            "cluster" => Ok(RedisMode::Cluster),
+            _ => Err(format!(
+                "{raw:?} is not one of standalone, sentinel, cluster"
+            )),
         }
     }
 }

@@ -552,6 +552,13 @@ metrics! {
     /// Redis connections found dead or lost and replaced, by connection.
     redis_reconnects: IntCounterVec = "wsgateway_redis_connections_lost_total",
         "Redis connections found dead or closed and replaced, by connection", labels = ["connection"];
+    /// Scope channels this node is subscribed to now (they follow its
+    /// connections' scopes).
+    redis_subscribed_scopes: IntGauge = "wsgateway_redis_subscribed_scopes",
+        "Scope channels this node is subscribed to, following its connections";
+    /// Subscription commands sent as the audience changed, by command.
+    redis_subscription_commands: IntCounterVec = "wsgateway_redis_subscription_commands_total",
+        "Subscribe and unsubscribe commands sent as this node's audience changed", labels = ["command"];
 }
 
 impl Metrics {

@@ -57,7 +57,7 @@ impl Revocations {
             let members: Vec<String> = chunk.iter().map(|&(t, jti)| member(t, jti)).collect();
             let mut cmd = redis::cmd("SMISMEMBER");
             cmd.arg(&self.key).arg(members);
-            let query = |mut c: redis::aio::MultiplexedConnection| async move {
+            let query = |mut c: crate::broker::RedisConn| async move {
                 cmd.query_async::<Vec<bool>>(&mut c).await
             };
             match self.redis.call(query).await {

@@ -14,13 +14,14 @@ mod queue;
 mod redis;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use self::redis::connector::Connector as RedisConnector;
-pub use self::redis::link::{LinkError, RedisLink, UnsupportedRedis};
+pub use self::redis::link::{Conn as RedisConn, LinkError, RedisLink, UnsupportedRedis};
 pub use self::redis::names::{LibraryBounds, Names as RedisNames};
 pub use self::redis::signing::ChannelKey as RedisChannelKey;
 pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
@@ -31,7 +32,7 @@ pub use queue::EventQueue;
 
 use crate::auth::TenantId;
 use crate::channel::Channel;
-use crate::event::Fields;
+use crate::event::{Fields, unix_ms};
 use crate::reply::ResyncReason;
 
 /// One validated event to publish on one or more channels.
@@ -91,14 +92,62 @@ pub struct BrokerStatus {
     pub master: Option<String>,
 }
 
-/// What a broker needs of this node's connections to fill a gap in its
-/// subscription (implemented by the hub).
+/// What a broker needs of this node's connections: whose events to
+/// subscribe to, and whose history to read after a gap (implemented by the
+/// hub).
 pub trait Listeners: Send + Sync {
     /// The history scopes of the open connections, sorted, each once.
     fn scopes(&self) -> Vec<Scope>;
+    /// Signalled whenever [`Listeners::scopes`] may have changed.
+    fn changes(&self) -> &ScopeChanges;
     /// Tells the connections in `scopes` (sorted; all, when `None`) that
     /// events they should have had are lost; returns how many were told.
     fn events_lost(&self, scopes: Option<&[Scope]>, reason: ResyncReason) -> usize;
+}
+
+/// The signal a hub gives when a scope gains its first connection or loses
+/// its last: a subscriber that follows the audience wakes, waits a little
+/// for more changes, and subscribes or unsubscribes them together.
+#[derive(Debug, Default)]
+pub struct ScopeChanges {
+    notify: tokio::sync::Notify,
+    /// When the oldest change not yet taken happened (Unix µs, this
+    /// node's clock; 0: none): a new scope's connections may have been
+    /// waiting since then for events its subscription did not carry yet.
+    since_us: AtomicI64,
+}
+
+impl ScopeChanges {
+    /// Notes a change now.
+    pub fn changed(&self) {
+        let now = unix_ms().saturating_mul(1000).max(1);
+        let _ = self
+            .since_us
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+        self.notify.notify_one();
+    }
+
+    /// Waits for a change (one noted before the call counts).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// When the oldest change not taken yet happened, and forgets it.
+    pub fn take_since_us(&self) -> Option<i64> {
+        Some(self.since_us.swap(0, Ordering::AcqRel)).filter(|&t| t != 0)
+    }
+
+    /// Gives back what [`ScopeChanges::take_since_us`] took, when the
+    /// changes could not be applied after all.
+    pub fn give_back(&self, since_us: Option<i64>) {
+        if let Some(since) = since_us {
+            let _ = self
+                .since_us
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                    Some(if now == 0 { since } else { now.min(since) })
+                });
+        }
+    }
 }
 
 pub trait Broker: Send + Sync {

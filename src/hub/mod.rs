@@ -143,6 +143,10 @@ struct Branch {
     admins: Members,
 }
 
+/// How many scopes of each kind a tenant's index holds: when it changes, a
+/// scope gained its first connection or lost its last.
+type Shape = (usize, usize, usize);
+
 impl Branch {
     fn is_empty(&self) -> bool {
         self.waiters.is_empty() && self.kitchen.is_empty() && self.admins.is_empty()
@@ -154,6 +158,12 @@ struct Tenant {
     branches: HashMap<BranchId, Branch>,
     sessions: HashMap<(BranchId, SessionId), Members>,
     users: HashMap<UserId, Members>,
+}
+
+fn shape(tenant: Option<&Tenant>) -> Shape {
+    tenant.map_or((0, 0, 0), |t| {
+        (t.branches.len(), t.sessions.len(), t.users.len())
+    })
 }
 
 struct Entry {
@@ -175,6 +185,9 @@ pub struct Hub {
     limits: Limits,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Signalled when the index's scopes change (the Redis subscriber
+    /// follows them).
+    changes: crate::broker::ScopeChanges,
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection.
@@ -209,6 +222,7 @@ impl Hub {
             limits,
             next_id: AtomicU64::new(1),
             metrics,
+            changes: crate::broker::ScopeChanges::default(),
         }
     }
 
@@ -229,6 +243,7 @@ impl Hub {
         if index.counts.total >= self.limits.max_total {
             return Err(Refusal::AtCapacity);
         }
+        let before = shape(index.tenants.get(&reg.tenant_id));
         let tenant = index.tenants.entry(reg.tenant_id).or_default();
         match &reg.member {
             Member::Staff {
@@ -260,6 +275,9 @@ impl Hub {
                 }
                 mine.insert(id, handle.clone());
             }
+        }
+        if shape(Some(tenant)) != before {
+            self.changes.changed();
         }
         index.counts.total += 1;
         index.counts.by_endpoint[reg.endpoint.index()] += 1;
@@ -294,6 +312,7 @@ impl Hub {
         index.counts.by_endpoint[endpoint.index()] -= 1;
         let tenant_id = entry.handle.tenant_id;
         if let Some(tenant) = index.tenants.get_mut(&tenant_id) {
+            let before = shape(Some(tenant));
             match &entry.member {
                 Member::Staff {
                     user_id,
@@ -307,6 +326,9 @@ impl Hub {
                     branch_id,
                     session_id,
                 } => remove_from(&mut tenant.sessions, &(*branch_id, *session_id), id),
+            }
+            if shape(Some(tenant)) != before {
+                self.changes.changed();
             }
             if tenant.branches.is_empty() && tenant.sessions.is_empty() && tenant.users.is_empty() {
                 index.tenants.remove(&tenant_id);
@@ -603,6 +625,9 @@ impl Hub {
         {
             tenant.unindex_branches(id, old_branches);
             tenant.index_branches(&handle, branch_ids, sectors);
+            if old_branches != branch_ids {
+                self.changes.changed();
+            }
         }
         let sectors = |m: &Member| match m {
             Member::Staff { sectors, .. } => sectors.clone(),
@@ -839,6 +864,10 @@ pub fn resync_frame(reason: ResyncReason) -> Outbound {
 impl crate::broker::Listeners for Hub {
     fn scopes(&self) -> Vec<crate::broker::Scope> {
         Hub::scopes(self)
+    }
+
+    fn changes(&self) -> &crate::broker::ScopeChanges {
+        &self.changes
     }
 
     fn events_lost(&self, scopes: Option<&[crate::broker::Scope]>, reason: ResyncReason) -> usize {

@@ -160,6 +160,8 @@ async fn stray_messages_on_the_gateways_channels_silence_nothing() {
     let server = RedisServer::start();
     let gw = redis_gateway(server.url(), None).await;
     let (mut waiter, _) = gw.join("waiter", &staff(7, 1, &[5], &["WAITER"])).await;
+    // Its branch, user and staff: the node hears the branch's channel now.
+    gw.wait_scopes(3).await;
     let channel = "wsgateway:events:{1}:branch:5";
     let frame = |tenant: i64| {
         json!({"type": "ROUND_READY", "tenant_id": tenant, "branch_id": 5, "event_id": "stray"})
@@ -420,6 +422,8 @@ async fn the_readme_acl_users_publish_as_it_says() {
         let _: () = server.query(&cmd).unwrap();
     }
     let (mut waiter, _) = gw.join("waiter", &staff(7, 1, &[5], &["WAITER"])).await;
+    // The node follows its audience: its scopes (branch, user, staff).
+    gw.wait_scopes(3).await;
     let url = |user: &str| format!("redis://{user}:{user}-secret@127.0.0.1:{}", server.port);
     let plain = |id: &str| {
         json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "event_id": id}).to_string()
@@ -432,13 +436,13 @@ async fn the_readme_acl_users_publish_as_it_says() {
     no_permission(publish_raw(&url("publisher"), gateway_channel));
     no_permission(fcall(&url("publisher"), &[channel], &event("X", 1, 5)));
 
-    // backend: the seed's channels and the function, not the gateway's
-    // channels.
+    // backend: the seed's channels, the function, and so the gateway's
+    // channels; but what it publishes there itself is not signed.
     assert_eq!(publish_to(&url("backend"), channel, &plain("b1")), 1);
     let f = fcall(&url("backend"), &[channel], &event("ROUND_SERVED", 1, 5)).unwrap();
-    no_permission(publish_raw(&url("backend"), gateway_channel));
-    // What looks like the function's on a seed channel, but is not signed
-    // by it, is dropped.
+    // What looks like the function's, on a seed channel or on the scope's
+    // channel, but is not signed by it, is dropped.
+    assert_eq!(publish_raw(&url("backend"), gateway_channel).unwrap(), 1);
     let forged = format!("99999999999999\n{channel}\n{}\n{{}}", "0".repeat(40));
     publish_to(&url("backend"), channel, &forged);
     publish_to(&url("publisher"), channel, "12\ngarbage");
@@ -447,7 +451,7 @@ async fn the_readme_acl_users_publish_as_it_says() {
         ids(&mut waiter, Duration::from_millis(500)).await,
         ["p1".to_owned(), "b1".to_owned(), f, after]
     );
-    gw.assert_metric("wsgateway_events_dropped_total{reason=\"unsigned\"}", 1.0)
+    gw.assert_metric("wsgateway_events_dropped_total{reason=\"unsigned\"}", 2.0)
         .await;
     gw.assert_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", 1.0)
         .await;

@@ -425,6 +425,10 @@ async fn timestamps_in_seconds_or_milliseconds_are_read_everywhere() {
     gw.wait_health(Duration::from_secs(10), |_, b| b["status"] == "healthy")
         .await;
     let (mut admin, _) = gw.join("admin", &staff(1, 1, &[5], &["ADMIN"])).await;
+    // Subscribed to the admin's scopes: the numbered events below then
+    // arrive live, in order with the plain PUBLISHes (in a new scope's
+    // first moments, they come from history, after them).
+    gw.wait_scopes(3).await;
     let now_s = || wsgateway::event::unix_ms() as f64 / 1000.0;
     let ev = |n: &str, ts: Value| json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "n": n, "ts": ts});
     let channel = "channel:branch:5:admin";

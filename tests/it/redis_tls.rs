@@ -356,9 +356,24 @@ fn bad_tls_settings_stop_serve_with_one_line_naming_the_setting() {
             "REDIS_URL is not",
         ),
         (
-            vec![("REDIS_URL", tls_url), ("WSGATEWAY_REDIS_MODE", "cluster")],
+            vec![
+                (
+                    "REDIS_URL",
+                    "redis://127.0.0.1:7000/2,redis://127.0.0.1:7001",
+                ),
+                ("WSGATEWAY_REDIS_MODE", "cluster"),
+                ("WSGATEWAY_REDIS_PREFIX", "p"),
+            ],
+            "REDIS_URL",
+            "a Redis Cluster has database 0 only",
+        ),
+        (
+            vec![
+                ("REDIS_URL", tls_url),
+                ("WSGATEWAY_REDIS_MODE", "clustered"),
+            ],
             "WSGATEWAY_REDIS_MODE",
-            "cluster is not supported yet",
+            "is not one of standalone, sentinel, cluster",
         ),
         (
             vec![("REDIS_URL", tls_url), ("WSGATEWAY_REDIS_MODE", "sentinel")],

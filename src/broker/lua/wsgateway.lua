@@ -5,7 +5,10 @@
 -- publish straight to Redis:
 --
 --   FCALL wsgateway_publish 0 <channel> [<channel> ...] <event JSON>
+--   FCALL wsgateway_publish 1 wsgateway:{<tenant>}:seq <channel> ... <event JSON>
 --
+-- (the second form, whose key routes the call to the tenant's shard, is
+-- the only one a Redis Cluster takes)
 -- returns {id, "published"} or, when the tenant already used the caller's
 -- `event_id` within the history window, {id, "duplicate"} (nothing is
 -- published again).
@@ -37,13 +40,12 @@ local BOUNDS = {size = 1000, ttl_ms = 600000, max_channels = 100, stale_ms = 300
 --   wsgateway:{t}:eid:<id>         a caller id's number, for the history's age
 -- Each event is published once per scope as
 -- "n\n<channels>\n<signature>\n<frame>", so that a node knows the number of
--- every event it receives and can fill a gap from history: for the
--- gateway's publish API on the scope channel wsgateway:events:{t}:<scope>,
--- for a backend's `wsgateway_publish` on the first of the scope's seed
--- channels (Redis checks a function's PUBLISH against the caller's ACL: a
--- backend allowed the seed's channels needs no right on the gateway's
--- own). Each scope's entry and message carry only the channels of that
--- scope (a node unites them by number).
+-- every event it receives and can fill a gap from history, on the scope
+-- channel wsgateway:events:{t}:<scope>: a node subscribes to a scope's
+-- channel only while it has connections of that scope. In a Redis Cluster
+-- with SPUBLISH: the channel carries the tenant's hash tag, so the message
+-- stays on the tenant's shard. Each scope's entry and message carry only
+-- the channels of that scope (a node unites them by number).
 --
 -- Numbers are per tenant, never below the server's clock in microseconds:
 -- a counter lost with Redis's data never gives out a number again. When a
@@ -57,6 +59,16 @@ local MAX_EVENT_ID_BYTES = 128
 -- How far the counter jumps after a reload: more than the clocks of two
 -- servers of one deployment may disagree.
 local RELOAD_JUMP_US = 1000000
+
+-- Whether this server is a cluster node (then messages are published on
+-- shard channels); asked once per library load.
+local sharded = nil
+local function is_sharded()
+  if sharded == nil then
+    sharded = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true) ~= nil
+  end
+  return sharded
+end
 
 local function fail(code, detail)
   return redis.error_reply('ERR wsgateway ' .. code .. ': ' .. detail)
@@ -164,16 +176,55 @@ local function server_run()
   return run_id
 end
 
+-- What the note holds: the run_id; on a cluster node, its node id first
+-- ("<node id>:<run_id>"), so that data a resharding moved here is told
+-- from data a failover or a restart left here.
+local mark = nil
+local function server_mark()
+  if not mark then
+    mark = server_run()
+    if is_sharded() then
+      mark = redis.call('CLUSTER', 'MYID') .. ':' .. mark
+    end
+  end
+  return mark
+end
+
+-- Whether data noted `stored` was written by another primary of this
+-- cluster that is still a healthy primary: a resharding moved it here
+-- whole (MIGRATE moves a slot's keys; a tenant's keys share one slot),
+-- and nothing of it was lost. A noting primary that failed, or is a
+-- replica now (a failover), or is gone, vouches for nothing. The cluster
+-- permission (CLUSTER MYID, NODES) is needed on a cluster.
+local function moved_here(stored)
+  if not is_sharded() then
+    return false
+  end
+  local node = string.match(stored, '^(%x+):')
+  if not node or node == redis.call('CLUSTER', 'MYID') then
+    return false
+  end
+  for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\n]+') do
+    local id, flags = string.match(line, '^(%x+) %S+ (%S+)')
+    if id == node then
+      return string.find(flags, 'master', 1, true) ~= nil and string.find(flags, 'fail', 1, true) == nil
+    end
+  end
+  return false
+end
+
 local function check_data(tenant, now)
-  server_run()
   local run_key = key(tenant, 'run')
   local stored = redis.call('GET', run_key)
-  if stored == run_id then
+  if stored == server_mark() then
     return 'ok'
   end
-  redis.call('SET', run_key, run_id)
+  redis.call('SET', run_key, server_mark())
   if not stored then
     return 'new'
+  end
+  if moved_here(stored) then
+    return 'ok'
   end
   local seq_key = key(tenant, 'seq')
   local n = math.max(tonumber(redis.call('GET', seq_key) or '0'), clock_us(now)) + RELOAD_JUMP_US
@@ -203,9 +254,8 @@ end
 -- Numbers, keeps and publishes one event, unless its caller id was used
 -- already. `scopes` are distinct scope suffixes, `channels[k]` the channel
 -- names of scope k (each name in one scope only), `payload` the event's
--- JSON text; `on_seed` publishes on the seed's channels instead of the
--- scope channels. Returns the id and whether it was a duplicate.
-local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now, on_seed)
+-- JSON text. Returns the id and whether it was a duplicate.
+local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now)
   local eid_key
   if caller_id ~= '' then
     eid_key = key(tenant, 'eid:' .. caller_id)
@@ -234,14 +284,9 @@ local function keep_and_publish(tenant, caller_id, scopes, channels, payload, si
     local stream = key(tenant, 'history:' .. scope)
     redis.call('XADD', stream, 'MAXLEN', size, n .. '-0', 'e', now_ms .. '\n' .. list .. '\n' .. frame)
     redis.call('PEXPIRE', stream, ttl_ms)
-    local channel
-    if on_seed then
-      channel = KEY_PREFIX .. channels[k][1]
-    else
-      channel = KEY_PREFIX .. 'wsgateway:events:{' .. tenant .. '}:' .. scope
-    end
+    local channel = KEY_PREFIX .. 'wsgateway:events:{' .. tenant .. '}:' .. scope
     local signature = sign(channel .. '\n' .. n .. '\n' .. list .. '\n' .. frame)
-    redis.call('PUBLISH', channel, n .. '\n' .. list .. '\n' .. signature .. '\n' .. frame)
+    redis.call(is_sharded() and 'SPUBLISH' or 'PUBLISH', channel, n .. '\n' .. list .. '\n' .. signature .. '\n' .. frame)
   end
   return id, false
 end
@@ -594,9 +639,17 @@ local function publish(keys, args)
   if not event then
     return refusal
   end
+  local counter = key(event.tenant, 'seq')
+  if keys[1] and keys[1] ~= counter then
+    return fail('wrong_key', 'the key must be the tenant\'s counter, ' .. counter)
+  end
+  if not keys[1] and is_sharded() then
+    return fail('key_required', 'a Redis Cluster needs the tenant\'s counter as the key, to route the call: FCALL '
+      .. FN_PREFIX .. 'wsgateway_publish 1 ' .. counter .. ' <channels> <event>')
+  end
   check_data(event.tenant, now)
   local id, duplicate = keep_and_publish(event.tenant, event.caller_id, event.scopes, event.channels,
-    event.payload, size, ttl_ms, now, true)
+    event.payload, size, ttl_ms, now)
   return {id, duplicate and 'duplicate' or 'published'}
 end
 
@@ -611,7 +664,7 @@ local function publish_batch(keys, args)
   local ids, duplicates = {}, {}
   for i, item in ipairs(spec.items) do
     check_data(item.t, now)
-    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now, false)
+    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now)
     ids[i] = id
     duplicates[i] = duplicate and 1 or 0
   end

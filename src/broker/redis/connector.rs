@@ -12,7 +12,11 @@
 //!   used. The connector remembers the master last found; a connection made
 //!   to another address is stale, and its owner replaces it.
 //!
-//! A Redis Cluster mode would be a third [`Topology`].
+//! - Cluster: `REDIS_URL` lists seed nodes of a Redis Cluster. Commands go
+//!   through the redis crate's cluster client, which learns the slots'
+//!   owners from the seeds and follows `MOVED`, `ASK` and failovers; the
+//!   subscriber makes a cluster connection of its own (RESP3, pushes), one
+//!   connection per node, for sharded pub/sub.
 //!
 //! TLS: a `rediss://` URL is verified against the system roots, or the CA
 //! certificates of `WSGATEWAY_REDIS_CA_FILE`, and presents the client
@@ -25,9 +29,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::{
     AsyncConnectionConfig, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
-    TlsCertificates,
+    TlsCertificates, TlsMode,
 };
 
 use super::link::{describe_plain, tcp_settings};
@@ -63,6 +68,13 @@ enum Topology {
         sentinels: Vec<redis::Client>,
         name: String,
         master: MasterTemplate,
+    },
+    Cluster {
+        /// The seed nodes, each with the password and TLS setting.
+        seeds: Vec<ConnectionInfo>,
+        certs: Option<TlsCertificates>,
+        /// The seeds' addresses, for logs and health.
+        addrs: String,
     },
 }
 
@@ -124,6 +136,7 @@ impl Connector {
         let topology = match config.redis_mode {
             RedisMode::Standalone => standalone(config, infos, &certs)?,
             RedisMode::Sentinel => sentinel(config, infos, tls, certs)?,
+            RedisMode::Cluster => cluster(config, infos, certs)?,
         };
         Ok(Some(Connector {
             inner: Arc::new(Inner {
@@ -142,6 +155,7 @@ impl Connector {
     /// why, without the URL.
     pub async fn endpoint(&self) -> Result<Endpoint, EndpointError> {
         match &self.inner.topology {
+            Topology::Cluster { .. } => Err(EndpointError::Cluster),
             Topology::Standalone { client, addr } => Ok(Endpoint {
                 client: client.clone(),
                 addr: addr.clone(),
@@ -257,6 +271,58 @@ impl Connector {
     }
 
     /// Whether the sentinels name the master.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.topology, Topology::Cluster { .. })
+    }
+
+    /// The seed nodes, `host:port`, comma separated (cluster mode).
+    pub fn seeds(&self) -> Option<&str> {
+        match &self.inner.topology {
+            Topology::Cluster { addrs, .. } => Some(addrs),
+            _ => None,
+        }
+    }
+
+    /// A cluster client for the seed nodes (cluster mode; `None` in the
+    /// others). With `pushes`, it speaks RESP3 and sends every push there
+    /// (the subscriber's messages, and a `Disconnection` when a node's
+    /// connection drops).
+    pub fn cluster_client(
+        &self,
+        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Option<Result<ClusterClient, Failure>> {
+        let Topology::Cluster { seeds, certs, .. } = &self.inner.topology else {
+            return None;
+        };
+        let mut builder = ClusterClientBuilder::new(seeds.clone())
+            .connection_timeout(self.inner.timeout)
+            .response_timeout(self.inner.timeout)
+            .tcp_settings(tcp_settings(Duration::from_secs(10)))
+            .retries(3);
+        if let Some(password) = seeds[0].redis_settings().password() {
+            builder = builder.password(password);
+        }
+        if let Some(user) = seeds[0].redis_settings().username() {
+            builder = builder.username(user);
+        }
+        if is_tls(seeds[0].addr()) {
+            builder = builder.tls(TlsMode::Secure);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs.clone());
+            }
+        }
+        if let Some(pushes) = pushes {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes);
+        }
+        Some(
+            builder
+                .build()
+                .map_err(|e| Failure::Other(format!("cluster client: {}", describe_plain(&e)))),
+        )
+    }
+
     pub fn is_sentinel(&self) -> bool {
         matches!(self.inner.topology, Topology::Sentinel { .. })
     }
@@ -265,7 +331,7 @@ impl Connector {
     pub fn master(&self) -> Option<String> {
         match self.inner.topology {
             Topology::Sentinel { .. } => self.inner.master.lock().clone(),
-            Topology::Standalone { .. } => None,
+            Topology::Standalone { .. } | Topology::Cluster { .. } => None,
         }
     }
 
@@ -369,14 +435,14 @@ fn without_url(config: &Config) -> Result<(), ConfigError> {
 fn connection_infos(config: &Config, url: &str) -> Result<Vec<ConnectionInfo>, ConfigError> {
     let urls: Vec<&str> = match config.redis_mode {
         RedisMode::Standalone => vec![url.trim()],
-        RedisMode::Sentinel => url
+        RedisMode::Sentinel | RedisMode::Cluster => url
             .split(',')
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect(),
     };
     if urls.is_empty() {
-        return Err(bad_url("no sentinel URL in the list".into()));
+        return Err(bad_url("no URL in the list".into()));
     }
     let mut infos = Vec::with_capacity(urls.len());
     for u in &urls {
@@ -512,6 +578,48 @@ fn sentinel(
     })
 }
 
+fn cluster(
+    config: &Config,
+    infos: Vec<ConnectionInfo>,
+    certs: Option<TlsCertificates>,
+) -> Result<Topology, ConfigError> {
+    if config.redis_sentinel_master.is_some() {
+        return Err(ConfigError::Invalid {
+            env: "WSGATEWAY_REDIS_SENTINEL_MASTER",
+            flag: "redis-sentinel-master",
+            reason: "set, but WSGATEWAY_REDIS_MODE is not sentinel".into(),
+        });
+    }
+    if let Some(info) = infos.iter().find(|i| i.redis_settings().db() != 0) {
+        return Err(bad_url(format!(
+            "selects database {}, but a Redis Cluster has database 0 only",
+            info.redis_settings().db()
+        )));
+    }
+    if infos
+        .iter()
+        .any(|i| matches!(i.addr(), ConnectionAddr::Unix(_)))
+    {
+        return Err(bad_url(
+            "a cluster node's URL must be redis:// or rediss://".into(),
+        ));
+    }
+    let seeds: Vec<ConnectionInfo> = infos
+        .into_iter()
+        .map(|info| with_password(config, info))
+        .collect();
+    let addrs = seeds
+        .iter()
+        .map(|i| address(i.addr()))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(Topology::Cluster {
+        seeds,
+        certs,
+        addrs,
+    })
+}
+
 fn is_tls(addr: &ConnectionAddr) -> bool {
     matches!(addr, ConnectionAddr::TcpTls { .. })
 }
@@ -643,6 +751,10 @@ pub enum EndpointError {
     UnusableMaster(redis::ErrorKind),
     #[error("cannot build a client for the master ({0:?})")]
     Client(redis::ErrorKind),
+    /// Cluster mode has no single server: its connections are the
+    /// cluster client's.
+    #[error("a Redis Cluster has no single server")]
+    Cluster,
 }
 
 impl EndpointError {
@@ -652,7 +764,9 @@ impl EndpointError {
             EndpointError::NoSentinel(failures) => failures
                 .iter()
                 .any(|f| matches!(f, SentinelFailure::Failed(f) if f.is_tls())),
-            EndpointError::UnusableMaster(_) | EndpointError::Client(_) => false,
+            EndpointError::UnusableMaster(_)
+            | EndpointError::Client(_)
+            | EndpointError::Cluster => false,
         }
     }
 }

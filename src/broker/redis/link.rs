@@ -7,8 +7,10 @@
 //! TCP keepalive and `TCP_USER_TIMEOUT` on the socket catch what the
 //! kernel can see; the command deadline catches the rest. A new connection
 //! goes where the [`Connector`] says (in sentinel mode: the master the
-//! sentinels name, confirmed by `ROLE`), and is prepared (version check,
-//! function library) before any call uses it. A connection to a server that
+//! sentinels name, confirmed by `ROLE`; in cluster mode, the redis crate's
+//! cluster connection, which routes each command to its slot's primary),
+//! and is prepared (version check, function library) before any call uses
+//! it. A connection to a server that
 //! is no longer the master (a `READONLY` refusal, a `ROLE` that says
 //! replica, or another master found meanwhile) is discarded like a dead
 //! one.
@@ -18,9 +20,10 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{AsyncConnectionConfig, RedisResult};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use super::connector::{Connector, EndpointError, Failure, RoleError};
 
@@ -87,9 +90,45 @@ pub struct UnsupportedRedis {
     pub version: String,
 }
 
+/// A command connection: to one server, or to a cluster (routed per
+/// command by its keys, or to every primary for `FUNCTION LOAD` and
+/// `PING`).
+#[derive(Clone)]
+pub enum Conn {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Runs on every new connection before it is shared.
-pub type Prepare =
-    Box<dyn Fn(MultiplexedConnection) -> BoxFuture<'static, Result<(), LinkError>> + Send + Sync>;
+pub type Prepare = Box<dyn Fn(Conn) -> BoxFuture<'static, Result<(), LinkError>> + Send + Sync>;
 
 pub struct RedisLink {
     connector: Connector,
@@ -120,7 +159,7 @@ pub fn tcp_settings(user_timeout: Duration) -> TcpSettings {
 #[derive(Clone)]
 struct Current {
     generation: u64,
-    conn: MultiplexedConnection,
+    conn: Conn,
     addr: String,
 }
 
@@ -140,7 +179,7 @@ impl RedisLink {
     /// command timeout.
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, LinkError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let current = self.connection().await?;
@@ -172,16 +211,18 @@ impl RedisLink {
     /// written.
     pub async fn check(&self) -> Result<(), LinkError> {
         if !self.connector.is_sentinel() {
-            let ping = |mut c: MultiplexedConnection| async move {
-                redis::cmd("PING").query_async::<String>(&mut c).await
-            };
+            // (In a cluster, every primary answers.)
+            let ping =
+                |mut c: Conn| async move { redis::cmd("PING").query_async::<Value>(&mut c).await };
             return self.call(ping).await.map(drop);
         }
         // Where the sentinels say the master is now: a connection to
         // another address is replaced by `connection`.
         self.connector.refresh().await;
         let current = self.connection().await?;
-        let mut conn = current.conn.clone();
+        let Conn::One(mut conn) = current.conn.clone() else {
+            return Ok(());
+        };
         let checked = tokio::time::timeout(
             self.timeout,
             self.connector.check_master(&mut conn, &current.addr),
@@ -235,6 +276,15 @@ impl RedisLink {
             let not_sent = |e: redis::RedisError| {
                 LinkError::NotSent(Unsent::Connect(self.connector.describe(&e)))
             };
+            if let Some(client) = self.connector.cluster_client(None) {
+                let client = client.map_err(|f| LinkError::NotSent(Unsent::Connect(f)))?;
+                let conn = Conn::Cluster(client.get_async_connection().await.map_err(not_sent)?);
+                if let Some(prepare) = &self.prepare {
+                    prepare(conn.clone()).await?;
+                }
+                let addr = self.connector.seeds().unwrap_or_default().to_owned();
+                return Ok((conn, addr));
+            }
             let endpoint = self
                 .connector
                 .endpoint()
@@ -250,6 +300,7 @@ impl RedisLink {
                 Err(RoleError::NotMaster(why)) => return Err(LinkError::NotMaster(why)),
                 Err(RoleError::Failed(e)) => return Err(not_sent(e)),
             }
+            let conn = Conn::One(conn);
             if let Some(prepare) = &self.prepare {
                 prepare(conn.clone()).await?;
             }

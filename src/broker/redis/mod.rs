@@ -170,7 +170,7 @@ impl RedisBroker {
     /// have run.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
     where
-        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
+        F: Fn(link::Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.call_on(&self.link, op).await
@@ -179,7 +179,7 @@ impl RedisBroker {
     /// [`RedisBroker::call`] on the given connection.
     async fn call_on<T, F, Fut>(&self, link: &RedisLink, op: F) -> Result<T, BrokerError>
     where
-        F: Fn(redis::aio::MultiplexedConnection) -> Fut,
+        F: Fn(link::Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let Some(permit) = self.breaker.allow() else {
@@ -285,17 +285,21 @@ impl RedisBroker {
 /// Prepares a new command connection: checks the server's version and
 /// loads the function library with this node's names, key and bounds
 /// (again: a restarted Redis may have lost it).
-async fn prepare(
-    mut conn: redis::aio::MultiplexedConnection,
-    bounds: RedisBounds,
-) -> Result<(), LinkError> {
+async fn prepare(mut conn: link::Conn, bounds: RedisBounds) -> Result<(), LinkError> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
     let refused =
         |e: redis::RedisError| LinkError::NotSent(link::Unsent::Prepare(link::describe_plain(&e)));
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await
-        .map_err(refused)?;
+    let mut ask = redis::cmd("INFO");
+    ask.arg("server");
+    let info: String = match &mut conn {
+        // Any one node: the library is loaded on every primary below.
+        link::Conn::Cluster(c) => c
+            .route_command(ask, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
+            .map_err(refused)?,
+        link::Conn::One(_) => ask.query_async(&mut conn).await.map_err(refused)?,
+    };
     check_version(&info)?;
     let library_bounds = LibraryBounds {
         size: bounds.history.size,
@@ -338,11 +342,84 @@ impl Broker for RedisBroker {
         &self,
         batch: Vec<Publication>,
     ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>> {
-        // One function call: the batch is numbered, kept and published
-        // atomically, so every node sees the same ids.
+        if !self.link.connector().is_cluster() {
+            // One function call: the batch is numbered, kept and published
+            // atomically, so every node sees the same ids.
+            return Box::pin(async move { self.publish_part(&batch, None).await });
+        }
+        // A cluster: one call per tenant, on the tenant's shard (each
+        // atomic), all at once; a failure of one may leave others
+        // published, which a retry with the same `event_id`s does not
+        // publish twice.
+        Box::pin(async move {
+            let mut tenants: Vec<TenantId> = batch.iter().map(|p| p.fields.tenant_id).collect();
+            tenants.sort_unstable();
+            tenants.dedup();
+            let parts: Vec<(Vec<usize>, Vec<Publication>)> = tenants
+                .iter()
+                .map(|t| {
+                    batch
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.fields.tenant_id == *t)
+                        .map(|(i, p)| (i, p.clone()))
+                        .unzip()
+                })
+                .collect();
+            let answers = futures_util::future::join_all(
+                parts
+                    .iter()
+                    .zip(&tenants)
+                    .map(|((_, part), t)| self.publish_part(part, Some(*t))),
+            )
+            .await;
+            let mut published = vec![None; batch.len()];
+            for ((at, _), answer) in parts.iter().zip(answers) {
+                for (i, p) in at.iter().zip(answer?) {
+                    published[*i] = Some(p);
+                }
+            }
+            published
+                .into_iter()
+                .map(|p| p.ok_or_else(|| BrokerError::OutcomeUnknown("short answer".into())))
+                .collect()
+        })
+    }
+
+    fn resume(
+        &self,
+        tenant: TenantId,
+        scopes: Vec<Scope>,
+        cursor: Cursor,
+    ) -> BoxFuture<'_, Result<Found, BrokerError>> {
+        self.resume_from(tenant, scopes, cursor)
+    }
+
+    fn status(&self) -> BrokerStatus {
+        self.status_now()
+    }
+
+    fn run(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            tokio::join!(
+                subscriber::run(self.clone(), shutdown.clone()),
+                self.check_health_forever(shutdown),
+            );
+        })
+    }
+}
+
+impl RedisBroker {
+    /// Publishes `batch` in one function call; in a cluster, all of one
+    /// `tenant`'s, whose counter key routes the call to its shard.
+    async fn publish_part(
+        &self,
+        batch: &[Publication],
+        tenant: Option<TenantId>,
+    ) -> Result<Vec<Published>, BrokerError> {
         let mut items = Vec::with_capacity(batch.len());
         let mut payloads = Vec::with_capacity(batch.len());
-        for p in &batch {
+        for p in batch {
             // Each scope's history entry and envelope carry only the
             // channels of that scope: a publication's channels are written
             // once in all, not once per scope.
@@ -371,32 +448,34 @@ impl Broker for RedisBroker {
         })
         .to_string();
         let mut fcall = redis::cmd("FCALL");
-        fcall
-            .arg(self.names.function("wsgateway_publish_batch"))
-            .arg(0)
-            .arg(spec);
+        fcall.arg(self.names.function("wsgateway_publish_batch"));
+        match tenant {
+            Some(t) => fcall
+                .arg(1)
+                .arg(self.names.key(&format!("wsgateway:{{{t}}}:seq"))),
+            None => fcall.arg(0),
+        };
+        fcall.arg(spec);
         for payload in &payloads {
             fcall.arg(payload);
         }
-        Box::pin(async move {
-            let (ids, duplicates) = self
-                .call(|mut c| {
-                    let fcall = fcall.clone();
-                    async move { fcall.query_async::<(Vec<String>, Vec<u8>)>(&mut c).await }
-                })
-                .await?;
-            Ok(ids
-                .into_iter()
-                .zip(duplicates.into_iter().chain(std::iter::repeat(0)))
-                .map(|(id, duplicate)| Published {
-                    id,
-                    duplicate: duplicate == 1,
-                })
-                .collect())
-        })
+        let (ids, duplicates) = self
+            .call(|mut c| {
+                let fcall = fcall.clone();
+                async move { fcall.query_async::<(Vec<String>, Vec<u8>)>(&mut c).await }
+            })
+            .await?;
+        Ok(ids
+            .into_iter()
+            .zip(duplicates.into_iter().chain(std::iter::repeat(0)))
+            .map(|(id, duplicate)| Published {
+                id,
+                duplicate: duplicate == 1,
+            })
+            .collect())
     }
 
-    fn resume(
+    fn resume_from(
         &self,
         tenant: TenantId,
         scopes: Vec<Scope>,
@@ -434,7 +513,7 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn status(&self) -> BrokerStatus {
+    fn status_now(&self) -> BrokerStatus {
         let (state, failures) = self.breaker.snapshot();
         let condition = self.condition.lock();
         let reason = condition
@@ -454,15 +533,6 @@ impl Broker for RedisBroker {
             breaker: Some((state, failures)),
             master: self.link.connector().master(),
         }
-    }
-
-    fn run(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            tokio::join!(
-                subscriber::run(self.clone(), shutdown.clone()),
-                self.check_health_forever(shutdown),
-            );
-        })
     }
 }
 

@@ -141,14 +141,22 @@ impl Names {
         &self.scope_channels
     }
 
-    /// The patterns a node subscribes to: the seed's channels, then the
-    /// scope channels.
+    /// The patterns every node subscribes to: the seed's channels (a
+    /// scope channel is subscribed to only while a connection needs it).
     pub fn patterns(&self) -> Vec<String> {
-        Channel::PATTERNS
-            .iter()
-            .map(|p| self.key(p))
-            .chain(std::iter::once(self.key("wsgateway:events:*")))
-            .collect()
+        Channel::PATTERNS.iter().map(|p| self.key(p)).collect()
+    }
+
+    /// The channel the function library publishes a scope's events on
+    /// (`lua/wsgateway.lua` names it alike): the tenant is its hash tag, so
+    /// in a cluster it lives on the tenant's shard.
+    pub fn scope_channel(&self, scope: Scope) -> String {
+        format!(
+            "{}{{{}}}:{}",
+            self.scope_channels,
+            scope.tenant(),
+            scope.suffix()
+        )
     }
 
     /// A seed channel's name without the prefix (`None`: not this

@@ -1,9 +1,16 @@
 //! The subscription: live events from Redis, with no gap left unfilled.
 //!
 //! One pub/sub connection with pattern subscriptions to the seed's channels
-//! (plain `PUBLISH`es, delivered live, without numbers) and to the gateway's
-//! scope channels (`wsgateway:events:{tenant}:{scope}`, where the function
-//! library publishes every event it numbers, as `n\n<channels>\n<frame>`).
+//! (plain `PUBLISH`es, delivered live, without numbers), and subscriptions
+//! to the gateway's scope channels (`wsgateway:events:{tenant}:{scope}`,
+//! where the function library publishes every event it numbers, as
+//! `n\n<channels>\n<frame>`) that follow this node's audience: a scope's
+//! channel is subscribed to while the hub holds a connection of that scope.
+//! The hub signals each change ([`crate::broker::ScopeChanges`]); the
+//! subscriber waits [`BATCH`] for more, then subscribes and unsubscribes
+//! them together, and reads the history of each new scope from just before
+//! its first connection came, so that what was published while the
+//! subscription was being made is not missed.
 //!
 //! The subscriber knows the number of every numbered event it delivered.
 //! The connection is PINGed every health-check interval with the command
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
@@ -42,6 +50,23 @@ use crate::reply::ResyncReason;
 
 /// Scopes read per gap-fill call.
 const SCOPES_PER_READ: usize = 256;
+
+/// How long the subscriber waits, after a change of its audience, for more:
+/// a storm of connections costs a few commands, not one each.
+const BATCH: Duration = Duration::from_millis(20);
+
+/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
+const CHANNELS_PER_COMMAND: usize = 1000;
+
+/// A new scope's history is read from a little before its first
+/// connection came, by Redis's clock as last measured: by the measure's
+/// error (half its round trip), this slack, and what the clocks may have
+/// drifted apart since (500 ppm, up to [`MAX_DRIFT_US`]). A connection of a
+/// new scope may so receive an event published that little before it
+/// connected (more only while its tenant's numbers run ahead of the clock:
+/// a second after Redis reloaded its data).
+const NEW_SCOPE_SLACK_US: i64 = 2_000;
+const MAX_DRIFT_US: i64 = 50_000;
 
 /// How far ahead of Redis's clock a number may be and still be the
 /// function's: numbers follow the clock (in microseconds), and run ahead of
@@ -72,14 +97,17 @@ struct Position {
     /// Per tenant, the last event delivered (live or filled). Bounded: past
     /// `MAX_TENANTS` it starts again (a gap then starts from the clock).
     delivered: HashMap<TenantId, Last>,
-    /// What the last fill read: each tenant's counter then, and the scopes
-    /// it read. A live message of one of those scopes numbered up to the
-    /// counter was filled already.
-    filled: HashMap<TenantId, u64>,
-    filled_scopes: HashSet<Scope>,
+    /// The scopes the last fills read, each with its tenant's counter
+    /// then: a live message of the scope numbered up to it was filled
+    /// already.
+    filled: HashMap<Scope, u64>,
     /// Redis's clock minus this node's, in microseconds, as the last fill
     /// measured it.
     offset_us: i64,
+    /// How far that measure may be off (half the call's round trip), and
+    /// when it was made.
+    offset_error_us: i64,
+    measured: Instant,
     /// When the subscription last showed it was alive (a message or a PONG).
     alive: Instant,
     /// When the last plain (unnumbered) `PUBLISH` arrived.
@@ -95,8 +123,9 @@ impl Default for Position {
         Position {
             delivered: HashMap::new(),
             filled: HashMap::new(),
-            filled_scopes: HashSet::new(),
             offset_us: 0,
+            offset_error_us: MAX_DRIFT_US,
+            measured: Instant::now(),
             alive: Instant::now(),
             plain_seen: None,
             run_id: None,
@@ -121,6 +150,13 @@ impl Position {
         (unix_us() + self.offset_us).max(0) as u64
     }
 
+    /// How long before a new scope's first connection its history is read
+    /// from (see [`NEW_SCOPE_SLACK_US`]).
+    fn new_scope_margin_us(&self) -> i64 {
+        let drift = (self.measured.elapsed().as_micros() as i64 / 2_000).min(MAX_DRIFT_US);
+        self.offset_error_us + NEW_SCOPE_SLACK_US + drift
+    }
+
     /// Redis's clock when the subscription was last seen alive.
     fn redis_alive_us(&self) -> u64 {
         let ago = self.alive.elapsed().as_micros() as u64;
@@ -132,19 +168,15 @@ impl Position {
         if n > self.redis_now_us().saturating_add(TRUST_AHEAD_US) {
             return Verdict::Untrusted;
         }
-        let tenant = scope.tenant();
-        if let Some(&counter) = self.filled.get(&tenant) {
+        if let Some(&counter) = self.filled.get(&scope) {
             if n <= counter {
-                if self.filled_scopes.contains(&scope) {
-                    return Verdict::Filled;
-                }
-            } else {
-                // A tenant's numbers grow in the order Redis runs its
-                // calls: every later message is past the fill.
-                self.filled.remove(&tenant);
+                return Verdict::Filled;
             }
+            // A tenant's numbers grow in the order Redis runs its calls:
+            // every later message of the scope is past the fill.
+            self.filled.remove(&scope);
         }
-        Verdict::Deliver(self.undelivered(tenant, n, channels))
+        Verdict::Deliver(self.undelivered(scope.tenant(), n, channels))
     }
 
     /// The channels of event `n` of `tenant` it was not delivered on yet
@@ -237,6 +269,17 @@ enum Lost {
     Ping(Failure),
     #[error("no answer to PING within {0:?}")]
     NoPong(Duration),
+    #[error("{command} failed: {failure}")]
+    Command {
+        command: &'static str,
+        failure: Failure,
+    },
+    #[error("no answer to {0} within {1:?}")]
+    NoAnswer(&'static str, Duration),
+    #[error("cannot read the history of new scopes: {0}")]
+    History(String),
+    #[error("a cluster node's connection was lost")]
+    NodeDropped,
     #[error("connection closed")]
     Closed,
 }
@@ -248,6 +291,169 @@ enum GapError {
     Link(#[from] LinkError),
     #[error("unexpected gap answer")]
     Unexpected,
+}
+
+/// A live subscription: the connection, its server, and the scopes whose
+/// channels it is subscribed to.
+struct Live {
+    sub: Sub,
+    /// The server (or, in a cluster, the seed nodes), for logs.
+    addr: String,
+    subscribed: HashSet<Scope>,
+}
+
+/// The subscription's connection.
+enum Sub {
+    /// One server: a pub/sub connection (RESP2).
+    One {
+        sink: PubSubSink,
+        stream: PubSubStream,
+    },
+    /// A cluster: the redis crate's cluster connection in RESP3, one
+    /// connection per node, messages and notices arriving as pushes.
+    Cluster {
+        conn: ClusterConnection,
+        pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    },
+}
+
+/// What the subscription's connection brought.
+enum Incoming {
+    Msg(redis::Msg),
+    Push(redis::PushInfo),
+    Closed,
+}
+
+impl Live {
+    /// Subscribes to the channels of `scopes` (not subscribed yet), a
+    /// command per [`CHANNELS_PER_COMMAND`] (in a cluster, per tenant:
+    /// `SSUBSCRIBE` takes the channels of one slot), each confirmed.
+    async fn subscribe(&mut self, broker: &RedisBroker, scopes: &[Scope]) -> Result<(), Lost> {
+        for chunk in per_command(&self.sub, scopes) {
+            let channels: Vec<String> = chunk
+                .iter()
+                .map(|s| broker.names.scope_channel(*s))
+                .collect();
+            self.command(broker, "SUBSCRIBE", channels).await?;
+            self.subscribed.extend(chunk);
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes from the channels of `scopes`.
+    async fn unsubscribe(&mut self, broker: &RedisBroker, scopes: &[Scope]) -> Result<(), Lost> {
+        for chunk in per_command(&self.sub, scopes) {
+            for scope in &chunk {
+                self.subscribed.remove(scope);
+            }
+            let channels: Vec<String> = chunk
+                .iter()
+                .map(|s| broker.names.scope_channel(*s))
+                .collect();
+            self.command(broker, "UNSUBSCRIBE", channels).await?;
+        }
+        Ok(())
+    }
+
+    async fn command(
+        &mut self,
+        broker: &RedisBroker,
+        command: &'static str,
+        channels: Vec<String>,
+    ) -> Result<(), Lost> {
+        let timeout = broker.timing.timeout;
+        let subscribe = command == "SUBSCRIBE";
+        let sent = match &mut self.sub {
+            Sub::One { sink, .. } if subscribe => {
+                tokio::time::timeout(timeout, sink.subscribe(channels)).await
+            }
+            Sub::One { sink, .. } => {
+                tokio::time::timeout(timeout, sink.unsubscribe(channels)).await
+            }
+            Sub::Cluster { conn, .. } if subscribe => {
+                tokio::time::timeout(timeout, conn.ssubscribe(channels)).await
+            }
+            Sub::Cluster { conn, .. } => {
+                tokio::time::timeout(timeout, conn.sunsubscribe(channels)).await
+            }
+        };
+        match sent {
+            Ok(Ok(())) => {
+                broker
+                    .metrics
+                    .redis_subscription_commands
+                    .with_label_values(&[if subscribe {
+                        "subscribe"
+                    } else {
+                        "unsubscribe"
+                    }])
+                    .inc();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Lost::Command {
+                command,
+                failure: broker.link.connector().describe(&e),
+            }),
+            Err(_) => Err(Lost::NoAnswer(command, timeout)),
+        }
+    }
+
+    /// PINGs the connection (in a cluster, every primary's).
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+        match &mut self.sub {
+            Sub::One { sink, .. } => sink.ping::<redis::Value>().await.map(drop),
+            Sub::Cluster { conn, .. } => conn
+                .route_command(
+                    redis::cmd("PING"),
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await
+                .map(drop),
+        }
+    }
+
+    async fn next(&mut self) -> Incoming {
+        match &mut self.sub {
+            Sub::One { stream, .. } => stream.next().await.map_or(Incoming::Closed, Incoming::Msg),
+            Sub::Cluster { pushes, .. } => {
+                pushes.recv().await.map_or(Incoming::Closed, Incoming::Push)
+            }
+        }
+    }
+
+    /// The subscribed scopes, sorted.
+    fn scopes(&self) -> Vec<Scope> {
+        let mut scopes: Vec<Scope> = self.subscribed.iter().copied().collect();
+        scopes.sort_unstable();
+        scopes
+    }
+}
+
+/// `scopes` cut into one command's each: at most [`CHANNELS_PER_COMMAND`];
+/// in a cluster, of one tenant (one hash slot).
+fn per_command(sub: &Sub, scopes: &[Scope]) -> Vec<Vec<Scope>> {
+    match sub {
+        Sub::One { .. } => scopes
+            .chunks(CHANNELS_PER_COMMAND)
+            .map(<[Scope]>::to_vec)
+            .collect(),
+        Sub::Cluster { .. } => {
+            let mut by_tenant: std::collections::BTreeMap<TenantId, Vec<Scope>> =
+                std::collections::BTreeMap::new();
+            for scope in scopes {
+                by_tenant.entry(scope.tenant()).or_default().push(*scope);
+            }
+            by_tenant
+                .into_values()
+                .flat_map(|v| {
+                    v.chunks(CHANNELS_PER_COMMAND)
+                        .map(<[Scope]>::to_vec)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        }
+    }
 }
 
 /// Subscribes, fills gaps, and delivers, until `shutdown`.
@@ -265,18 +471,34 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
             opened = tokio::time::timeout(timing.timeout * 2, open(&broker)) => opened,
         };
         let failure = match opened {
-            Ok(Ok((sink, stream, addr))) => {
+            Ok(Ok((mut live, since))) => {
                 backoff.reset();
                 failing = None;
                 broker.set_subscribed(false, Some("catching up after a gap".into()));
-                fill(&broker, &mut position, gap.take()).await;
-                broker.set_subscribed(true, None);
-                tracing::info!(server = %addr, "subscribed to Redis");
-                let Some(why) =
-                    listen(&broker, sink, stream, &addr, &mut position, &shutdown).await
-                else {
-                    return;
+                let scopes = live.scopes();
+                broker
+                    .metrics
+                    .redis_subscribed_scopes
+                    .set(scopes.len() as i64);
+                let filled = match gap.take() {
+                    Some(gap) => {
+                        fill(&broker, &mut position, &scopes, gap).await;
+                        Ok(())
+                    }
+                    None => fill_new(&broker, &mut position, &scopes, since).await,
                 };
+                let why = match filled {
+                    Ok(()) => {
+                        broker.set_subscribed(true, None);
+                        tracing::info!(server = %live.addr, scopes = scopes.len(), "subscribed to Redis");
+                        match listen(&broker, &mut live, &mut position, &shutdown).await {
+                            Some(why) => why,
+                            None => return,
+                        }
+                    }
+                    Err(why) => why,
+                };
+                broker.metrics.redis_subscribed_scopes.set(0);
                 broker
                     .metrics
                     .redis_reconnects
@@ -315,8 +537,50 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
 }
 
 /// Subscribes on the server to use now (in sentinel mode, confirmed as the
-/// master first); returns the connection and the server's address.
-async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String), SubscribeError> {
+/// master first): to the seed's patterns, and to the channels of the scopes
+/// of this node's connections. Returns the subscription, and since when
+/// (this node's clock, µs) its scopes may have waited for it.
+async fn open(broker: &RedisBroker) -> Result<(Live, Option<i64>), SubscribeError> {
+    let connector = broker.link.connector();
+    let mut live = match connector.cluster_client(None) {
+        Some(_) => open_cluster(broker).await?,
+        None => open_one(broker).await?,
+    };
+    // Taken before the scopes are read: a scope that comes after is a
+    // change still to take.
+    let changes = broker.listeners.changes();
+    let since = changes.take_since_us();
+    if let Err(why) = live.subscribe(broker, &broker.listeners.scopes()).await {
+        changes.give_back(since);
+        return Err(SubscribeError::Failed(Failure::Other(why.to_string())));
+    }
+    Ok((live, since))
+}
+
+/// A cluster's subscription: the seed's patterns (a plain `PUBLISH` reaches
+/// every node of a cluster, so one node's subscription hears them all).
+async fn open_cluster(broker: &RedisBroker) -> Result<Live, SubscribeError> {
+    let connector = broker.link.connector();
+    let describe = |e: redis::RedisError| SubscribeError::Failed(connector.describe(&e));
+    let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+    let client = connector
+        .cluster_client(Some(tx))
+        .expect("cluster mode")
+        .map_err(SubscribeError::Failed)?;
+    let mut conn = client.get_async_connection().await.map_err(describe)?;
+    for pattern in broker.names.patterns() {
+        conn.psubscribe(pattern).await.map_err(describe)?;
+    }
+    Ok(Live {
+        sub: Sub::Cluster { conn, pushes },
+        addr: connector.seeds().unwrap_or_default().to_owned(),
+        subscribed: HashSet::new(),
+    })
+}
+
+/// One server's subscription (in sentinel mode, on the server confirmed as
+/// the master): the seed's patterns.
+async fn open_one(broker: &RedisBroker) -> Result<Live, SubscribeError> {
     let connector = broker.link.connector();
     let endpoint = connector.endpoint().await?;
     let describe = |e: redis::RedisError| SubscribeError::Failed(connector.describe(&e));
@@ -339,53 +603,184 @@ async fn open(broker: &RedisBroker) -> Result<(PubSubSink, PubSubStream, String)
         pubsub.psubscribe(pattern).await.map_err(describe)?;
     }
     let (sink, stream) = pubsub.split();
-    Ok((sink, stream, endpoint.addr))
+    Ok(Live {
+        sub: Sub::One { sink, stream },
+        addr: endpoint.addr,
+        subscribed: HashSet::new(),
+    })
 }
 
-/// Delivers messages until the connection is lost (returns why) or
-/// `shutdown` (returns `None`).
+/// Delivers messages, and follows the audience, until the connection is
+/// lost (returns why) or `shutdown` (returns `None`).
 async fn listen(
     broker: &RedisBroker,
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-    addr: &str,
+    live: &mut Live,
     position: &mut Position,
     shutdown: &CancellationToken,
 ) -> Option<Lost> {
     let connector = broker.link.connector();
     let timing = broker.timing;
+    let changes = broker.listeners.changes();
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + timing.health_check,
         timing.health_check,
     );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the changes seen so far are applied.
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return None,
-            _ = ping.tick() => {
-                if !connector.is_current(addr) {
-                    let to = connector.master().unwrap_or_default();
-                    return Some(Lost::MasterMoved { from: addr.to_owned(), to });
+            _ = changes.wait(), if due.is_none() => {
+                due = Some(tokio::time::Instant::now() + BATCH);
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                due = None;
+                if let Err(why) = follow(broker, live, position).await {
+                    return Some(why);
                 }
-                match tokio::time::timeout(timing.timeout, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => position.alive = Instant::now(),
+            }
+            _ = ping.tick() => {
+                if !connector.is_current(&live.addr) {
+                    let to = connector.master().unwrap_or_default();
+                    return Some(Lost::MasterMoved { from: live.addr.clone(), to });
+                }
+                match tokio::time::timeout(timing.timeout, live.ping()).await {
+                    Ok(Ok(())) => position.alive = Instant::now(),
                     Ok(Err(e)) => return Some(Lost::Ping(connector.describe(&e))),
                     Err(_) => return Some(Lost::NoPong(timing.timeout)),
                 }
             }
-            message = stream.next() => match message {
-                Some(m) => receive(broker, &m, position),
-                None => return Some(Lost::Closed),
+            incoming = live.next() => match incoming {
+                Incoming::Msg(m) => receive(broker, m.get_channel_name(), m.get_payload_bytes(), position),
+                Incoming::Push(push) => {
+                    if let Err(why) = pushed(broker, live, position, push).await {
+                        return Some(why);
+                    }
+                }
+                Incoming::Closed => return Some(Lost::Closed),
             },
         }
     }
 }
 
-fn receive(broker: &RedisBroker, m: &redis::Msg, position: &mut Position) {
+/// A push of the cluster's connection: a message (live), a node's
+/// connection lost (the subscription is made afresh, and the gap filled),
+/// or a shard channel unsubscribed by the server (its slot moved to
+/// another node: subscribed again there, and its history read from the
+/// last event delivered, so nothing is lost and nothing comes twice).
+async fn pushed(
+    broker: &RedisBroker,
+    live: &mut Live,
+    position: &mut Position,
+    push: redis::PushInfo,
+) -> Result<(), Lost> {
+    use redis::PushKind;
+    let text = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) => Some(b.clone()),
+        Some(redis::Value::SimpleString(s)) => Some(s.clone().into_bytes()),
+        _ => None,
+    };
+    let (channel, payload) = match push.kind {
+        PushKind::Message | PushKind::SMessage => (text(push.data.first()), text(push.data.get(1))),
+        PushKind::PMessage => (text(push.data.get(1)), text(push.data.get(2))),
+        PushKind::Disconnection => return Err(Lost::NodeDropped),
+        PushKind::SUnsubscribe => {
+            let moved = text(push.data.first())
+                .and_then(|c| String::from_utf8(c).ok())
+                .and_then(|c| read_scope(c.strip_prefix(broker.names.scope_channels())?))
+                .filter(|scope| live.subscribed.contains(scope));
+            if let Some(scope) = moved {
+                return moved_scope(broker, live, position, scope).await;
+            }
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    if let (Some(channel), Some(payload)) = (channel, payload)
+        && let Ok(channel) = std::str::from_utf8(&channel)
+    {
+        receive(broker, channel, &payload, position);
+    }
+    Ok(())
+}
+
+/// A scope whose shard channel the server unsubscribed (a slot migrated):
+/// subscribed again (on the slot's new owner), then its history read from
+/// the tenant's last event delivered.
+async fn moved_scope(
+    broker: &RedisBroker,
+    live: &mut Live,
+    position: &mut Position,
+    scope: Scope,
+) -> Result<(), Lost> {
+    let since = Instant::now();
+    live.subscribed.remove(&scope);
+    live.subscribe(broker, &[scope]).await?;
+    let start = position.gap_start(scope.tenant());
+    let (read, _) = read_and_measure(broker, position, &[scope], &[start]).await;
+    let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
+    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
+    note_filled(position, &[scope], &filled);
+    broker.metrics.gap_filled_events.inc_by(count);
+    if !filled.reloaded.is_empty() || !filled.trimmed.is_empty() {
+        lost(
+            broker,
+            Some(&[scope]),
+            ResyncReason::HistoryUnavailable,
+            Gap { since },
+        );
+    } else {
+        broker
+            .metrics
+            .subscription_gaps
+            .with_label_values(&["filled"])
+            .inc();
+    }
+    tracing::info!(scope = %broker.names.scope_channel(scope), filled = count, "shard channel moved to another node; subscribed there");
+    Ok(())
+}
+
+/// Makes the subscription follow the audience: unsubscribes the scopes
+/// that lost their last connection, subscribes the new ones and fills
+/// their window from history.
+async fn follow(
+    broker: &RedisBroker,
+    live: &mut Live,
+    position: &mut Position,
+) -> Result<(), Lost> {
+    let since = broker.listeners.changes().take_since_us();
+    let wanted: HashSet<Scope> = broker.listeners.scopes().into_iter().collect();
+    let mut gone: Vec<Scope> = live.subscribed.difference(&wanted).copied().collect();
+    let mut added: Vec<Scope> = wanted.difference(&live.subscribed).copied().collect();
+    gone.sort_unstable();
+    added.sort_unstable();
+    if !gone.is_empty() {
+        live.unsubscribe(broker, &gone).await?;
+        for scope in &gone {
+            position.filled.remove(scope);
+        }
+    }
+    if !added.is_empty() {
+        live.subscribe(broker, &added).await?;
+        fill_new(broker, position, &added, since).await?;
+    }
+    broker
+        .metrics
+        .redis_subscribed_scopes
+        .set(live.subscribed.len() as i64);
+    tracing::debug!(
+        subscribed = added.len(),
+        unsubscribed = gone.len(),
+        scopes = live.subscribed.len(),
+        "subscription follows the audience"
+    );
+    Ok(())
+}
+
+fn receive(broker: &RedisBroker, channel: &str, payload: &[u8], position: &mut Position) {
     position.alive = Instant::now();
-    let channel = m.get_channel_name();
-    let payload = m.get_payload_bytes();
     let scope_tail = channel.strip_prefix(broker.names.scope_channels());
     // On a seed channel, a plain event is a JSON object; the function's
     // messages (a backend's `wsgateway_publish`) start with their number.
@@ -511,22 +906,17 @@ struct Filled {
     gone: Vec<Scope>,
 }
 
-/// Measures Redis's clock and, after a gap, fills it: queues what history
-/// kept for this node's scopes, in order, and tells the connections what
-/// it could not.
-async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
-    let scopes = match gap {
-        Some(_) => broker.listeners.scopes(),
-        None => Vec::new(),
-    };
+/// Fills a gap: queues what history kept for the subscribed `scopes` since
+/// the gap began, in order, and tells the connections what it could not.
+async fn fill(broker: &RedisBroker, position: &mut Position, scopes: &[Scope], gap: Gap) {
     let starts: Vec<u64> = scopes
         .iter()
         .map(|s| position.gap_start(s.tenant()))
         .collect();
-    let (read, restarted) = read_and_measure(broker, position, &scopes, &starts).await;
-    let Some(gap) = gap else {
-        return;
-    };
+    let (read, restarted) = read_and_measure(broker, position, scopes, &starts).await;
+    for scope in scopes {
+        position.filled.remove(scope);
+    }
     let mut filled = match read {
         Ok(filled) => filled,
         Err(why) => {
@@ -543,8 +933,7 @@ async fn fill(broker: &RedisBroker, position: &mut Position, gap: Option<Gap>) {
             .filter(|scope| position.delivered.contains_key(&scope.tenant())),
     );
     let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
-    position.filled = std::mem::take(&mut filled.counters);
-    position.filled_scopes = scopes.into_iter().collect();
+    note_filled(position, scopes, &filled);
     broker.metrics.gap_filled_events.inc_by(count);
     let outcome = gap_outcome(broker, position, &filled, restarted, gap);
     tracing::info!(
@@ -567,19 +956,77 @@ async fn read_and_measure(
 ) -> (Result<Filled, GapError>, bool) {
     let asked_at = unix_us();
     let read = read_gap(broker, scopes, starts).await;
-    position.filled.clear();
-    position.filled_scopes.clear();
     let restarted = match &read {
         Ok(filled) => {
             // Halfway through the call: the error is half its time at most.
             let local = (asked_at + unix_us()) / 2;
             position.offset_us = filled.redis_us - local;
+            position.offset_error_us = (unix_us() - asked_at) / 2;
+            position.measured = Instant::now();
+            // In a cluster, each tenant's shard answers with its own
+            // run_id: a reload is told per tenant (its epoch) instead.
             let before = position.run_id.replace(filled.run_id.clone());
-            before.is_some_and(|run| run != filled.run_id)
+            !broker.link.connector().is_cluster() && before.is_some_and(|run| run != filled.run_id)
         }
         Err(_) => false,
     };
     (read, restarted)
+}
+
+/// Notes what a fill read of `scopes`: their live messages numbered up to
+/// their tenant's counter then are skipped.
+fn note_filled(position: &mut Position, scopes: &[Scope], filled: &Filled) {
+    for scope in scopes {
+        if let Some(&counter) = filled.counters.get(&scope.tenant()) {
+            position.filled.insert(*scope, counter);
+        }
+    }
+}
+
+/// Fills the window of new scopes (just subscribed, their connections
+/// there since `since`, this node's clock in µs): queues what history kept
+/// of each from just before then, in order. Without `since` (nothing
+/// changed), only measures Redis's clock. A trim within the window is told
+/// to the scopes' connections. A read that fails gives the subscription
+/// up: the subscriber then subscribes afresh and fills the gap, live
+/// messages waiting meanwhile, so nothing arrives out of order.
+async fn fill_new(
+    broker: &RedisBroker,
+    position: &mut Position,
+    scopes: &[Scope],
+    since: Option<i64>,
+) -> Result<(), Lost> {
+    let Some(since) = since.filter(|_| !scopes.is_empty()) else {
+        let _ = read_and_measure(broker, position, &[], &[]).await;
+        return Ok(());
+    };
+    let start = (since + position.offset_us - position.new_scope_margin_us()).max(0) as u64;
+    let starts = vec![start; scopes.len()];
+    let (read, _) = read_and_measure(broker, position, scopes, &starts).await;
+    let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
+    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
+    note_filled(position, scopes, &filled);
+    // (A reload before the window, which `filled.reloaded` may report, is
+    // nothing these new connections had.)
+    if !filled.trimmed.is_empty() {
+        broker
+            .metrics
+            .dropped_n(Drop::Gap, filled.trimmed.len() as u64);
+        let told = broker
+            .listeners
+            .events_lost(Some(&filled.trimmed), ResyncReason::HistoryTrimmed);
+        tracing::warn!(
+            scopes = filled.trimmed.len(),
+            connections = told,
+            "history of new scopes trimmed in their first moments; clients told to resync"
+        );
+    }
+    tracing::debug!(
+        scopes = scopes.len(),
+        filled = count,
+        "new scopes subscribed"
+    );
+    Ok(())
 }
 
 /// Queues the events history kept, in order, each on the channels it was
@@ -690,34 +1137,63 @@ async fn read_gap(
     starts: &[u64],
 ) -> Result<Filled, GapError> {
     let mut filled = Filled::default();
-    let mut chunks: Vec<(&[Scope], &[u64])> = scopes
-        .chunks(SCOPES_PER_READ)
-        .zip(starts.chunks(SCOPES_PER_READ))
-        .collect();
+    let mut chunks = read_chunks(broker.link.connector().is_cluster(), scopes, starts);
     if chunks.is_empty() {
-        chunks.push((&[], &[]));
+        chunks.push((Vec::new(), Vec::new()));
     }
     let function = broker.names.function("wsgateway_gap");
-    for (chunk, starts) in chunks {
-        let mut fcall = redis::cmd("FCALL");
-        fcall.arg(&function).arg(chunk.len());
-        for scope in chunk {
-            fcall.arg(broker.names.stream(*scope));
-        }
-        fcall.arg(broker.history.size.saturating_add(1));
-        for (scope, start) in chunk.iter().zip(starts) {
-            fcall.arg(scope.tenant()).arg(*start);
-        }
-        let raw = broker
-            .link
-            .call(|mut c| {
-                let fcall = fcall.clone();
-                async move { fcall.query_async::<redis::Value>(&mut c).await }
+    let calls: Vec<futures_util::future::BoxFuture<'_, _>> =
+        chunks
+            .iter()
+            .map(|(chunk, starts)| {
+                let mut fcall = redis::cmd("FCALL");
+                fcall.arg(&function).arg(chunk.len());
+                for scope in chunk {
+                    fcall.arg(broker.names.stream(*scope));
+                }
+                fcall.arg(broker.history.size.saturating_add(1));
+                for (scope, start) in chunk.iter().zip(starts) {
+                    fcall.arg(scope.tenant()).arg(*start);
+                }
+                Box::pin(broker.link.call(move |mut c| async move {
+                    fcall.query_async::<redis::Value>(&mut c).await
+                })) as futures_util::future::BoxFuture<'_, _>
             })
-            .await?;
-        read_gap_answer(raw, chunk, starts, &mut filled).ok_or(GapError::Unexpected)?;
+            .collect();
+    // A few at once: in a cluster, the tenants' shards read in parallel.
+    let answers: Vec<_> = futures_util::stream::iter(calls)
+        .buffered(8)
+        .collect()
+        .await;
+    for ((chunk, starts), raw) in chunks.iter().zip(answers) {
+        read_gap_answer(raw?, chunk, starts, &mut filled).ok_or(GapError::Unexpected)?;
     }
     Ok(filled)
+}
+
+/// The gap reads of `scopes`, each at most [`SCOPES_PER_READ`] long; in a
+/// cluster, each of one tenant (its keys on one shard).
+fn read_chunks(cluster: bool, scopes: &[Scope], starts: &[u64]) -> Vec<(Vec<Scope>, Vec<u64>)> {
+    let mut groups: Vec<Vec<(Scope, u64)>> = Vec::new();
+    if cluster {
+        let mut by_tenant: std::collections::BTreeMap<TenantId, Vec<(Scope, u64)>> =
+            std::collections::BTreeMap::new();
+        for (scope, start) in scopes.iter().zip(starts) {
+            by_tenant
+                .entry(scope.tenant())
+                .or_default()
+                .push((*scope, *start));
+        }
+        groups.extend(by_tenant.into_values());
+    } else {
+        groups.push(scopes.iter().copied().zip(starts.iter().copied()).collect());
+    }
+    groups
+        .iter()
+        .flat_map(|g| g.chunks(SCOPES_PER_READ))
+        .filter(|c| !c.is_empty())
+        .map(|c| c.iter().copied().unzip())
+        .collect()
 }
 
 /// Reads one answer of `wsgateway_gap` into `filled`.
@@ -848,8 +1324,7 @@ mod tests {
         let read = Scope::Branch(1, 5);
         let joined_during_fill = Scope::Branch(1, 6);
         let n = now_us();
-        p.filled.insert(1, n);
-        p.filled_scopes.insert(read);
+        p.filled.insert(read, n);
         let c5 = [Channel::BranchAdmin(5)];
         let c6 = [Channel::BranchAdmin(6)];
         assert_eq!(p.judge(read, n - 10, &c5), Verdict::Filled);
@@ -860,7 +1335,7 @@ mod tests {
         );
         assert_eq!(p.judge(read, n + 1, &c5), Verdict::Deliver(c5.to_vec()));
         assert!(
-            p.filled.is_empty(),
+            !p.filled.contains_key(&read),
             "past the fill, nothing more is skipped"
         );
     }

@@ -204,6 +204,13 @@ impl TestGateway {
         }
     }
 
+    /// Waits until the node (in Redis mode) is subscribed to `n` scope
+    /// channels: a node follows its audience, a moment after it changes.
+    pub async fn wait_scopes(&self, n: usize) {
+        self.wait_metric("wsgateway_redis_subscribed_scopes", |v| v == n as f64)
+            .await;
+    }
+
     /// Polls `/ws/health/detailed` until `check` holds; returns the last
     /// answer (status, body). Panics after `within`.
     pub async fn wait_health(
