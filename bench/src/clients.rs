@@ -107,6 +107,9 @@ pub(super) fn client_address(i: usize, args: &BenchArgs) -> Ipv4Addr {
 pub struct Population {
     pub members: Vec<Member>,
     pub pairs: Vec<(i64, i64)>,
+    /// Member `i` is user (and table session) `id_base + i + 1`: fleets
+    /// of one run on several gateways keep their users apart.
+    pub id_base: usize,
 }
 
 impl Population {
@@ -131,7 +134,11 @@ impl Population {
                 }
             })
             .collect();
-        Population { members, pairs }
+        Population {
+            members,
+            pairs,
+            id_base: 0,
+        }
     }
 
     /// How many connections an event on the waiters channel of (tenant,
@@ -218,7 +225,7 @@ impl Fleet {
         let exp = unix_now() + 24 * 3600;
         let mut tasks = Vec::with_capacity(population.members.len());
         for (i, member) in population.members.iter().copied().enumerate() {
-            let url = member.url(i, target.addr, args, exp);
+            let url = member.url(population.id_base + i, target.addr, args, exp);
             let local = client_address(i, args);
             let (gate, stop, delivered, ready, failed) = (
                 gate.clone(),

@@ -55,6 +55,19 @@ impl Target {
                 child: None,
             });
         }
+        Target::start(args, "gateway", redis_url, &[]).await
+    }
+
+    /// Starts a gateway of the bench's own (`label` prefixes its log
+    /// lines), on a free loopback port, with `env` beside the bench's
+    /// settings, and waits until it listens (and, with Redis, until its
+    /// broker is connected).
+    pub async fn start(
+        args: &BenchArgs,
+        label: &str,
+        redis_url: Option<String>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Target> {
         let exe = gateway_bin(args)?;
         let mut command = tokio::process::Command::new(&exe);
         command
@@ -66,6 +79,7 @@ impl Target {
             .env(MAX_PENDING_CONNECTIONS.env, "4096")
             .env("RUST_LOG", "warn,wsgateway::cli=info")
             .env_remove(REDIS_URL.env)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -76,20 +90,24 @@ impl Target {
             .spawn()
             .with_context(|| format!("cannot start the gateway {}", exe.display()))?;
         let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        // Its log before it listens is said only if it never does.
+        let mut early = Vec::new();
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(rest) = line.split("addr=").nth(1) {
                     return anyhow::Ok(rest.split_whitespace().next().unwrap_or_default().parse()?);
                 }
+                early.push(line);
             }
-            bail!("the gateway exited before listening")
+            bail!("the gateway exited before listening: {}", early.join("\n"))
         })
         .await
         .context("the gateway did not start within 30 s")??;
         // Keep draining its log so that it never blocks on a full pipe.
+        let label = label.to_owned();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("gateway: {line}");
+                eprintln!("{label}: {line}");
             }
         });
         let target = Target {

@@ -16,8 +16,10 @@ mod beside;
 mod clients;
 mod floor;
 mod gateway;
+mod nodes;
 pub mod procfs;
 mod publish;
+mod redis_servers;
 mod report;
 mod storm;
 mod uring;
@@ -39,6 +41,7 @@ pub(crate) mod setting {
     pub const TABLE_TOKEN_SECRET: &SettingInfo = SettingInfo::named("table_token_secret");
     pub const API_KEY: &SettingInfo = SettingInfo::named("api_key");
     pub const REDIS_URL: &SettingInfo = SettingInfo::named("redis_url");
+    pub const REDIS_MODE: &SettingInfo = SettingInfo::named("redis_mode");
     pub const LISTEN: &SettingInfo = SettingInfo::named("listen");
     pub const MAX_CONNECTIONS: &SettingInfo = SettingInfo::named("max_connections");
     pub const MAX_PENDING_CONNECTIONS: &SettingInfo = SettingInfo::named("max_pending_connections");
@@ -66,6 +69,32 @@ pub enum Scenario {
     /// each one's last replayed event, gateway CPU and peak RSS. With
     /// `--redis-url`, the gateway keeps history in Redis.
     Resume,
+    /// Three gateway nodes on a Redis the bench starts (one server, or a
+    /// cluster of three primaries: `--redis`): 1 000 connections on nodes 1
+    /// and 2, none on node 3, 200 events/s for 20 s through the serving
+    /// nodes' APIs; deliveries/s, each node's CPU, and the CPU of the node
+    /// with no clients against a serving node's.
+    Nodes,
+}
+
+/// Which Redis `nodes` starts (`--redis`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisTopology {
+    /// One `redis-server`.
+    Single,
+    /// Three primaries made one cluster (`WSGATEWAY_REDIS_MODE=cluster`).
+    Cluster,
+    /// Each run: single, then cluster.
+    Both,
+}
+
+/// Whose publish API `nodes` publishes through (`--publish-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishTo {
+    /// Nodes 1 and 2 in turn: node 3 does nothing but receive.
+    Serving,
+    /// The three nodes in turn.
+    All,
 }
 
 /// How the floor's writers send (`--floor-io`).
@@ -178,6 +207,13 @@ pub struct BenchArgs {
     /// `floor-readers`: the address to connect to (internal).
     #[arg(long, hide = true)]
     pub floor_addr: Option<String>,
+    /// `nodes`: the Redis the three nodes share (started by the bench on
+    /// free loopback ports, stopped at the end of each run).
+    #[arg(long, value_enum, default_value_t = RedisTopology::Both)]
+    pub redis: RedisTopology,
+    /// `nodes`: the publish APIs the events go through, in turn.
+    #[arg(long, value_enum, default_value_t = PublishTo::Serving)]
+    pub publish_to: PublishTo,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -223,6 +259,8 @@ impl Plan {
             Scenario::FloorReaders => (0, 1, 1, 0, 0.0, 0.0),
             // The events fill the default history (1 000 per branch).
             Scenario::Resume => (2_000, 1, 1, 1_000, 0.0, 0.0),
+            // 500 per serving node; 6 tenants, two on each primary.
+            Scenario::Nodes => (1_000, 6, 5, 4_000, 200.0, 20.0),
         };
         let rate = args.rate.unwrap_or(rate);
         let duration = args.duration_s.unwrap_or(duration);
@@ -253,6 +291,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return floor::serve_readers(&args).await;
     }
     let plan = Plan::from(&args);
+    if plan.scenario == Scenario::Nodes {
+        return nodes::run(&args, &plan).await;
+    }
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {
         if plan.scenario == Scenario::Floor {

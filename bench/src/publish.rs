@@ -12,6 +12,12 @@ use super::clients::{Population, now_us};
 use super::gateway::Target;
 use super::{BenchArgs, Plan, Via};
 
+/// The bench's event `k`, for the waiters of `branch` of `tenant`, sent now.
+pub(super) fn event(tenant: i64, branch: i64, k: usize) -> Value {
+    json!({"type": "ROUND_READY", "tenant_id": tenant, "branch_id": branch,
+           "ts": (now_us() / 1000) as i64, "sent_us": now_us(), "seq": k})
+}
+
 /// Events per publish request when publishing all at once.
 const BATCH: usize = 100;
 
@@ -86,10 +92,6 @@ impl Publisher {
     }
 
     async fn send_all(&self, events: &[(i64, i64, usize)]) -> anyhow::Result<()> {
-        let event = |tenant: i64, branch: i64, k: usize| -> Value {
-            json!({"type": "ROUND_READY", "tenant_id": tenant, "branch_id": branch,
-                   "ts": (now_us() / 1000) as i64, "sent_us": now_us(), "seq": k})
-        };
         match &self.via {
             Sink::Api { http, url, key } => {
                 let requests = events.chunks(BATCH).map(|chunk| {

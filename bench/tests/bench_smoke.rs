@@ -197,3 +197,64 @@ async fn a_publisher_beside_the_storm_reports_its_statuses_and_latency() {
     );
     assert_eq!(s["other"], 0, "{run}");
 }
+
+#[tokio::test]
+async fn three_nodes_on_a_redis_and_on_a_cluster_deliver_everything_and_measure_the_idle_node() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgateway-bench"))
+        .args([
+            "nodes",
+            "--redis",
+            "both",
+            "--connections",
+            "100",
+            "--tenants",
+            "3",
+            "--branches",
+            "2",
+            "--rate",
+            "50",
+            "--duration-s",
+            "1",
+            "--json",
+        ])
+        .env_remove("REDIS_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One run of each, single first.
+    for (run, kind, servers) in [
+        (&report["runs"][0], "single", 1),
+        (&report["runs"][1], "cluster", 3),
+    ] {
+        assert_eq!(run["redis"]["kind"], kind, "{run}");
+        // Tenants 1, 3 and 4: one on each primary.
+        let spread = run["redis"]["tenants_per_server"].as_array().unwrap();
+        assert_eq!(spread.len(), servers, "{run}");
+        assert_eq!(
+            spread.iter().filter_map(Value::as_u64).sum::<u64>(),
+            3,
+            "{run}"
+        );
+        assert_eq!(run["connections"]["opened"], 100, "{run}");
+        assert_eq!(run["events"]["published"], 50, "{run}");
+        let d = &run["deliveries"];
+        // 50 clients per serving node over 6 branches: every event reaches
+        // 8 or 9 on each.
+        assert!(d["expected"].as_u64().unwrap() >= 50 * 16, "{run}");
+        assert_eq!(d["delivered"], d["expected"], "{run}");
+        assert_eq!(d["misrouted"], 0, "{run}");
+        assert!(run["node1"]["deliveries"].as_u64().unwrap() > 0, "{run}");
+        assert!(run["node2"]["deliveries"].as_u64().unwrap() > 0, "{run}");
+        assert!(run["node3"]["cpu_s"].as_f64().is_some(), "{run}");
+        assert_eq!(
+            report["median"][kind]["deliveries"]["missing"].as_f64(),
+            Some(0.0)
+        );
+    }
+}
