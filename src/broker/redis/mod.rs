@@ -2,9 +2,10 @@
 //!
 //! Three connections, as Redis wants them:
 //! - the subscription ([`subscriber`]): pattern subscriptions to the seed's
-//!   channels (plain `PUBLISH`es from any backend, delivered live) and to the
-//!   gateway's scope channels (events numbered and kept in history by the
-//!   `wsgateway` function library). It PINGs on its own schedule, so a
+//!   channels (plain `PUBLISH`es from any backend, delivered live), and
+//!   subscriptions to the scope channels of this node's connections, which
+//!   follow them (events numbered and kept in history by the `wsgateway`
+//!   function library). It PINGs on its own schedule, so a
 //!   silently dead path is found within the command timeout, and after any
 //!   gap it fills what history kept before reading live messages again.
 //! - a command connection ([`link::RedisLink`]) for publishing, the
@@ -19,8 +20,9 @@
 //!   replaces it, like any call.
 //!
 //! All go where the [`connector::Connector`] says: the one server, or the
-//! master the sentinels name, found again at every reconnect; all move to
-//! a new master as soon as one finds it.
+//! master the sentinels name, found again at every reconnect (all move to
+//! a new master as soon as one finds it), or a cluster's primaries through
+//! the cluster client, each call to its tenant's shard.
 //!
 //! The circuit breaker guards calls (publish, resume), never the
 //! subscription: the subscriber reconnects on its own jittered schedule, so

@@ -25,6 +25,13 @@
 //! the fill already delivered are skipped by number. What history cannot
 //! give back (trimmed, expired, or plain `PUBLISH`es never seen) is counted,
 //! and the affected connections get a `resync` frame.
+//!
+//! In a cluster the connection is the cluster client's, in RESP3 (one
+//! connection per node, messages as pushes): `SSUBSCRIBE` per tenant (one
+//! slot), every primary PINGed. A node's connection lost gives the
+//! subscription up (a gap, as above); a slot migrated makes its old owner
+//! unsubscribe the tenant's channels, which are subscribed again on the new
+//! owner and filled from the tenant's last event delivered.
 
 mod fill;
 mod live;
