@@ -211,6 +211,8 @@ settings! {
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
     /// Serve the demo page (`/`, `/client.js`) on the public address, as `dev` always does: `true` or `false`.
     demo_page: bool = Some("false"), env = "WSGATEWAY_DEMO_PAGE", flag = "demo-page";
+    /// Length of the listen queue of the public address: connections the kernel completes before the gateway accepts them (a reconnect storm arrives at once). Linux caps it at `net.core.somaxconn` (4096 on kernels since 5.4).
+    listen_backlog: u32 = Some("4096"), env = "WSGATEWAY_LISTEN_BACKLOG", flag = "listen-backlog";
     /// Connections allowed between accept and admission (slow handshakes); beyond it, a new one evicts the oldest still sending its request head, or is closed at once when none is.
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.

@@ -50,8 +50,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let (jwt_shown, table_shown) = (jwt.clone(), table.clone());
     init_tracing(config.log_format);
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = crate::http::server::listen(config.listen, config.listen_backlog)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
         let session = DevSession {

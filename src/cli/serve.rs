@@ -11,8 +11,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(config.log_format);
     raise_open_files_limit();
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = crate::http::server::listen(config.listen, config.listen_backlog)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let metrics = match config.metrics_listen {
             Some(addr) => {

@@ -28,6 +28,22 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 pub use super::pending::PendingSlot;
+
+/// Listens on `addr` with a listen queue of `backlog` connections (tokio's
+/// `TcpListener::bind` has 1 024, which a reconnect storm overflows: the
+/// kernel then drops the SYNs past it, and those clients wait for their
+/// retransmission, a second or more).
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's bind does on Unix: a restarted node gets its port back at
+    // once, whatever connections of the old one linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 use super::pending::{Admission, Pending, PendingBudget};
 use crate::metrics::{Metrics, Rejection};
 

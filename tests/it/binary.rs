@@ -644,3 +644,30 @@ fn version_and_help_answer_without_a_configuration() {
         assert!(help.contains(command), "--help lacks {command}: {help}");
     }
 }
+
+/// The public address's listen queue (`ss` shows a listening socket's
+/// backlog as its Send-Q), the default and a configured one.
+#[tokio::test]
+async fn the_listen_queue_is_as_long_as_configured() {
+    let backlog = |addr: &str| {
+        let port = addr.rsplit(':').next().unwrap().to_owned();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let default = ServeProcess::start(&[]).await;
+    assert_eq!(backlog(&default.addr), 4096.min(somaxconn).to_string());
+    let set = ServeProcess::start(&[("WSGATEWAY_LISTEN_BACKLOG", "777")]).await;
+    assert_eq!(backlog(&set.addr), 777.min(somaxconn).to_string());
+}
