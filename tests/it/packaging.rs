@@ -9,8 +9,9 @@
 //!   the schemas of the oldest and newest Kubernetes that the PyPI package
 //!   `kubernetes-validate` bundles, and agree with each other (names, ports,
 //!   labels, probes, the grace period);
-//! - the compose file and its Prometheus configuration parse, and name what
-//!   they should;
+//! - the compose file validates against the Compose Specification's schema
+//!   (a copy in `tests/fixtures/`), and it and its Prometheus configuration
+//!   name what they should;
 //! - the example environment files name documented settings only, and
 //!   `serve` starts with each of them;
 //! - the Dockerfile has the instructions it needs (a static check: there is
@@ -414,6 +415,33 @@ fn the_kubernetes_manifests_agree_with_each_other() {
 }
 
 // ---- compose ----
+
+/// Against the Compose Specification's schema (`tests/fixtures/compose-spec.json`,
+/// a copy; `docker compose config` needs the compose plugin, which is not
+/// here): a misspelt key or a wrong type fails.
+#[test]
+fn the_compose_file_validates_against_the_compose_schema() {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            "import json, sys, yaml, jsonschema\n\
+             schema = json.load(open(sys.argv[1], encoding='utf-8'))\n\
+             compose = yaml.safe_load(open(sys.argv[2], encoding='utf-8'))\n\
+             errors = list(jsonschema.Draft7Validator(schema).iter_errors(compose))\n\
+             for e in errors: print('/'.join(map(str, e.absolute_path)), e.message)\n\
+             sys.exit(1 if errors else 0)",
+        ])
+        .arg(root().join("tests/fixtures/compose-spec.json"))
+        .arg(root().join("deploy/compose/docker-compose.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deploy/compose/docker-compose.yml does not validate:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 #[test]
 fn the_compose_file_runs_two_nodes_on_redis_and_prometheus_scrapes_both() {
