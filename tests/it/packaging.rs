@@ -379,6 +379,15 @@ fn the_kubernetes_manifests_agree_with_each_other() {
         grace > sleep + DRAIN_S,
         "terminationGracePeriodSeconds {grace} must exceed the preStop sleep and the drain window"
     );
+    // Liveness never gives up on a pod within its grace period (a drain
+    // may turn the health answer off).
+    let liveness = &c["livenessProbe"];
+    let patience = liveness["periodSeconds"].as_u64().unwrap()
+        * liveness["failureThreshold"].as_u64().unwrap();
+    assert!(
+        patience > grace,
+        "the liveness probe gives up after {patience} s"
+    );
 
     // The pods read the Secret; the example holds placeholders only.
     assert_eq!(
