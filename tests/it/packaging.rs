@@ -14,13 +14,15 @@
 //!   name what they should;
 //! - the example environment files name documented settings only, and
 //!   `serve` starts with each of them;
-//! - the Dockerfile has the instructions it needs (a static check: there is
+//! - the Dockerfile, read by BuildKit's parser (the PyPI package
+//!   `dockerfile`), has the instructions it needs (a static check: there is
 //!   no Docker daemon here to build the image), and its HEALTHCHECK command,
 //!   run with bash as Docker would, passes against a running gateway and
 //!   fails against a stopped one and a 503.
 //!
 //! The tools: `systemd-analyze` (Debian's systemd), and a Python with
-//! `kubernetes-validate` and PyYAML: `$WSGATEWAY_TEST_PYTHON`, else the
+//! `kubernetes-validate` (which brings PyYAML and jsonschema) and
+//! `dockerfile`: `$WSGATEWAY_TEST_PYTHON`, else the
 //! virtualenv `target/test-python` that `scripts/test.sh` makes, else
 //! `python3`; `scripts/test.sh` installs them. A missing tool fails the test
 //! with what to install; nothing is skipped.
@@ -37,6 +39,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_wsgateway");
 
 /// What `scripts/test.sh` installs.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+const DOCKERFILE: &str = "dockerfile==3.4.0";
 /// The oldest and newest Kubernetes whose schemas it bundles.
 const KUBERNETES_VERSIONS: &[&str] = &["1.25.0", "1.37.0"];
 
@@ -66,14 +69,17 @@ fn python() -> String {
         }
     });
     let probe = Command::new(&python)
-        .args(["-c", "import kubernetes_validate, yaml"])
+        .args([
+            "-c",
+            "import kubernetes_validate, yaml, jsonschema, dockerfile",
+        ])
         .output();
     match probe {
         Ok(out) if out.status.success() => python,
         _ => panic!(
-            "no Python with kubernetes-validate ({python:?}): run ./scripts/test.sh, which \
-             installs it, or `pip install '{KUBERNETES_VALIDATE}'` and set \
-             WSGATEWAY_TEST_PYTHON to that Python"
+            "no Python with kubernetes-validate and dockerfile ({python:?}): run \
+             ./scripts/test.sh, which installs them, or `pip install '{KUBERNETES_VALIDATE}' \
+             '{DOCKERFILE}'` and set WSGATEWAY_TEST_PYTHON to that Python"
         ),
     }
 }
@@ -539,63 +545,101 @@ fn the_compose_file_runs_two_nodes_on_redis_and_prometheus_scrapes_both() {
 
 // ---- Dockerfile ----
 
-/// The Dockerfile's instructions, continuation lines joined, comments and
-/// blank lines dropped: `(INSTRUCTION, arguments)`.
-fn dockerfile() -> Vec<(String, String)> {
-    let text = read("Dockerfile");
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        match trimmed.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
-            None => {
-                current.push_str(trimmed);
-                let (instruction, args) = current.split_once(' ').unwrap_or((&current, ""));
-                out.push((instruction.to_uppercase(), args.trim().to_owned()));
-                current.clear();
-            }
-        }
-    }
-    out
+/// One instruction of the Dockerfile as BuildKit's own parser reads it (the
+/// PyPI package `dockerfile` wraps it): continuation lines joined, flags
+/// apart, `json` for the exec form.
+#[derive(serde::Deserialize)]
+struct Instruction {
+    cmd: String,
+    flags: Vec<String>,
+    value: Vec<String>,
+    json: bool,
+}
+
+/// The instructions Docker knows (the parser itself accepts any word).
+const INSTRUCTIONS: &[&str] = &[
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "FROM",
+    "HEALTHCHECK",
+    "LABEL",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+fn dockerfile() -> Vec<Instruction> {
+    let out = Command::new(python())
+        .args([
+            "-c",
+            "import json, sys, dockerfile\n\
+             print(json.dumps([dict(cmd=c.cmd.upper(), flags=list(c.flags), value=list(c.value), \
+             json=c.json) for c in dockerfile.parse_file(sys.argv[1])]))",
+        ])
+        .arg(root().join("Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Dockerfile does not parse (or the PyPI package `dockerfile` is missing: run \
+         ./scripts/test.sh):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Static only: the image cannot be built here (no Docker daemon).
 #[test]
 fn the_dockerfile_has_what_a_deployment_needs() {
     let instructions = dockerfile();
-    let all = |name: &str| -> Vec<&str> {
-        instructions
-            .iter()
-            .filter(|(i, _)| i == name)
-            .map(|(_, a)| a.as_str())
-            .collect()
+    for i in &instructions {
+        assert!(
+            INSTRUCTIONS.contains(&i.cmd.as_str()),
+            "unknown instruction {}",
+            i.cmd
+        );
+    }
+    let all = |name: &str| -> Vec<&Instruction> {
+        instructions.iter().filter(|i| i.cmd == name).collect()
     };
     let froms = all("FROM");
     assert_eq!(froms.len(), 2, "a build stage and a runtime stage");
-    assert!(froms[0].starts_with("rust:") && froms[0].ends_with(" AS build"));
+    let build = &froms[0].value;
     assert!(
-        all("RUN")[0].contains("cargo build --release --locked -p wsgateway"),
+        build[0].starts_with("rust:") && build[1..] == ["AS", "build"],
+        "{build:?}"
+    );
+    assert!(
+        all("RUN")[0].value[0].contains("cargo build --release --locked -p wsgateway"),
         "the build stage builds the gateway, locked"
     );
     // After the last FROM: the runtime stage.
-    let last_from = instructions.iter().rposition(|(i, _)| i == "FROM").unwrap();
+    let last_from = instructions.iter().rposition(|i| i.cmd == "FROM").unwrap();
     let runtime = &instructions[last_from..];
-    let runtime_has =
-        |name: &str, args: &str| runtime.iter().any(|(i, a)| i == name && a.contains(args));
-    assert!(runtime_has("RUN", "ca-certificates"));
-    assert!(runtime_has("COPY", "--from=build"));
-    let user = runtime
+    assert!(
+        runtime
+            .iter()
+            .any(|i| i.cmd == "RUN" && i.value[0].contains("ca-certificates"))
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|i| i.cmd == "COPY" && i.flags == ["--from=build"])
+    );
+    let user = &runtime
         .iter()
-        .rfind(|(i, _)| i == "USER")
-        .map(|(_, a)| a.as_str())
-        .expect("a USER in the runtime stage");
+        .rfind(|i| i.cmd == "USER")
+        .expect("a USER in the runtime stage")
+        .value[0];
     let uid = user.split(':').next().unwrap();
     assert!(
         uid.parse::<u32>().is_ok_and(|u| u != 0),
@@ -603,15 +647,31 @@ fn the_dockerfile_has_what_a_deployment_needs() {
     );
     let exposed: Vec<&str> = all("EXPOSE")
         .iter()
-        .flat_map(|a| a.split_whitespace())
+        .flat_map(|i| i.value.iter().map(String::as_str))
         .collect();
     assert_eq!(exposed, ["8001", "9101"]);
-    let env = all("ENV").join(" ");
-    assert!(env.contains("WSGATEWAY_METRICS_LISTEN=0.0.0.0:9101"));
-    assert_eq!(all("STOPSIGNAL"), ["SIGTERM"]);
-    assert_eq!(all("ENTRYPOINT"), [r#"["wsgateway"]"#]);
-    assert_eq!(all("CMD"), [r#"["serve"]"#]);
-    assert_eq!(all("HEALTHCHECK").len(), 1);
+    let env: Vec<&[String]> = all("ENV").iter().flat_map(|i| i.value.chunks(2)).collect();
+    assert!(env.contains(
+        &&[
+            "WSGATEWAY_METRICS_LISTEN".to_owned(),
+            "0.0.0.0:9101".to_owned()
+        ][..]
+    ));
+    let one = |name: &str| -> &Instruction {
+        let found = all(name);
+        assert_eq!(found.len(), 1, "one {name}");
+        found[0]
+    };
+    assert_eq!(one("STOPSIGNAL").value, ["SIGTERM"]);
+    let entrypoint = one("ENTRYPOINT");
+    assert!(entrypoint.json && entrypoint.value == ["wsgateway"]);
+    let cmd = one("CMD");
+    assert!(cmd.json && cmd.value == ["serve"]);
+    let healthcheck = one("HEALTHCHECK");
+    assert!(
+        healthcheck.json && healthcheck.value[0] == "CMD",
+        "HEALTHCHECK CMD [...]"
+    );
 
     let ignored = read(".dockerignore");
     for entry in ["target/", ".git/", "**/node_modules/"] {
@@ -625,16 +685,12 @@ fn the_dockerfile_has_what_a_deployment_needs() {
 /// The HEALTHCHECK's command, as Docker runs it (exec form).
 fn healthcheck_command() -> Vec<String> {
     let instructions = dockerfile();
-    let args = &instructions
+    let healthcheck = instructions
         .iter()
-        .find(|(i, _)| i == "HEALTHCHECK")
-        .unwrap()
-        .1;
-    let json = args
-        .split_once("CMD ")
-        .expect("HEALTHCHECK ... CMD [...]")
-        .1;
-    serde_json::from_str(json).expect("the exec form: a JSON array")
+        .find(|i| i.cmd == "HEALTHCHECK")
+        .unwrap();
+    assert!(healthcheck.json, "the exec form");
+    healthcheck.value[1..].to_vec()
 }
 
 async fn run_healthcheck(listen: &str) -> bool {
