@@ -15,7 +15,10 @@
 #     (clients/typescript), which run against the gateway binary cargo built;
 #   - Chromium (Debian's package) and curl, for the demo page's browser test
 #     (tests/browser/), which also checks the committed copy of the client's
-#     bundle against a fresh build.
+#     bundle against a fresh build;
+#   - systemd-analyze, and a Python with kubernetes-validate and dockerfile
+#     (PyPI, in a virtualenv under target/), for the deployment files' tests
+#     (tests/it/packaging.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,11 +133,38 @@ ensure_chromium() {
   command -v curl >/dev/null 2>&1 || die "curl could not be installed"
 }
 
+# tests/it/packaging.rs: `systemd-analyze verify` on the systemd unit, the
+# Kubernetes manifests validated offline by kubernetes-validate (PyPI, which
+# bundles Kubernetes' schemas), and the Dockerfile read by BuildKit's parser
+# (PyPI's dockerfile), both in a virtualenv of their own, whose Python (with
+# PyYAML and jsonschema) the tests find in WSGATEWAY_TEST_PYTHON.
+KUBERNETES_VALIDATE="kubernetes-validate==1.37.0"
+DOCKERFILE_PARSER="dockerfile==3.4.0"
+ensure_packaging_tools() {
+  command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd
+  command -v systemd-analyze >/dev/null 2>&1 || die "systemd-analyze is missing: install systemd"
+  command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+  local target="${CARGO_TARGET_DIR:-target}"
+  case "$target" in /*) ;; *) target="$(pwd)/$target" ;; esac
+  local venv="$target/test-python"
+  local have
+  have="$("$venv/bin/python" -m pip freeze --disable-pip-version-check 2>/dev/null || true)"
+  if ! grep -qx "$KUBERNETES_VALIDATE" <<<"$have" || ! grep -qx "$DOCKERFILE_PARSER" <<<"$have"; then
+    echo "== installing $KUBERNETES_VALIDATE and $DOCKERFILE_PARSER (PyPI) into $venv"
+    python3 -m venv "$venv" || { apt_install python3-venv && python3 -m venv "$venv"; } \
+      || die "cannot make a Python virtualenv at $venv (install python3-venv)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE" "$DOCKERFILE_PARSER" \
+      || die "cannot install $KUBERNETES_VALIDATE and $DOCKERFILE_PARSER from PyPI"
+  fi
+  export WSGATEWAY_TEST_PYTHON="$venv/bin/python"
+}
+
 ensure_redis
 ensure_postgres
 ensure_postgres_server
 ensure_node
 ensure_chromium
+ensure_packaging_tools
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"

@@ -16,6 +16,7 @@ mod handshake_flood;
 mod import_graph;
 mod observability;
 mod one_validation;
+mod packaging;
 mod postgres_tls;
 mod property_routing;
 mod protocol;
