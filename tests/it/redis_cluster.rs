@@ -972,22 +972,24 @@ async fn a_backends_fcall_and_plain_publish_reach_the_kitchen() {
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_password_and_a_prefix_work_as_in_the_other_modes() {
-    let _heavy = common::heavy().await;
-    let started = Instant::now();
-    let cluster = blocking(|| RedisCluster::start_with(3, 0, Some("cluster-pw")));
-    assert!(cluster.seeds().contains(":cluster-pw@127.0.0.1:"));
-    let node = Node::start_with(&cluster.seeds(), &[("WSGATEWAY_REDIS_PREFIX", "staging")]).await;
+/// Starts one gateway node on `cluster` with `env`, joins a waiter of
+/// `tenant`'s branch 5, and checks that an event published through the
+/// node reaches it; returns the node and the waiter.
+async fn one_node_delivers(
+    cluster: &RedisCluster,
+    env: &[(&str, &str)],
+    tenant: i64,
+) -> ([Node; 1], Client) {
+    let node = Node::start_with(&cluster.seeds(), env).await;
     node.wait_healthy(Duration::from_secs(15)).await;
     let nodes = [node];
     let (mut waiter, _) = nodes[0]
-        .join("waiter", &staff(1, 3, &[5], &["WAITER"]))
+        .join("waiter", &staff(1, tenant, &[5], &["WAITER"]))
         .await;
     let id = nodes[0]
         .publish_one(
             "channel:branch:5:waiters",
-            json!({"type": "ROUND_READY", "tenant_id": 3, "branch_id": 5, "event_id": "p-1"}),
+            json!({"type": "ROUND_READY", "tenant_id": tenant, "branch_id": 5, "event_id": "one-1"}),
         )
         .await;
     let got = waiter.next_json().await;
@@ -997,6 +999,17 @@ async fn a_password_and_a_prefix_work_as_in_the_other_modes() {
         "{}",
         logs(&nodes).await
     );
+    (nodes, waiter)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_and_a_prefix_work_as_in_the_other_modes() {
+    let _heavy = common::heavy().await;
+    let started = Instant::now();
+    let cluster = blocking(|| RedisCluster::start_with(3, 0, Some("cluster-pw")));
+    assert!(cluster.seeds().contains(":cluster-pw@127.0.0.1:"));
+    let (nodes, mut waiter) =
+        one_node_delivers(&cluster, &[("WSGATEWAY_REDIS_PREFIX", "staging")], 3).await;
     // The tenant's keys carry the prefix, on the primary of their slot.
     let key = "staging:wsgateway:{3}:seq";
     let owner = blocking(|| cluster.primary_of_slot(cluster.slot_of(key)));
@@ -1036,25 +1049,8 @@ async fn a_tls_cluster_is_reached_with_the_ca_file() {
     let cluster = blocking(|| RedisCluster::start_from(3, 0, base));
     assert!(cluster.seeds().starts_with("rediss://127.0.0.1:"));
     let ca = pki.ca.to_str().unwrap().to_owned();
-    let node = Node::start_with(&cluster.seeds(), &[("WSGATEWAY_REDIS_CA_FILE", &ca)]).await;
-    node.wait_healthy(Duration::from_secs(15)).await;
-    let nodes = [node];
-    let (mut waiter, _) = nodes[0]
-        .join("waiter", &staff(1, 1, &[5], &["WAITER"]))
-        .await;
-    let id = nodes[0]
-        .publish_one(
-            "channel:branch:5:waiters",
-            json!({"type": "ROUND_READY", "tenant_id": 1, "branch_id": 5, "event_id": "tls-1"}),
-        )
-        .await;
-    let got = waiter.next_json().await;
-    assert_eq!(
-        got.as_ref().map(|f| f["event_id"].clone()),
-        Some(json!(id)),
-        "{}",
-        logs(&nodes).await
-    );
+    let (nodes, mut waiter) =
+        one_node_delivers(&cluster, &[("WSGATEWAY_REDIS_CA_FILE", &ca)], 1).await;
     let plain = json!({"type": "ROUND_SERVED", "tenant_id": 1, "branch_id": 5, "n": "plain"});
     blocking(|| {
         cluster.cli_on(
