@@ -72,8 +72,7 @@ pub(super) async fn fill(
         gone.into_iter()
             .filter(|scope| position.delivered.contains_key(&scope.tenant())),
     );
-    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
-    note_filled(position, scopes, &filled);
+    let count = queue(broker, position, scopes, &mut filled);
     broker.metrics.gap_filled_events.inc_by(count);
     let outcome = gap_outcome(broker, position, &filled, restarted, gap);
     tracing::info!(
@@ -88,7 +87,7 @@ pub(super) async fn fill(
 /// the read says of Redis: its clock, and whether it is another process
 /// than the one read last (a restart, a failover: what the old one had not
 /// written to disk, or to the replica, may be gone), returned.
-pub(super) async fn read_and_measure(
+async fn read_and_measure(
     broker: &RedisBroker,
     position: &mut Position,
     scopes: &[Scope],
@@ -113,14 +112,68 @@ pub(super) async fn read_and_measure(
     (read, restarted)
 }
 
-/// Notes what a fill read of `scopes`: their live messages numbered up to
-/// their tenant's counter then are skipped.
-pub(super) fn note_filled(position: &mut Position, scopes: &[Scope], filled: &Filled) {
+/// Queues what a read of `scopes` found, in order, each event on the
+/// channels it was not delivered on yet, and notes the read: live messages
+/// of those scopes numbered up to their tenant's counter then are skipped.
+/// Returns how many events were queued.
+fn queue(
+    broker: &RedisBroker,
+    position: &mut Position,
+    scopes: &[Scope],
+    filled: &mut Filled,
+) -> u64 {
+    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
     for scope in scopes {
         if let Some(&counter) = filled.counters.get(&scope.tenant()) {
             position.filled.insert(*scope, counter);
         }
     }
+    count
+}
+
+/// Fills the scopes of a tenant whose slot moved to another node (just
+/// subscribed there) from the tenant's last event delivered, all from one
+/// start taken before any is queued (a scope's fill must not move another's
+/// start past events it has not had). A read that fails gives the
+/// subscription up; what history cannot vouch for is told to the scopes'
+/// connections. Returns how many events were queued.
+pub(super) async fn fill_moved(
+    broker: &RedisBroker,
+    position: &mut Position,
+    scopes: &[Scope],
+    gap: Gap,
+) -> Result<u64, Lost> {
+    let starts: Vec<u64> = scopes
+        .iter()
+        .map(|s| position.gap_start(s.tenant()))
+        .collect();
+    let (read, _) = read_and_measure(broker, position, scopes, &starts).await;
+    let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
+    let count = queue(broker, position, scopes, &mut filled);
+    broker.metrics.gap_filled_events.inc_by(count);
+    let mut unvouched: Vec<Scope> = filled
+        .reloaded
+        .iter()
+        .chain(&filled.trimmed)
+        .copied()
+        .collect();
+    unvouched.sort_unstable();
+    unvouched.dedup();
+    if unvouched.is_empty() {
+        broker
+            .metrics
+            .subscription_gaps
+            .with_label_values(&["filled"])
+            .inc();
+    } else {
+        lost(
+            broker,
+            Some(&unvouched),
+            ResyncReason::HistoryUnavailable,
+            gap,
+        );
+    }
+    Ok(count)
 }
 
 /// Fills the window of new scopes (just subscribed, their connections
@@ -144,8 +197,7 @@ pub(super) async fn fill_new(
     let starts = vec![start; scopes.len()];
     let (read, _) = read_and_measure(broker, position, scopes, &starts).await;
     let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
-    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
-    note_filled(position, scopes, &filled);
+    let count = queue(broker, position, scopes, &mut filled);
     // (A reload before the window, which `filled.reloaded` may report, is
     // nothing these new connections had.)
     if !filled.trimmed.is_empty() {
@@ -171,7 +223,7 @@ pub(super) async fn fill_new(
 
 /// Queues the events history kept, in order, each on the channels it was
 /// not delivered on yet; returns how many were queued.
-pub(super) fn deliver_filled(
+fn deliver_filled(
     broker: &RedisBroker,
     position: &mut Position,
     entries: HashMap<TenantId, Merged>,
@@ -248,7 +300,7 @@ pub(super) fn gap_outcome(
 
 /// Counts a gap that history could not fill and tells the connections of
 /// `scopes` (all, when `None`) to reload their state.
-pub(super) fn lost(
+fn lost(
     broker: &RedisBroker,
     scopes: Option<&[Scope]>,
     reason: ResyncReason,

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
-use self::fill::{deliver_filled, fill, fill_new, lost, note_filled, read_and_measure};
+use self::fill::{fill, fill_moved, fill_new};
 use self::live::{Incoming, Live, Sub};
 use self::position::{Gap, Position, Verdict};
 use super::RedisBroker;
@@ -56,7 +56,6 @@ use crate::broker::backoff::Backoff;
 use crate::channel::Channel;
 use crate::event::Fields;
 use crate::metrics::Drop;
-use crate::reply::ResyncReason;
 
 /// How long the subscriber waits, after a change of its audience, for more:
 /// a storm of connections costs a few commands, not one each.
@@ -209,9 +208,9 @@ pub(super) async fn run(broker: Arc<RedisBroker>, shutdown: CancellationToken) {
 /// (this node's clock, µs) its scopes may have waited for it.
 async fn open(broker: &RedisBroker) -> Result<(Live, Option<i64>), SubscribeError> {
     let connector = broker.link.connector();
-    let mut live = match connector.cluster_client(None) {
-        Some(_) => open_cluster(broker).await?,
-        None => open_one(broker).await?,
+    let mut live = match connector.is_cluster() {
+        true => open_cluster(broker).await?,
+        false => open_one(broker).await?,
     };
     // Taken before the scopes are read: a scope that comes after is a
     // change still to take.
@@ -405,34 +404,7 @@ async fn moved_tenant(
         live.subscribed.remove(scope);
     }
     live.subscribe(broker, &scopes).await?;
-    let starts = vec![position.gap_start(tenant); scopes.len()];
-    let (read, _) = read_and_measure(broker, position, &scopes, &starts).await;
-    let mut filled = read.map_err(|why| Lost::History(why.to_string()))?;
-    let count = deliver_filled(broker, position, std::mem::take(&mut filled.entries));
-    note_filled(position, &scopes, &filled);
-    broker.metrics.gap_filled_events.inc_by(count);
-    let mut lost_scopes: Vec<Scope> = filled
-        .reloaded
-        .iter()
-        .chain(&filled.trimmed)
-        .copied()
-        .collect();
-    lost_scopes.sort_unstable();
-    lost_scopes.dedup();
-    if !lost_scopes.is_empty() {
-        lost(
-            broker,
-            Some(&lost_scopes),
-            ResyncReason::HistoryUnavailable,
-            Gap { since },
-        );
-    } else {
-        broker
-            .metrics
-            .subscription_gaps
-            .with_label_values(&["filled"])
-            .inc();
-    }
+    let count = fill_moved(broker, position, &scopes, Gap { since }).await?;
     tracing::info!(
         tenant,
         scopes = scopes.len(),
