@@ -355,36 +355,32 @@ impl Broker for RedisBroker {
         if !self.link.connector().is_cluster() {
             // One function call: the batch is numbered, kept and published
             // atomically, so every node sees the same ids.
-            return Box::pin(async move { self.publish_part(&batch, None).await });
+            return Box::pin(async move {
+                let all: Vec<&Publication> = batch.iter().collect();
+                self.publish_part(&all, None).await
+            });
         }
         // A cluster: one call per tenant, on the tenant's shard (each
         // atomic), all at once; a failure of one may leave others
         // published, which a retry with the same `event_id`s does not
         // publish twice.
         Box::pin(async move {
-            let mut tenants: Vec<TenantId> = batch.iter().map(|p| p.fields.tenant_id).collect();
-            tenants.sort_unstable();
-            tenants.dedup();
-            let parts: Vec<(Vec<usize>, Vec<Publication>)> = tenants
-                .iter()
-                .map(|t| {
-                    batch
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.fields.tenant_id == *t)
-                        .map(|(i, p)| (i, p.clone()))
-                        .unzip()
-                })
-                .collect();
+            // Each tenant's items, in the batch's order, and where they were.
+            let mut parts: std::collections::BTreeMap<TenantId, (Vec<usize>, Vec<&Publication>)> =
+                std::collections::BTreeMap::new();
+            for (i, p) in batch.iter().enumerate() {
+                let part = parts.entry(p.fields.tenant_id).or_default();
+                part.0.push(i);
+                part.1.push(p);
+            }
             let answers = futures_util::future::join_all(
                 parts
                     .iter()
-                    .zip(&tenants)
-                    .map(|((_, part), t)| self.publish_part(part, Some(*t))),
+                    .map(|(t, (_, part))| self.publish_part(part, Some(*t))),
             )
             .await;
             let mut published = vec![None; batch.len()];
-            for ((at, _), answer) in parts.iter().zip(answers) {
+            for ((at, _), answer) in parts.values().zip(answers) {
                 for (i, p) in at.iter().zip(answer?) {
                     published[*i] = Some(p);
                 }
@@ -424,7 +420,7 @@ impl RedisBroker {
     /// `tenant`'s, whose counter key routes the call to its shard.
     async fn publish_part(
         &self,
-        batch: &[Publication],
+        batch: &[&Publication],
         tenant: Option<TenantId>,
     ) -> Result<Vec<Published>, BrokerError> {
         let mut items = Vec::with_capacity(batch.len());
