@@ -52,9 +52,8 @@ EXPOSE 8001 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["bash", "-c", "port=${WSGATEWAY_LISTEN##*:}; exec 3<>/dev/tcp/127.0.0.1/${port:-8001} && printf 'GET /ws/health HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && read -r -t 2 _ status _ <&3 && [ \"$status\" = 200 ]"]
 
-# SIGTERM starts the gateway's shutdown (today: every socket closed with
-# 1001, then exit 0; with WSGATEWAY_DRAIN_S, default 30 s, the drain: not
-# ready, connections closed over the window with 1012). Give the container
+# SIGTERM starts the gateway's drain (not ready, connections closed with
+# 1012 spread over WSGATEWAY_DRAIN_S, default 30 s, then exit 0). Give the container
 # more than the drain window to stop: `docker stop --time 45` (compose:
 # stop_grace_period: 45s), or Docker kills it after its default 10 s.
 STOPSIGNAL SIGTERM

@@ -4,7 +4,8 @@
 /// Why the gateway closes (or refuses) a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Close {
-    /// 1001: the server is shutting down.
+    /// 1012 (service restart): the server is draining or shutting down;
+    /// the client should reconnect, with jitter, and resume.
     Shutdown,
     /// 1001: no frame from the client within the heartbeat timeout.
     Heartbeat,
@@ -50,7 +51,8 @@ impl Close {
     /// The close code sent.
     pub fn code(self) -> u16 {
         match self {
-            Close::Shutdown | Close::Heartbeat => 1001,
+            Close::Shutdown => 1012,
+            Close::Heartbeat => 1001,
             Close::ProtocolError => 1002,
             Close::Binary => 1003,
             Close::InvalidUtf8 => 1007,
@@ -67,7 +69,8 @@ impl Close {
     /// The short reason sent with the code.
     pub fn reason(self) -> &'static str {
         match self {
-            Close::Shutdown | Close::Heartbeat => "going away",
+            Close::Shutdown => "service restart",
+            Close::Heartbeat => "going away",
             Close::ProtocolError => "protocol error",
             Close::Binary => "binary frames are not accepted",
             Close::InvalidUtf8 => "invalid UTF-8",
@@ -97,12 +100,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_are_those_of_the_design_and_indices_round_trip() {
+    fn codes_are_those_of_the_protocol_and_indices_round_trip() {
         let codes: Vec<u16> = Close::ALL.iter().map(|c| c.code()).collect();
         assert_eq!(
             codes,
             [
-                1001, 1001, 1002, 1003, 1007, 1008, 1009, 1013, 4001, 4003, 4008, 4029
+                1012, 1001, 1002, 1003, 1007, 1008, 1009, 1013, 4001, 4003, 4008, 4029
             ]
         );
         for c in Close::ALL {

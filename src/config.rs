@@ -254,7 +254,9 @@ settings! {
     stale_event_s: Secs = Some("30"), env = "WSGATEWAY_STALE_EVENT_S", flag = "stale-event-s";
     /// How long a closing connection may take to deliver its close frame, in seconds.
     close_timeout_s: Secs = Some("5"), env = "WSGATEWAY_CLOSE_TIMEOUT_S", flag = "close-timeout-s";
-    /// How long shutdown waits for connections to close before exiting, in seconds.
+    /// On SIGTERM, connections are closed (1012) spread evenly over this many seconds; 0 closes them all at once.
+    drain_s: SecsOrZero = Some("30"), env = "WSGATEWAY_DRAIN_S", flag = "drain-s";
+    /// After the drain, how long shutdown waits for connections and tasks to finish before exiting, in seconds.
     shutdown_grace_s: Secs = Some("10"), env = "WSGATEWAY_SHUTDOWN_GRACE_S", flag = "shutdown-grace-s";
     /// Log format: text or json. Levels come from RUST_LOG.
     log_format: LogFormat = Some("text"), env = "WSGATEWAY_LOG_FORMAT", flag = "log-format";
@@ -428,6 +430,19 @@ impl SettingValue for Secs {
         match raw.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Secs(Duration::from_secs_f64(s))),
             _ => Err(format!("{raw:?} is not a positive number of seconds")),
+        }
+    }
+}
+
+/// A number of seconds that may be 0 (`WSGATEWAY_DRAIN_S`: at once).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecsOrZero(pub Duration);
+
+impl SettingValue for SecsOrZero {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        match raw.trim().parse::<f64>() {
+            Ok(s) if (0.0..1e9).contains(&s) => Ok(SecsOrZero(Duration::from_secs_f64(s))),
+            _ => Err(format!("{raw:?} is not 0 or a positive number of seconds")),
         }
     }
 }

@@ -1,15 +1,20 @@
-//! Lifecycle: build the parts, run them under one cancellation token, and
-//! shut down in one written-down sequence.
+//! Lifecycle: build the parts, run them, and stop in one written-down
+//! sequence.
 //!
-//! Shutdown: the signal fires → the listeners (public, and metrics when
-//! `WSGATEWAY_METRICS_LISTEN` is set) stop accepting → the token is
-//! cancelled, so every connection closes with 1001 and the dispatcher and
-//! cleanup tasks stop → wait for all of them under the grace timeout.
+//! Stopping: the first signal (SIGTERM or SIGINT) starts the drain: the
+//! `draining` token is cancelled, so readiness answers 503 `draining` and
+//! WebSocket upgrades are refused, while events still flow; the open
+//! connections are closed with 1012 spread over `WSGATEWAY_DRAIN_S`
+//! ([`crate::drain`]); a second signal closes the rest at once. Then the
+//! `shutdown` token is cancelled: the listeners (public, and metrics when
+//! `WSGATEWAY_METRICS_LISTEN` is set) stop accepting, the dispatcher,
+//! broker and cleanup tasks stop, and every task gets up to
+//! `WSGATEWAY_SHUTDOWN_GRACE_S` to finish.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -141,11 +146,12 @@ impl Gateway {
         Ok(self)
     }
 
-    /// Runs until `signal` resolves, then shuts down gracefully.
+    /// Serves until the first item of `signals` (a SIGTERM or SIGINT),
+    /// then drains and stops; a second item cuts the drain short.
     pub async fn serve(
         self,
         listener: TcpListener,
-        signal: impl Future<Output = ()> + Send + 'static,
+        signals: impl Stream<Item = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let Gateway {
             config,
@@ -160,21 +166,22 @@ impl Gateway {
             (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
             (None, None) => None,
         };
-        let shutdown = CancellationToken::new();
+        let stop = Stop::default();
+        let shutdown = stop.shutdown.clone();
         let tasks = TaskTracker::new();
         let Parts {
             verifier,
             revocations,
             shared,
         } = parts;
-        let connections = shared.connections(&config, verifier, revocations, &shutdown, &tasks);
+        let connections = shared.connections(&config, verifier, revocations, &stop, &tasks);
         let http = HttpState {
-            health: Arc::new(shared.health(&config)),
+            health: Arc::new(shared.health(&config, &stop)),
             publish: Arc::new(shared.publish(&config)),
             connections: Arc::new(connections),
         };
         shared.spawn_workers(&config, sector_commands, &http.connections, &tasks);
-        cancel_on(signal, shutdown.clone());
+        stop.follow(signals);
         let limits = ServerLimits {
             max_pending: config.max_pending_connections,
             handshake_timeout: config.handshake_timeout_s.0,
@@ -198,23 +205,29 @@ impl Gateway {
             demo_page,
         };
         // Returns once the shutdown token is cancelled: accepting stops.
-        crate::http::server::serve(
+        let server = crate::http::server::serve(
             listener,
             crate::http::router(http, routes),
             limits,
             shared.metrics.clone(),
             shutdown.clone(),
             tasks.clone(),
-        )
-        .await;
-        shut_down(&shared.hub, &shutdown, &tasks, config.shutdown_grace_s.0).await;
+        );
+        let drain = async {
+            stop.draining.cancelled().await;
+            shared.metrics.draining.set(1);
+            crate::drain::close_spread(&shared.hub, config.drain_s.0, &stop.hurry).await;
+            shutdown.cancel();
+        };
+        tokio::join!(server, drain);
+        shut_down(&shared.hub, &tasks, config.shutdown_grace_s.0).await;
         tracing::info!("WebSocket Gateway shutdown complete");
         Ok(())
     }
 }
 
 impl Shared {
-    fn health(&self, config: &Config) -> HealthState {
+    fn health(&self, config: &Config, stop: &Stop) -> HealthState {
         HealthState {
             hub: self.hub.clone(),
             broker: self.broker.clone(),
@@ -224,6 +237,7 @@ impl Shared {
             max_connections: config.max_connections,
             rate_limit_per_s: config.rate_limit_per_s,
             drop_rate_window: config.drop_rate_window_s.0,
+            draining: stop.draining.clone(),
         }
     }
 
@@ -246,7 +260,7 @@ impl Shared {
         config: &Config,
         verifier: Verifier,
         revocations: Option<Revocations>,
-        shutdown: &CancellationToken,
+        stop: &Stop,
         tasks: &TaskTracker,
     ) -> connection::Context {
         connection::Context {
@@ -259,7 +273,8 @@ impl Shared {
             sector_sync: self.sector_sync.clone(),
             resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
             metrics: self.metrics.clone(),
-            shutdown: shutdown.clone(),
+            draining: stop.draining.clone(),
+            shutdown: stop.shutdown.clone(),
             tasks: tasks.clone(),
         }
     }
@@ -297,24 +312,57 @@ impl Shared {
     }
 }
 
-/// Cancels `token` once `signal` resolves; stops waiting if the token is
-/// cancelled first.
-fn cancel_on(signal: impl Future<Output = ()> + Send + 'static, token: CancellationToken) {
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = signal => tracing::info!("shutting down"),
-            _ = token.cancelled() => {}
-        }
-        token.cancel();
-    });
+/// The three moments of stopping, each a token.
+#[derive(Default)]
+struct Stop {
+    /// The first signal: readiness off, upgrades refused, the drain starts.
+    draining: CancellationToken,
+    /// A second signal: the drain closes the rest at once.
+    hurry: CancellationToken,
+    /// The drain is over: listeners and workers stop.
+    shutdown: CancellationToken,
 }
 
-/// After the listeners stopped: closes every connection (1001) and waits
-/// for the tasks, at most `grace`.
-async fn shut_down(hub: &Hub, shutdown: &CancellationToken, tasks: &TaskTracker, grace: Duration) {
-    shutdown.cancel();
-    // Connections admitted from here on close themselves on seeing the
-    // cancelled token; these are the ones already in the hub.
+impl Stop {
+    /// Cancels `draining` at the first of `signals`, `hurry` at the second.
+    fn follow(&self, signals: impl Stream<Item = ()> + Send + 'static) {
+        let (draining, hurry, shutdown) = (
+            self.draining.clone(),
+            self.hurry.clone(),
+            self.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut signals = std::pin::pin!(signals);
+            for (token, what) in [
+                (
+                    draining,
+                    "draining; a second SIGTERM or SIGINT closes the connections at once",
+                ),
+                (
+                    hurry,
+                    "second signal: closing the remaining connections at once",
+                ),
+            ] {
+                tokio::select! {
+                    signal = signals.next() => match signal {
+                        Some(()) => {
+                            tracing::info!("{what}");
+                            token.cancel();
+                        }
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// After the drain: closes any connection still open (1012) and waits for
+/// the tasks, at most `grace`.
+async fn shut_down(hub: &Hub, tasks: &TaskTracker, grace: Duration) {
+    // Connections admitted from the drain on close themselves on seeing
+    // the cancelled token; these are the ones the drain may have missed.
     hub.close_all(Close::Shutdown);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {

@@ -52,6 +52,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod dispatcher;
+pub mod drain;
 pub mod drop_rate;
 pub mod event;
 pub mod gateway;

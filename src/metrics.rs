@@ -33,10 +33,12 @@ pub enum Rejection {
     /// Too many connections still handshaking (`WSGATEWAY_MAX_PENDING_CONNECTIONS`),
     /// each past its request head, so that none could be evicted.
     HandshakeLimit,
+    /// A WebSocket upgrade while the node drains (503).
+    Draining,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::Auth,
         Rejection::Forbidden,
         Rejection::Origin,
@@ -45,6 +47,7 @@ impl Rejection {
         Rejection::MaxPerSession,
         Rejection::RateLimit,
         Rejection::HandshakeLimit,
+        Rejection::Draining,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl Rejection {
             Rejection::MaxPerSession => "max_per_session",
             Rejection::RateLimit => "rate_limit",
             Rejection::HandshakeLimit => "handshake_limit",
+            Rejection::Draining => "draining",
         }
     }
 }
@@ -461,6 +465,9 @@ metrics! {
     /// give their place in a full pending budget to a new connection.
     handshakes_evicted: IntCounter = "wsgateway_handshakes_evicted_total",
         "Connections still sending their request head, closed unanswered to make room for a new one while the pending budget was full";
+    /// 1 from the first SIGTERM or SIGINT on: the node is draining.
+    draining: IntGauge = "wsgateway_draining",
+        "1 while the node drains its connections before exiting, else 0";
     disconnects: IntCounterVec = "wsgateway_disconnects_total",
         "Open connections closed by the gateway, by reason", labels = ["reason"];
     /// Event frames queued to connections.

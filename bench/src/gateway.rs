@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::setting::{
-    API_KEY, JWT_SECRET, LISTEN, MAX_CONNECTIONS, MAX_PENDING_CONNECTIONS, REDIS_URL,
+    API_KEY, DRAIN_S, JWT_SECRET, LISTEN, MAX_CONNECTIONS, MAX_PENDING_CONNECTIONS, REDIS_URL,
     TABLE_TOKEN_SECRET,
 };
 use super::{BenchArgs, Plan, Via, procfs};
@@ -77,6 +77,8 @@ impl Target {
             .env(API_KEY.env, &args.api_key)
             .env(MAX_CONNECTIONS.env, "1000000")
             .env(MAX_PENDING_CONNECTIONS.env, "4096")
+            // A run's end stops its gateway at once, not over a drain.
+            .env(DRAIN_S.env, "0")
             .env("RUST_LOG", "warn,wsgateway::cli=info")
             .env_remove(REDIS_URL.env)
             .envs(env.iter().copied())

@@ -45,6 +45,7 @@ pub(crate) mod setting {
     pub const LISTEN: &SettingInfo = SettingInfo::named("listen");
     pub const MAX_CONNECTIONS: &SettingInfo = SettingInfo::named("max_connections");
     pub const MAX_PENDING_CONNECTIONS: &SettingInfo = SettingInfo::named("max_pending_connections");
+    pub const DRAIN_S: &SettingInfo = SettingInfo::named("drain_s");
 }
 
 /// The scenarios; each sets defaults that flags override.

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context;
 
-use super::{ServeArgs, init_tracing, runtime, shutdown_signal};
+use super::{ServeArgs, init_tracing, runtime, shutdown_signals};
 use crate::Gateway;
 use crate::auth::{Endpoint, StaffClaims, TableClaims, mint, unix_now};
 use crate::config::Secret;
@@ -64,7 +64,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         };
         print_banner(addr, &(session.mint)(), &secrets);
         let gateway = Gateway::new(config)?.with_demo_page(DemoPage::dev(session));
-        gateway.serve(listener, shutdown_signal()).await?;
+        gateway.serve(listener, shutdown_signals()).await?;
         Ok(())
     })
 }

@@ -146,24 +146,34 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Resolves when SIGINT or SIGTERM arrives.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// One item per SIGTERM or SIGINT: the first starts the drain, the second
+/// cuts it short. The handlers are installed here, once, so that a second
+/// signal arriving at any moment is seen (and never kills the process).
+fn shutdown_signals() -> impl futures_util::Stream<Item = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        futures_util::stream::unfold((term, int), |(mut term, mut int)| async move {
+            tokio::select! {
+                _ = recv(&mut term) => {}
+                _ = recv(&mut int) => {}
+            }
+            Some(((), (term, int)))
+        })
     }
+    #[cfg(not(unix))]
+    futures_util::stream::unfold((), |()| async {
+        let _ = tokio::signal::ctrl_c().await;
+        Some(((), ()))
+    })
 }

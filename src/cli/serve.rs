@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 
-use super::{ServeArgs, init_tracing, raise_open_files_limit, runtime, shutdown_signal};
+use super::{ServeArgs, init_tracing, raise_open_files_limit, runtime, shutdown_signals};
 use crate::Gateway;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -32,7 +32,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(metrics = %metrics.local_addr()?, "serving /ws/metrics");
             gateway = gateway.with_metrics_listener(metrics)?;
         }
-        gateway.serve(listener, shutdown_signal()).await?;
+        gateway.serve(listener, shutdown_signals()).await?;
         Ok(())
     })
 }

@@ -34,8 +34,11 @@ pub struct Context {
     /// the shared command connection and opening the breaker).
     pub resume_reads: Semaphore,
     pub metrics: Arc<Metrics>,
-    /// Cancelled once, at shutdown. Connections are closed through the hub
-    /// ([`Hub::close_all`]); each checks the token once when admitted.
+    /// Cancelled at the first SIGTERM or SIGINT: upgrades are refused
+    /// (503), and a connection admitted after it closes at once (1012);
+    /// the ones in the hub are closed by the drain ([`crate::drain`]).
+    pub draining: CancellationToken,
+    /// Cancelled once, when the drain is over: the workers stop.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,

@@ -135,8 +135,9 @@ async fn open(
     let handle = &registered.handle;
     tracing::Span::current().record("id", handle.id);
     tracing::info!("connected");
-    // Shutdown closes what the hub holds; one admitted after that closes here.
-    if ctx.shutdown.is_cancelled() {
+    // The drain closes what the hub holds; one admitted after it began
+    // closes here.
+    if ctx.draining.is_cancelled() {
         handle.close(Close::Shutdown);
     }
     let mut catch_up = resume::CatchUp::default();

@@ -117,6 +117,7 @@ fn gateway(configure: impl FnOnce(&mut Config)) -> Arc<super::Context> {
         sector_sync,
         resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
         metrics,
+        draining: tokio_util::sync::CancellationToken::new(),
         shutdown: tokio_util::sync::CancellationToken::new(),
         tasks: tokio_util::task::TaskTracker::new(),
     })
@@ -345,13 +346,13 @@ async fn a_close_request_from_the_hub_ends_the_loop_with_its_code() {
     conn.ended().await;
     assert_eq!(disconnects(&gw, "slow_consumer"), 1);
 
-    // Shutdown: the hub closes every connection with 1001, and the close
+    // A drain: the hub closes every connection with 1012, and the close
     // counts as a shutdown, not a missed heartbeat.
     let gw = gateway(|_| {});
     let mut conn = open(&gw, |_| {}).await;
-    gw.shutdown.cancel();
+    gw.draining.cancel();
     gw.hub.close_all(Close::Shutdown);
-    conn.client.expect_close(1001, "going away").await;
+    conn.client.expect_close(1012, "service restart").await;
     conn.ended().await;
     assert_eq!(disconnects(&gw, "shutdown"), 1);
     assert_eq!(disconnects(&gw, "heartbeat"), 0);

@@ -1,4 +1,4 @@
-//! `/ws/health`, `/ws/health/detailed` and `/ws/metrics`.
+//! `/ws/health`, `/ws/health/live`, `/ws/health/detailed` and `/ws/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::Endpoint;
 use crate::broker::{Broker, EventQueue};
@@ -29,6 +30,8 @@ pub struct HealthState {
     pub rate_limit_per_s: u32,
     /// `WSGATEWAY_DROP_RATE_WINDOW_S`.
     pub drop_rate_window: Duration,
+    /// Cancelled at the first SIGTERM or SIGINT: readiness is off.
+    pub draining: CancellationToken,
 }
 
 fn connections(state: &HealthState) -> Value {
@@ -40,9 +43,21 @@ fn connections(state: &HealthState) -> Value {
     json!({"total": counts.total, "by_endpoint": by_endpoint})
 }
 
-/// Fast liveness: no I/O, one short read of the hub's counters.
-pub async fn health(State(state): State<Arc<HealthState>>) -> Json<Value> {
-    Json(json!({"status": "healthy", "connections": connections(&state)}))
+/// Fast readiness: no I/O, one short read of the hub's counters; 503
+/// `draining` from the first SIGTERM on, so that load balancers and
+/// Kubernetes send no new client here.
+pub async fn health(State(state): State<Arc<HealthState>>) -> Response {
+    if state.draining.is_cancelled() {
+        let body = json!({"status": "draining", "connections": connections(&state)});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(json!({"status": "healthy", "connections": connections(&state)})).into_response()
+}
+
+/// Liveness: 200 while the process serves HTTP, draining or not (a
+/// liveness probe must not restart a node in the middle of its drain).
+pub async fn live() -> Json<Value> {
+    Json(json!({"status": "alive"}))
 }
 
 /// Readiness: whether the gateway can deliver, with the seed's keys.
@@ -60,7 +75,9 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
     let (sectors, sectors_reason) = state.sectors.health();
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
-    let status = if !broker.connected {
+    let status = if state.draining.is_cancelled() {
+        Readiness::Draining
+    } else if !broker.connected {
         Readiness::Unhealthy
     } else if sectors == SectorStatus::Degraded || !broker.publishing {
         Readiness::Degraded
@@ -106,7 +123,7 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
         "unknown_events": unknown_events(m),
         "sector_repository": sector_json,
     });
-    let code = if status == Readiness::Unhealthy {
+    let code = if matches!(status, Readiness::Unhealthy | Readiness::Draining) {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
@@ -123,6 +140,8 @@ enum Readiness {
     Degraded,
     /// Events cannot reach this node's connections (503).
     Unhealthy,
+    /// The node is closing its connections before it exits (503).
+    Draining,
 }
 
 impl Readiness {
@@ -131,6 +150,7 @@ impl Readiness {
             Readiness::Healthy => "healthy",
             Readiness::Degraded => "degraded",
             Readiness::Unhealthy => "unhealthy",
+            Readiness::Draining => "draining",
         }
     }
 }

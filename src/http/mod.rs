@@ -27,7 +27,7 @@ use crate::connection;
 pub struct HttpState {
     /// The WebSocket endpoints hand each socket to a connection task.
     pub connections: Arc<connection::Context>,
-    /// `/ws/health`, `/ws/health/detailed` and `/ws/metrics`.
+    /// `/ws/health`, `/ws/health/live`, `/ws/health/detailed` and `/ws/metrics`.
     pub health: Arc<HealthState>,
     /// `/api/publish`.
     pub publish: Arc<PublishState>,
@@ -72,6 +72,7 @@ pub fn router(state: HttpState, routes: Routes) -> Router {
         .route("/ws/admin", ws::route(Endpoint::Admin))
         .route("/ws/diner", ws::route(Endpoint::Diner))
         .route("/ws/health", get(health::health))
+        .route("/ws/health/live", get(health::live))
         .route("/ws/health/detailed", get(health::detailed));
     if routes.metrics {
         router = router.route("/ws/metrics", get(health::metrics));

@@ -23,6 +23,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use crate::auth::Endpoint;
 use crate::connection::{self, ConnectRequest, Context, OnDecided, Wire};
 use crate::http::server::PendingSlot;
+use crate::metrics::Rejection;
 
 /// Initial read buffer of a WebSocket (tungstenite allocates it up front).
 const READ_BUFFER_BYTES: usize = 512;
@@ -56,6 +57,17 @@ fn upgrade(
     pending: Option<Extension<PendingSlot>>,
     ws: Upgrade,
 ) -> Response {
+    if ctx.draining.is_cancelled() {
+        // Before the 101: the client tries another node (or this one
+        // again, after its restart) rather than being closed at once.
+        ctx.metrics.rejected(Rejection::Draining);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            axum::Json(serde_json::json!({"error": "draining"})),
+        )
+            .into_response();
+    }
     let param = endpoint.token_param();
     let query_param = |name: &str| {
         query.as_deref().and_then(|q| {

@@ -453,6 +453,12 @@ impl Hub {
             .collect()
     }
 
+    /// The ids of the open connections, in no particular order (a drain
+    /// closes them in this order).
+    pub fn ids(&self) -> Vec<ConnId> {
+        self.index.read().conns.keys().copied().collect()
+    }
+
     /// Asks every connection to close, for `why` (shutdown).
     pub fn close_all(&self, why: Close) -> usize {
         self.close_where(why, |_| true)

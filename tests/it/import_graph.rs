@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["gateway"],
     &["http"],
     &["connection"],
-    &["dispatcher", "sectors", "revocation"],
+    &["dispatcher", "drain", "sectors", "revocation"],
     &["hub"],
     &["broker"],
     &[

@@ -12,6 +12,7 @@ mod chaos;
 mod close_codes;
 mod continuity;
 mod doc_paths;
+mod drain;
 mod handshake_flood;
 mod import_graph;
 mod observability;

@@ -393,7 +393,8 @@ async fn metrics_listen_moves_metrics_off_the_public_port() {
         .with_metrics_listener(private)
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(gateway.serve(public, stop.clone().cancelled_owned()));
+    let signal = futures_util::stream::once(stop.clone().cancelled_owned());
+    let task = tokio::spawn(gateway.serve(public, signal));
     let gw = TestGateway { addr, stop, task };
 
     let (_waiter, _) = gw.join("waiter", &staff(1, 1, &[5], &["WAITER"])).await;
@@ -663,7 +664,7 @@ async fn connection_lines_carry_sector_ids_and_shutdown_logs_the_seed_line() {
             &closed["fields"]["code"],
             &closed["fields"]["reason"]
         ),
-        (&json!("gateway"), &json!(1001), &json!("going away"))
+        (&json!("gateway"), &json!(1012), &json!("service restart"))
     );
     assert_eq!(closed["span"]["sector_ids"], "null", "not filtered");
     assert_eq!(

@@ -369,8 +369,12 @@ fn the_kubernetes_manifests_agree_with_each_other() {
         "0.0.0.0:8001"
     );
 
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(c[probe]["httpGet"]["path"], "/ws/health", "{probe}");
+    // Readiness turns off during a drain; liveness does not.
+    for (probe, path) in [
+        ("readinessProbe", "/ws/health"),
+        ("livenessProbe", "/ws/health/live"),
+    ] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], "http", "{probe}");
     }
     // preStop sleeps; the grace period (counted from preStop) covers the
@@ -385,8 +389,8 @@ fn the_kubernetes_manifests_agree_with_each_other() {
         grace > sleep + DRAIN_S,
         "terminationGracePeriodSeconds {grace} must exceed the preStop sleep and the drain window"
     );
-    // Liveness never gives up on a pod within its grace period (a drain
-    // may turn the health answer off).
+    // Liveness never gives up on a pod within its grace period (a
+    // draining node may be slow to answer).
     let liveness = &c["livenessProbe"];
     let patience = liveness["periodSeconds"].as_u64().unwrap()
         * liveness["failureThreshold"].as_u64().unwrap();

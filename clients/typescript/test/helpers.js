@@ -165,6 +165,8 @@ export async function startGateway({ port = 0, env = {}, command = 'serve' } = {
       TABLE_TOKEN_SECRET: TABLE_SECRET,
       WSGATEWAY_API_KEY: API_KEY,
       WSGATEWAY_SHUTDOWN_GRACE_S: '3',
+      // Stopping closes every client at once (1012), unless a test drains.
+      WSGATEWAY_DRAIN_S: '0',
       WSGATEWAY_CLOSE_TIMEOUT_S: '2',
       ...env,
     },
@@ -194,7 +196,7 @@ export async function startGateway({ port = 0, env = {}, command = 'serve' } = {
     port: Number(addr.split(':').pop()),
     http: `http://${addr}`,
     ws: `ws://${addr}`,
-    /** SIGTERM (graceful: 1001 to every client), then SIGKILL if it has not exited within `graceMs`. */
+    /** SIGTERM (graceful: 1012 to every client, at once unless the test set WSGATEWAY_DRAIN_S), then SIGKILL if it has not exited within `graceMs`. */
     async stop(graceMs = 8_000) {
       if (proc.exitCode !== null || proc.signalCode !== null) {
         started.delete(proc);

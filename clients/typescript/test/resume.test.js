@@ -12,7 +12,7 @@ after(async () => {
   await redis?.stop();
 });
 
-test('a gateway restart mid-stream: 1001, reconnection, resume; no event lost or repeated', async () => {
+test('a gateway restart mid-stream: 1012, reconnection, resume; no event lost or repeated', async () => {
   const port = await freePort();
   const env = { REDIS_URL: redis.url };
   let a = await startGateway({ port, env });
@@ -34,9 +34,9 @@ test('a gateway restart mid-stream: 1001, reconnection, resume; no event lost or
     })();
     try {
       await waitFor(() => rec.event.length >= 10, 'events before the restart');
-      await a.stop(); // SIGTERM: every client gets 1001
+      await a.stop(); // SIGTERM: every client gets 1012
       await waitFor(() => rec.close.length >= 1, 'the close');
-      assert.equal(rec.close[0].code, 1001);
+      assert.equal(rec.close[0].code, 1012);
       const before = published.length;
       // Events published while the node is down are kept in Redis.
       await waitFor(() => published.length >= before + 10 && rec.reconnect.length >= 2, 'events and retries while down');

@@ -24,7 +24,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use wsgateway::auth::{StaffClaims, TableClaims, mint, unix_now};
-use wsgateway::config::{Secret, Secs};
+use wsgateway::config::{Secret, Secs, SecsOrZero};
 use wsgateway::{Config, Gateway};
 
 /// The tests in this binary share one process and run side by side. Those
@@ -60,6 +60,8 @@ pub fn config() -> Config {
     c.api_key = Some(Secret(API_KEY.into()));
     // Test clients often stop reading: do not wait long for close replies.
     c.close_timeout_s = Secs(Duration::from_secs(1));
+    // Stopping a test gateway closes its connections at once.
+    c.drain_s = SecsOrZero(Duration::ZERO);
     c
 }
 
@@ -75,7 +77,7 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let gateway = Gateway::new(c).unwrap();
-        let signal = stop.clone().cancelled_owned();
+        let signal = futures_util::stream::once(stop.clone().cancelled_owned());
         let task = tokio::spawn(gateway.serve(listener, signal));
         TestGateway { addr, stop, task }
     }
@@ -435,6 +437,8 @@ impl ServeProcess {
             .env("JWT_SECRET", JWT_SECRET)
             .env("TABLE_TOKEN_SECRET", TABLE_SECRET)
             .env("RUST_LOG", "info")
+            // At once, unless a test sets its own drain window.
+            .env("WSGATEWAY_DRAIN_S", "0")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
