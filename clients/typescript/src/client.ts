@@ -1,4 +1,4 @@
-import { backoffDelay, closeAction, DEFAULT_BACKOFF, type BackoffOptions } from './policy.js';
+import { backoffDelay, closeAction, DEFAULT_BACKOFF, type BackoffOptions, type CloseAction } from './policy.js';
 import { refreshLeadMs, tokenExpiry } from './token.js';
 import {
   PROTOCOL_FRAME_TYPES,
@@ -62,7 +62,8 @@ type AnyListener = (arg: never) => void;
 
 /**
  * A connection to one wsgateway endpoint that stays up: it reconnects by
- * the close-code policy with full-jitter backoff, resumes with
+ * the close-code policy with full-jitter backoff (spread over
+ * `restartSpreadMs` after a 1001 or 1012), resumes with
  * `last_event_id`, drops repeated events, sends heartbeats and refreshes
  * its token in-band before it expires.
  */
@@ -114,6 +115,7 @@ export class WsGatewayClient {
     this.backoff = {
       initialMs: opts.backoff?.initialMs ?? DEFAULT_BACKOFF.initialMs,
       maxMs: opts.backoff?.maxMs ?? DEFAULT_BACKOFF.maxMs,
+      restartSpreadMs: opts.backoff?.restartSpreadMs ?? DEFAULT_BACKOFF.restartSpreadMs,
     };
     this.heartbeatTimeoutMs = opts.heartbeatTimeoutMs ?? 10_000;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? 20_000;
@@ -295,17 +297,17 @@ export class WsGatewayClient {
       return;
     }
     if (action === 'reauth') this.authRetried = true;
-    this.scheduleReconnect(code, action === 'rate_limited');
+    this.scheduleReconnect(code, action);
   }
 
-  private scheduleReconnect(code: number, rateLimited = false): void {
+  private scheduleReconnect(code: number, action: CloseAction = 'retry'): void {
     this.attempt++;
     this.setState('reconnecting');
     if (this.offline) {
       this.waitingForOnline = true;
       return;
     }
-    const delayMs = backoffDelay(this.attempt, rateLimited, this.backoff);
+    const delayMs = backoffDelay(this.attempt, action, this.backoff);
     this.emit('reconnect', { attempt: this.attempt, delayMs, code });
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => {
