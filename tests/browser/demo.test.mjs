@@ -97,6 +97,11 @@ class GatewayProcess {
     return this;
   }
 
+  /** Sends `signal` to the process started here, by its pid. */
+  signal(signal) {
+    process.kill(this.child.pid, signal);
+  }
+
   /** Kills the process started here, by its pid, and waits for it to be gone. */
   async kill() {
     if (this.child.exitCode === null && this.child.signalCode === null) process.kill(this.child.pid, 'SIGKILL');
@@ -322,6 +327,70 @@ test('serve with Redis: paste a URL, receive, survive a restart, resume with rec
   await checkLayouts(page, { mobile: false });
   assert.deepEqual(problems, []);
   for (const g of [firstGateway, gateway]) assert.ok(!g.output.includes(token), 'the gateway never logs the token');
+});
+
+test('serve drains on SIGTERM: the page shows the 1012, counts down the spread reconnect, and shows the resume', async (t) => {
+  const port = await freePort();
+  const tenant = randomInt(100_000, 2_000_000_000);
+  const branch = randomInt(1, 1_000_000);
+  const channel = `channel:branch:${branch}:waiters`;
+  const env = { REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true' };
+  // A drain window: the page's one connection is the first closed, at once; the node exits when the window ends.
+  let gateway = await new GatewayProcess('serve', port, { ...env, WSGATEWAY_DRAIN_S: '2' }).ready();
+  t.after(() => gateway.kill());
+  const { stdout } = await run(BIN, ['token', 'staff', '--secret', JWT_SECRET, '--sub', '8', '--tenant', String(tenant),
+    '--branches', String(branch), '--roles', 'WAITER']);
+  const token = stdout.trim();
+  const browser = await launch();
+  t.after(() => browser.close());
+  const { page, problems, state } = await openPage(browser);
+  await page.setViewport({ width: 1280, height: 800 });
+  await page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
+  await pasteAndConnect(page, `ws://127.0.0.1:${port}/ws/waiter?token=${token}`);
+  await waitState(page, 'open');
+  assert.equal(await page.$eval('#restart', (e) => e.hidden), true, 'no restart notice while connected');
+  const first = await publish(port, API_KEY, channel, { type: 'ROUND_READY', tenant_id: tenant, branch_id: branch, event_id: `drain-${tenant}-live` });
+  await waitEvent(page, first);
+
+  // SIGTERM: readiness goes 503, the page's connection is closed with 1012.
+  // A retry that reaches the draining node is refused (503, a failed WebSocket).
+  state.allowWebSocketFailures = true;
+  gateway.signal('SIGTERM');
+  await until(page, 'the 1012 in the log', () => !!document.querySelector('.entry[data-close-code="1012"]'));
+  const closed = await page.$eval('.entry[data-close-code="1012"] .note', (e) => e.textContent);
+  assert.match(closed, /service restart.*draining/);
+  // The notice says why, and counts the spread delay down (or, when the
+  // delay drawn was short, says the reconnect is under way).
+  const notice = await until(page, 'the drain notice', () => {
+    const n = document.getElementById('restart');
+    return !n.hidden && ['waiting', 'connecting'].includes(n.dataset.phase) && n.textContent;
+  }).then((h) => h.jsonValue());
+  assert.match(notice, /^node draining \(1012 service restart\)(; attempt \d+ failed \(1006\))?: reconnecting (in \d+\.\d s|now)$/);
+  const reconnect = await page.$eval('.entry[data-type="reconnecting"] .note', (e) => e.textContent);
+  const delay = Number(/^attempt 1 in (\d+) ms \(after 1012\)/.exec(reconnect)?.[1]);
+  assert.ok(delay >= 0 && delay <= 5_000, `the first delay after a 1012 is spread over restartSpreadMs (5 s): ${reconnect}`);
+  const exit = await gateway.exited;
+  assert.deepEqual(exit, { code: 0, signal: null }, 'the drained node exits 0');
+
+  // While no node runs, an event is published through Redis; then a new node on the same port.
+  const missed = `drain-${tenant}-missed`;
+  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', 'wsgateway_publish', '0', channel,
+    JSON.stringify({ type: 'ROUND_SERVED', tenant_id: tenant, branch_id: branch, event_id: missed })]);
+  assert.deepEqual(fcall.stdout.trim().split('\n'), [missed, 'published'], `FCALL answered ${fcall.stdout}`);
+  gateway = await new GatewayProcess('serve', port, env).ready();
+  await untilWithin(RECONNECT_MS, page, 'the resume in the notice', () => document.getElementById('restart').dataset.phase === 'resumed');
+  await waitEvent(page, missed);
+  // The replay ends with the answer to the ping the page sends on `connected`.
+  await until(page, 'the replay counted', () => document.getElementById('restart').dataset.replay === 'done');
+  assert.equal(await page.$eval('#restart', (e) => e.textContent), 'resumed: recovered true, 1 event replayed');
+  await waitState(page, 'open');
+  state.allowWebSocketFailures = false;
+  const after = await publish(port, API_KEY, channel, { type: 'ROUND_IN_KITCHEN', tenant_id: tenant, branch_id: branch, event_id: `drain-${tenant}-after` });
+  await waitEvent(page, after);
+  const order = (await entries(page)).filter((e) => e.eventId || e.recovered).map((e) => e.eventId ?? `connected:${e.recovered}`);
+  assert.deepEqual(order, [first, 'connected:true', missed, after]);
+  assert.equal(await page.$eval('#restart', (e) => e.textContent), 'resumed: recovered true, 1 event replayed', 'a live event is not counted as replayed');
+  assert.deepEqual(problems, []);
 });
 
 test('dev: development tokens, the printed curl command, and recovered: false after a restart', async (t) => {
