@@ -186,7 +186,7 @@ function channelsAndEvents(specs) {
     for (const kind of ['waiters', 'kitchen', 'admin']) list.push({ channel: `channel:branch:${b}:${kind}`, base: { type: 'ROUND_READY', tenant_id: 1, branch_id: b } });
   }
   for (const s of specs.filter((s) => s.endpoint === 'diner')) {
-    list.push({ channel: `channel:session:${s.session}`, base: { type: 'ORDER_UPDATED', tenant_id: 1, branch_id: s.branch, session_id: s.session } });
+    list.push({ channel: `channel:session:${s.session}`, base: { type: 'ROUND_SERVED', tenant_id: 1, branch_id: s.branch, session_id: s.session } });
   }
   list.push({ channel: 'channel:tenant:staff', base: { type: 'ENTITY_UPDATED', tenant_id: 1, branch_id: 5 } });
   return list;
@@ -338,9 +338,12 @@ test('rolling restart of three nodes: every client holds every event once, in or
     log(`published ${published.length} events (${retries} retries, ${duplicates} answered as duplicates)`);
 
     const want = new Map(recs.map((r) => [r, published.filter((p) => hears(r.spec, p.channel)).map((p) => p.id)]));
-    const complete = (r) => r.event.length >= want.get(r).length;
-    await waitFor(() => recs.every(complete), 'every client holding as many events as it should', 30_000).catch((e) => {
-      log(`${e.message}: ${recs.filter((r) => !complete(r)).map((r) => `${r.spec.name} ${r.event.length}/${want.get(r).length}`).join('; ')}`);
+    const held = (r) => {
+      const ids = new Set(r.event.map((e) => e.event_id));
+      return want.get(r).filter((id) => ids.has(id)).length;
+    };
+    await waitFor(() => recs.every((r) => held(r) === want.get(r).length), 'every client holding every event of its audience', 30_000).catch((e) => {
+      log(`${e.message}: ${recs.filter((r) => held(r) < want.get(r).length).map((r) => `${r.spec.name} ${held(r)}/${want.get(r).length}`).join('; ')}`);
     });
     log(`done; per node at the end ${[...lb.openPerBackend().values()]}`);
 
@@ -363,14 +366,14 @@ test('rolling restart of three nodes: every client holds every event once, in or
     for (const r of recs) {
       const ids = r.message.filter((m) => typeof m.event_id === 'string').map((m) => m.event_id);
       const rep = ids.filter((id, k) => ids.indexOf(id) !== k);
-      if (rep.length) rawRepeats.push(`${r.spec.name}: [${rep.slice(0, 10)}]`);
+      if (rep.length) rawRepeats.push(`${r.spec.name}: [${rep.slice(0, 10)}]; timeline: ${r.timeline.join(', ')}`);
     }
     if (bad.length || rawRepeats.length) {
       // The nodes' logs: all in a file, and here the lines of the first failing clients and every warning.
       const file = path.join(os.tmpdir(), `${prefix}-gateway-logs.txt`);
       writeFileSync(file, incarnations.map(({ name, gw }) => `== ${name}, port ${gw.port}, pid ${gw.pid}\n${gw.logs.join('\n')}\n`).join(''));
       log(`the nodes' logs: ${file}`);
-      const failing = recs.filter((r) => bad.some((b) => b.startsWith(`${r.spec.name}:`))).slice(0, 3);
+      const failing = recs.filter((r) => [...bad, ...rawRepeats].some((b) => b.startsWith(`${r.spec.name}:`))).slice(0, 3);
       const marks = failing.map((r) => (r.spec.endpoint === 'diner' ? `"session":${r.spec.session},` : `"user":${r.spec.sub},`));
       for (const { name, gw } of incarnations) {
         for (const line of gw.logs) {
