@@ -1,0 +1,57 @@
+"""Backend helpers for the wsgateway WebSocket notification gateway.
+
+- :class:`Gateway` / :class:`AsyncGateway`: ``POST /api/publish`` with
+  retries that reuse each event's id (docs/PROTOCOL.md §10);
+- :mod:`wsgateway.errors`: one exception class per documented answer;
+- :func:`mint_table_token`: diners' table tokens (§3);
+
+No runtime dependency beyond the standard library.
+"""
+
+from .client import AsyncGateway, Gateway, PublishResult, RetryInfo, new_event_id
+from .errors import (
+    BodyTooLarge,
+    BrokerUnavailable,
+    GatewayConnectionError,
+    GatewayError,
+    InvalidBody,
+    InvalidEvent,
+    InvalidRequest,
+    MethodNotAllowed,
+    OutcomeUnknown,
+    PublishDisabled,
+    ReservedType,
+    StaleEvent,
+    TooManyChannels,
+    TooManyItems,
+    Unauthorized,
+    UnknownChannel,
+)
+from .tokens import mint_table_token
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncGateway",
+    "Gateway",
+    "PublishResult",
+    "RetryInfo",
+    "new_event_id",
+    "GatewayError",
+    "InvalidRequest",
+    "InvalidBody",
+    "UnknownChannel",
+    "InvalidEvent",
+    "ReservedType",
+    "StaleEvent",
+    "TooManyItems",
+    "TooManyChannels",
+    "Unauthorized",
+    "PublishDisabled",
+    "MethodNotAllowed",
+    "BodyTooLarge",
+    "BrokerUnavailable",
+    "OutcomeUnknown",
+    "GatewayConnectionError",
+    "mint_table_token",
+]
