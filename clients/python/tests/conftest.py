@@ -305,3 +305,35 @@ def redis_command(port: int, *args: str) -> bytes:
         time.sleep(0.05)
         return s.recv(65536)
 
+
+# --- PostgreSQL: an outbox table of this run's own ---------------------------
+
+OUTBOX_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id bigserial PRIMARY KEY,
+    channels text[] NOT NULL,
+    event jsonb NOT NULL,
+    event_id text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@pytest.fixture(scope="session")
+def outbox_table():
+    """`<schema>.wsgateway_outbox` in a schema unique to this run, made with
+    the DDL of `wsgateway outbox schema`; the schema is dropped after."""
+    import psycopg
+
+    schema = f"wsgw_py_{secrets.token_hex(6)}"
+    table = f"{schema}.wsgateway_outbox"
+    try:
+        conn = psycopg.connect(DATABASE_URL, autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        pytest.exit(f"cannot connect to PostgreSQL at {DATABASE_URL} (set TEST_DATABASE_URL): {e}", returncode=2)
+    with conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.execute(OUTBOX_DDL.format(table=table))
+    yield table
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

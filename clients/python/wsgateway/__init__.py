@@ -4,6 +4,8 @@
   retries that reuse each event's id (docs/PROTOCOL.md §10);
 - :mod:`wsgateway.errors`: one exception class per documented answer;
 - :func:`mint_table_token`: diners' table tokens (§3);
+- :func:`add_outbox_row` and friends: an outbox row in the caller's own
+  transaction, for psycopg 3 and asyncpg.
 
 No runtime dependency beyond the standard library.
 """
@@ -27,6 +29,7 @@ from .errors import (
     Unauthorized,
     UnknownChannel,
 )
+from .outbox import OutboxError, add_outbox_row, add_outbox_row_async, add_outbox_row_asyncpg
 from .tokens import mint_table_token
 
 __version__ = "0.1.0"
@@ -54,4 +57,8 @@ __all__ = [
     "OutcomeUnknown",
     "GatewayConnectionError",
     "mint_table_token",
+    "add_outbox_row",
+    "add_outbox_row_async",
+    "add_outbox_row_asyncpg",
+    "OutboxError",
 ]
