@@ -18,7 +18,10 @@
 #     bundle against a fresh build;
 #   - systemd-analyze, and a Python with kubernetes-validate and dockerfile
 #     (PyPI, in a virtualenv under target/), for the deployment files' tests
-#     (tests/it/packaging.rs).
+#     (tests/it/packaging.rs);
+#   - in that virtualenv, the Python package (clients/python, editable) with
+#     its test extra's pinned versions (pytest, psycopg, asyncpg, websockets),
+#     for its tests, which run against the gateway binary cargo built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -159,12 +162,43 @@ ensure_packaging_tools() {
   export WSGATEWAY_TEST_PYTHON="$venv/bin/python"
 }
 
+# clients/python: installed editable, with the exact versions of its `test`
+# extra (clients/python/pyproject.toml), into the virtualenv above; pip runs
+# only when something is missing or of another version.
+ensure_python_client() {
+  local python="$WSGATEWAY_TEST_PYTHON"
+  if ! "$python" - <<'PY'
+import importlib.metadata as md, pathlib, re, sys
+text = pathlib.Path("clients/python/pyproject.toml").read_text()
+pins = re.findall(r'"([^"]+)"', re.search(r"^test = \[(.*?)\]", text, re.S | re.M).group(1))
+for pin in pins:
+    name, version = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[.*\])?==(.+)", pin).groups()
+    try:
+        if md.version(name) != version:
+            sys.exit(1)
+    except md.PackageNotFoundError:
+        sys.exit(1)
+try:
+    import wsgateway
+except ImportError:
+    sys.exit(1)
+here = pathlib.Path("clients/python/wsgateway").resolve()
+sys.exit(0 if pathlib.Path(wsgateway.__file__).resolve().parent == here else 1)
+PY
+  then
+    echo "== installing clients/python (editable) and its test extra (PyPI) into $(dirname "$(dirname "$python")")"
+    "$python" -m pip install --quiet --disable-pip-version-check -e "clients/python[test]" \
+      || die "cannot install clients/python[test] into the virtualenv (PyPI: pytest, psycopg, asyncpg, websockets)"
+  fi
+}
+
 ensure_redis
 ensure_postgres
 ensure_postgres_server
 ensure_node
 ensure_chromium
 ensure_packaging_tools
+ensure_python_client
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check || die "code is not formatted: run 'cargo fmt --all'"
@@ -178,6 +212,9 @@ case "${CARGO_TARGET_DIR:-}" in /*) bin="$CARGO_TARGET_DIR/debug/wsgateway" ;; e
 [ -x "$bin" ] || die "cargo test did not leave the gateway binary at $bin"
 (cd clients/typescript && npm ci --no-audit --no-fund && npm run build && WSGATEWAY_BIN="$bin" npm test) \
   || die "the TypeScript client's tests failed (clients/typescript)"
+echo "== Python package (clients/python)"
+(cd clients/python && WSGATEWAY_BIN="$bin" "$WSGATEWAY_TEST_PYTHON" -m pytest -q tests) \
+  || die "the Python package's tests failed (clients/python; run them again with: cd clients/python && WSGATEWAY_BIN=$bin $WSGATEWAY_TEST_PYTHON -m pytest tests)"
 echo "== demo page: the committed client bundle is the built one"
 scripts/demo_bundle.sh check
 echo "== demo page: browser test (tests/browser, headless Chromium)"
