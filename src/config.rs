@@ -207,6 +207,14 @@ settings! {
     sector_retry_s: Secs = Some("5"), env = "WSGATEWAY_SECTOR_RETRY_S", flag = "sector-retry-s";
     /// Most PostgreSQL connections in the pool.
     database_pool_size: usize = Some("16"), env = "WSGATEWAY_DATABASE_POOL_SIZE", flag = "database-pool-size";
+    /// The transactional outbox table to consume (`table` or `schema.table`, lower case); unset: no outbox. `wsgateway outbox schema` prints its DDL.
+    outbox_table: Option<TableName> = None, env = "WSGATEWAY_OUTBOX_TABLE", flag = "outbox-table";
+    /// The outbox's database, when not DATABASE_URL's (same format).
+    outbox_database_url: Option<Secret> = None, env = "WSGATEWAY_OUTBOX_DATABASE_URL", flag = "outbox-database-url";
+    /// How often the outbox is read when no notification came (a lost NOTIFY delays a row by at most this), in seconds.
+    outbox_poll_s: Secs = Some("1"), env = "WSGATEWAY_OUTBOX_POLL_S", flag = "outbox-poll-s";
+    /// Outbox rows claimed and published per transaction.
+    outbox_batch: usize = Some("500"), env = "WSGATEWAY_OUTBOX_BATCH", flag = "outbox-batch";
     /// Bearer key of `POST /api/publish`; unset disables the publish API.
     api_key: Option<Secret> = None, env = "WSGATEWAY_API_KEY", flag = "api-key";
     /// Serve the demo page (`/`, `/client.js`) on the public address, as `dev` always does: `true` or `false`.
@@ -286,6 +294,16 @@ impl Config {
         }
         if self.table_token_secret.is_none() {
             missing.push(required("TABLE_TOKEN_SECRET", "table-token-secret"));
+        }
+        if self.outbox_table.is_some()
+            && self.outbox_database_url.is_none()
+            && self.database_url.is_none()
+        {
+            missing.push(ConfigError::Missing {
+                env: "DATABASE_URL",
+                flag: "database-url",
+                why: "required by WSGATEWAY_OUTBOX_TABLE (or WSGATEWAY_OUTBOX_DATABASE_URL)",
+            });
         }
         match self.jwt_algorithm {
             JwtAlgorithm::Hs256 if self.jwt_secret.is_none() => {
@@ -430,6 +448,63 @@ impl SettingValue for Secs {
         match raw.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Secs(Duration::from_secs_f64(s))),
             _ => Err(format!("{raw:?} is not a positive number of seconds")),
+        }
+    }
+}
+
+/// A PostgreSQL table's name, `table` or `schema.table`: lower-case
+/// identifiers (what unquoted names in the backend's SQL fold to), each
+/// short enough that the name with `_dead` or `_notify` added still fits
+/// PostgreSQL's 63 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    /// The name as the backend writes it: `schema.table` or `table`.
+    pub fn as_written(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("{schema}.{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// The quoted SQL name of this table with `suffix` added to its name.
+    pub fn sql(&self, suffix: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}{suffix}\"", self.name),
+            None => format!("\"{}{suffix}\"", self.name),
+        }
+    }
+}
+
+impl SettingValue for TableName {
+    fn parse_setting(raw: &str) -> Result<Self, String> {
+        let ident = |s: &str, max: usize| {
+            let mut chars = s.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && s.len() <= max
+        };
+        let bad = || {
+            format!(
+                "{raw:?} is not a table name: `table` or `schema.table`, lower-case letters, digits and _, at most 56 bytes each"
+            )
+        };
+        match raw.trim().split_once('.') {
+            None if ident(raw.trim(), 56) => Ok(TableName {
+                schema: None,
+                name: raw.trim().to_owned(),
+            }),
+            Some((schema, name)) if ident(schema, 63) && ident(name, 56) => Ok(TableName {
+                schema: Some(schema.to_owned()),
+                name: name.to_owned(),
+            }),
+            _ => Err(bad()),
         }
     }
 }

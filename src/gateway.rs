@@ -33,6 +33,7 @@ use crate::http::server::ServerLimits;
 use crate::http::{DemoPage, HealthState, HttpState, PublishState, Routes};
 use crate::hub::{Hub, Limits};
 use crate::metrics::{Metrics, RevocationCheck};
+use crate::outbox::{BadOutboxUrl, Outbox, OutboxSettings};
 use crate::revocation::Revocations;
 use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
@@ -48,6 +49,8 @@ pub enum StartError {
     Database(#[from] BadDatabaseUrl),
     #[error(transparent)]
     RedisVersion(#[from] UnsupportedRedis),
+    #[error(transparent)]
+    Outbox(#[from] BadOutboxUrl),
 }
 
 pub struct Gateway {
@@ -61,6 +64,8 @@ pub struct Gateway {
     metrics_listener: Option<TcpListener>,
     /// The demo page at `/`: `WSGATEWAY_DEMO_PAGE`, or `dev`'s.
     demo_page: Option<DemoPage>,
+    /// The outbox consumer's settings, with `WSGATEWAY_OUTBOX_TABLE`.
+    outbox: Option<OutboxSettings>,
 }
 
 /// The long-lived parts, built by [`Gateway::new`] and handed out by
@@ -79,6 +84,8 @@ struct Shared {
     sectors: Arc<SectorAssignments>,
     sector_sync: SectorSync,
     metrics: Arc<Metrics>,
+    /// The outbox consumer's state, with `WSGATEWAY_OUTBOX_TABLE`.
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Gateway {
@@ -99,6 +106,10 @@ impl Gateway {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
         let demo_page = config.demo_page.then(DemoPage::default);
+        let outbox_settings = OutboxSettings::from_config(&config)?;
+        let outbox = outbox_settings
+            .as_ref()
+            .map(|o| Arc::new(Outbox::new(&o.table, metrics.clone())));
         Ok(Gateway {
             config,
             parts: Parts {
@@ -111,12 +122,14 @@ impl Gateway {
                     sectors,
                     sector_sync,
                     metrics,
+                    outbox,
                 },
             },
             redis,
             sector_commands,
             metrics_listener: None,
             demo_page,
+            outbox: outbox_settings,
         })
     }
 
@@ -159,6 +172,7 @@ impl Gateway {
             sector_commands,
             metrics_listener,
             demo_page,
+            outbox,
             redis: _,
         } = self;
         let metrics_listener = match (metrics_listener, config.metrics_listen) {
@@ -181,6 +195,16 @@ impl Gateway {
             connections: Arc::new(connections),
         };
         shared.spawn_workers(&config, sector_commands, &http.connections, &tasks);
+        if let (Some(state), Some(settings)) = (&shared.outbox, outbox) {
+            // Until the drain starts: the lock then passes to a node that
+            // stays.
+            tasks.spawn(crate::outbox::consumer::run(
+                state.clone(),
+                settings,
+                shared.broker.clone(),
+                stop.draining.clone(),
+            ));
+        }
         stop.follow(signals);
         let limits = ServerLimits {
             max_pending: config.max_pending_connections,
@@ -238,6 +262,7 @@ impl Shared {
             rate_limit_per_s: config.rate_limit_per_s,
             drop_rate_window: config.drop_rate_window_s.0,
             draining: stop.draining.clone(),
+            outbox: self.outbox.clone(),
         }
     }
 

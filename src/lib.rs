@@ -59,6 +59,8 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod outbox;
+pub mod postgres;
 pub mod reply;
 pub mod revocation;
 pub mod sectors;

@@ -563,6 +563,18 @@ metrics! {
     /// connections' scopes).
     redis_subscribed_scopes: IntGauge = "wsgateway_redis_subscribed_scopes",
         "Scope channels this node is subscribed to, following its connections";
+    /// Age of the oldest row of the outbox, as last read (any node).
+    outbox_lag: Gauge = "wsgateway_outbox_lag_seconds",
+        "Age of the oldest row of the transactional outbox, in seconds, as last read";
+    /// Outbox rows handled by this node, by outcome.
+    outbox_rows: IntCounterVec = "wsgateway_outbox_rows_total",
+        "Outbox rows taken by this node, by outcome: published, duplicate (published before), dead_letter", labels = ["outcome"];
+    /// 1 while this node holds the outbox's lock (it is the one consuming).
+    outbox_consuming: IntGauge = "wsgateway_outbox_consuming",
+        "1 while this node holds the outbox table's lock and publishes its rows";
+    /// Outbox passes that failed, by what failed.
+    outbox_errors: IntCounterVec = "wsgateway_outbox_errors_total",
+        "Outbox passes that failed, by what failed: database, broker", labels = ["kind"];
     /// Subscription commands sent as the audience changed, by command.
     redis_subscription_commands: IntCounterVec = "wsgateway_redis_subscription_commands_total",
         "Subscribe and unsubscribe commands sent as this node's audience changed", labels = ["command"];
@@ -599,6 +611,12 @@ impl Metrics {
         };
         for r in Rejection::ALL {
             zero(&self.connections_rejected, r.as_str());
+        }
+        for outcome in ["published", "duplicate", "dead_letter"] {
+            zero(&self.outbox_rows, outcome);
+        }
+        for kind in ["database", "broker"] {
+            zero(&self.outbox_errors, kind);
         }
         for d in Disconnect::ALL {
             zero(&self.disconnects, d.as_str());

@@ -6,10 +6,11 @@
 //! Redis broker connects several nodes. The [`Broker`] trait is the seam for
 //! the next ones (Redis Cluster sharded pub/sub, NATS).
 
-mod backoff;
+pub mod backoff;
 pub mod breaker;
 mod embedded;
 pub mod history;
+mod publication;
 mod queue;
 mod redis;
 
@@ -28,6 +29,7 @@ pub use self::redis::{RedisBounds, RedisBroker, RedisTiming};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
 pub use history::{Cursor, Found, HistoryLimits, Scope};
+pub use publication::{Invalid, Rules, read_item};
 pub use queue::EventQueue;
 
 use crate::auth::TenantId;

@@ -1,7 +1,8 @@
-//! The command line: `serve`, `dev`, `token` and `publish`.
+//! The command line: `serve`, `dev`, `token`, `publish` and `outbox`.
 
 pub mod dev;
 mod log_fields;
+mod outbox;
 mod publish;
 mod serve;
 mod token;
@@ -34,6 +35,8 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Publish one event through a gateway's publish API.
     Publish(publish::PublishArgs),
+    /// The transactional outbox's table (`outbox schema` prints its DDL).
+    Outbox(outbox::OutboxArgs),
 }
 
 impl Cli {
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args),
         Command::Token(args) => token::run(args),
         Command::Publish(args) => publish::run(args),
+        Command::Outbox(args) => outbox::run(args),
     }
 }
 

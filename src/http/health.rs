@@ -14,6 +14,7 @@ use crate::auth::Endpoint;
 use crate::broker::{Broker, EventQueue};
 use crate::hub::Hub;
 use crate::metrics::{Drop, Metrics};
+use crate::outbox::Outbox;
 use crate::sectors::{SectorAssignments, SectorStatus};
 use crate::unknown_types::MAX_TRACKED_TYPES;
 
@@ -32,6 +33,8 @@ pub struct HealthState {
     pub drop_rate_window: Duration,
     /// Cancelled at the first SIGTERM or SIGINT: readiness is off.
     pub draining: CancellationToken,
+    /// The outbox consumer, with `WSGATEWAY_OUTBOX_TABLE`.
+    pub outbox: Option<Arc<Outbox>>,
 }
 
 fn connections(state: &HealthState) -> Value {
@@ -75,11 +78,12 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
     let (sectors, sectors_reason) = state.sectors.health();
     // Unhealthy when events cannot reach this node's connections; degraded
     // when they can but publishing or sector lookups cannot work now.
+    let (outbox, outbox_degraded) = outbox(state.outbox.as_deref());
     let status = if state.draining.is_cancelled() {
         Readiness::Draining
     } else if !broker.connected {
         Readiness::Unhealthy
-    } else if sectors == SectorStatus::Degraded || !broker.publishing {
+    } else if sectors == SectorStatus::Degraded || !broker.publishing || outbox_degraded {
         Readiness::Degraded
     } else {
         Readiness::Healthy
@@ -122,6 +126,7 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
         },
         "unknown_events": unknown_events(m),
         "sector_repository": sector_json,
+        "outbox": outbox,
     });
     let code = if matches!(status, Readiness::Unhealthy | Readiness::Draining) {
         StatusCode::SERVICE_UNAVAILABLE
@@ -129,6 +134,29 @@ pub async fn detailed(State(state): State<Arc<HealthState>>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// The outbox's part of the detailed check, and whether it is degraded
+/// (not connected to its database, or its last pass failed).
+fn outbox(outbox: Option<&Outbox>) -> (Value, bool) {
+    let Some(outbox) = outbox else {
+        return (json!({"status": "disabled"}), false);
+    };
+    let h = outbox.health();
+    let degraded = !h.connected || h.reason.is_some();
+    let mut body = json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "table": h.table,
+        "consuming": h.consuming,
+        "lag_s": h.lag_s,
+        "rows_per_s": h.rows_per_s,
+        "rows_published": h.published,
+        "dead_letters": h.dead_letters,
+    });
+    if let Some(reason) = h.reason {
+        body["reason"] = reason.into();
+    }
+    (body, degraded)
 }
 
 /// The detailed check's `status`.

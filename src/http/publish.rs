@@ -1,7 +1,6 @@
 //! `POST /api/publish`: validate a batch completely, then publish it whole
 //! through the broker, or answer why not and publish nothing.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,13 +9,12 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::broker::{Broker, BrokerError, Publication};
-use crate::channel::Channel;
+use crate::broker::{Broker, BrokerError, Publication, Rules, read_item};
 use crate::config::Secret;
-use crate::event::{Fields, InvalidEvent, Refusal, stale_detail, unix_ms};
+use crate::event::unix_ms;
 use crate::metrics::Metrics;
 
 /// What the publish API reads.
@@ -177,16 +175,6 @@ fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
     given.trim().as_bytes().ct_eq(key.as_bytes()).into()
 }
 
-/// What a request is checked against.
-struct Rules {
-    now_ms: i64,
-    stale_ms: i64,
-    /// `WSGATEWAY_MAX_PUBLISH_ITEMS`.
-    max_items: usize,
-    /// `WSGATEWAY_MAX_PUBLISH_CHANNELS`.
-    max_channels: usize,
-}
-
 /// Reads and validates a whole request body: one item or an array of items.
 /// Both bounds are checked before any item is read further, so the work
 /// and memory of a refused request stay within the body's size.
@@ -214,113 +202,16 @@ fn read_batch(body: &[u8], rules: &Rules) -> Result<Vec<Publication>, ApiError> 
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            read_item(item, rules).map_err(|mut e| {
-                e.detail = format!("item {i}: {}", e.detail);
-                e
-            })
+            read_item(item, rules)
+                .map_err(|e| ApiError::bad(e.code, format!("item {i}: {}", e.detail)))
         })
         .collect()
-}
-
-fn read_item(item: Value, rules: &Rules) -> Result<Publication, ApiError> {
-    let Value::Object(mut item) = item else {
-        return Err(ApiError::bad("invalid_body", "an item must be an object"));
-    };
-    let channels = read_channels(&mut item, rules)?;
-    let event: Map<String, Value> = match item.remove("event") {
-        Some(Value::Object(event)) => event,
-        Some(_) => return Err(refused(InvalidEvent::NotObject, "")),
-        None => return Err(ApiError::bad("invalid_body", "an item needs an `event`")),
-    };
-    if let Some(extra) = item.keys().next() {
-        return Err(ApiError::bad(
-            "invalid_body",
-            format!("unknown field {extra:?}"),
-        ));
-    }
-    let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;
-    for channel in &channels {
-        fields
-            .check_channel(*channel)
-            .map_err(|e| refused(e, &format!(" ({channel})")))?;
-    }
-    if fields
-        .ts_ms
-        .is_some_and(|ts| rules.now_ms.saturating_sub(ts) > rules.stale_ms)
-    {
-        let limit = std::time::Duration::from_millis(rules.stale_ms.max(0) as u64);
-        return Err(ApiError::bad(
-            Refusal::StaleEvent.code(),
-            stale_detail(limit),
-        ));
-    }
-    Ok(Publication {
-        channels,
-        event,
-        fields,
-    })
-}
-
-/// An item's `channel` or `channels`, taken out of it: parsed, bounded, and
-/// each named once, in its first place.
-fn read_channels(item: &mut Map<String, Value>, rules: &Rules) -> Result<Vec<Channel>, ApiError> {
-    let names: Vec<Value> = match (item.remove("channel"), item.remove("channels")) {
-        (Some(one), None) => vec![one],
-        (None, Some(Value::Array(many))) if !many.is_empty() => many,
-        (None, Some(_)) => {
-            return Err(ApiError::bad(
-                "invalid_body",
-                "`channels` must be a non-empty array",
-            ));
-        }
-        _ => {
-            return Err(ApiError::bad(
-                "invalid_body",
-                "an item needs exactly one of `channel` and `channels`",
-            ));
-        }
-    };
-    // Names are counted as given, duplicates included: the bound is on
-    // what the request makes the gateway read.
-    if names.len() > rules.max_channels {
-        return Err(ApiError::bad(
-            "too_many_channels",
-            format!(
-                "{} channels; at most {} per item (WSGATEWAY_MAX_PUBLISH_CHANNELS)",
-                names.len(),
-                rules.max_channels
-            ),
-        ));
-    }
-    let mut channels = Vec::with_capacity(names.len());
-    let mut seen = HashSet::with_capacity(names.len());
-    for name in names {
-        let Value::String(name) = name else {
-            return Err(ApiError::bad(
-                Refusal::UnknownChannel.code(),
-                "a channel must be a string",
-            ));
-        };
-        let channel: Channel = name.parse().map_err(|e: crate::channel::UnknownChannel| {
-            ApiError::bad(Refusal::UnknownChannel.code(), e.to_string())
-        })?;
-        // A channel named twice is published once, in its first place.
-        if seen.insert(channel) {
-            channels.push(channel);
-        }
-    }
-    Ok(channels)
-}
-
-/// An event refused by the rules every way in shares (PROTOCOL.md §5,
-/// "Refusals"): its code, and its reason with `suffix`.
-fn refused(why: InvalidEvent, suffix: &str) -> ApiError {
-    ApiError::bad(why.refusal().code(), format!("{why}{suffix}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::Channel;
 
     const RULES: Rules = Rules {
         now_ms: 1_000_000,

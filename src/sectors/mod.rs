@@ -8,13 +8,10 @@
 //! when the database does. Lookups are awaited only by the connection being
 //! admitted and by the [`sync`] task, never by the dispatcher.
 //!
-//! [`url`] reads `DATABASE_URL` (with libpq's TLS parameters) and [`tls`]
-//! builds the TLS connector; the health kept here says why the last call
-//! failed, and a change of it is logged once.
+//! The connection comes from [`crate::postgres`]; the health kept here says
+//! why the last call failed, and a change of it is logged once.
 
 pub mod sync;
-mod tls;
-mod url;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +23,7 @@ use parking_lot::Mutex;
 use crate::auth::{BranchId, SectorId, StaffIdentity, TenantId, UserId};
 use crate::hub::SectorScope;
 use crate::metrics::{Metrics, SectorQuery};
+use crate::postgres::{tls, url};
 
 /// The default `WSGATEWAY_SECTOR_QUERY`: today's rows of the backend's
 /// assignment table. Parameters: `$1` user, `$2` branch, `$3` tenant.

@@ -15,6 +15,7 @@ const DOCS: &[&str] = &[
     "docs/ARCHITECTURE.md",
     "docs/CONFIGURATION.md",
     "docs/OPERATING.md",
+    "docs/OUTBOX.md",
     "docs/POSTGRES.md",
     "docs/REDIS.md",
     "docs/RESUME.md",

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["gateway"],
     &["http"],
     &["connection"],
-    &["dispatcher", "drain", "sectors", "revocation"],
+    &["dispatcher", "drain", "outbox", "sectors", "revocation"],
     &["hub"],
     &["broker"],
     &[
@@ -30,6 +30,7 @@ const LAYERS: &[&[&str]] = &[
         "drop_rate",
         "unknown_types",
         "tls",
+        "postgres",
     ],
 ];
 

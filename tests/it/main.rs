@@ -17,6 +17,7 @@ mod handshake_flood;
 mod import_graph;
 mod observability;
 mod one_validation;
+mod outbox;
 mod packaging;
 mod postgres_tls;
 mod property_routing;

@@ -304,7 +304,7 @@ mod tests {
         let marked = handshake_failed(io());
         assert!(is_handshake_failure(&marked));
         assert!(!is_handshake_failure(&io()));
-        assert_eq!(super::super::url::chain(&marked), io().to_string());
+        assert_eq!(crate::postgres::url::chain(&marked), io().to_string());
         assert!(crate::tls::rustls_error(&marked).is_some());
     }
 
