@@ -607,7 +607,7 @@ fn version_and_help_answer_without_a_configuration() {
         format!("wsgateway {}", env!("CARGO_PKG_VERSION"))
     );
     let help = run("--help");
-    for command in ["serve", "dev", "token", "publish"] {
+    for command in ["serve", "dev", "token", "publish", "outbox"] {
         assert!(help.contains(command), "--help lacks {command}: {help}");
     }
 }
