@@ -65,10 +65,12 @@ pub enum Scenario {
     /// The child process of `floor` that reads its sockets (internal).
     #[value(hide = true)]
     FloorReaders,
-    /// Reconnect storm: 1 000 events in one branch's history, then 2 000
-    /// clients resume at once from its first (`last_event_id`); time to
-    /// each one's last replayed event, gateway CPU and peak RSS. With
-    /// `--redis-url`, the gateway keeps history in Redis.
+    /// Reconnect storm: 1 000 events (`--events`) in one branch's history,
+    /// then 2 000 clients (`--connections`) resume at once from its first
+    /// (`last_event_id`); time to each one's last replayed event, gateway
+    /// CPU and peak RSS, why clients failed, the gateway's refusal and
+    /// resume counters. With `--redis-url`, the gateway keeps history in
+    /// Redis.
     Resume,
     /// Three gateway nodes on a Redis the bench starts (one server, or a
     /// cluster of three primaries: `--redis`): 1 000 connections on nodes 1
@@ -146,7 +148,9 @@ pub struct BenchArgs {
     /// also uses kitchen and diner connections.
     #[arg(long, default_value_t = 0.0)]
     pub admin_share: f64,
-    /// Events to publish (burst) or events per second (broadcast, steady).
+    /// Events to publish (burst; resume: into the branch's history, each
+    /// client replaying all but the first) or events per second
+    /// (broadcast, steady).
     #[arg(long)]
     pub events: Option<usize>,
     /// Events per second; 0 publishes all at once.
@@ -175,9 +179,16 @@ pub struct BenchArgs {
     /// Client addresses: 127.0.0.1 up to 127.0.0.<N>.
     #[arg(long, default_value_t = 50)]
     pub client_addresses: u8,
-    /// Connections opened at once.
+    /// Connections opened at once (`resume` opens all its connections at
+    /// once, whatever this says).
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// `WSGATEWAY_MAX_PENDING_CONNECTIONS` of the gateway the bench starts:
+    /// connections between accept and admission. While that many are
+    /// pending, each new one evicts the oldest still sending its request
+    /// head, so a storm of more clients at once than this loses some.
+    #[arg(long, default_value_t = 4096)]
+    pub max_pending_connections: usize,
     /// After each gateway run, measure the kernel's floor for the same
     /// fan-out (recipients per event, rate, frame size) and report both
     /// and their ratios (burst, broadcast, steady).
