@@ -84,6 +84,7 @@ impl Target {
             .env(DRAIN_S.env, "0")
             .env("RUST_LOG", "warn,wsgateway::cli=info")
             .env_remove(REDIS_URL.env)
+            .envs(args.gateway_env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -189,6 +189,11 @@ pub struct BenchArgs {
     /// head, so a storm of more clients at once than this loses some.
     #[arg(long, default_value_t = 4096)]
     pub max_pending_connections: usize,
+    /// A setting of the gateway the bench starts, as its environment
+    /// variable (`WSGATEWAY_RESUME_WAIT_S=30`); repeatable. It overrides
+    /// the bench's own.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub gateway_env: Vec<(String, String)>,
     /// After each gateway run, measure the kernel's floor for the same
     /// fan-out (recipients per event, rate, frame size) and report both
     /// and their ratios (burst, broadcast, steady).
@@ -239,6 +244,14 @@ pub struct BenchArgs {
     pub table_token_secret: String,
     #[arg(long = setting::API_KEY.flag, env = setting::API_KEY.env, hide_env_values = true, default_value = DEV_API_KEY)]
     pub api_key: String,
+}
+
+/// `NAME=VALUE` of `--gateway-env`.
+fn parse_env(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, not {arg:?}")),
+    }
 }
 
 /// The resolved plan of one run.
@@ -409,4 +422,38 @@ async fn run_plan(
         outcome,
         stats,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storm_flags_parse() {
+        let args = BenchArgs::try_parse_from([
+            "wsgateway-bench",
+            "resume",
+            "--connections",
+            "10000",
+            "--events",
+            "101",
+            "--gateway-env",
+            "WSGATEWAY_RESUME_WAIT_S=30",
+            "--gateway-env",
+            "A=b=c",
+        ])
+        .unwrap();
+        let plan = Plan::from(&args);
+        assert_eq!((plan.connections, plan.events), (10_000, 101));
+        assert_eq!(args.max_pending_connections, 4096);
+        assert_eq!(
+            args.gateway_env,
+            [
+                ("WSGATEWAY_RESUME_WAIT_S".into(), "30".into()),
+                ("A".into(), "b=c".into())
+            ]
+        );
+        assert!(BenchArgs::try_parse_from(["b", "resume", "--gateway-env", "=1"]).is_err());
+        assert!(BenchArgs::try_parse_from(["b", "resume", "--gateway-env", "X"]).is_err());
+    }
 }
