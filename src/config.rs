@@ -221,7 +221,7 @@ settings! {
     demo_page: bool = Some("false"), env = "WSGATEWAY_DEMO_PAGE", flag = "demo-page";
     /// Length of the listen queue of the public address: connections the kernel completes before the gateway accepts them (a reconnect storm arrives at once). Linux caps it at `net.core.somaxconn` (4096 on kernels since 5.4).
     listen_backlog: u32 = Some("4096"), env = "WSGATEWAY_LISTEN_BACKLOG", flag = "listen-backlog";
-    /// Connections allowed between accept and admission (slow handshakes); beyond it, a new one evicts the oldest still sending its request head, or is closed at once when none is.
+    /// Connections allowed between accept and admission (slow handshakes); beyond it, a new one evicts the oldest still sending its request head (once read and given a tenth of the handshake timeout, at most 1 s), waits while none is evictable yet, or is closed at once when all are past their heads.
     max_pending_connections: usize = Some("1024"), env = "WSGATEWAY_MAX_PENDING_CONNECTIONS", flag = "max-pending-connections";
     /// Time a client has to send its request headers (also between keep-alive requests), in seconds.
     handshake_timeout_s: Secs = Some("10"), env = "WSGATEWAY_HANDSHAKE_TIMEOUT_S", flag = "handshake-timeout-s";

@@ -76,11 +76,15 @@ impl Target {
             .env(TABLE_TOKEN_SECRET.env, &args.table_token_secret)
             .env(API_KEY.env, &args.api_key)
             .env(MAX_CONNECTIONS.env, "1000000")
-            .env(MAX_PENDING_CONNECTIONS.env, "4096")
+            .env(
+                MAX_PENDING_CONNECTIONS.env,
+                args.max_pending_connections.to_string(),
+            )
             // A run's end stops its gateway at once, not over a drain.
             .env(DRAIN_S.env, "0")
             .env("RUST_LOG", "warn,wsgateway::cli=info")
             .env_remove(REDIS_URL.env)
+            .envs(args.gateway_env.iter().map(|(k, v)| (k, v)))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

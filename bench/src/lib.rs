@@ -65,10 +65,12 @@ pub enum Scenario {
     /// The child process of `floor` that reads its sockets (internal).
     #[value(hide = true)]
     FloorReaders,
-    /// Reconnect storm: 1 000 events in one branch's history, then 2 000
-    /// clients resume at once from its first (`last_event_id`); time to
-    /// each one's last replayed event, gateway CPU and peak RSS. With
-    /// `--redis-url`, the gateway keeps history in Redis.
+    /// Reconnect storm: 1 000 events (`--events`) in one branch's history,
+    /// then 2 000 clients (`--connections`) resume at once from its first
+    /// (`last_event_id`); time to each one's last replayed event, gateway
+    /// CPU and peak RSS, why clients failed, the gateway's refusal and
+    /// resume counters. With `--redis-url`, the gateway keeps history in
+    /// Redis.
     Resume,
     /// Three gateway nodes on a Redis the bench starts (one server, or a
     /// cluster of three primaries: `--redis`): 1 000 connections on nodes 1
@@ -146,7 +148,9 @@ pub struct BenchArgs {
     /// also uses kitchen and diner connections.
     #[arg(long, default_value_t = 0.0)]
     pub admin_share: f64,
-    /// Events to publish (burst) or events per second (broadcast, steady).
+    /// Events to publish (burst; resume: into the branch's history, each
+    /// client replaying all but the first) or events per second
+    /// (broadcast, steady).
     #[arg(long)]
     pub events: Option<usize>,
     /// Events per second; 0 publishes all at once.
@@ -175,9 +179,21 @@ pub struct BenchArgs {
     /// Client addresses: 127.0.0.1 up to 127.0.0.<N>.
     #[arg(long, default_value_t = 50)]
     pub client_addresses: u8,
-    /// Connections opened at once.
+    /// Connections opened at once (`resume` opens all its connections at
+    /// once, whatever this says).
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
+    /// `WSGATEWAY_MAX_PENDING_CONNECTIONS` of the gateway the bench starts:
+    /// connections between accept and admission. While that many are
+    /// pending, each new one evicts the oldest still sending its request
+    /// head, so a storm of more clients at once than this loses some.
+    #[arg(long, default_value_t = 4096)]
+    pub max_pending_connections: usize,
+    /// A setting of the gateway the bench starts, as its environment
+    /// variable (`WSGATEWAY_RESUME_WAIT_S=30`); repeatable. It overrides
+    /// the bench's own.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
+    pub gateway_env: Vec<(String, String)>,
     /// After each gateway run, measure the kernel's floor for the same
     /// fan-out (recipients per event, rate, frame size) and report both
     /// and their ratios (burst, broadcast, steady).
@@ -228,6 +244,14 @@ pub struct BenchArgs {
     pub table_token_secret: String,
     #[arg(long = setting::API_KEY.flag, env = setting::API_KEY.env, hide_env_values = true, default_value = DEV_API_KEY)]
     pub api_key: String,
+}
+
+/// `NAME=VALUE` of `--gateway-env`.
+fn parse_env(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("expected NAME=VALUE, not {arg:?}")),
+    }
 }
 
 /// The resolved plan of one run.
@@ -398,4 +422,38 @@ async fn run_plan(
         outcome,
         stats,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storm_flags_parse() {
+        let args = BenchArgs::try_parse_from([
+            "wsgateway-bench",
+            "resume",
+            "--connections",
+            "10000",
+            "--events",
+            "101",
+            "--gateway-env",
+            "WSGATEWAY_RESUME_WAIT_S=30",
+            "--gateway-env",
+            "A=b=c",
+        ])
+        .unwrap();
+        let plan = Plan::from(&args);
+        assert_eq!((plan.connections, plan.events), (10_000, 101));
+        assert_eq!(args.max_pending_connections, 4096);
+        assert_eq!(
+            args.gateway_env,
+            [
+                ("WSGATEWAY_RESUME_WAIT_S".into(), "30".into()),
+                ("A".into(), "b=c".into())
+            ]
+        );
+        assert!(BenchArgs::try_parse_from(["b", "resume", "--gateway-env", "=1"]).is_err());
+        assert!(BenchArgs::try_parse_from(["b", "resume", "--gateway-env", "X"]).is_err());
+    }
 }

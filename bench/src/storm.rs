@@ -34,13 +34,15 @@ const BATCH: usize = 100;
 const PATIENCE: Duration = Duration::from_secs(120);
 
 /// What one client saw, in microseconds from the storm's start.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Seen {
     connected_us: Option<u32>,
     recovered: bool,
     replayed: u64,
     /// When the last expected replayed event arrived.
     done_us: Option<u32>,
+    /// Why it failed, if it did (the error's root cause).
+    failure: Option<String>,
 }
 
 pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Result<Value> {
@@ -58,6 +60,7 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
         _ => None,
     };
     let before = target.sample();
+    let overflows_before = listen_overflows();
     // Sampled while the storm lasts, for the peak.
     let peak_rss = PeakRss::start(target.pid, before.rss_kib);
 
@@ -97,7 +100,9 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
     }
     let storm = started.elapsed();
     let during = target.sample();
+    let overflows = listen_overflows().saturating_sub(overflows_before);
     let peak_rss_kib = peak_rss.stop().await;
+    let counters = gateway_counters(target).await;
     let beside = beside
         .map(|b| b.finish((started, started + storm)))
         .transpose()?;
@@ -111,6 +116,8 @@ pub async fn run(target: &Target, args: &BenchArgs, plan: &Plan) -> anyhow::Resu
         before,
         during,
         peak_rss_kib,
+        Kernel { overflows },
+        counters,
         beside,
     ))
 }
@@ -146,8 +153,64 @@ async fn resume(
     };
     match tokio::time::timeout(PATIENCE, read).await {
         Ok(Ok(ws)) => (seen, Some(ws)),
-        Ok(Err(_)) | Err(_) => (seen, None),
+        Ok(Err(e)) => {
+            seen.failure = Some(e.root_cause().to_string());
+            (seen, None)
+        }
+        Err(_) => {
+            seen.failure = Some(format!("not done within {} s", PATIENCE.as_secs()));
+            (seen, None)
+        }
     }
+}
+
+/// The kernel's count of connections dropped because a listen queue was
+/// full (`TcpExtListenOverflows`, for the whole machine); 0 when it cannot
+/// be read.
+fn listen_overflows() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = netstat.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows");
+        return at
+            .and_then(|i| values.split_whitespace().nth(i)?.parse().ok())
+            .unwrap_or(0);
+    }
+    0
+}
+
+/// What the kernel counted during the storm.
+struct Kernel {
+    /// `TcpExtListenOverflows` during the storm (machine-wide).
+    overflows: u64,
+}
+
+/// The gateway's counters of refusals and resumes after the storm (from
+/// `/ws/metrics`), by series; empty when it cannot be read.
+async fn gateway_counters(target: &Target) -> serde_json::Map<String, Value> {
+    const KEPT: [&str; 4] = [
+        "wsgateway_connections_rejected_total",
+        "wsgateway_handshakes_evicted_total",
+        "wsgateway_resumes_total",
+        "wsgateway_replayed_events_total",
+    ];
+    let url = format!("http://{}/ws/metrics", target.addr);
+    let text = match reqwest::get(&url).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .filter(|l| KEPT.iter().any(|k| l.starts_with(k)))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), json!(value.parse::<f64>().ok()?)))
+        })
+        .collect()
 }
 
 /// The gateway's highest VmRSS, sampled every 20 ms until stopped.
@@ -237,12 +300,18 @@ fn report(
     before: Sample,
     during: Sample,
     peak_rss_kib: u64,
+    kernel: Kernel,
+    counters: serde_json::Map<String, Value>,
     beside: Option<Value>,
 ) -> Value {
     let connected: Vec<u32> = seen.iter().filter_map(|s| s.connected_us).collect();
     let done: Vec<u32> = seen.iter().filter_map(|s| s.done_us).collect();
     let replayed: u64 = seen.iter().map(|s| s.replayed).sum();
     let recovered = seen.iter().filter(|s| s.recovered).count();
+    let mut failures = std::collections::BTreeMap::<&str, usize>::new();
+    for failure in seen.iter().filter_map(|s| s.failure.as_deref()) {
+        *failures.entry(failure).or_default() += 1;
+    }
     let cpu_s = during.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_S;
     json!({
         "scenario": "resume",
@@ -250,7 +319,8 @@ fn report(
         "history_events": plan.events,
         "clients": {"planned": plan.connections, "connected": connected.len(),
                     "recovered": recovered, "not_recovered": connected.len() - recovered,
-                    "complete": done.len()},
+                    "complete": done.len(), "failed": failures.values().sum::<usize>()},
+        "failures": failures,
         "replay": {"expected_per_client": expected, "replayed": replayed,
                    "missing": (expected * plan.connections as u64).saturating_sub(replayed)},
         "connected_ms": {"p50": percentile_ms(&connected, 0.5), "p99": percentile_ms(&connected, 0.99)},
@@ -261,6 +331,8 @@ fn report(
                     "cpu_us_per_replayed_event": (replayed > 0).then(|| cpu_s * 1e6 / replayed as f64),
                     "rss_kib_before": before.rss_kib, "rss_kib_peak": peak_rss_kib,
                     "rss_kib_done": during.rss_kib},
+        "gateway_counters": counters,
+        "listen_overflows": kernel.overflows,
         "beside": beside,
     })
 }

@@ -6,13 +6,19 @@
 //! `max_pending` connections may be between accept and "known" at once —
 //! known meaning a complete request was answered, or, for a WebSocket, the
 //! connection was admitted or refused. When the budget is spent, a new
-//! connection takes the place of the oldest one still reading its request
-//! head, which is dropped unanswered (see `pending.rs`); only when every
-//! pending connection is past its head is the new one closed at once.
-//! Either way it is counted.
+//! connection takes the place of the oldest one waiting on its client for
+//! the rest of its request head, accepted at least a tenth of the head
+//! timeout ago (at most 1 s), which is dropped unanswered (see
+//! `pending.rs`); while none is, but some are not evictable yet (not read
+//! yet, or just accepted: a reconnect storm), the accept loop waits for a
+//! place, leaving the rest in the listen queue; only when every pending
+//! connection is past its head is the new one closed at once. Evictions
+//! and refusals are counted.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,6 +28,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,8 +51,11 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(backlog)
 }
-use super::pending::{Admission, Pending, PendingBudget};
+use super::pending::{Admission, HeadReading, Pending, PendingBudget};
 use crate::metrics::{Metrics, Rejection};
+
+/// The longest a head reader is safe from eviction after its accept.
+const EVICTABLE_AFTER_AT_MOST: Duration = Duration::from_secs(1);
 
 /// Bounds on connections that have not yet said who they are.
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +75,11 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let budget = PendingBudget::new(limits.max_pending);
+    // A client that has not sent its head in a tenth of the time it is
+    // allowed (at most a second: a round trip and a moment) is the first
+    // to go when places run out; before that, a new connection waits.
+    let evictable_after = (limits.handshake_timeout / 10).min(EVICTABLE_AFTER_AT_MOST);
+    let budget = PendingBudget::new(limits.max_pending, evictable_after);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
@@ -77,13 +91,18 @@ pub async fn serve(
             slot,
             head,
             evicted,
-        }) = take_place(&budget, &metrics)
+        }) = take_place(&budget, &metrics, &shutdown).await
         else {
             // Closed at once, unanswered.
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let head = Arc::new(head);
+        let tcp = HeadWatch {
+            tcp,
+            head: Some(head.clone()),
+        };
         let router = router.clone();
         // hyper calls this as soon as a request head is parsed: from then on
         // the connection is no longer evictable. `head` lives as long as the
@@ -144,19 +163,100 @@ async fn accept(
 }
 
 /// A new connection's place among the pending ones, counted: a free one,
-/// or the place of the oldest still reading its head; `None` when every
-/// pending connection is past its head (the new one is then closed).
-fn take_place(budget: &Arc<PendingBudget>, metrics: &Metrics) -> Option<Pending> {
-    match budget.admit() {
-        Admission::Free(pending) => Some(pending),
-        Admission::Evicted(pending) => {
-            metrics.handshakes_evicted.inc();
-            Some(pending)
+/// or the place of the oldest waiting on its client for its head, once
+/// there is one; `None` when every pending connection is past its head
+/// (the new one is then closed), or on shutdown.
+async fn take_place(
+    budget: &Arc<PendingBudget>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Option<Pending> {
+    loop {
+        match budget.admit() {
+            Admission::Free(pending) => return Some(pending),
+            Admission::Evicted(pending) => {
+                metrics.handshakes_evicted.inc();
+                return Some(pending);
+            }
+            Admission::Busy(evictable_at) => {
+                let evictable = async {
+                    match evictable_at {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = budget.changed() => {}
+                    () = evictable => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+            Admission::Full => {
+                metrics.rejected(Rejection::HandshakeLimit);
+                return None;
+            }
         }
-        Admission::Full => {
-            metrics.rejected(Rejection::HandshakeLimit);
-            None
+    }
+}
+
+/// A connection's socket, served by hyper: the first read that finds no
+/// more bytes before its request head is complete marks it as waiting on
+/// its client, evictable (see `pending.rs`).
+pub struct HeadWatch {
+    tcp: TcpStream,
+    head: Option<Arc<HeadReading>>,
+}
+
+impl HeadWatch {
+    pub fn into_inner(self) -> TcpStream {
+        self.tcp
+    }
+}
+
+impl AsyncRead for HeadWatch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let read = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if read.is_pending()
+            && let Some(head) = self.head.take()
+        {
+            // Nothing once the head is complete (keep-alive reads).
+            head.waiting_on_client();
         }
+        read
+    }
+}
+
+impl AsyncWrite for HeadWatch {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 

@@ -16,13 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::auth::Endpoint;
 use crate::connection::{self, ConnectRequest, Context, OnDecided, Wire};
-use crate::http::server::PendingSlot;
+use crate::http::server::{HeadWatch, PendingSlot};
 use crate::metrics::Rejection;
 
 /// Initial read buffer of a WebSocket (tungstenite allocates it up front).
@@ -109,14 +108,14 @@ fn upgrade(
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
         };
-        // The server serves every connection as `TokioIo<TcpStream>`.
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        // The server serves every connection as `TokioIo<HeadWatch>`.
+        let Ok(parts) = upgraded.downcast::<TokioIo<HeadWatch>>() else {
             return tracing::error!("upgraded connection is not a TCP stream");
         };
         // A copy: `read_buf` is a view of hyper's whole read buffer (8 KiB),
         // which it would keep for the connection's life.
         let wire = Wire::new(
-            parts.io.into_inner(),
+            parts.io.into_inner().into_inner(),
             bytes::Bytes::copy_from_slice(&parts.read_buf),
         );
         let socket = WebSocketStream::from_raw_socket(wire, Role::Server, Some(config)).await;

@@ -1,7 +1,9 @@
 //! Handshake floods (issue #13): half-sent request heads held open must
 //! not lock real clients out. While the pending budget is full, a new
-//! connection takes the place of the oldest one still sending its head,
-//! which is dropped unanswered; only connections past their head (being
+//! connection takes the place of the oldest one still sending its head
+//! (once read, and a moment after its accept: a storm of real clients is
+//! not evicted, see the last test), which is dropped unanswered; only
+//! connections past their head (being
 //! answered or admitted) are never evicted, and when every place is held
 //! by one of those the new connection is refused (`handshake_limit`).
 
@@ -215,5 +217,30 @@ async fn connections_past_their_head_are_never_evicted_and_a_budget_of_them_refu
     gw.assert_metric(REFUSED, 1.0).await;
     let (mut c, _) = gw.join("waiter", &staff(9, 1, &[5], &["WAITER"])).await;
     assert_eq!(c.ask(r#"{"type":"ping"}"#).await["type"], "pong");
+    gw.stop().await;
+}
+
+/// A reconnect storm (#31 item 3): many more real clients at once than the
+/// pending budget, each sending its whole head at once. The gateway
+/// accepts faster than it reads them, so a full budget is mostly of
+/// connections not read yet; none of them is evicted for it: the newcomer
+/// waits for a place, and every client gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_real_clients_larger_than_the_budget_all_get_in() {
+    const CLIENTS: i64 = 300;
+    let gw = TestGateway::start_with(|c| c.max_pending_connections = 16).await;
+    let joins = (1..=CLIENTS).map(|sub| {
+        let gw = &gw;
+        async move {
+            let (c, hello) = gw.join("waiter", &staff(sub, 1, &[7], &["WAITER"])).await;
+            assert_eq!(hello["user_id"], sub);
+            c
+        }
+    });
+    let clients = join_all(joins).await;
+    assert_eq!(clients.len(), CLIENTS as usize);
+    gw.assert_metric(EVICTED, 0.0).await;
+    gw.assert_metric(REFUSED, 0.0).await;
+    drop(clients);
     gw.stop().await;
 }
