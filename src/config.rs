@@ -821,6 +821,26 @@ mod tests {
     }
 
     #[test]
+    fn an_outbox_needs_a_database_and_a_table_name_that_cannot_inject() {
+        let mut c = Config::with_secrets("a", "b");
+        c.outbox_table = Some(TableName::parse_setting("app.outbox").unwrap());
+        assert_eq!(
+            c.check_for_serve().unwrap_err().to_string(),
+            "missing setting DATABASE_URL (--database-url): required by \
+             WSGATEWAY_OUTBOX_TABLE (or WSGATEWAY_OUTBOX_DATABASE_URL)"
+        );
+        c.outbox_database_url = Some(Secret("postgres://h/db".into()));
+        assert!(c.check_for_serve().is_ok());
+        let err = load(
+            SettingArgs::default(),
+            r#"outbox_table = "x\"; drop table y""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("WSGATEWAY_OUTBOX_TABLE"), "{err}");
+    }
+
+    #[test]
     fn secrets_are_redacted_in_debug() {
         let c = Config::with_secrets("very-secret-value", "other-secret");
         let shown = format!("{c:?}");
