@@ -287,16 +287,25 @@ impl Fleet {
         }
     }
 
+    /// Stops every client and returns what each saw, in the population's
+    /// order (a client whose task failed saw nothing).
+    pub async fn finish_each(&mut self) -> Vec<ClientStats> {
+        self.stop.cancel();
+        let mut each = Vec::with_capacity(self.tasks.len());
+        for task in self.tasks.drain(..) {
+            each.push(task.await.unwrap_or_default());
+        }
+        each
+    }
+
     /// Stops every client and merges what they saw.
     pub async fn finish(&mut self) -> ClientStats {
-        self.stop.cancel();
         let mut all = ClientStats {
             first_us: u64::MAX,
             ..Default::default()
         };
         let mut closed = 0;
-        for task in self.tasks.drain(..) {
-            let Ok(s) = task.await else { continue };
+        for s in self.finish_each().await {
             all.delivered += s.delivered;
             all.misrouted += s.misrouted;
             all.frame_bytes += s.frame_bytes;

@@ -158,7 +158,7 @@ impl Target {
 
 /// `--gateway-bin` (or `WSGATEWAY_BIN`), else `wsgateway` next to this
 /// program.
-fn gateway_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+pub(super) fn gateway_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
     if let Some(path) = &args.gateway_bin {
         return Ok(path.clone());
     }

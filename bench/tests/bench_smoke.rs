@@ -258,3 +258,62 @@ async fn three_nodes_on_a_redis_and_on_a_cluster_deliver_everything_and_measure_
         );
     }
 }
+
+#[tokio::test]
+async fn the_outbox_scenario_delivers_every_committed_row_once_and_drops_its_schema() {
+    // The PostgreSQL that scripts/test.sh provides (as tests/it's).
+    let url = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let run = &bench(&[
+        "outbox",
+        "--database-url",
+        &url,
+        "--connections",
+        "20",
+        "--rate",
+        "50",
+        "--duration-s",
+        "1",
+        "--backlog",
+        "300",
+        "--outbox-batch",
+        "100,500",
+    ])
+    .await;
+    let l = &run["latency"];
+    assert_eq!(l["rows"], 50, "{run}");
+    // 20 waiters over 5 branches: 4 recipients per row.
+    assert_eq!(l["deliveries"]["expected"], 200, "{run}");
+    assert_eq!(l["deliveries"]["received"], 200, "{run}");
+    for d in [
+        &l["deliveries"],
+        &run["throughput"]["batch_100"]["deliveries"],
+        &run["throughput"]["batch_500"]["deliveries"],
+    ] {
+        assert_eq!(d["missing"], 0, "{run}");
+        assert_eq!(d["duplicated"], 0, "{run}");
+        assert_eq!(d["misrouted"], 0, "{run}");
+    }
+    assert!(
+        l["commit_to_delivery_ms"]["p99"].as_f64().is_some(),
+        "{run}"
+    );
+    let t = &run["throughput"]["batch_100"];
+    assert_eq!(t["deliveries"]["received"], 1200, "{run}");
+    assert!(t["rows_per_s"].as_f64().unwrap() > 0.0, "{run}");
+    // The run's schema is gone.
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let schema = run["schema"].as_str().unwrap();
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "{schema} left behind");
+}
