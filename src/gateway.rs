@@ -202,6 +202,7 @@ impl Gateway {
                 state.clone(),
                 settings,
                 shared.broker.clone(),
+                shared.queue.clone(),
                 stop.draining.clone(),
             ));
         }

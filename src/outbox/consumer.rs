@@ -8,12 +8,12 @@ use std::time::Duration;
 use futures_util::future::poll_fn;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, Transaction};
+use tokio_postgres::{AsyncMessage, Client, Statement, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use super::{Outbox, OutboxSettings};
 use crate::broker::backoff::Backoff;
-use crate::broker::{Broker, BrokerError, Publication, Rules, read_item};
+use crate::broker::{Broker, BrokerError, EventQueue, Publication, Rules, read_item};
 use crate::event::unix_ms;
 
 /// Statements the consumer runs, for its table.
@@ -71,8 +71,37 @@ enum SessionError {
     Database(#[from] tokio_postgres::Error),
 }
 
+/// How often the oldest row's age is read (a query of its own): at a
+/// steady rate every commit makes a pass, and reading it after each one
+/// cost PostgreSQL as much as the pass (BENCHMARKS.md, the outbox).
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// The session's statements, prepared once: as text, each would be
+/// prepared again at every pass, a round trip and a parse each.
+struct Prepared {
+    claim: Statement,
+    delete: Statement,
+    dead: Statement,
+    lag: Statement,
+}
+
+impl Prepared {
+    async fn new(client: &Client, sql: &Sql) -> Result<Prepared, tokio_postgres::Error> {
+        Ok(Prepared {
+            claim: client.prepare(&sql.claim).await?,
+            delete: client.prepare(&sql.delete).await?,
+            dead: client.prepare(&sql.dead).await?,
+            lag: client.prepare(&sql.lag).await?,
+        })
+    }
+}
+
 /// What one pass did.
 enum Pass {
+    /// This node does not hold the lock.
+    Standby,
+    /// The claim found no row.
+    Empty,
     /// Fewer rows than a batch: the table is drained for now.
     Drained,
     /// A full batch: there may be more.
@@ -87,6 +116,7 @@ pub async fn run(
     outbox: Arc<Outbox>,
     settings: OutboxSettings,
     broker: Arc<dyn Broker>,
+    queue: Arc<EventQueue>,
     stop: CancellationToken,
 ) {
     let sql = Sql::new(&settings);
@@ -95,7 +125,7 @@ pub async fn run(
     loop {
         let ended = tokio::select! {
             _ = stop.cancelled() => break,
-            ended = session(&outbox, &settings, &sql, broker.as_ref(), &mut backoff) => ended,
+            ended = session(&outbox, &settings, &sql, broker.as_ref(), &queue, &mut backoff) => ended,
         };
         let reason = ended.to_string();
         tracing::warn!(error = %reason, "outbox: database session lost; reconnecting");
@@ -119,6 +149,7 @@ async fn session(
     settings: &OutboxSettings,
     sql: &Sql,
     broker: &dyn Broker,
+    queue: &EventQueue,
     backoff: &mut Backoff,
 ) -> SessionError {
     let woken = Arc::new(Notify::new());
@@ -129,9 +160,14 @@ async fn session(
     if let Err(e) = client.batch_execute(&sql.listen).await {
         return e.into();
     }
+    let statements = match Prepared::new(&client, sql).await {
+        Ok(statements) => statements,
+        Err(e) => return e.into(),
+    };
     outbox.connected(true, None);
     backoff.reset();
     let mut consuming = false;
+    let mut lag_read: Option<tokio::time::Instant> = None;
     loop {
         let result: Result<Pass, SessionError> = async {
             if !consuming {
@@ -145,25 +181,53 @@ async fn session(
                 }
             }
             let pass = if consuming {
-                pass(&mut client, settings, sql, outbox, broker).await?
+                room(queue).await;
+                // Never more than fits in the room waited for.
+                let max_batch = (queue.capacity() / 2).max(1);
+                pass(
+                    &mut client,
+                    settings,
+                    max_batch,
+                    &statements,
+                    outbox,
+                    broker,
+                )
+                .await?
             } else {
-                Pass::Drained
+                Pass::Standby
             };
-            let lag: f64 = client.query_one(&sql.lag, &[]).await?.get(0);
-            outbox.lag(lag);
+            if matches!(pass, Pass::Empty) {
+                outbox.lag(0.0);
+            } else if lag_read.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                let lag: f64 = client.query_one(&statements.lag, &[]).await?.get(0);
+                outbox.lag(lag);
+                lag_read = Some(tokio::time::Instant::now());
+            }
             Ok(pass)
         }
         .await;
         match result {
             Err(e) => return e,
             Ok(Pass::More) => continue,
-            Ok(Pass::Drained) => {
+            Ok(Pass::Drained | Pass::Empty) => {
                 // A notification, or the poll for one that was lost.
                 let _ = tokio::time::timeout(settings.poll, woken.notified()).await;
             }
+            // A standby tries the lock at each poll, not at each commit.
+            Ok(Pass::Standby) => tokio::time::sleep(settings.poll).await,
             // Not woken by notifications: the broker needs the pause.
             Ok(Pass::BrokerRefused) => tokio::time::sleep(settings.poll).await,
         }
+    }
+}
+
+/// Waits until this node's event queue is at most half full. A backlog
+/// drains faster than the dispatcher delivers, and a full queue drops its
+/// oldest events: the outbox's rows would be lost after being published.
+/// (Through Redis the other nodes' queues see the same pace as this one.)
+async fn room(queue: &EventQueue) {
+    while queue.len() > queue.capacity() / 2 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -217,17 +281,19 @@ where
 async fn pass(
     client: &mut Client,
     settings: &OutboxSettings,
-    sql: &Sql,
+    max_batch: usize,
+    sql: &Prepared,
     outbox: &Outbox,
     broker: &dyn Broker,
 ) -> Result<Pass, SessionError> {
     let tx = client.transaction().await?;
-    let limit = settings.batch as i64;
+    let batch = settings.batch.min(max_batch);
+    let limit = batch as i64;
     let rows = tx.query(&sql.claim, &[&limit]).await?;
-    let full = rows.len() == settings.batch;
+    let full = rows.len() == batch;
     if rows.is_empty() {
         tx.commit().await?;
-        return Ok(Pass::Drained);
+        return Ok(Pass::Empty);
     }
     let rules = Rules {
         now_ms: unix_ms(),

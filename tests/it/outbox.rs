@@ -250,6 +250,36 @@ async fn committed_rows_arrive_once_in_commit_order_and_rolled_back_ones_never()
 }
 
 #[tokio::test]
+async fn a_backlog_larger_than_the_event_queue_is_delivered_whole() {
+    let table = Table::create().await;
+    let outbox = outbox_config(&table, &database_url());
+    let gw = TestGateway::start_with(|c| {
+        outbox(c);
+        // A queue that drops its oldest events past 40: the consumer must
+        // wait for room rather than publish faster than it is delivered.
+        c.event_queue_size = 40;
+    })
+    .await;
+    let (mut waiter, _) = gw.join("waiter", &staff(10, 1, &[1], &["WAITER"])).await;
+    let rows: Vec<_> = (1..=3000).map(|n| (vec![WAITERS], order(n))).collect();
+    table.commit(&rows).await;
+    let got = numbers_until(&mut waiter, 3000, Duration::from_secs(30)).await;
+    let expected: Vec<i64> = (1..=3000).collect();
+    let first_wrong = got.iter().zip(&expected).position(|(g, e)| g != e);
+    assert!(
+        got == expected,
+        "{} of 3000 received; first out of place at {first_wrong:?}",
+        got.len()
+    );
+    gw.assert_metric(
+        r#"wsgateway_events_dropped_total{reason="queue_full"}"#,
+        0.0,
+    )
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn an_invalid_row_is_set_aside_counted_and_blocks_nothing() {
     let table = Table::create().await;
     let gw = TestGateway::start_with(outbox_config(&table, &database_url())).await;
