@@ -74,17 +74,6 @@ async fn upgrade_status(addr: &str) -> u16 {
     }
 }
 
-fn signal(gateway: &ServeProcess, name: &str) {
-    let pid = gateway.child.id().expect("running").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 #[tokio::test]
 async fn sigterm_drains_the_connections_spread_over_the_window_with_1012() {
     const N: usize = 20;
@@ -200,7 +189,7 @@ async fn a_second_signal_closes_the_rest_at_once() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(endings.iter().filter(|e| e.is_finished()).count(), 1);
-        signal(&gateway, second);
+        gateway.signal(second);
         let cut = Instant::now();
         for e in endings.drain(..) {
             let (_, code, _) = e.await.unwrap();

@@ -26,7 +26,7 @@ struct Table {
 impl Table {
     async fn create() -> Table {
         let name = TableName::parse_setting(&format!("ob_{}.outbox", fresh_tenant())).unwrap();
-        let db = connect().await;
+        let db = common::postgres::connect().await;
         db.batch_execute(&wsgateway::outbox::schema(&name))
             .await
             .unwrap();
@@ -104,15 +104,6 @@ impl Drop for Table {
     }
 }
 
-async fn connect() -> tokio_postgres::Client {
-    let url = database_url();
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("no PostgreSQL at {url} ({e}); scripts/test.sh provides one"));
-    tokio::spawn(connection);
-    client
-}
-
 fn order(n: i64) -> Value {
     json!({"type": "ROUND_SUBMITTED", "tenant_id": 1, "branch_id": 1, "entity": {"n": n}})
 }
@@ -173,7 +164,7 @@ async fn the_schema_goes_through_psql_twice() {
         psql.stdin.take().unwrap().write_all(&ddl.stdout).unwrap();
         assert!(psql.wait().unwrap().success(), "psql refused the DDL");
     }
-    let db = connect().await;
+    let db = common::postgres::connect().await;
     let columns: Vec<(String, String)> = db
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns \
@@ -509,14 +500,7 @@ async fn a_consumer_killed_between_publishing_and_committing_publishes_nothing_t
         numbers_until(&mut waiter, 50, Duration::from_secs(10)).await,
         (1..=50).collect::<Vec<_>>()
     );
-    let pid = a.child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    a.signal("KILL");
     table
         .db
         .batch_execute(&format!("DROP TRIGGER stall ON {}", table.name.sql("")))

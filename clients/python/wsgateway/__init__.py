@@ -11,24 +11,8 @@ No runtime dependency beyond the standard library.
 """
 
 from .client import AsyncGateway, Gateway, PublishResult, RetryInfo, new_event_id
-from .errors import (
-    BodyTooLarge,
-    BrokerUnavailable,
-    GatewayConnectionError,
-    GatewayError,
-    InvalidBody,
-    InvalidEvent,
-    InvalidRequest,
-    MethodNotAllowed,
-    OutcomeUnknown,
-    PublishDisabled,
-    ReservedType,
-    StaleEvent,
-    TooManyChannels,
-    TooManyItems,
-    Unauthorized,
-    UnknownChannel,
-)
+from . import errors
+from .errors import *  # noqa: F401,F403 (one class per documented answer: errors.__all__)
 from .outbox import OutboxError, add_outbox_row, add_outbox_row_async, add_outbox_row_asyncpg
 from .tokens import mint_table_token
 
@@ -40,22 +24,7 @@ __all__ = [
     "PublishResult",
     "RetryInfo",
     "new_event_id",
-    "GatewayError",
-    "InvalidRequest",
-    "InvalidBody",
-    "UnknownChannel",
-    "InvalidEvent",
-    "ReservedType",
-    "StaleEvent",
-    "TooManyItems",
-    "TooManyChannels",
-    "Unauthorized",
-    "PublishDisabled",
-    "MethodNotAllowed",
-    "BodyTooLarge",
-    "BrokerUnavailable",
-    "OutcomeUnknown",
-    "GatewayConnectionError",
+    *[name for name in errors.__all__ if name != "error_from_response"],
     "mint_table_token",
     "add_outbox_row",
     "add_outbox_row_async",

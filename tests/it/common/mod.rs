@@ -479,10 +479,15 @@ impl ServeProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends the signal `name` (`TERM`, `INT`, `KILL`, ...).
+    pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         assert!(
             std::process::Command::new("kill")
-                .args(["-TERM", &pid])
+                .args([&format!("-{name}"), &pid])
                 .status()
                 .unwrap()
                 .success()
