@@ -534,3 +534,68 @@ async fn a_consumer_killed_between_publishing_and_committing_publishes_nothing_t
     let (status, log) = b.wait().await;
     assert!(status.success(), "{log}");
 }
+
+#[tokio::test]
+async fn postgresql_crashes_and_restarts_and_consumption_resumes() {
+    // A server of this test's own, restarted as after a crash (SIGQUIT),
+    // reached over TLS as a production database would be.
+    let mut pg = common::pg_tls::TlsPostgres::start().await;
+    let name = TableName::parse_setting("outbox").unwrap();
+    let admin = pg.admin().await;
+    admin
+        .batch_execute(&wsgateway::outbox::schema(&name))
+        .await
+        .unwrap();
+    let ca = pg.ca.display().to_string();
+    let url = pg.url(
+        "postgres",
+        "127.0.0.1",
+        &[("sslmode", "verify-full"), ("sslrootcert", &ca)],
+    );
+    let gw = TestGateway::start_with(move |c| {
+        c.outbox_table = Some(name);
+        c.outbox_database_url = Some(Secret(url));
+        c.outbox_poll_s = wsgateway::config::Secs(Duration::from_millis(200));
+    })
+    .await;
+    let (mut waiter, _) = gw.join("waiter", &staff(10, 1, &[1], &["WAITER"])).await;
+    let insert = |db: tokio_postgres::Client, from: i64| async move {
+        db.batch_execute("BEGIN").await.unwrap();
+        for n in from..from + 10 {
+            db.execute(
+                "INSERT INTO outbox (channels, event) VALUES ($1, $2::text::jsonb)",
+                &[&vec![WAITERS.to_owned()], &order(n).to_string()],
+            )
+            .await
+            .unwrap();
+        }
+        db.batch_execute("COMMIT").await.unwrap();
+    };
+    insert(admin, 1).await;
+    assert_eq!(
+        numbers_until(&mut waiter, 10, Duration::from_secs(10)).await,
+        (1..=10).collect::<Vec<_>>()
+    );
+
+    pg.crash_and_restart().await;
+    // The consumer lost its session; it comes back by itself. Rows whose
+    // deletion the crash undid are published again as duplicates: no
+    // client gets them twice.
+    insert(pg.admin().await, 11).await;
+    assert_eq!(
+        numbers_until(&mut waiter, 10, Duration::from_secs(30)).await,
+        (11..=20).collect::<Vec<_>>()
+    );
+    assert!(
+        numbers(&mut waiter, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    gw.wait_metric(r#"wsgateway_outbox_errors_total{kind="database"}"#, |v| {
+        v >= 1.0
+    })
+    .await;
+    let (_, health) = gw.get_json("/ws/health/detailed").await;
+    assert_eq!(health["outbox"]["status"], "ok", "{health}");
+    gw.stop().await;
+}

@@ -35,6 +35,8 @@ pub struct TlsPostgres {
     /// The cluster and its socket directory.
     pub data: PathBuf,
     socket_dir: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
     child: parking_lot::Mutex<Child>,
     pid: u32,
     /// Removed last (fields drop after `Drop::drop`).
@@ -55,7 +57,8 @@ impl TlsPostgres {
         server
     }
 
-    async fn start() -> TlsPostgres {
+    /// A server of the caller's own (one it may restart), stopped on drop.
+    pub async fn start() -> TlsPostgres {
         let bin = bin_dir();
         let (uid, gid) = (id("-u"), id("-g"));
         let dir = tempfile::Builder::new()
@@ -99,36 +102,19 @@ impl TlsPostgres {
         // A port free now may be taken before the server binds it: try again.
         for _attempt in 0..5 {
             let port = free_port();
-            let log_path = root.join(format!("postgres-{port}.log"));
-            let log = std::fs::File::create(&log_path).unwrap();
-            std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).unwrap();
-            let mut command = as_postgres(&bin.join("postgres"), true);
-            command
-                .current_dir(&root)
-                .arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string()])
-                .arg("-k")
-                .arg(&root)
-                .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
-                .args(["-c", "ssl=on"])
-                .arg("-c")
-                .arg(format!("ssl_cert_file={}", files.server_cert.display()))
-                .arg("-c")
-                .arg(format!("ssl_key_file={}", files.server_key.display()))
-                .arg("-c")
-                .arg(format!("ssl_ca_file={}", files.ca.display()))
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "max_connections=60"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            let mut child = spawn_from_a_lasting_thread(command);
+            let Some(child) = spawn_server(
+                &root,
+                &data,
+                &files.server_cert,
+                &files.server_key,
+                &files.ca,
+                port,
+            )
+            .await
+            else {
+                continue;
+            };
             let pid = child.id();
-            match wait_ready(&mut child, &root, port, &log_path).await {
-                Ready::Yes => {}
-                Ready::PortTaken => continue,
-            }
             let server = TlsPostgres {
                 port,
                 ca: files.ca.clone(),
@@ -137,6 +123,8 @@ impl TlsPostgres {
                 client_key: files.client_key.clone(),
                 data: data.clone(),
                 socket_dir: root.clone(),
+                server_cert: files.server_cert.clone(),
+                server_key: files.server_key.clone(),
                 child: parking_lot::Mutex::new(child),
                 pid,
                 _dir: dir,
@@ -146,6 +134,35 @@ impl TlsPostgres {
             return server;
         }
         panic!("PostgreSQL found no free port in 5 attempts");
+    }
+
+    /// Stops the server as a crash would (SIGQUIT: an immediate shutdown,
+    /// recovery from the WAL at the next start) and starts it again on its
+    /// port; returns once it answers.
+    pub async fn crash_and_restart(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-QUIT", &self.pid.to_string()])
+            .status();
+        let child = self.child.get_mut();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(child.try_wait(), Ok(Some(_))) {
+            assert!(Instant::now() < deadline, "PostgreSQL did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ca = self.ca.clone();
+        let child = spawn_server(
+            &self.socket_dir,
+            &self.data,
+            &self.server_cert,
+            &self.server_key,
+            &ca,
+            self.port,
+        )
+        .await
+        .expect("the port is ours again");
+        self.pid = child.id();
+        *self.child.get_mut() = child;
+        self.check_it_is_ours().await;
     }
 
     /// The answering server is the child started here: `postmaster.pid` in
@@ -221,6 +238,52 @@ impl Drop for TlsPostgres {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// Starts the postmaster on `port` and waits until it answers; `None`
+/// when the port was taken.
+async fn spawn_server(
+    root: &Path,
+    data: &Path,
+    server_cert: &Path,
+    server_key: &Path,
+    ca: &Path,
+    port: u16,
+) -> Option<Child> {
+    let (uid, gid) = (id("-u"), id("-g"));
+    let log_path = root.join(format!("postgres-{port}.log"));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).unwrap();
+    let mut command = as_postgres(&bin_dir().join("postgres"), true);
+    command
+        .current_dir(root)
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string()])
+        .arg("-k")
+        .arg(root)
+        .args(["-c", "listen_addresses=127.0.0.1,127.0.0.2"])
+        .args(["-c", "ssl=on"])
+        .arg("-c")
+        .arg(format!("ssl_cert_file={}", server_cert.display()))
+        .arg("-c")
+        .arg(format!("ssl_key_file={}", server_key.display()))
+        .arg("-c")
+        .arg(format!("ssl_ca_file={}", ca.display()))
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off", "-c", "max_connections=60"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut child = spawn_from_a_lasting_thread(command);
+    match wait_ready(&mut child, root, port, &log_path).await {
+        Ready::Yes => Some(child),
+        Ready::PortTaken => None,
     }
 }
 
