@@ -475,13 +475,28 @@ impl RedisCluster {
     }
 
     /// Waits until every replica of `primary` has every write `primary`
-    /// has taken (`WAIT`), so that a failover loses nothing.
+    /// has taken (replication offsets), so that a failover loses nothing.
     pub fn wait_replicated(&self, primary: usize) {
-        let replicas = self.replicas_of(primary).len() as i64;
-        let acked: i64 = self
-            .query(primary, redis::cmd("WAIT").arg(replicas).arg(5000))
-            .unwrap();
-        assert_eq!(acked, replicas, "the replicas of node {primary} caught up");
+        // Not WAIT: it waits for the offset of the asking connection's own
+        // writes, and a fresh connection has written nothing (the keys came
+        // by MIGRATE), so it answered at once while the replica lagged.
+        let offset = |node: usize, field: &str| -> i64 {
+            let info: String = self
+                .query(node, redis::cmd("INFO").arg("replication"))
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(-1)
+        };
+        let target = offset(primary, "master_repl_offset");
+        for replica in self.replicas_of(primary) {
+            wait(
+                Duration::from_secs(10),
+                &format!("node {replica} to replicate node {primary} up to {target}"),
+                || offset(replica, "slave_repl_offset") >= target,
+            );
+        }
     }
 
     /// SIGKILLs the primary serving `slot` (a process this cluster
