@@ -650,6 +650,13 @@ impl Metrics {
         }
     }
 
+    /// Publications the broker took, whoever brought them (the publish
+    /// API, the outbox): new ones, and repeats of a caller id it had.
+    pub fn published(&self, new: u64, duplicates: u64) {
+        self.events_published.inc_by(new);
+        self.publish_duplicates.inc_by(duplicates);
+    }
+
     pub fn rejected(&self, why: Rejection) {
         self.connections_rejected
             .with_label_values(&[why.as_str()])

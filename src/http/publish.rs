@@ -132,8 +132,7 @@ async fn answer(
     match state.broker.publish(batch).await {
         Ok(published) => {
             let duplicates = published.iter().filter(|p| p.duplicate).count() as u64;
-            state.metrics.events_published.inc_by(n - duplicates);
-            state.metrics.publish_duplicates.inc_by(duplicates);
+            state.metrics.published(n - duplicates, duplicates);
             let (ids, duplicate): (Vec<String>, Vec<bool>) =
                 published.into_iter().map(|p| (p.id, p.duplicate)).unzip();
             Ok((

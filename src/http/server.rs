@@ -35,6 +35,8 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 pub use super::pending::PendingSlot;
+use super::pending::{Admission, HeadReading, Pending, PendingBudget};
+use crate::metrics::{Metrics, Rejection};
 
 /// Listens on `addr` with a listen queue of `backlog` connections (tokio's
 /// `TcpListener::bind` has 1 024, which a reconnect storm overflows: the
@@ -51,8 +53,6 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(backlog)
 }
-use super::pending::{Admission, HeadReading, Pending, PendingBudget};
-use crate::metrics::{Metrics, Rejection};
 
 /// The longest a head reader is safe from eviction after its accept.
 const EVICTABLE_AFTER_AT_MOST: Duration = Duration::from_secs(1);

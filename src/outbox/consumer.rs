@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::poll_fn;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, Statement, Transaction};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_util::sync::CancellationToken;
 
 use super::{Outbox, OutboxSettings};
@@ -181,9 +181,7 @@ async fn session(
                 }
             }
             let pass = if consuming {
-                room(queue).await;
-                // Never more than fits in the room waited for.
-                let max_batch = (queue.capacity() / 2).max(1);
+                let max_batch = room(queue).await;
                 pass(
                     &mut client,
                     settings,
@@ -213,22 +211,24 @@ async fn session(
                 // A notification, or the poll for one that was lost.
                 let _ = tokio::time::timeout(settings.poll, woken.notified()).await;
             }
-            // A standby tries the lock at each poll, not at each commit.
-            Ok(Pass::Standby) => tokio::time::sleep(settings.poll).await,
-            // Not woken by notifications: the broker needs the pause.
-            Ok(Pass::BrokerRefused) => tokio::time::sleep(settings.poll).await,
+            // Not woken by notifications: a standby tries the lock at each
+            // poll, not at each commit; a refusing broker needs the pause.
+            Ok(Pass::Standby | Pass::BrokerRefused) => tokio::time::sleep(settings.poll).await,
         }
     }
 }
 
-/// Waits until this node's event queue is at most half full. A backlog
-/// drains faster than the dispatcher delivers, and a full queue drops its
-/// oldest events: the outbox's rows would be lost after being published.
-/// (Through Redis the other nodes' queues see the same pace as this one.)
-async fn room(queue: &EventQueue) {
-    while queue.len() > queue.capacity() / 2 {
+/// Waits until this node's event queue is at most half full, and returns
+/// that half: the most rows a pass may claim. A backlog drains faster than
+/// the dispatcher delivers, and a full queue drops its oldest events: the
+/// outbox's rows would be lost after being published. (Through Redis the
+/// other nodes' queues see the same pace as this one.)
+async fn room(queue: &EventQueue) -> usize {
+    let half = queue.capacity() / 2;
+    while queue.len() > half {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    half.max(1)
 }
 
 /// Connects, and drives the connection on a task of its own that wakes
@@ -237,10 +237,10 @@ async fn connect(settings: &OutboxSettings, woken: Arc<Notify>) -> Result<Client
     let mut config = settings.database.config.clone();
     // A claim is short; a transaction left open by a node that hangs
     // releases its rows (and the lock, with the session) within a minute.
-    let own = config.get_options().unwrap_or_default().trim().to_owned();
-    config.options(format!(
-        "{own} -c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000"
-    ));
+    crate::postgres::add_options(
+        &mut config,
+        "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000",
+    );
     config.connect_timeout(Duration::from_secs(10));
     match &settings.tls {
         None => {
@@ -344,7 +344,7 @@ async fn pass(
                     .with_label_values(&["broker"])
                     .inc();
                 outbox.failed(reason);
-                rollback(tx).await?;
+                tx.rollback().await?;
                 return Ok(Pass::BrokerRefused);
             }
         }
@@ -353,15 +353,9 @@ async fn pass(
     // Published and not deleted, should this fail: the next pass publishes
     // them again with the same ids, which the broker takes as duplicates.
     tx.commit().await?;
-    let m = &outbox.metrics;
-    m.events_published.inc_by(published);
-    m.publish_duplicates.inc_by(duplicates);
+    outbox.metrics.published(published, duplicates);
     outbox.passed(published, duplicates, dead);
     Ok(if full { Pass::More } else { Pass::Drained })
-}
-
-async fn rollback(tx: Transaction<'_>) -> Result<(), SessionError> {
-    tx.rollback().await.map_err(SessionError::from)
 }
 
 /// A row as a publish API item: its `event_id` is the column's, else the

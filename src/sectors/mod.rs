@@ -132,11 +132,7 @@ impl SectorAssignments {
         // timed out on our side is free again soon. Added to the URL's own
         // `options`, if any.
         let ms = settings.timeout.as_millis().max(1);
-        let options = match pg.get_options() {
-            Some(own) if !own.trim().is_empty() => format!("{own} -c statement_timeout={ms}"),
-            _ => format!("-c statement_timeout={ms}"),
-        };
-        pg.options(options);
+        crate::postgres::add_options(&mut pg, &format!("-c statement_timeout={ms}"));
         pg.connect_timeout(settings.timeout);
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
