@@ -117,6 +117,12 @@ def _ids_of(items: List[Dict[str, Any]]) -> List[str]:
     return ids
 
 
+def _encode(items: List[Dict[str, Any]], batch: bool) -> Tuple[bytes, List[str]]:
+    """The request body every attempt sends, and the items' event ids."""
+    payload = items if batch else items[0]
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8"), _ids_of(items)
+
+
 class _Base:
     def __init__(
         self,
@@ -222,9 +228,7 @@ class Gateway(_Base):
         return self._send(built, batch=True)
 
     def _send(self, items: List[Dict[str, Any]], batch: bool = False) -> List[PublishResult]:
-        payload = items if batch else items[0]
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        ids = _ids_of(items)
+        body, ids = _encode(items, batch)
         attempt = 1
         while True:
             try:
@@ -263,9 +267,7 @@ class AsyncGateway(_Base):
         return await self._send(built, batch=True)
 
     async def _send(self, items: List[Dict[str, Any]], batch: bool = False) -> List[PublishResult]:
-        payload = items if batch else items[0]
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        ids = _ids_of(items)
+        body, ids = _encode(items, batch)
         attempt = 1
         while True:
             try:

@@ -77,9 +77,7 @@ def mint_table_token(
     An empty secret is refused, as ``wsgateway token`` refuses it: a token
     signed with it would be valid for nobody (or for everybody, if the
     gateway were misconfigured the same way)."""
-    if not isinstance(secret, (str, bytes)) or not secret or not (
-        secret.strip() if isinstance(secret, str) else secret.strip()
-    ):
+    if not isinstance(secret, (str, bytes)) or not secret.strip():
         raise ValueError("secret is empty (is TABLE_TOKEN_SECRET set?)")
     key = secret.encode("utf-8") if isinstance(secret, str) else secret
     claims = table_token_claims(
