@@ -362,11 +362,13 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
     '--branches', String(branch), '--roles', roles])).stdout.trim();
   const kitchenUrl = `ws://127.0.0.1:${port}/ws/kitchen?token=${await token(21, 'KITCHEN')}`;
   const adminUrl = `ws://127.0.0.1:${port}/ws/admin?token=${await token(22, 'ADMIN')}`;
-  const browser = await launch();
-  t.after(() => browser.close());
+  // A browser each, as two people would have: a page in a background tab is
+  // throttled, even frozen, by Chromium.
+  const [adminBrowser, kitchenBrowser] = await Promise.all([launch(), launch()]);
+  t.after(() => Promise.all([adminBrowser.close(), kitchenBrowser.close()]));
 
   // The admin's page: it acknowledges by hand by default (it receives the kitchen's events too).
-  const admin = await openPage(browser);
+  const admin = await openPage(adminBrowser);
   await admin.page.setViewport({ width: 1280, height: 800 });
   await admin.page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
   await pasteAndConnect(admin.page, adminUrl);
@@ -375,7 +377,7 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
   assert.equal(await admin.page.$eval('#presence-section', (e) => e.hidden), false, 'the admin sees who is connected');
 
   // The kitchen's page: automatic acknowledgements.
-  const kitchen = await openPage(browser);
+  const kitchen = await openPage(kitchenBrowser);
   await kitchen.page.setViewport({ width: 390, height: 844 });
   await kitchen.page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
   await pasteAndConnect(kitchen.page, kitchenUrl);
