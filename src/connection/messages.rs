@@ -5,6 +5,7 @@ use serde_json::Value;
 use tungstenite::Utf8Bytes;
 
 use crate::auth::Endpoint;
+use crate::event::MAX_EVENT_ID_BYTES;
 use crate::reply::{ErrorCode, Reply};
 
 /// What a client's text message asks for.
@@ -18,6 +19,8 @@ pub enum ClientMessage {
     /// `token_rejected`), or at once with `refresh_in_progress` while its
     /// previous one is still being checked.
     RefreshToken(NewToken),
+    /// `ack` with 1 to [`MAX_ACK_IDS`] event ids (any endpoint).
+    Ack(Vec<String>),
     /// An object with a string `type` the endpoint does not handle.
     UnknownType,
     /// Valid JSON that is not an object with a string `type`.
@@ -41,6 +44,7 @@ impl ClientMessage {
                     }
                     _ => ClientMessage::Invalid,
                 },
+                "ack" => read_ack(&value).map_or(ClientMessage::Invalid, ClientMessage::Ack),
                 _ => ClientMessage::UnknownType,
             },
             _ => ClientMessage::Invalid,
@@ -53,13 +57,34 @@ impl ClientMessage {
         let error = |code| Reply::Error { code };
         let reply = match self {
             ClientMessage::Ping => Reply::Pong,
-            ClientMessage::RefreshSectors | ClientMessage::RefreshToken(_) => return None,
+            ClientMessage::RefreshSectors
+            | ClientMessage::RefreshToken(_)
+            | ClientMessage::Ack(_) => return None,
             ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
             ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
             ClientMessage::BadJson => error(ErrorCode::InvalidJson),
         };
         Some(reply.to_text())
     }
+}
+
+/// The most event ids one `ack` may carry.
+pub const MAX_ACK_IDS: usize = 100;
+
+/// An `ack`'s `event_ids`: 1 to [`MAX_ACK_IDS`] non-empty strings of at
+/// most [`MAX_EVENT_ID_BYTES`] bytes.
+fn read_ack(value: &Value) -> Option<Vec<String>> {
+    let ids = value.get("event_ids")?.as_array()?;
+    if ids.is_empty() || ids.len() > MAX_ACK_IDS {
+        return None;
+    }
+    ids.iter()
+        .map(|id| {
+            id.as_str()
+                .filter(|id| !id.is_empty() && id.len() <= MAX_EVENT_ID_BYTES)
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The token of a `refresh_token` message. Its `Debug` hides the text, so
@@ -129,6 +154,32 @@ mod tests {
         assert_eq!(
             format!("{:?}", NewToken("secret.token".into())),
             "NewToken(<12 bytes>)"
+        );
+        for endpoint in Endpoint::ALL {
+            assert_eq!(
+                ClientMessage::parse(endpoint, r#"{"type":"ack","event_ids":["1","a"]}"#),
+                Ack(vec!["1".into(), "a".into()])
+            );
+        }
+        let many = format!(
+            r#"{{"type":"ack","event_ids":[{}]}}"#,
+            vec!["\"x\""; 101].join(",")
+        );
+        let long = format!(r#"{{"type":"ack","event_ids":["{}"]}}"#, "x".repeat(129));
+        for bad in [
+            r#"{"type":"ack"}"#,
+            r#"{"type":"ack","event_ids":[]}"#,
+            r#"{"type":"ack","event_ids":"1"}"#,
+            r#"{"type":"ack","event_ids":[1]}"#,
+            r#"{"type":"ack","event_ids":[""]}"#,
+            &many,
+            &long,
+        ] {
+            assert_eq!(ClientMessage::parse(w, bad), Invalid, "{bad}");
+        }
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"ack","event_ids":["1"]}"#).fixed_reply(),
+            None
         );
         assert_eq!(ClientMessage::parse(w, "{ping"), BadJson);
         assert_eq!(ClientMessage::parse(w, ""), BadJson);

@@ -279,6 +279,16 @@ fn on_message(
         // Checked beside the loop, one at a time: one sent meanwhile is
         // refused at once.
         ClientMessage::RefreshToken(token) => refreshes.push(ctx, handle, owner, token),
+        // Only the events this connection received count; no reply.
+        ClientMessage::Ack(ids) => {
+            let (received, others) = handle.take_receipts(ids);
+            if !others.is_empty() {
+                ctx.acks.ignored(others.len());
+            }
+            if !received.is_empty() {
+                ctx.acks.acked(handle.tenant_id, received);
+            }
+        }
         // Replies share the outbound queue: one writer, in order.
         other => {
             let reply = other.fixed_reply().unwrap_or_default();
