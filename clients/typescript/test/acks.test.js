@@ -142,10 +142,13 @@ test('a handler that fails first and succeeds on the redelivery: acknowledged th
 test('an event nobody receives escalates at the first deadline with reason no_audience', async () => {
   const tenant = tenantOfItsOwn();
   const admin = await watchingAdmin(tenant);
-  const [id] = await publish(gw, 'channel:branch:5:waiters', { type: 'ROUND_READY', tenant_id: tenant, branch_id: 5 }, { ack: { within_s: 1 } });
+  // A table session no diner is connected to (admins never receive session events).
+  const [id] = await publish(gw, 'channel:session:424242', { type: 'PAYMENT_APPROVED', tenant_id: tenant, branch_id: 5, session_id: 424242 }, { ack: { within_s: 1 } });
   const [escalation] = await waitFor(() => escalationsOf(admin, id).length && escalationsOf(admin, id), 'the escalation', 10_000);
   assert.equal(escalation.reason, 'no_audience');
   assert.equal(escalation.audience, 0);
+  assert.equal(escalation.channel, 'channel:session:424242');
+  assert.equal(escalation.event_type, 'PAYMENT_APPROVED');
 });
 
 test('presence from an admin: every branch of its token, or one; others refused', async () => {
