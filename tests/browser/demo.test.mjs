@@ -385,17 +385,6 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
   assert.equal(await kitchen.page.$eval('#ack-mode', (e) => e.value), 'auto');
   assert.equal(await kitchen.page.$eval('#presence-section', (e) => e.hidden), true, 'presence is for admins');
 
-  // Who is connected: the admin and the kitchen, from the gateway's presence answer.
-  await admin.page.click('#presence-refresh');
-  const rows = await until(admin.page, 'the kitchen in the presence list', (b) => {
-    const block = document.querySelector(`#presence-list [data-branch="${b}"]`);
-    const list = block ? [...block.querySelectorAll('tr[data-endpoint]')].map((r) => [r.dataset.endpoint, r.textContent]) : [];
-    return list.some(([e]) => e === 'kitchen') && list;
-  }, String(branch)).then((h) => h.jsonValue());
-  assert.deepEqual(rows.map(([e]) => e), ['admin', 'kitchen'], 'ordered by connected_at');
-  assert.match(rows[1][1], /user 21.*browser-test-node/);
-  assert.match(await admin.page.$eval('#presence-status', (e) => e.textContent), /^as of /);
-
   // An event asking for an ack within 1 s: the kitchen's page acknowledges it: a line in its log; no redelivery, no escalation.
   const acked = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-1` }, 1);
   await until(kitchen.page, 'the ack line', (id) => !!document.querySelector(`.entry[data-type="ack"][data-acked-id="${CSS.escape(id)}"]`), acked);
@@ -422,8 +411,9 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
   assert.match(note, new RegExp(`ROUND_SUBMITTED ${ignored} was not acknowledged: received by \\d+, acknowledged by none \\(no_ack\\)`));
   assert.equal(await admin.page.$eval('#escalations', (e) => e.hidden), false, 'shown above the log');
   assert.match(await admin.page.$eval('#escalations', (e) => e.textContent), new RegExp(`1 event not acknowledged.*${ignored}`, 's'));
-  // The admin had the event itself, with the same id: both are in its log.
-  assert.deepEqual((await entries(admin.page)).filter((e) => e.eventId === ignored).map((e) => e.type), ['ROUND_SUBMITTED', 'EVENT_UNACKNOWLEDGED']);
+  // The admin had the event itself (and its redelivery), with the same id: all are in its log.
+  assert.deepEqual((await entries(admin.page)).filter((e) => e.eventId === ignored).map((e) => `${e.type}${e.redelivered ? ' (redelivered)' : ''}`),
+    ['ROUND_SUBMITTED', 'ROUND_SUBMITTED (redelivered)', 'EVENT_UNACKNOWLEDGED']);
 
   // Acknowledged by hand in time: the Ack button, an ack line, no redelivery.
   const byHand = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-3` }, 2);
@@ -434,6 +424,17 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
   await sleep(2 * 2000 + 1500);
   assert.equal(await kitchen.page.$$eval(`.entry[data-redelivered][data-event-id="${byHand}"]`, (l) => l.length), 0);
   assert.equal(await admin.page.$$eval('.entry[data-type="EVENT_UNACKNOWLEDGED"]', (l) => l.length), 1, 'one escalation only');
+
+  // Who is connected: the admin and the kitchen, from the gateway's presence answer.
+  await admin.page.click('#presence-refresh');
+  const rows = await until(admin.page, 'the kitchen in the presence list', (b) => {
+    const block = document.querySelector(`#presence-list [data-branch="${b}"]`);
+    const list = block ? [...block.querySelectorAll('tr[data-endpoint]')].map((r) => [r.dataset.endpoint, r.textContent]) : [];
+    return list.some(([e]) => e === 'kitchen') && list;
+  }, String(branch)).then((h) => h.jsonValue());
+  assert.deepEqual(rows.map(([e]) => e), ['admin', 'kitchen'], 'ordered by connected_at');
+  assert.match(rows[1][1], /user 21.*browser-test-node/);
+  assert.match(await admin.page.$eval('#presence-status', (e) => e.textContent), /^as of /);
 
   await assertNoHorizontalOverflow(kitchen.page, 390);
   await assertNoHorizontalOverflow(admin.page, 1280);
