@@ -575,6 +575,13 @@ metrics! {
     /// Outbox passes that failed, by what failed.
     outbox_errors: IntCounterVec = "wsgateway_outbox_errors_total",
         "Outbox passes that failed, by what failed: database, broker", labels = ["kind"];
+    /// `GET /api/presence` and admins' `presence` messages, by way in
+    /// (`http`, `websocket`) and outcome.
+    presence_requests: IntCounterVec = "wsgateway_presence_requests_total",
+        "Presence requests (GET /api/presence, admins' presence messages), by way in and outcome", labels = ["via", "outcome"];
+    /// Full rewrites of this node's presence entries in Redis.
+    presence_rewrites: IntCounter = "wsgateway_presence_rewrites_total",
+        "Times this node rewrote all its presence entries in Redis (at start, after a lost change, a Redis failure or a lapsed heartbeat)";
     /// Subscription commands sent as the audience changed, by command.
     redis_subscription_commands: IntCounterVec = "wsgateway_redis_subscription_commands_total",
         "Subscribe and unsubscribe commands sent as this node's audience changed", labels = ["command"];
@@ -677,6 +684,15 @@ impl Metrics {
     pub fn token_refreshed(&self, outcome: TokenRefresh) {
         self.token_refreshes
             .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// A presence request answered: `via` `http` or `websocket`;
+    /// `outcome` `ok`, `unauthorized`, `invalid_query`,
+    /// `forbidden_branch`, `unavailable` or `busy`.
+    pub fn presence_requested(&self, via: &'static str, outcome: &'static str) {
+        self.presence_requests
+            .with_label_values(&[via, outcome])
             .inc();
     }
 

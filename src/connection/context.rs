@@ -13,6 +13,7 @@ use crate::broker::Broker;
 use crate::config::{Config, Origins};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::revocation::Revocations;
 use crate::sectors::SectorAssignments;
 use crate::sectors::sync::SectorSync;
@@ -26,6 +27,8 @@ pub struct Context {
     /// For resumes (history reads).
     pub broker: Arc<dyn Broker>,
     pub sectors: Arc<SectorAssignments>,
+    /// Who is connected (an admin's `presence`).
+    pub presence: Arc<Presence>,
     /// Requests to the sector sync task (refreshes).
     pub sector_sync: SectorSync,
     /// `WSGATEWAY_RESUME_CONCURRENCY` places for history reads: in a

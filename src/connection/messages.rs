@@ -4,7 +4,7 @@
 use serde_json::Value;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::Endpoint;
+use crate::auth::{BranchId, Endpoint};
 use crate::reply::{ErrorCode, Reply};
 
 /// What a client's text message asks for.
@@ -18,6 +18,10 @@ pub enum ClientMessage {
     /// `token_rejected`), or at once with `refresh_in_progress` while its
     /// previous one is still being checked.
     RefreshToken(NewToken),
+    /// `presence` (admin endpoint only), of one branch (`branch_id`, an
+    /// integer) or of every branch of the token: answered by the
+    /// connection once read (PROTOCOL.md §15).
+    Presence(Option<BranchId>),
     /// An object with a string `type` the endpoint does not handle.
     UnknownType,
     /// Valid JSON that is not an object with a string `type`.
@@ -41,6 +45,12 @@ impl ClientMessage {
                     }
                     _ => ClientMessage::Invalid,
                 },
+                "presence" if endpoint == Endpoint::Admin => match value.get("branch_id") {
+                    None => ClientMessage::Presence(None),
+                    Some(b) => b
+                        .as_i64()
+                        .map_or(ClientMessage::Invalid, |b| ClientMessage::Presence(Some(b))),
+                },
                 _ => ClientMessage::UnknownType,
             },
             _ => ClientMessage::Invalid,
@@ -53,7 +63,9 @@ impl ClientMessage {
         let error = |code| Reply::Error { code };
         let reply = match self {
             ClientMessage::Ping => Reply::Pong,
-            ClientMessage::RefreshSectors | ClientMessage::RefreshToken(_) => return None,
+            ClientMessage::RefreshSectors
+            | ClientMessage::RefreshToken(_)
+            | ClientMessage::Presence(_) => return None,
             ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
             ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
             ClientMessage::BadJson => error(ErrorCode::InvalidJson),
@@ -130,6 +142,26 @@ mod tests {
             format!("{:?}", NewToken("secret.token".into())),
             "NewToken(<12 bytes>)"
         );
+        let a = Endpoint::Admin;
+        assert_eq!(
+            ClientMessage::parse(a, r#"{"type":"presence"}"#),
+            Presence(None)
+        );
+        assert_eq!(
+            ClientMessage::parse(a, r#"{"type":"presence","branch_id":5}"#),
+            Presence(Some(5))
+        );
+        for bad in [r#""5""#, "5.5", "null", "[5]"] {
+            let text = format!(r#"{{"type":"presence","branch_id":{bad}}}"#);
+            assert_eq!(ClientMessage::parse(a, &text), Invalid, "{text}");
+        }
+        for other in [Endpoint::Waiter, Endpoint::Kitchen, Endpoint::Diner] {
+            assert_eq!(
+                ClientMessage::parse(other, r#"{"type":"presence"}"#),
+                UnknownType
+            );
+        }
+        assert_eq!(Presence(None).fixed_reply(), None);
         assert_eq!(ClientMessage::parse(w, "{ping"), BadJson);
         assert_eq!(ClientMessage::parse(w, ""), BadJson);
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);
