@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["gateway"],
     &["http"],
     &["connection"],
-    &["dispatcher", "drain", "outbox", "sectors", "revocation"],
+    &["dispatcher", "drain", "outbox", "sectors", "revocation", "presence"],
     &["hub"],
     &["broker"],
     &[
