@@ -16,7 +16,14 @@ const LAYERS: &[&[&str]] = &[
     &["gateway"],
     &["http"],
     &["connection"],
-    &["dispatcher", "drain", "outbox", "sectors", "revocation", "presence"],
+    &[
+        "dispatcher",
+        "drain",
+        "outbox",
+        "sectors",
+        "revocation",
+        "presence",
+    ],
     &["hub"],
     &["broker"],
     &[

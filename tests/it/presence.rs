@@ -528,3 +528,62 @@ async fn presence_is_unavailable_while_redis_is_down_and_heals_after() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A `wsgateway serve` process on a Redis Cluster, with the helpers of a
+/// `TestGateway` for its address (that handle's `stop` and `task` are
+/// inert: the process dies when `ServeProcess` is dropped).
+async fn cluster_node(seeds: &str, name: &str) -> (ServeProcess, TestGateway) {
+    let process = ServeProcess::start(&[
+        ("REDIS_URL", seeds),
+        ("WSGATEWAY_REDIS_MODE", "cluster"),
+        ("WSGATEWAY_API_KEY", API_KEY),
+        ("WSGATEWAY_NODE_NAME", name),
+    ])
+    .await;
+    let gw = TestGateway {
+        addr: process.addr.parse().unwrap(),
+        stop: tokio_util::sync::CancellationToken::new(),
+        task: tokio::spawn(async { Ok(()) }),
+    };
+    (process, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_each_tenants_presence_lives_on_its_shard_and_every_node_reads_it() {
+    use common::cluster::RedisCluster;
+    let _heavy = heavy().await;
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3, 0));
+    // Two tenants on different primaries.
+    let (t1, t2) = tokio::task::block_in_place(|| {
+        let shard = |t| cluster.primary_of_slot(cluster.slot_of_tenant(t));
+        let t2 = (2..100).find(|t| shard(*t) != shard(1)).unwrap();
+        (1, t2)
+    });
+    let seeds = cluster.seeds();
+    let (_pa, a) = cluster_node(&seeds, "node-a").await;
+    let (_pb, b) = cluster_node(&seeds, "node-b").await;
+    for n in [&a, &b] {
+        n.wait_health(Duration::from_secs(15), |s, body| {
+            s == 200 && body["status"] == "healthy"
+        })
+        .await;
+    }
+    let (_k1, _) = a.join("kitchen", &staff(9, t1, &[5], &["KITCHEN"])).await;
+    let (d1, _) = b.join("diner", &diner(t1, 5, 12, 77)).await;
+    let (_k2, _) = b.join("kitchen", &staff(9, t2, &[5], &["KITCHEN"])).await;
+    let (_a2, _) = a.join("admin", &staff(10, t2, &[5], &["ADMIN"])).await;
+    let one = vec![pair("diner", "node-b"), pair("kitchen", "node-a")];
+    let two = vec![pair("admin", "node-a"), pair("kitchen", "node-b")];
+    let within = Duration::from_secs(10);
+    for n in [&a, &b] {
+        let addr = n.addr.to_string();
+        wait_listed(&addr, t1, 5, within, |c| kinds(c) == one).await;
+        wait_listed(&addr, t2, 5, within, |c| kinds(c) == two).await;
+    }
+    close(d1).await;
+    let left = vec![pair("kitchen", "node-a")];
+    wait_listed(&a.addr.to_string(), t1, 5, Duration::from_secs(3), |c| {
+        kinds(c) == left
+    })
+    .await;
+}
