@@ -153,6 +153,9 @@ impl Mirror {
                 let changed: Vec<ConnId> = std::mem::take(&mut ids);
                 self.write(&mut state, changed, true).await;
             }
+            if !state.alive {
+                next_beat = next_beat.min(Instant::now() + RETRY);
+            }
         }
         let leave = self.leave(&mut state);
         if tokio::time::timeout(Duration::from_secs(5), leave)
@@ -278,6 +281,9 @@ impl Mirror {
                 let send = |mut c: RedisConn| async move { pipe.query_async::<()>(&mut c).await };
                 if let Err(e) = self.store.link.call(send).await {
                     ok = false;
+                    // Nothing more is written until a heartbeat goes in
+                    // again; then everything is.
+                    state.alive = false;
                     state.rewrite = true;
                     self.failed(state, &e);
                     continue;
