@@ -587,3 +587,42 @@ async fn in_a_cluster_each_tenants_presence_lives_on_its_shard_and_every_node_re
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sentinels_every_node_reads_the_masters_presence() {
+    use common::sentinel::{MASTER_NAME, SentinelGroup};
+    use wsgateway::config::RedisMode;
+    let _heavy = heavy().await;
+    let group = tokio::task::block_in_place(|| SentinelGroup::start("redis-pw"));
+    let node = |name: &str| {
+        let (urls, password, name) = (group.urls(), group.password.clone(), name.to_owned());
+        move |c: &mut wsgateway::Config| {
+            c.redis_mode = RedisMode::Sentinel;
+            c.redis_url = Some(Secret(urls));
+            c.redis_sentinel_master = Some(MASTER_NAME.into());
+            c.redis_password = Some(Secret(password));
+            c.node_name = Some(name);
+        }
+    };
+    let a = TestGateway::start_with(node("node-a")).await;
+    let b = TestGateway::start_with(node("node-b")).await;
+    a.wait_connected().await;
+    b.wait_connected().await;
+    let (_kitchen, _) = a.join("kitchen", &staff(9, 1, &[5], &["KITCHEN"])).await;
+    let (diner_b, _) = b.join("diner", &diner(1, 5, 12, 77)).await;
+    let both = vec![pair("diner", "node-b"), pair("kitchen", "node-a")];
+    for n in [&a, &b] {
+        wait_listed(&n.addr.to_string(), 1, 5, Duration::from_secs(10), |c| {
+            kinds(c) == both
+        })
+        .await;
+    }
+    close(diner_b).await;
+    let left = vec![pair("kitchen", "node-a")];
+    wait_listed(&a.addr.to_string(), 1, 5, Duration::from_secs(3), |c| {
+        kinds(c) == left
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
