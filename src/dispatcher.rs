@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::acks::Acks;
 use crate::broker::EventQueue;
 use crate::channel::Channel;
 use crate::event::{DedupKey, Event, unix_ms};
@@ -41,6 +42,8 @@ pub struct Dispatcher {
     stale_after_ms: i64,
     recent: Recent,
     sectors: Option<SectorSync>,
+    /// Told who received an event asking for an ack.
+    acks: Option<Acks>,
     /// Unknown event types by name: owned here, so counting one takes no lock.
     unknown: Tracker,
     /// Handles with frames queued by this batch, to write once it is.
@@ -66,6 +69,7 @@ impl Dispatcher {
             stale_after_ms: stale_after.as_millis() as i64,
             recent: Recent::new(dedup_window),
             sectors: None,
+            acks: None,
             unknown: Tracker::default(),
             to_flush: Vec::new(),
             writers: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
@@ -84,6 +88,12 @@ impl Dispatcher {
     /// Sends `SECTOR_ASSIGNMENT_CHANGED` events to the sector sync task.
     pub fn with_sector_sync(mut self, sync: SectorSync) -> Dispatcher {
         self.sectors = Some(sync);
+        self
+    }
+
+    /// Tells `acks` who received each event asking for an ack.
+    pub fn with_acks(mut self, acks: Acks) -> Dispatcher {
+        self.acks = Some(acks);
         self
     }
 
@@ -165,7 +175,9 @@ impl Dispatcher {
     /// De-duplicates one event and queues it to its audience.
     fn route(&mut self, event: Event, now_ms: i64) {
         let age_ms = event.age_ms(now_ms);
-        if !event.from_history && age_ms.is_some_and(|age| age > self.stale_after_ms) {
+        // A redelivery is the gateway's own, on purpose: never stale.
+        let fresh = event.from_history || event.redelivery;
+        if !fresh && age_ms.is_some_and(|age| age > self.stale_after_ms) {
             self.metrics.dropped(Drop::Stale);
             tracing::debug!(channel = %event.channel, event_type = %event.fields.event_type, "stale event dropped");
             return;
@@ -180,7 +192,8 @@ impl Dispatcher {
         };
         if !prior.is_empty() {
             self.metrics.events_deduplicated.inc();
-        } else if event.fields.event_type == crate::event::SECTOR_ASSIGNMENT_CHANGED
+        } else if !event.redelivery
+            && event.fields.event_type == crate::event::SECTOR_ASSIGNMENT_CHANGED
             && let (Some(sync), Some(branch)) = (&self.sectors, event.channel.branch())
         {
             sync.send(SectorCommand::Changed {
@@ -190,6 +203,11 @@ impl Dispatcher {
             });
         }
         let fanout = self.hub.deliver(&event, &prior, &mut self.to_flush);
+        if fanout.receipts > 0
+            && let (Some(acks), Some(id)) = (&self.acks, &event.fields.event_id)
+        {
+            acks.seen(event.fields.tenant_id, id, fanout.receipts);
+        }
         let m = &self.metrics;
         m.processed();
         if !event.fields.is_known_type() {

@@ -122,6 +122,12 @@ pub enum InvalidEvent {
     /// from the event).
     #[error("the type `{0}` is reserved for the gateway's own frames")]
     ReservedType(&'static str),
+    /// `ack` is not `{"within_s": N}` with N from 1 to [`MAX_ACK_WITHIN_S`].
+    #[error("`ack` must be {{\"within_s\": N}} with N an integer from 1 to 300")]
+    BadAck,
+    /// A publisher set `redelivered`, which only the gateway writes.
+    #[error("`redelivered` is set by the gateway only")]
+    Redelivered,
 }
 
 impl InvalidEvent {
@@ -147,6 +153,22 @@ pub struct Fields {
     pub event_id: Option<String>,
     /// `entity.waiter_id`, read for `SECTOR_ASSIGNMENT_CHANGED`.
     pub entity_waiter_id: Option<i64>,
+    /// `ack.within_s`: the event is to be acknowledged within this many
+    /// seconds (PROTOCOL.md §5, "Acknowledgements").
+    pub ack_within_s: Option<u16>,
+}
+
+/// The longest `ack.within_s`.
+pub const MAX_ACK_WITHIN_S: u16 = 300;
+
+/// The type of the event the gateway publishes on a branch's admin channel
+/// when an event asking for an acknowledgement got none.
+pub const EVENT_UNACKNOWLEDGED: &str = "EVENT_UNACKNOWLEDGED";
+
+/// The frame of a redelivery: `"redelivered":true` put first.
+pub fn redelivery_frame(frame: &str) -> String {
+    let rest = frame.strip_prefix('{').unwrap_or(frame);
+    format!("{{\"redelivered\":true,{rest}")
 }
 
 /// The event type that makes the gateway re-read sector assignments.
@@ -188,6 +210,10 @@ impl Fields {
             }
             Some(_) => return Err(InvalidEvent::BadEventId),
         };
+        let ack_within_s = match obj.get("ack") {
+            None | Some(Value::Null) => None,
+            Some(ack) => Some(read_ack(ack).ok_or(InvalidEvent::BadAck)?),
+        };
         Ok(Fields {
             event_type,
             tenant_id,
@@ -197,6 +223,7 @@ impl Fields {
             ts_ms,
             event_id,
             entity_waiter_id,
+            ack_within_s,
         })
     }
 
@@ -231,6 +258,15 @@ impl Fields {
     pub fn is_known_type(&self) -> bool {
         KNOWN_TYPES.contains(&self.event_type.as_str())
     }
+}
+
+/// `{"within_s": N}`, N from 1 to [`MAX_ACK_WITHIN_S`], nothing else.
+pub fn read_ack(ack: &Value) -> Option<u16> {
+    let ack = ack.as_object().filter(|a| a.len() == 1)?;
+    let n = ack.get("within_s")?.as_u64()?;
+    (1..=u64::from(MAX_ACK_WITHIN_S))
+        .contains(&n)
+        .then_some(n as u16)
 }
 
 fn required_int(obj: &Map<String, Value>, field: &'static str) -> Result<i64, InvalidEvent> {
@@ -270,19 +306,23 @@ impl DedupKey {
     fn of(fields: &Fields, text: &str) -> DedupKey {
         let tenant = fields.tenant_id;
         match &fields.event_id {
-            Some(id) => DedupKey::Id {
+            // An escalation names the event it reports in `event_id`: it is
+            // a different event all the same.
+            Some(id) if fields.event_type != EVENT_UNACKNOWLEDGED => DedupKey::Id {
                 tenant,
                 id: id.as_str().into(),
             },
-            None => {
-                // Random keys per process: a publisher cannot aim collisions.
-                static STATE: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-                DedupKey::Text {
-                    tenant,
-                    hash: STATE.get_or_init(Default::default).hash_one(text),
-                    len: text.len(),
-                }
-            }
+            _ => DedupKey::text(tenant, text),
+        }
+    }
+
+    fn text(tenant: TenantId, text: &str) -> DedupKey {
+        // Random keys per process: a publisher cannot aim collisions.
+        static STATE: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        DedupKey::Text {
+            tenant,
+            hash: STATE.get_or_init(Default::default).hash_one(text),
+            len: text.len(),
         }
     }
 }
@@ -301,6 +341,9 @@ pub struct Event {
     /// delivered however old (history's age bound decides), not dropped as
     /// stale.
     pub from_history: bool,
+    /// The gateway's one redelivery of an unacknowledged event: delivered
+    /// again to its audience however old, never taken for a repeat.
+    pub redelivery: bool,
 }
 
 impl Event {
@@ -326,7 +369,17 @@ impl Event {
             frame,
             received_at: Instant::now(),
             from_history: false,
+            redelivery: false,
         })
+    }
+
+    /// Makes this the one redelivery of an unacknowledged event: its own
+    /// entry in the de-duplication window (its text differs from the
+    /// first delivery's), so that it reaches each connection once.
+    pub fn redelivered(mut self) -> Event {
+        self.redelivery = true;
+        self.key = DedupKey::text(self.fields.tenant_id, self.frame.as_str());
+        self
     }
 
     /// Age of the event at `now_ms` (Unix ms), when it carries `ts`.

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::{AckQueue, Acks};
 use crate::auth::{KeyError, Verifier};
 use crate::broker::{
     BreakerConfig, Broker, EmbeddedBroker, EventQueue, HistoryLimits, RedisBounds, RedisBroker,
@@ -60,6 +61,8 @@ pub struct Gateway {
     /// The Redis broker, when configured, for the start-up check.
     redis: Option<Arc<RedisBroker>>,
     sector_commands: SectorQueue,
+    /// The acks task's end of its queue.
+    ack_queue: AckQueue,
     /// The metrics listener, when bound before serving (see
     /// [`Gateway::with_metrics_listener`]).
     metrics_listener: Option<TcpListener>,
@@ -86,6 +89,7 @@ struct Shared {
     broker: Arc<dyn Broker>,
     sectors: Arc<SectorAssignments>,
     sector_sync: SectorSync,
+    acks: Acks,
     metrics: Arc<Metrics>,
     /// The outbox consumer's state, with `WSGATEWAY_OUTBOX_TABLE`.
     outbox: Option<Arc<Outbox>>,
@@ -105,6 +109,7 @@ impl Gateway {
         let sectors = build_sectors(&config, &metrics)?;
         let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
         let revocations = build_revocations(&config, connector.clone());
+        let (acks, ack_queue) = Acks::new(metrics.clone());
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
         }
@@ -124,12 +129,14 @@ impl Gateway {
                     broker,
                     sectors,
                     sector_sync,
+                    acks,
                     metrics,
                     outbox,
                 },
             },
             redis,
             sector_commands,
+            ack_queue,
             metrics_listener: None,
             demo_page,
             outbox: outbox_settings,
@@ -174,6 +181,7 @@ impl Gateway {
             config,
             parts,
             sector_commands,
+            ack_queue,
             metrics_listener,
             demo_page,
             outbox,
@@ -220,7 +228,13 @@ impl Gateway {
             }),
             connections: Arc::new(connections),
         };
-        shared.spawn_workers(&config, sector_commands, &http.connections, &tasks);
+        shared.spawn_workers(
+            &config,
+            sector_commands,
+            ack_queue,
+            &http.connections,
+            &tasks,
+        );
         if let (Some(state), Some(settings)) = (&shared.outbox, outbox) {
             // Until the drain starts: the lock then passes to a node that
             // stays.
@@ -349,6 +363,7 @@ impl Shared {
             sectors: self.sectors.clone(),
             presence,
             sector_sync: self.sector_sync.clone(),
+            acks: self.acks.clone(),
             resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
             metrics: self.metrics.clone(),
             draining: stop.draining.clone(),
@@ -363,6 +378,7 @@ impl Shared {
         &self,
         config: &Config,
         sector_commands: SectorQueue,
+        ack_queue: AckQueue,
         connections: &Arc<connection::Context>,
         tasks: &TaskTracker,
     ) {
@@ -376,7 +392,8 @@ impl Shared {
         )
         // A quarter of a connection's queue: a burst never fills it alone.
         .coalescing(config.send_queue_size / 4)
-        .with_sector_sync(self.sector_sync.clone());
+        .with_sector_sync(self.sector_sync.clone())
+        .with_acks(self.acks.clone());
         tasks.spawn(crate::sectors::sync::run(
             sector_commands,
             self.hub.clone(),
@@ -387,6 +404,13 @@ impl Shared {
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.spawn(cleanup(connections.clone(), Cleanup::from_config(config)));
         tasks.spawn(self.broker.clone().run(shutdown.clone()));
+        tasks.spawn(crate::acks::run(
+            self.broker.clone(),
+            self.hub.clone(),
+            self.metrics.clone(),
+            ack_queue,
+            shutdown.clone(),
+        ));
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`dispatcher`]: one task; stale check, de-duplication, fan-out.
 //! - [`sectors`]: waiters' sector assignments from PostgreSQL, cached, and
 //!   the task that applies their changes.
+//! - [`acks`]: the node's side of acknowledgements: receipts and acks told
+//!   to the broker, deadlines swept (redelivery, escalation).
 //! - [`revocation`]: the Redis set of revoked tokens (`WSGATEWAY_REVOKED_JTI_KEY`).
 //! - [`presence`]: who is connected to a branch, on every node (the hub,
 //!   and in Redis mode each node's mirror of its connections).
@@ -46,6 +48,7 @@
 //! "the seed's" marks one of them. docs/ARCHITECTURE.md lists the other
 //! terms the code uses (scope, cursor, epoch, gap, floor).
 
+pub mod acks;
 pub mod auth;
 pub mod broker;
 pub mod channel;

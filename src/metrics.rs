@@ -575,6 +575,16 @@ metrics! {
     /// Outbox passes that failed, by what failed.
     outbox_errors: IntCounterVec = "wsgateway_outbox_errors_total",
         "Outbox passes that failed, by what failed: database, broker", labels = ["kind"];
+    /// Escalations of events that asked for an ack and got none, taken by
+    /// this node (each event escalates once, on one node).
+    events_unacknowledged: IntCounterVec = "wsgateway_events_unacknowledged_total",
+        "Events that asked for an acknowledgement and got none, escalated to their branch's admins by this node, by reason: no_ack, no_audience", labels = ["reason"];
+    /// Redeliveries of unacknowledged events this node took.
+    events_redelivered: IntCounter = "wsgateway_events_redelivered_total",
+        "Events that asked for an acknowledgement, got none in time, and were sent once more to their audience by this node";
+    /// Acks from this node's clients, by what they did.
+    acks: IntCounterVec = "wsgateway_acks_total",
+        "Event ids acknowledged by this node's clients, by outcome: acknowledged, repeated, late, ignored (not from a connection that received the event), failed (the broker could not be told)", labels = ["outcome"];
     /// `GET /api/presence` and admins' `presence` messages, by way in
     /// (`http`, `websocket`) and outcome.
     presence_requests: IntCounterVec = "wsgateway_presence_requests_total",
@@ -624,6 +634,12 @@ impl Metrics {
         }
         for kind in ["database", "broker"] {
             zero(&self.outbox_errors, kind);
+        }
+        for reason in ["no_ack", "no_audience"] {
+            zero(&self.events_unacknowledged, reason);
+        }
+        for outcome in ["acknowledged", "repeated", "late", "ignored", "failed"] {
+            zero(&self.acks, outcome);
         }
         for d in Disconnect::ALL {
             zero(&self.disconnects, d.as_str());

@@ -70,7 +70,7 @@ pub enum Who {
 }
 
 /// The open connections of one tenant's branch, on every node
-/// (PROTOCOL.md §15): the body of `GET /api/presence`, and an admin's
+/// (PROTOCOL.md §16): the body of `GET /api/presence`, and an admin's
 /// `presence` frame with `"type":"presence"` first.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PresenceList {

@@ -1,6 +1,6 @@
 //! Client text messages: classification never panics, and every message
-//! but `refresh_sectors`, `refresh_token` and `presence` (answered once
-//! acted on) has a fixed JSON reply.
+//! but `refresh_sectors`, `refresh_token`, `presence` (answered once
+//! acted on) and `ack` (never answered) has a fixed JSON reply.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             ClientMessage::RefreshSectors
                 | ClientMessage::RefreshToken(_)
                 | ClientMessage::Presence(_)
+                | ClientMessage::Ack(_)
         );
         if !answered_later {
             let reply = message.fixed_reply().expect("a reply");

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+use tungstenite::Utf8Bytes;
 
+use super::acks::{AckOutcome, AckStep, Due, Escalation, MemoryAcks, Seen};
 use super::history::{MemoryHistory, frame_with_id};
 use super::{
     Broker, BrokerError, BrokerStatus, Cursor, EventQueue, Found, HistoryLimits, Publication,
@@ -16,11 +18,12 @@ use super::{
 };
 use crate::auth::TenantId;
 use crate::channel::Channel;
-use crate::event::Event;
+use crate::event::{Event, Fields, redelivery_frame, unix_ms};
 
 pub struct EmbeddedBroker {
     queue: Arc<EventQueue>,
     history: MemoryHistory,
+    acks: MemoryAcks,
     /// Held across "number, then queue" so that events reach the queue in
     /// sequence order. Nothing is awaited while it is held.
     publishing: Mutex<()>,
@@ -31,6 +34,7 @@ impl EmbeddedBroker {
         EmbeddedBroker {
             queue,
             history: MemoryHistory::new(limits),
+            acks: MemoryAcks::default(),
             publishing: Mutex::new(()),
         }
     }
@@ -61,19 +65,52 @@ impl EmbeddedBroker {
                 };
                 let mut fields = publication.fields;
                 fields.event_id = Some(id.clone());
-                for &channel in channels.iter() {
-                    match Event::assemble(channel, fields.clone(), frame.clone()) {
-                        Ok(e) => self.queue.push(e),
-                        // Publications are validated before they get here.
-                        Err(why) => tracing::error!(%why, "unvalidated publication"),
-                    }
+                if let Some(within_s) = fields.ack_within_s {
+                    self.acks.register(
+                        &id,
+                        within_s,
+                        frame.clone(),
+                        channels.clone(),
+                        fields.clone(),
+                        unix_ms(),
+                    );
                 }
+                self.queue_all(&channels, &fields, &frame, false);
                 Published {
                     id,
                     duplicate: false,
                 }
             })
             .collect()
+    }
+
+    /// Queues the event once per channel.
+    fn queue_all(&self, channels: &[Channel], fields: &Fields, frame: &Utf8Bytes, again: bool) {
+        for &channel in channels {
+            match Event::assemble(channel, fields.clone(), frame.clone()) {
+                Ok(e) if again => self.queue.push(e.redelivered()),
+                Ok(e) => self.queue.push(e),
+                // Publications are validated before they get here.
+                Err(why) => tracing::error!(%why, "unvalidated publication"),
+            }
+        }
+    }
+
+    /// Keeps and queues an escalation, numbered like any event; its
+    /// `event_id` is the reported event's.
+    fn escalate(&self, escalation: &Escalation) {
+        let payload = escalation.payload(unix_ms());
+        let Ok(mut fields) = Fields::parse(&payload) else {
+            tracing::error!("an escalation did not read back");
+            return;
+        };
+        let channels: Arc<[Channel]> = vec![escalation.admin_channel()].into();
+        let reported = fields.event_id.take();
+        let kept = self.history.append(&channels, &fields, |_| payload);
+        if let Ok((_, frame)) = kept {
+            fields.event_id = reported;
+            self.queue_all(&channels, &fields, &frame, false);
+        }
     }
 }
 
@@ -94,6 +131,53 @@ impl Broker for EmbeddedBroker {
     ) -> BoxFuture<'_, Result<Found, BrokerError>> {
         let found = self.history.after(tenant, &scopes, &cursor);
         Box::pin(async move { Ok(found) })
+    }
+
+    fn ack(
+        &self,
+        tenant: TenantId,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<AckOutcome>, BrokerError>> {
+        let outcomes = self.acks.ack(tenant, &ids);
+        Box::pin(async move { Ok(outcomes) })
+    }
+
+    fn seen(&self, seen: Vec<Seen>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.acks.seen(&seen);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn sweep_acks(
+        &self,
+        _tenants: Vec<TenantId>,
+    ) -> BoxFuture<'_, Result<Vec<AckStep>, BrokerError>> {
+        let due = self.acks.due(unix_ms());
+        let steps = if due.is_empty() {
+            Vec::new()
+        } else {
+            let _order = self.publishing.lock();
+            due.into_iter()
+                .map(|step| match step {
+                    Due::Redeliver {
+                        frame,
+                        channels,
+                        fields,
+                    } => {
+                        let again = Utf8Bytes::from(redelivery_frame(frame.as_str()));
+                        self.queue_all(&channels, &fields, &again, true);
+                        AckStep::Redelivered {
+                            tenant: fields.tenant_id,
+                            event_id: fields.event_id.unwrap_or_default(),
+                        }
+                    }
+                    Due::Escalate(escalation) => {
+                        self.escalate(&escalation);
+                        AckStep::Escalated(escalation)
+                    }
+                })
+                .collect()
+        };
+        Box::pin(async move { Ok(steps) })
     }
 
     /// Prunes expired history every minute.

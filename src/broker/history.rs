@@ -401,6 +401,7 @@ mod tests {
             ts_ms: None,
             event_id: id.map(str::to_owned),
             entity_waiter_id: None,
+            ack_within_s: None,
         }
     }
 

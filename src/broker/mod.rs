@@ -6,6 +6,7 @@
 //! Redis broker connects several nodes. The [`Broker`] trait is the seam for
 //! the next ones (Redis Cluster sharded pub/sub, NATS).
 
+pub mod acks;
 pub mod backoff;
 pub mod breaker;
 mod embedded;
@@ -30,7 +31,7 @@ pub use breaker::{BreakerConfig, BreakerState};
 pub use embedded::EmbeddedBroker;
 pub use history::{Cursor, Found, HistoryLimits, Scope};
 pub use publication::{Invalid, Rules, read_item};
-pub use queue::EventQueue;
+pub use queue::{Arrival, EventQueue};
 
 use crate::auth::TenantId;
 use crate::channel::Channel;
@@ -170,6 +171,27 @@ pub trait Broker: Send + Sync {
     ) -> BoxFuture<'_, Result<Found, BrokerError>>;
 
     fn status(&self) -> BrokerStatus;
+
+    /// Acknowledges events of `tenant` that a connection received and
+    /// acked; what each ack did, in order.
+    fn ack(
+        &self,
+        tenant: TenantId,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<acks::AckOutcome>, BrokerError>>;
+
+    /// Adds this node's new recipients of events that asked for an ack to
+    /// their audience.
+    fn seen(&self, seen: Vec<acks::Seen>) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Takes the steps of the acknowledgement deadlines that are past:
+    /// the redelivery, then the escalation, each exactly once whichever
+    /// node asks. `tenants` are this node's (a cluster's function cannot
+    /// find every tenant with deadlines by itself).
+    fn sweep_acks(
+        &self,
+        tenants: Vec<TenantId>,
+    ) -> BoxFuture<'_, Result<Vec<acks::AckStep>, BrokerError>>;
 
     /// The broker's background work (subscriptions, health checks), until
     /// `shutdown` is cancelled.

@@ -46,7 +46,8 @@ pub fn read_item(item: Value, rules: &Rules) -> Result<Publication, Invalid> {
         return Err(Invalid::new("invalid_body", "an item must be an object"));
     };
     let channels = read_channels(&mut item, rules)?;
-    let event: Map<String, Value> = match item.remove("event") {
+    let ack = item.remove("ack");
+    let mut event: Map<String, Value> = match item.remove("event") {
         Some(Value::Object(event)) => event,
         Some(_) => return Err(refused(InvalidEvent::NotObject, "")),
         None => return Err(Invalid::new("invalid_body", "an item needs an `event`")),
@@ -56,6 +57,25 @@ pub fn read_item(item: Value, rules: &Rules) -> Result<Publication, Invalid> {
             "invalid_body",
             format!("unknown field {extra:?}"),
         ));
+    }
+    if let Some(ack) = ack {
+        if event.contains_key("ack") {
+            return Err(Invalid::new(
+                "invalid_body",
+                "`ack` is given both in the item and in its event; give it once",
+            ));
+        }
+        if crate::event::read_ack(&ack).is_none() {
+            return Err(Invalid::new(
+                "invalid_body",
+                InvalidEvent::BadAck.to_string(),
+            ));
+        }
+        // The frame carries the request, so that clients know to ack.
+        event.insert("ack".into(), ack);
+    }
+    if event.get("redelivered").is_some_and(|v| !v.is_null()) {
+        return Err(refused(InvalidEvent::Redelivered, ""));
     }
     let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;
     for channel in &channels {

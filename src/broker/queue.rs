@@ -18,6 +18,17 @@ use tungstenite::Utf8Bytes;
 use crate::event::{Event, Fields, Refusal};
 use crate::metrics::{Drop, Metrics};
 
+/// How a numbered event reached the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Its publication's message.
+    Live,
+    /// Read from history into a subscription gap.
+    History,
+    /// The one redelivery of an unacknowledged event.
+    Redelivery,
+}
+
 pub struct EventQueue {
     /// A `parking_lot` mutex: pushes and pops are a few pointer moves and
     /// nothing is awaited while it is held.
@@ -72,8 +83,8 @@ impl EventQueue {
         }
     }
 
-    /// Queues one numbered event (read once) on each of its channels;
-    /// `from_history` marks one filled into a subscription gap. A live
+    /// Queues one numbered event (read once) on each of its channels, as
+    /// it arrived (`Arrival::History`: filled into a subscription gap). A live
     /// message names its `scope` (its scope channel's): the event must be
     /// of that tenant and its channels of that scope, or it is dropped as
     /// invalid. Returns whether it was queued.
@@ -81,7 +92,7 @@ impl EventQueue {
         &self,
         channels: &[Channel],
         frame: Utf8Bytes,
-        from_history: bool,
+        arrival: Arrival,
         scope: Option<Scope>,
     ) -> bool {
         let fields = match Fields::parse(frame.as_str()) {
@@ -106,7 +117,10 @@ impl EventQueue {
         for channel in channels {
             match Event::assemble(*channel, fields.clone(), frame.clone()) {
                 Ok(mut event) => {
-                    event.from_history = from_history;
+                    event.from_history = arrival == Arrival::History;
+                    if arrival == Arrival::Redelivery {
+                        event = event.redelivered();
+                    }
                     self.push(event);
                     queued = true;
                 }

@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::Acks;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::{Config, Origins};
@@ -31,6 +32,8 @@ pub struct Context {
     pub presence: Arc<Presence>,
     /// Requests to the sector sync task (refreshes).
     pub sector_sync: SectorSync,
+    /// Receipts and acks of events asking for an ack.
+    pub acks: Acks,
     /// `WSGATEWAY_RESUME_CONCURRENCY` places for history reads: in a
     /// reconnect storm resumes queue here, rather than sending Redis
     /// thousands of reads whose replies then time out together (dropping

@@ -5,6 +5,7 @@ use serde_json::Value;
 use tungstenite::Utf8Bytes;
 
 use crate::auth::{BranchId, Endpoint};
+use crate::event::MAX_EVENT_ID_BYTES;
 use crate::reply::{ErrorCode, Reply};
 
 /// What a client's text message asks for.
@@ -20,8 +21,10 @@ pub enum ClientMessage {
     RefreshToken(NewToken),
     /// `presence` (admin endpoint only), of one branch (`branch_id`, an
     /// integer) or of every branch of the token: answered by the
-    /// connection once read (PROTOCOL.md §15).
+    /// connection once read (PROTOCOL.md §16).
     Presence(Option<BranchId>),
+    /// `ack` with 1 to [`MAX_ACK_IDS`] event ids (any endpoint).
+    Ack(Vec<String>),
     /// An object with a string `type` the endpoint does not handle.
     UnknownType,
     /// Valid JSON that is not an object with a string `type`.
@@ -51,6 +54,7 @@ impl ClientMessage {
                         .as_i64()
                         .map_or(ClientMessage::Invalid, |b| ClientMessage::Presence(Some(b))),
                 },
+                "ack" => read_ack(&value).map_or(ClientMessage::Invalid, ClientMessage::Ack),
                 _ => ClientMessage::UnknownType,
             },
             _ => ClientMessage::Invalid,
@@ -65,13 +69,33 @@ impl ClientMessage {
             ClientMessage::Ping => Reply::Pong,
             ClientMessage::RefreshSectors
             | ClientMessage::RefreshToken(_)
-            | ClientMessage::Presence(_) => return None,
+            | ClientMessage::Presence(_)
+            | ClientMessage::Ack(_) => return None,
             ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
             ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
             ClientMessage::BadJson => error(ErrorCode::InvalidJson),
         };
         Some(reply.to_text())
     }
+}
+
+/// The most event ids one `ack` may carry.
+pub const MAX_ACK_IDS: usize = 100;
+
+/// An `ack`'s `event_ids`: 1 to [`MAX_ACK_IDS`] non-empty strings of at
+/// most [`MAX_EVENT_ID_BYTES`] bytes.
+fn read_ack(value: &Value) -> Option<Vec<String>> {
+    let ids = value.get("event_ids")?.as_array()?;
+    if ids.is_empty() || ids.len() > MAX_ACK_IDS {
+        return None;
+    }
+    ids.iter()
+        .map(|id| {
+            id.as_str()
+                .filter(|id| !id.is_empty() && id.len() <= MAX_EVENT_ID_BYTES)
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The token of a `refresh_token` message. Its `Debug` hides the text, so
@@ -162,6 +186,32 @@ mod tests {
             );
         }
         assert_eq!(Presence(None).fixed_reply(), None);
+        for endpoint in Endpoint::ALL {
+            assert_eq!(
+                ClientMessage::parse(endpoint, r#"{"type":"ack","event_ids":["1","a"]}"#),
+                Ack(vec!["1".into(), "a".into()])
+            );
+        }
+        let many = format!(
+            r#"{{"type":"ack","event_ids":[{}]}}"#,
+            vec!["\"x\""; 101].join(",")
+        );
+        let long = format!(r#"{{"type":"ack","event_ids":["{}"]}}"#, "x".repeat(129));
+        for bad in [
+            r#"{"type":"ack"}"#,
+            r#"{"type":"ack","event_ids":[]}"#,
+            r#"{"type":"ack","event_ids":"1"}"#,
+            r#"{"type":"ack","event_ids":[1]}"#,
+            r#"{"type":"ack","event_ids":[""]}"#,
+            &many,
+            &long,
+        ] {
+            assert_eq!(ClientMessage::parse(w, bad), Invalid, "{bad}");
+        }
+        assert_eq!(
+            ClientMessage::parse(w, r#"{"type":"ack","event_ids":["1"]}"#).fixed_reply(),
+            None
+        );
         assert_eq!(ClientMessage::parse(w, "{ping"), BadJson);
         assert_eq!(ClientMessage::parse(w, ""), BadJson);
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);

@@ -297,6 +297,16 @@ fn on_message(
         ClientMessage::RefreshToken(token) => pending.refreshes.push(ctx, handle, owner, token),
         // Read beside the loop, one at a time; others wait their turn.
         ClientMessage::Presence(branch) => pending.presences.push(ctx, handle, branch),
+        // Only the events this connection received count; no reply.
+        ClientMessage::Ack(ids) => {
+            let (received, others) = handle.take_receipts(ids);
+            if !others.is_empty() {
+                ctx.acks.ignored(others.len());
+            }
+            if !received.is_empty() {
+                ctx.acks.acked(handle.tenant_id, received);
+            }
+        }
         // Replies share the outbound queue: one writer, in order.
         other => {
             let reply = other.fixed_reply().unwrap_or_default();

@@ -1,4 +1,4 @@
-//! An admin's `presence` (PROTOCOL.md §15): read beside the socket loop,
+//! An admin's `presence` (PROTOCOL.md §16): read beside the socket loop,
 //! as `refresh.rs` checks a token, so that a slow Redis stalls neither the
 //! connection's events nor its close requests.
 //!

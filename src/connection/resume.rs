@@ -16,7 +16,7 @@ use tungstenite::Utf8Bytes;
 
 use crate::broker::Cursor;
 use crate::event::Fields;
-use crate::hub::{ConnId, audience};
+use crate::hub::{ConnId, RECEIPT_SLACK_MS, audience, monotonic_ms};
 
 use super::Context;
 
@@ -68,6 +68,7 @@ pub async fn replay(ctx: &Context, conn: ConnId, last_event_id: &str) -> Replay 
     }
     let mut frames = Vec::new();
     let mut ids = HashSet::new();
+    let handle = ctx.hub.handle(conn);
     for entry in found.entries {
         let Ok(Value::Object(object)) = serde_json::from_str::<Value>(entry.frame.as_str()) else {
             continue;
@@ -81,6 +82,14 @@ pub async fn replay(ctx: &Context, conn: ConnId, last_event_id: &str) -> Replay 
             .any(|c| audience::receives(tenant, endpoint, &member, *c, &fields));
         if mine {
             if let Some(id) = fields.event_id {
+                // A replayed event that asks for an ack: this connection
+                // got it, and may ack it.
+                if let (Some(within_s), Some(handle)) = (fields.ack_within_s, &handle) {
+                    let until = monotonic_ms() + 2_000 * u64::from(within_s) + RECEIPT_SLACK_MS;
+                    if handle.note_receipt(&id, until) {
+                        ctx.acks.seen(tenant, &id, 1);
+                    }
+                }
                 ids.insert(id);
             }
             frames.push(entry.frame);

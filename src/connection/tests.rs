@@ -119,6 +119,7 @@ fn gateway(configure: impl FnOnce(&mut Config)) -> Arc<super::Context> {
         broker: Arc::new(crate::broker::EmbeddedBroker::new(queue, history)),
         sectors: Arc::new(crate::sectors::SectorAssignments::disabled()),
         sector_sync,
+        acks: crate::acks::Acks::new(metrics.clone()).0,
         resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),
         metrics,
         draining: tokio_util::sync::CancellationToken::new(),

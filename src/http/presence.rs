@@ -1,5 +1,5 @@
 //! `GET /api/presence?tenant_id=&branch_id=`: the open connections of a
-//! tenant's branch, on every node (PROTOCOL.md §15). The publish API's key,
+//! tenant's branch, on every node (PROTOCOL.md §16). The publish API's key,
 //! and its 401 and 404 when no key is configured.
 
 use std::sync::Arc;

@@ -163,6 +163,7 @@ mod tests {
             ts_ms: None,
             event_id: None,
             entity_waiter_id: None,
+            ack_within_s: None,
         }
     }
 

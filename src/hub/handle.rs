@@ -182,7 +182,15 @@ pub struct ConnHandle {
     close: AtomicU8,
     waker: AtomicWaker,
     last_seen_ms: AtomicU64,
+    /// The events asking for an ack that were queued to this connection
+    /// and that it has not acked, each until when it may still count
+    /// (monotonic ms): its acks count only for these.
+    receipts: Mutex<Vec<(Box<str>, u64)>>,
 }
+
+/// The most unacked receipts a connection keeps: a client that never acks
+/// forgets its oldest ones.
+const MAX_RECEIPTS: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -357,7 +365,48 @@ impl ConnHandle {
             close: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(monotonic_ms()),
+            receipts: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Notes that an event asking for an ack was queued to this connection;
+    /// false when it was already (a redelivery, or a second channel).
+    pub fn note_receipt(&self, event_id: &str, until_ms: u64) -> bool {
+        let now = monotonic_ms();
+        let mut receipts = self.receipts.lock();
+        receipts.retain(|(_, until)| *until > now);
+        if receipts.iter().any(|(id, _)| &**id == event_id) {
+            return false;
+        }
+        if receipts.len() >= MAX_RECEIPTS {
+            receipts.remove(0);
+        }
+        receipts.push((event_id.into(), until_ms));
+        true
+    }
+
+    /// Splits a client's acked ids into those this connection received
+    /// (forgotten now: each counts once) and the others.
+    pub fn take_receipts(&self, ids: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let now = monotonic_ms();
+        let mut receipts = self.receipts.lock();
+        let (mut received, mut others) = (Vec::new(), Vec::new());
+        for id in ids {
+            match receipts
+                .iter()
+                .position(|(r, until)| **r == *id && *until > now)
+            {
+                Some(at) => {
+                    receipts.swap_remove(at);
+                    received.push(id);
+                }
+                None => others.push(id),
+            }
+        }
+        if receipts.is_empty() && receipts.capacity() > 0 {
+            *receipts = Vec::new();
+        }
+        (received, others)
     }
 
     /// Queues a frame and writes it when the socket takes it now; else the

@@ -29,6 +29,10 @@ use crate::reply::{Reply, ResyncReason};
 
 type Members = HashMap<ConnId, Arc<ConnHandle>>;
 
+/// How long past an event's second ack deadline a connection's receipt of
+/// it lasts: an ack on its way when the deadline passed still finds it.
+pub const RECEIPT_SLACK_MS: u64 = 5_000;
+
 /// Connection limits enforced at registration.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -112,6 +116,9 @@ pub struct Fanout {
     pub gone: usize,
     /// Candidates skipped because they already got this event.
     pub repeated: usize,
+    /// Of an event asking for an ack: connections queued it for the first
+    /// time (not on another channel, not before its redelivery).
+    pub receipts: u32,
 }
 
 /// Open connections by endpoint.
@@ -419,6 +426,15 @@ impl Hub {
             return fanout;
         };
         let outbound = Outbound::event(event.frame.clone(), event.fields.ts_ms.unwrap_or(0));
+        // An event asking for an ack is noted on each recipient, until
+        // well past its second deadline.
+        let ack = match (&event.fields.event_id, event.fields.ack_within_s) {
+            (Some(id), Some(within_s)) => Some((
+                id.as_str(),
+                handle::monotonic_ms() + 2_000 * u64::from(within_s) + RECEIPT_SLACK_MS,
+            )),
+            _ => None,
+        };
         let mut send = |members: &Members| {
             for (id, handle) in members {
                 if !prior.is_empty() && index.got_already(*id, prior, event) {
@@ -436,8 +452,19 @@ impl Hub {
                         fanout.queued += 1;
                         to_flush.push(handle.clone());
                     }
-                    Push::Overflowed => fanout.overflowed += 1,
-                    Push::Gone => fanout.gone += 1,
+                    Push::Overflowed => {
+                        fanout.overflowed += 1;
+                        continue;
+                    }
+                    Push::Gone => {
+                        fanout.gone += 1;
+                        continue;
+                    }
+                }
+                if let Some((id, until)) = ack
+                    && handle.note_receipt(id, until)
+                {
+                    fanout.receipts += 1;
                 }
             }
         };
@@ -786,6 +813,11 @@ impl Hub {
         )
     }
 
+    /// The tenants with open connections here.
+    pub fn tenants(&self) -> Vec<TenantId> {
+        self.index.read().tenants.keys().copied().collect()
+    }
+
     pub fn counts(&self) -> Counts {
         self.index.read().counts
     }
@@ -1080,7 +1112,8 @@ mod tests {
                 queued: 0,
                 overflowed: 0,
                 gone: 0,
-                repeated: 1
+                repeated: 1,
+                receipts: 0,
             }
         );
         assert!(a.handle.pop().is_none() && w.handle.pop().is_none());

@@ -1,5 +1,5 @@
 //! Presence: who is connected to a tenant's branch, on every node
-//! (PROTOCOL.md §15), for `GET /api/presence` and an admin's `presence`.
+//! (PROTOCOL.md §16), for `GET /api/presence` and an admin's `presence`.
 //!
 //! A node answers its own connections from its hub, as they are at that
 //! moment: one closed is gone at once. Embedded (no `REDIS_URL`), that is

@@ -22,6 +22,7 @@ const LAYERS: &[&[&str]] = &[
         "outbox",
         "sectors",
         "revocation",
+        "acks",
         "presence",
     ],
     &["hub"],

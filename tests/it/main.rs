@@ -5,6 +5,7 @@
 
 mod common;
 
+mod acks;
 mod audience;
 mod bad_input;
 mod binary;

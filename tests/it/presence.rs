@@ -1,4 +1,4 @@
-//! Presence (PROTOCOL.md §15): `GET /api/presence` and an admin's
+//! Presence (PROTOCOL.md §16): `GET /api/presence` and an admin's
 //! `presence` message, embedded and across nodes on one Redis: what is
 //! listed, what is not (other branches, other tenants), how fast a closed
 //! connection or a killed node leaves, and healing after a Redis restart.

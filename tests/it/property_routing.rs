@@ -198,7 +198,7 @@ proptest! {
         for (channel, tenant, branch, sector) in events {
             let fields = Fields {
                 event_type: "ROUND_READY".into(), tenant_id: tenant, branch_id: branch, sector_id: sector,
-                session_id: None, ts_ms: None, event_id: None, entity_waiter_id: None,
+                session_id: None, ts_ms: None, event_id: None, entity_waiter_id: None, ack_within_s: None,
             };
             let event = Event::assemble(channel, fields, Utf8Bytes::from_static("{}")).unwrap();
             let fanout = hub.deliver(&event, &[], &mut Vec::new());

@@ -246,6 +246,9 @@ local function next_number(tenant, now)
   return digits(n)
 end
 
+-- Defined with the acknowledgements, below.
+local track
+
 -- The bounds the library was loaded with.
 local function settings()
   return BOUNDS.size, BOUNDS.ttl_ms, BOUNDS.max_channels
@@ -255,7 +258,10 @@ end
 -- already. `scopes` are distinct scope suffixes, `channels[k]` the channel
 -- names of scope k (each name in one scope only), `payload` the event's
 -- JSON text. Returns the id and whether it was a duplicate.
-local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now)
+-- `ack`, when the event asks for one: {ms = within, branch = its branch,
+-- type = its type}. `ready`: `payload` is the frame already, its
+-- `event_id` written (an escalation's names the event it reports).
+local function keep_and_publish(tenant, caller_id, scopes, channels, payload, size, ttl_ms, now, ack, ready)
   local eid_key
   if caller_id ~= '' then
     eid_key = key(tenant, 'eid:' .. caller_id)
@@ -270,6 +276,9 @@ local function keep_and_publish(tenant, caller_id, scopes, channels, payload, si
     id = caller_id
     frame = payload
     redis.call('SET', eid_key, n, 'PX', ttl_ms)
+  elseif ready then
+    id = n
+    frame = payload
   else
     id = n
     local rest = string.sub(payload, 2)
@@ -288,7 +297,152 @@ local function keep_and_publish(tenant, caller_id, scopes, channels, payload, si
     local signature = sign(channel .. '\n' .. n .. '\n' .. list .. '\n' .. frame)
     redis.call(is_sharded() and 'SPUBLISH' or 'PUBLISH', channel, n .. '\n' .. list .. '\n' .. signature .. '\n' .. frame)
   end
+  if ack then
+    track(tenant, id, n, frame, scopes, channels, ack, ttl_ms, now_ms)
+  end
   return id, false
+end
+
+
+-- Acknowledgements (PROTOCOL.md §5, "Acknowledgements"). Per tenant:
+--   wsgateway:{t}:acks        deadlines: event id -> the next deadline, ms
+--   wsgateway:{t}:ack:<id>    the event's state: `state` pending, acked or
+--                             escalated; `stage` 1 until its redelivery,
+--                             then 2; `w` the window, ms; `aud` how many
+--                             connections got it; `n` its number; `frame`;
+--                             `s`, `c` its scopes and their channels (JSON);
+--                             `type`, `branch`, `channel` for the escalation
+-- and, outside any tenant's slot (not written in a cluster, whose nodes
+-- also sweep the tenants of their connections):
+--   wsgateway:ack-tenants     tenant -> until when it may have deadlines, ms
+-- Whoever sweeps (every node does), each step is taken once: the sweep is
+-- one atomic call, and so is the escalation's publication inside it.
+local ACK_SWEEP_MAX = 200
+
+local function ack_tenants()
+  return KEY_PREFIX .. 'wsgateway:ack-tenants'
+end
+
+track = function(tenant, id, n, frame, scopes, channels, ack, ttl_ms, now_ms)
+  local state = key(tenant, 'ack:' .. id)
+  redis.call('HSET', state, 'state', 'pending', 'stage', '1', 'w', ack.ms, 'aud', 0, 'n', n,
+    'frame', frame, 's', cjson.encode(scopes), 'c', cjson.encode(channels),
+    'type', ack.type, 'branch', ack.branch, 'channel', channels[1][1])
+  redis.call('PEXPIRE', state, 2 * ack.ms + ttl_ms)
+  redis.call('ZADD', key(tenant, 'acks'), now_ms + ack.ms, id)
+  if not is_sharded() then
+    redis.call('ZADD', ack_tenants(), 'GT', now_ms + 2 * ack.ms + 60000, tenant)
+  end
+end
+
+-- Sends the event once more to every scope it was published on, beside
+-- the numbered sequence: "r<n>\n<channels>\n<signature>\n<frame>".
+local function redeliver(tenant, st)
+  local scopes, channels = cjson.decode(st.s), cjson.decode(st.c)
+  local frame = '{"redelivered":true,' .. string.sub(st.frame, 2)
+  for k, scope in ipairs(scopes) do
+    local list = table.concat(channels[k], ',')
+    local channel = KEY_PREFIX .. 'wsgateway:events:{' .. tenant .. '}:' .. scope
+    local number = 'r' .. st.n
+    local signature = sign(channel .. '\n' .. number .. '\n' .. list .. '\n' .. frame)
+    redis.call(is_sharded() and 'SPUBLISH' or 'PUBLISH', channel, number .. '\n' .. list .. '\n' .. signature .. '\n' .. frame)
+  end
+end
+
+-- Publishes the escalation on the branch's admin channel, kept in history
+-- like any event; its fields in the order of src/broker/acks.rs.
+local function escalate(tenant, id, st, reason, now, size, ttl_ms, now_ms)
+  local payload = '{"event_id":' .. cjson.encode(id) .. ',"type":"EVENT_UNACKNOWLEDGED","tenant_id":' .. tenant
+    .. ',"branch_id":' .. st.branch .. ',"event_type":' .. cjson.encode(st.type)
+    .. ',"channel":' .. cjson.encode(st.channel) .. ',"reason":"' .. reason .. '","audience":' .. st.aud
+    .. ',"ts":' .. now_ms .. '}'
+  local admin = 'channel:branch:' .. st.branch .. ':admin'
+  keep_and_publish(tenant, '', {'branch:' .. st.branch}, {{admin}}, payload, size, ttl_ms, now, nil, true)
+end
+
+-- Takes the past deadlines of one tenant; appends {kind, tenant, id, ...}
+-- to `out`.
+local function sweep_tenant(tenant, now, now_ms, size, ttl_ms, out)
+  local deadlines = key(tenant, 'acks')
+  local due = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now_ms, 'LIMIT', 0, ACK_SWEEP_MAX)
+  for _, id in ipairs(due) do
+    local state = key(tenant, 'ack:' .. id)
+    local raw = redis.call('HGETALL', state)
+    local st = {}
+    for i = 1, #raw, 2 do
+      st[raw[i]] = raw[i + 1]
+    end
+    if st.state ~= 'pending' then
+      redis.call('ZREM', deadlines, id)
+    elseif st.stage == '1' and tonumber(st.aud) > 0 then
+      redis.call('HSET', state, 'stage', '2')
+      redis.call('ZADD', deadlines, now_ms + tonumber(st.w), id)
+      redeliver(tenant, st)
+      out[#out + 1] = {'redelivered', tenant, id}
+    else
+      local reason = tonumber(st.aud) > 0 and 'no_ack' or 'no_audience'
+      redis.call('HSET', state, 'state', 'escalated')
+      redis.call('HDEL', state, 'frame', 's', 'c')
+      redis.call('ZREM', deadlines, id)
+      escalate(tenant, id, st, reason, now, size, ttl_ms, now_ms)
+      out[#out + 1] = {'escalated', tenant, id, reason, st.aud, st.type, st.branch, st.channel}
+    end
+  end
+end
+
+-- KEYS[1] a tenant's deadlines key, ARGV[1] the tenant (a cluster: one
+-- tenant per call); or no key and no tenant: every tenant with deadlines.
+-- ARGV[2], ARGV[3] the history's size and age bounds. Returns the steps.
+local function ack_sweep(keys, args)
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local size, ttl_ms = tonumber(args[2]), tonumber(args[3])
+  local out = {}
+  if keys[1] then
+    sweep_tenant(args[1], now, now_ms, size, ttl_ms, out)
+  else
+    redis.call('ZREMRANGEBYSCORE', ack_tenants(), '-inf', now_ms - 1)
+    for _, tenant in ipairs(redis.call('ZRANGE', ack_tenants(), 0, -1)) do
+      sweep_tenant(tenant, now, now_ms, size, ttl_ms, out)
+    end
+  end
+  return out
+end
+
+-- KEYS[1] the tenant's deadlines key; ARGV[1] the tenant, ARGV[2..] event
+-- ids a connection that received them acknowledged. Returns, per id,
+-- acknowledged, repeated or late.
+local function ack(keys, args)
+  local tenant = args[1]
+  local out = {}
+  for i = 2, #args do
+    local state = key(tenant, 'ack:' .. args[i])
+    local now = redis.call('HGET', state, 'state')
+    if now == 'pending' then
+      redis.call('HSET', state, 'state', 'acked')
+      redis.call('HDEL', state, 'frame', 's', 'c')
+      redis.call('ZREM', keys[1], args[i])
+      out[#out + 1] = 'acknowledged'
+    elseif now == 'acked' then
+      out[#out + 1] = 'repeated'
+    else
+      out[#out + 1] = 'late'
+    end
+  end
+  return out
+end
+
+-- KEYS[1] the tenant's deadlines key; ARGV[1] the tenant, then pairs of
+-- an event id and how many more connections of a node got it.
+local function ack_seen(keys, args)
+  local tenant = args[1]
+  for i = 2, #args - 1, 2 do
+    local state = key(tenant, 'ack:' .. args[i])
+    if redis.call('HGET', state, 'state') == 'pending' then
+      redis.call('HINCRBY', state, 'aud', args[i + 1])
+    end
+  end
+  return 'OK'
 end
 
 -- Validation: the rules of PROTOCOL.md §5 as the gateway applies them to a
@@ -571,6 +725,19 @@ local function validate(args, max_channels, now)
       return invalid('`event_id` must be a non-empty string of at most ' .. MAX_EVENT_ID_BYTES .. ' bytes')
     end
   end
+  if field('redelivered') then
+    return invalid('`redelivered` is set by the gateway only')
+  end
+  local ack
+  local ack_raw = field('ack')
+  if ack_raw then
+    local within = string.match(ack_raw, '^{%s*"within_s"%s*:%s*(%d+)%s*}$')
+    within = within and #within <= 3 and tonumber(within)
+    if not within or within < 1 or within > 300 then
+      return invalid('`ack` must be {"within_s": N} with N an integer from 1 to 300')
+    end
+    ack = {ms = within * 1000, branch = ints.branch_id, type = t}
+  end
   -- Ids are compared as text: both are canonical decimals.
   for _, c in ipairs(named) do
     local differs
@@ -628,6 +795,7 @@ local function validate(args, max_channels, now)
     scopes = scopes,
     channels = channels,
     payload = payload,
+    ack = ack,
   }
 end
 
@@ -649,13 +817,15 @@ local function publish(keys, args)
   end
   check_data(event.tenant, now)
   local id, duplicate = keep_and_publish(event.tenant, event.caller_id, event.scopes, event.channels,
-    event.payload, size, ttl_ms, now)
+    event.payload, size, ttl_ms, now, event.ack)
   return {id, duplicate and 'duplicate' or 'published'}
 end
 
 -- For the gateway's publish API, which has validated the batch already:
 -- ARGV[1] is {"size": N, "ttl_ms": N, "items": [{"t": tenant, "e": caller
--- id or "", "s": [scope suffixes], "c": [[channels of each scope]]}, ...]},
+-- id or "", "s": [scope suffixes], "c": [[channels of each scope]], and
+-- when it asks for an ack "a": {"ms": N, "branch": "<id>", "type": "<type>"}},
+-- ...]},
 -- ARGV[2..] the event texts, one per item. Returns {ids, duplicates}: the
 -- ids, one per item, and 1 for each item whose caller id was used already.
 local function publish_batch(keys, args)
@@ -664,7 +834,8 @@ local function publish_batch(keys, args)
   local ids, duplicates = {}, {}
   for i, item in ipairs(spec.items) do
     check_data(item.t, now)
-    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now)
+    local id, duplicate = keep_and_publish(item.t, item.e, item.s, item.c, args[i + 1], spec.size, spec.ttl_ms, now,
+      item.a)
     ids[i] = id
     duplicates[i] = duplicate and 1 or 0
   end
@@ -786,3 +957,6 @@ redis.register_function(FN_PREFIX .. 'wsgateway_publish', publish)
 redis.register_function(FN_PREFIX .. 'wsgateway_publish_batch', publish_batch)
 redis.register_function(FN_PREFIX .. 'wsgateway_resume', resume)
 redis.register_function(FN_PREFIX .. 'wsgateway_gap', gap)
+redis.register_function(FN_PREFIX .. 'wsgateway_ack', ack)
+redis.register_function(FN_PREFIX .. 'wsgateway_ack_seen', ack_seen)
+redis.register_function(FN_PREFIX .. 'wsgateway_ack_sweep', ack_sweep)

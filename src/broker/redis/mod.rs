@@ -29,6 +29,7 @@
 //! live delivery follows Redis's return within seconds, and a health probe
 //! outside the breaker half-opens it early once Redis answers.
 
+mod acks;
 pub mod connector;
 pub mod link;
 pub mod names;
@@ -46,6 +47,7 @@ use self::connector::Connector;
 use self::link::{LinkError, RedisLink, UnsupportedRedis};
 use self::names::{LibraryBounds, Names};
 use self::signing::ChannelKey;
+use super::acks::{AckOutcome, AckStep, Seen};
 use super::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use super::history::{Entry, Merged, group_by_scope};
 use super::{
@@ -54,6 +56,7 @@ use super::{
 };
 use crate::auth::TenantId;
 use crate::channel::Channel;
+use crate::event::unix_ms;
 use crate::metrics::Metrics;
 
 /// The oldest Redis major version with functions and `max-deleted-entry-id`.
@@ -365,6 +368,18 @@ impl Broker for RedisBroker {
         // published, which a retry with the same `event_id`s does not
         // publish twice.
         Box::pin(async move {
+            // The registry of tenants with ack deadlines is outside the
+            // tenants' slots: written here, before the deadlines exist.
+            let until: Vec<(TenantId, i64)> = batch
+                .iter()
+                .filter_map(|p| {
+                    let within_ms = i64::from(p.fields.ack_within_s?) * 1000;
+                    Some((p.fields.tenant_id, unix_ms() + 2 * within_ms + 60_000))
+                })
+                .collect();
+            if !until.is_empty() {
+                self.register_ack_tenants(until).await?;
+            }
             // Each tenant's items, in the batch's order, and where they were.
             let mut parts: std::collections::BTreeMap<TenantId, (Vec<usize>, Vec<&Publication>)> =
                 std::collections::BTreeMap::new();
@@ -405,6 +420,25 @@ impl Broker for RedisBroker {
         self.status_now()
     }
 
+    fn ack(
+        &self,
+        tenant: TenantId,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<AckOutcome>, BrokerError>> {
+        Box::pin(self.ack_ids(tenant, ids))
+    }
+
+    fn seen(&self, seen: Vec<Seen>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(self.note_seen(seen))
+    }
+
+    fn sweep_acks(
+        &self,
+        tenants: Vec<TenantId>,
+    ) -> BoxFuture<'_, Result<Vec<AckStep>, BrokerError>> {
+        Box::pin(self.sweep(tenants))
+    }
+
     fn run(self: Arc<Self>, shutdown: CancellationToken) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             tokio::join!(
@@ -439,12 +473,20 @@ impl RedisBroker {
                         )
                     })
                     .unzip();
-            items.push(serde_json::json!({
+            let mut item = serde_json::json!({
                 "t": p.fields.tenant_id.to_string(),
                 "e": p.fields.event_id.as_deref().unwrap_or(""),
                 "s": scopes,
                 "c": channels,
-            }));
+            });
+            if let Some(within_s) = p.fields.ack_within_s {
+                item["a"] = serde_json::json!({
+                    "ms": u64::from(within_s) * 1000,
+                    "branch": p.fields.branch_id.to_string(),
+                    "type": p.fields.event_type,
+                });
+            }
+            items.push(item);
             payloads.push(p.payload());
         }
         let spec = serde_json::json!({

@@ -10,9 +10,9 @@ use futures_util::StreamExt;
 use super::position::{Gap, Position, unix_us};
 use super::{GapError, Lost};
 use crate::auth::TenantId;
-use crate::broker::Scope;
 use crate::broker::history::Merged;
 use crate::broker::redis::{RedisBroker, read_entries, text};
+use crate::broker::{Arrival, Scope};
 use crate::metrics::Drop;
 use crate::reply::ResyncReason;
 
@@ -235,7 +235,7 @@ fn deliver_filled(
             if !fresh.is_empty()
                 && broker
                     .queue
-                    .ingest_numbered(&fresh, entry.frame, true, None)
+                    .ingest_numbered(&fresh, entry.frame, Arrival::History, None)
             {
                 count += 1;
                 position.delivered(tenant, entry.seq, &fresh);

@@ -51,8 +51,8 @@ use super::RedisBroker;
 use super::connector::{EndpointError, Failure, RoleError};
 use super::link::LinkError;
 use crate::auth::TenantId;
-use crate::broker::Scope;
 use crate::broker::backoff::Backoff;
+use crate::broker::{Arrival, Scope};
 use crate::channel::Channel;
 use crate::event::Fields;
 use crate::metrics::Drop;
@@ -497,13 +497,21 @@ fn receive(broker: &RedisBroker, channel: &str, payload: &[u8], position: &mut P
         return;
     };
     let (n, channels) = (message.n, message.channels);
+    if message.redelivery {
+        // Beside the numbered sequence: it fills no gap and makes none.
+        let frame = Utf8Bytes::from(message.frame.to_owned());
+        broker
+            .queue
+            .ingest_numbered(&channels, frame, Arrival::Redelivery, Some(scope));
+        return;
+    }
     match position.judge(scope, n, &channels) {
         Verdict::Deliver(fresh) => {
             let frame = Utf8Bytes::from(message.frame.to_owned());
             if !fresh.is_empty()
                 && broker
                     .queue
-                    .ingest_numbered(&fresh, frame, false, Some(scope))
+                    .ingest_numbered(&fresh, frame, Arrival::Live, Some(scope))
             {
                 position.delivered(scope.tenant(), n, &fresh);
             }
@@ -526,10 +534,12 @@ fn read_scope(tail: &str) -> Option<Scope> {
     Scope::from_suffix(tenant, suffix)
 }
 
-/// A numbered message, `n\n<channels>\n<signature>\n<frame>`.
+/// A numbered message, `n\n<channels>\n<signature>\n<frame>`, or an
+/// unacknowledged event's redelivery, `r<n>\n...` (signed as it is).
 struct Numbered<'a> {
     number: &'a str,
     n: u64,
+    redelivery: bool,
     channel_list: &'a str,
     channels: Vec<Channel>,
     signature: &'a str,
@@ -545,10 +555,15 @@ fn read_numbered(payload: &[u8]) -> Option<Numbered<'_>> {
         .split(',')
         .map(|c| c.parse::<Channel>().ok())
         .collect::<Option<Vec<_>>>()?;
-    let n = number.parse().ok().filter(|_| !number.starts_with('+'))?;
+    let (digits, redelivery) = match number.strip_prefix('r') {
+        Some(digits) => (digits, true),
+        None => (number, false),
+    };
+    let n = digits.parse().ok().filter(|_| !digits.starts_with('+'))?;
     Some(Numbered {
         number,
         n,
+        redelivery,
         channel_list,
         channels,
         signature,

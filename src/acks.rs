@@ -1,0 +1,181 @@
+//! The node's side of acknowledgements (PROTOCOL.md §5,
+//! "Acknowledgements"): one task that tells the broker who received an
+//! event asking for an ack (the dispatcher's and resumes' receipts) and
+//! which of them acked it (connections' `ack` messages), and that takes the
+//! past deadlines: the one redelivery, then the escalation on the branch's
+//! admin channel. The state lives in the broker (in Redis, shared by every
+//! node), so any node may take any step, and each step is taken once.
+//!
+//! Connections and the dispatcher hand work over through a bounded queue
+//! and never wait: when it is full, what does not fit is counted
+//! (`wsgateway_acks_total{outcome="failed"}`) and logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TenantId;
+use crate::broker::Broker;
+use crate::broker::acks::{AckStep, Seen};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// How often the deadlines are looked at: an escalation comes at most
+/// this late.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+
+/// Work waiting for the task at most.
+const QUEUE: usize = 8192;
+
+enum Work {
+    Seen(Seen),
+    Acked { tenant: TenantId, ids: Vec<String> },
+}
+
+/// The handle connections and the dispatcher hold: sends never wait.
+#[derive(Clone)]
+pub struct Acks {
+    tx: mpsc::Sender<Work>,
+    metrics: Arc<Metrics>,
+}
+
+/// The task's end of the queue.
+pub struct AckQueue(mpsc::Receiver<Work>);
+
+impl Acks {
+    pub fn new(metrics: Arc<Metrics>) -> (Acks, AckQueue) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Acks { tx, metrics }, AckQueue(rx))
+    }
+
+    /// `connections` more connections of this node got the event.
+    pub fn seen(&self, tenant: TenantId, event_id: &str, connections: u32) {
+        let work = Work::Seen(Seen {
+            tenant,
+            event_id: event_id.to_owned(),
+            connections,
+        });
+        if self.tx.try_send(work).is_err() {
+            tracing::warn!("acknowledgement queue full: an event's audience is undercounted");
+        }
+    }
+
+    /// A connection that received these events acked them.
+    pub fn acked(&self, tenant: TenantId, ids: Vec<String>) {
+        let n = ids.len() as u64;
+        if self.tx.try_send(Work::Acked { tenant, ids }).is_err() {
+            self.metrics.acks.with_label_values(&["failed"]).inc_by(n);
+            tracing::warn!(acks = n, "acknowledgement queue full: acks dropped");
+        }
+    }
+
+    /// Acks for events the connection never received.
+    pub fn ignored(&self, n: usize) {
+        self.metrics
+            .acks
+            .with_label_values(&["ignored"])
+            .inc_by(n as u64);
+    }
+}
+
+/// Runs until `shutdown`.
+pub async fn run(
+    broker: Arc<dyn Broker>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    AckQueue(mut rx): AckQueue,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => sweep(&*broker, &hub, &metrics).await,
+            n = rx.recv_many(&mut batch, 512) => {
+                if n == 0 {
+                    return;
+                }
+                apply(&*broker, &metrics, std::mem::take(&mut batch)).await;
+            }
+        }
+    }
+}
+
+/// Tells the broker a batch: receipts (summed per event), then acks, one
+/// call per tenant.
+async fn apply(broker: &dyn Broker, metrics: &Metrics, batch: Vec<Work>) {
+    let mut seen: HashMap<(TenantId, String), u32> = HashMap::new();
+    let mut acked: HashMap<TenantId, Vec<String>> = HashMap::new();
+    for work in batch {
+        match work {
+            Work::Seen(s) => *seen.entry((s.tenant, s.event_id)).or_default() += s.connections,
+            Work::Acked { tenant, ids } => acked.entry(tenant).or_default().extend(ids),
+        }
+    }
+    if !seen.is_empty() {
+        let seen = seen
+            .into_iter()
+            .map(|((tenant, event_id), connections)| Seen {
+                tenant,
+                event_id,
+                connections,
+            })
+            .collect();
+        if let Err(e) = broker.seen(seen).await {
+            tracing::warn!(error = %e, "could not count an event's audience");
+        }
+    }
+    for (tenant, ids) in acked {
+        let n = ids.len() as u64;
+        match broker.ack(tenant, ids).await {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    metrics.acks.with_label_values(&[o.as_str()]).inc();
+                }
+            }
+            Err(e) => {
+                metrics.acks.with_label_values(&["failed"]).inc_by(n);
+                tracing::warn!(error = %e, acks = n, "could not record acks");
+            }
+        }
+    }
+}
+
+async fn sweep(broker: &dyn Broker, hub: &Hub, metrics: &Metrics) {
+    let steps = match broker.sweep_acks(hub.tenants()).await {
+        Ok(steps) => steps,
+        Err(e) => {
+            tracing::debug!(error = %e, "ack deadlines not swept");
+            return;
+        }
+    };
+    for step in steps {
+        match step {
+            AckStep::Redelivered { tenant, event_id } => {
+                metrics.events_redelivered.inc();
+                tracing::info!(tenant, %event_id, "event unacknowledged in time: redelivered");
+            }
+            AckStep::Escalated(e) => {
+                metrics
+                    .events_unacknowledged
+                    .with_label_values(&[e.reason.as_str()])
+                    .inc();
+                tracing::warn!(
+                    tenant = e.tenant,
+                    branch = e.branch,
+                    event_id = %e.event_id,
+                    event_type = %e.event_type,
+                    channel = %e.channel,
+                    reason = e.reason.as_str(),
+                    audience = e.audience,
+                    "event unacknowledged: escalated to the branch's admins"
+                );
+            }
+        }
+    }
+}
