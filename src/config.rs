@@ -266,6 +266,10 @@ settings! {
     drain_s: SecsOrZero = Some("30"), env = "WSGATEWAY_DRAIN_S", flag = "drain-s";
     /// After the drain, how long shutdown waits for connections and tasks to finish before exiting, in seconds.
     shutdown_grace_s: Secs = Some("10"), env = "WSGATEWAY_SHUTDOWN_GRACE_S", flag = "shutdown-grace-s";
+    /// This node's name in presence (`GET /api/presence`, an admin's `presence`); unset: `<hostname>:<port>` of the public listener.
+    node_name: Option<String> = None, env = "WSGATEWAY_NODE_NAME", flag = "node-name";
+    /// In Redis mode, how long a dead node's connections stay in presence at most, in whole seconds; a live node renews its heartbeat every third of it.
+    presence_ttl_s: u32 = Some("30"), env = "WSGATEWAY_PRESENCE_TTL_S", flag = "presence-ttl-s";
     /// Log format: text or json. Levels come from RUST_LOG.
     log_format: LogFormat = Some("text"), env = "WSGATEWAY_LOG_FORMAT", flag = "log-format";
 }

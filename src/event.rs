@@ -48,6 +48,7 @@ pub const RESERVED_TYPES: &[&str] = &[
     "resync",
     "token_refreshed",
     "sectors_updated",
+    "presence",
 ];
 
 /// Longest caller-supplied `event_id`, in bytes.

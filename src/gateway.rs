@@ -31,10 +31,11 @@ use crate::connection;
 use crate::dispatcher::Dispatcher;
 use crate::drop_rate::DropRate;
 use crate::http::server::ServerLimits;
-use crate::http::{DemoPage, HealthState, HttpState, PublishState, Routes};
+use crate::http::{DemoPage, HealthState, HttpState, PresenceState, PublishState, Routes};
 use crate::hub::{Hub, Limits};
 use crate::metrics::{Metrics, RevocationCheck};
 use crate::outbox::{BadOutboxUrl, Outbox, OutboxSettings};
+use crate::presence::{Mirror, NodeId, Presence};
 use crate::revocation::Revocations;
 use crate::sectors::sync::{SectorQueue, SectorSync};
 use crate::sectors::{BadDatabaseUrl, DEFAULT_QUERY, DatabaseSettings, SectorAssignments};
@@ -69,6 +70,8 @@ pub struct Gateway {
     demo_page: Option<DemoPage>,
     /// The outbox consumer's settings, with `WSGATEWAY_OUTBOX_TABLE`.
     outbox: Option<OutboxSettings>,
+    /// Where presence's own Redis connection goes (`REDIS_URL`).
+    connector: Option<RedisConnector>,
 }
 
 /// The long-lived parts, built by [`Gateway::new`] and handed out by
@@ -105,7 +108,7 @@ impl Gateway {
         tracing::info!(broker = broker.status().kind, "broker");
         let sectors = build_sectors(&config, &metrics)?;
         let (sector_sync, sector_commands) = SectorSync::channel(1024, metrics.clone());
-        let revocations = build_revocations(&config, connector);
+        let revocations = build_revocations(&config, connector.clone());
         let (acks, ack_queue) = Acks::new(metrics.clone());
         if config.allowed_origins.is_none() {
             tracing::warn!("ALLOWED_ORIGINS is unset: staff endpoints accept any browser origin");
@@ -137,6 +140,7 @@ impl Gateway {
             metrics_listener: None,
             demo_page,
             outbox: outbox_settings,
+            connector,
         })
     }
 
@@ -182,6 +186,7 @@ impl Gateway {
             demo_page,
             outbox,
             redis: _,
+            connector,
         } = self;
         let metrics_listener = match (metrics_listener, config.metrics_listen) {
             (Some(listener), _) => Some(listener),
@@ -196,10 +201,31 @@ impl Gateway {
             revocations,
             shared,
         } = parts;
-        let connections = shared.connections(&config, verifier, revocations, &stop, &tasks);
+        let node = NodeId::new(&match &config.node_name {
+            Some(name) => name.clone(),
+            None => crate::presence::default_node_name(listener.local_addr()?.port()),
+        });
+        let (presence, mirror) = shared.presence(&config, node, connector);
+        if let Some(mirror) = mirror {
+            shared.hub.watch(mirror.watcher());
+            tasks.spawn(mirror.run(shutdown.clone()));
+        }
+        let connections = shared.connections(
+            &config,
+            verifier,
+            revocations,
+            presence.clone(),
+            &stop,
+            &tasks,
+        );
         let http = HttpState {
             health: Arc::new(shared.health(&config, &stop)),
             publish: Arc::new(shared.publish(&config)),
+            presence: Arc::new(PresenceState {
+                presence,
+                metrics: shared.metrics.clone(),
+                api_key: config.api_key.clone(),
+            }),
             connections: Arc::new(connections),
         };
         shared.spawn_workers(
@@ -293,6 +319,30 @@ impl Shared {
         }
     }
 
+    /// Presence: the hub's alone (embedded), or with Redis the reader and
+    /// the mirror task that writes this node's connections there.
+    fn presence(
+        &self,
+        config: &Config,
+        node: NodeId,
+        connector: Option<RedisConnector>,
+    ) -> (Arc<Presence>, Option<Mirror>) {
+        tracing::info!(node = %node.name, "presence");
+        let Some(connector) = connector else {
+            return (Arc::new(Presence::embedded(self.hub.clone(), node)), None);
+        };
+        let (presence, mirror) = Presence::redis(
+            self.hub.clone(),
+            node,
+            connector,
+            RedisNames::new(config.redis_prefix.as_ref()),
+            config.redis_timeout_s.0,
+            Duration::from_secs(config.presence_ttl_s.into()),
+            self.metrics.clone(),
+        );
+        (Arc::new(presence), Some(mirror))
+    }
+
     /// What every connection task is given; the verifier and the revoked
     /// set are the connections' alone.
     fn connections(
@@ -300,6 +350,7 @@ impl Shared {
         config: &Config,
         verifier: Verifier,
         revocations: Option<Revocations>,
+        presence: Arc<Presence>,
         stop: &Stop,
         tasks: &TaskTracker,
     ) -> connection::Context {
@@ -310,6 +361,7 @@ impl Shared {
             hub: self.hub.clone(),
             broker: self.broker.clone(),
             sectors: self.sectors.clone(),
+            presence,
             sector_sync: self.sector_sync.clone(),
             acks: self.acks.clone(),
             resume_reads: tokio::sync::Semaphore::new(config.resume_concurrency),

@@ -17,6 +17,8 @@
 //! - [`acks`]: the node's side of acknowledgements: receipts and acks told
 //!   to the broker, deadlines swept (redelivery, escalation).
 //! - [`revocation`]: the Redis set of revoked tokens (`WSGATEWAY_REVOKED_JTI_KEY`).
+//! - [`presence`]: who is connected to a branch, on every node (the hub,
+//!   and in Redis mode each node's mirror of its connections).
 //! - [`hub`]: the tenant-first index of open connections and the routing
 //!   rule ([`hub::audience`]).
 //! - [`broker`]: where events come from (the embedded broker, or Redis),
@@ -64,6 +66,7 @@ pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod postgres;
+pub mod presence;
 pub mod reply;
 pub mod revocation;
 pub mod sectors;

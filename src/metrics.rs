@@ -585,6 +585,13 @@ metrics! {
     /// Acks from this node's clients, by what they did.
     acks: IntCounterVec = "wsgateway_acks_total",
         "Event ids acknowledged by this node's clients, by outcome: acknowledged, repeated, late, ignored (not from a connection that received the event), failed (the broker could not be told)", labels = ["outcome"];
+    /// `GET /api/presence` and admins' `presence` messages, by way in
+    /// (`http`, `websocket`) and outcome.
+    presence_requests: IntCounterVec = "wsgateway_presence_requests_total",
+        "Presence requests (GET /api/presence, admins' presence messages), by way in and outcome", labels = ["via", "outcome"];
+    /// Full rewrites of this node's presence entries in Redis.
+    presence_rewrites: IntCounter = "wsgateway_presence_rewrites_total",
+        "Times this node rewrote all its presence entries in Redis (at start, after a lost change, a Redis failure or a lapsed heartbeat)";
     /// Subscription commands sent as the audience changed, by command.
     redis_subscription_commands: IntCounterVec = "wsgateway_redis_subscription_commands_total",
         "Subscribe and unsubscribe commands sent as this node's audience changed", labels = ["command"];
@@ -693,6 +700,15 @@ impl Metrics {
     pub fn token_refreshed(&self, outcome: TokenRefresh) {
         self.token_refreshes
             .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+
+    /// A presence request answered: `via` `http` or `websocket`;
+    /// `outcome` `ok`, `unauthorized`, `invalid_query`,
+    /// `forbidden_branch`, `unavailable` or `busy`.
+    pub fn presence_requested(&self, via: &'static str, outcome: &'static str) {
+        self.presence_requests
+            .with_label_values(&[via, outcome])
             .inc();
     }
 

@@ -2,7 +2,7 @@
 //! (PROTOCOL.md, "Messages"): one serde type per message, so that their
 //! shape is written once, whichever module sends them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tungstenite::Utf8Bytes;
 
 use crate::auth::{BranchId, SectorId, SessionId, TenantId, UserId};
@@ -23,6 +23,8 @@ pub enum Reply {
     TokenRefreshed { expires_at: u64 },
     /// Events may have been lost: reload state from the backend.
     Resync { reason: ResyncReason },
+    /// An admin's `presence`: the open connections of one branch.
+    Presence(PresenceList),
     /// A client message the gateway could not act on.
     Error { code: ErrorCode },
 }
@@ -65,6 +67,43 @@ pub enum Who {
         session_id: SessionId,
         table_id: i64,
     },
+}
+
+/// The open connections of one tenant's branch, on every node
+/// (PROTOCOL.md §16): the body of `GET /api/presence`, and an admin's
+/// `presence` frame with `"type":"presence"` first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceList {
+    pub tenant_id: TenantId,
+    pub branch_id: BranchId,
+    /// By `connected_at`, then `id`.
+    pub connections: Vec<PresenceConn>,
+}
+
+/// One open connection in a [`PresenceList`]; also what a node keeps of
+/// its connections in Redis for the others to read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceConn {
+    /// `<node>/<n>`: unique among the live nodes.
+    pub id: String,
+    pub endpoint: String,
+    /// Staff only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<UserId>,
+    /// Diners only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<SessionId>,
+    /// Diners only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_id: Option<i64>,
+    /// A waiter's sectors in the branch; `null` when not filtered (or
+    /// unknown), and for the other endpoints.
+    #[serde(default)]
+    pub sector_ids: Option<Vec<SectorId>>,
+    /// Unix ms.
+    pub connected_at: u64,
+    /// The node's name (`WSGATEWAY_NODE_NAME`).
+    pub node: String,
 }
 
 /// Why a `resync` was sent: the gap in the Redis subscription could not
@@ -110,6 +149,10 @@ pub enum ErrorCode {
     /// being checked: refused unchecked; nothing changed, and the previous
     /// one is still answered.
     RefreshInProgress,
+    /// A `presence` for a branch not in the admin's token.
+    ForbiddenBranch,
+    /// Presence could not be read (Redis).
+    PresenceUnavailable,
 }
 
 #[cfg(test)]
@@ -201,6 +244,11 @@ mod tests {
             Reply::Error {
                 code: ErrorCode::InvalidJson,
             },
+            Reply::Presence(PresenceList {
+                tenant_id: 1,
+                branch_id: 5,
+                connections: Vec::new(),
+            }),
         ];
         for r in &replies {
             // A new kind of reply stops this from compiling: list it above.
@@ -210,6 +258,7 @@ mod tests {
                 | Reply::SectorsUpdated { .. }
                 | Reply::TokenRefreshed { .. }
                 | Reply::Resync { .. }
+                | Reply::Presence(_)
                 | Reply::Error { .. } => {}
             }
         }
@@ -221,6 +270,62 @@ mod tests {
         types.sort();
         reserved.sort();
         assert_eq!(types, reserved);
+    }
+
+    #[test]
+    fn presence_is_the_contracts_shape() {
+        let kitchen = PresenceConn {
+            id: "n1/3".into(),
+            endpoint: "kitchen".into(),
+            user_id: Some(9),
+            session_id: None,
+            table_id: None,
+            sector_ids: None,
+            connected_at: 1_765_090_000_123,
+            node: "n1".into(),
+        };
+        let diner = PresenceConn {
+            id: "n1/4".into(),
+            endpoint: "diner".into(),
+            user_id: None,
+            session_id: Some(77),
+            table_id: Some(12),
+            sector_ids: None,
+            connected_at: 1_765_090_000_456,
+            node: "n1".into(),
+        };
+        let list = PresenceList {
+            tenant_id: 1,
+            branch_id: 5,
+            connections: vec![kitchen.clone(), diner],
+        };
+        assert_eq!(
+            value(&Reply::Presence(list)),
+            json!({"type": "presence", "tenant_id": 1, "branch_id": 5, "connections": [
+                {"id": "n1/3", "endpoint": "kitchen", "user_id": 9, "sector_ids": null,
+                 "connected_at": 1_765_090_000_123_u64, "node": "n1"},
+                {"id": "n1/4", "endpoint": "diner", "session_id": 77, "table_id": 12,
+                 "sector_ids": null, "connected_at": 1_765_090_000_456_u64, "node": "n1"}]})
+        );
+        let text = serde_json::to_string(&kitchen).unwrap();
+        assert_eq!(
+            serde_json::from_str::<PresenceConn>(&text).unwrap(),
+            kitchen
+        );
+        let e = Reply::Error {
+            code: ErrorCode::ForbiddenBranch,
+        };
+        assert_eq!(
+            e.to_text().as_str(),
+            r#"{"type":"error","code":"forbidden_branch"}"#
+        );
+        let e = Reply::Error {
+            code: ErrorCode::PresenceUnavailable,
+        };
+        assert_eq!(
+            e.to_text().as_str(),
+            r#"{"type":"error","code":"presence_unavailable"}"#
+        );
     }
 
     #[test]

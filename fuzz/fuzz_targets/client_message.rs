@@ -1,6 +1,6 @@
 //! Client text messages: classification never panics, and every message
-//! but `refresh_sectors` and `refresh_token` (answered once acted on) has
-//! a fixed JSON reply.
+//! but `refresh_sectors`, `refresh_token`, `presence` (answered once
+//! acted on) and `ack` (never answered) has a fixed JSON reply.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
         let message = ClientMessage::parse(endpoint, text);
         let answered_later = matches!(
             message,
-            ClientMessage::RefreshSectors | ClientMessage::RefreshToken(_)
+            ClientMessage::RefreshSectors
+                | ClientMessage::RefreshToken(_)
+                | ClientMessage::Presence(_)
+                | ClientMessage::Ack(_)
         );
         if !answered_later {
             let reply = message.fixed_reply().expect("a reply");

@@ -74,7 +74,7 @@ pub fn read_item(item: Value, rules: &Rules) -> Result<Publication, Invalid> {
         // The frame carries the request, so that clients know to ack.
         event.insert("ack".into(), ack);
     }
-    if event.contains_key("redelivered") {
+    if event.get("redelivered").is_some_and(|v| !v.is_null()) {
         return Err(refused(InvalidEvent::Redelivered, ""));
     }
     let fields = Fields::read(&event).map_err(|e| refused(e, ""))?;

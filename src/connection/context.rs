@@ -14,6 +14,7 @@ use crate::broker::Broker;
 use crate::config::{Config, Origins};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::revocation::Revocations;
 use crate::sectors::SectorAssignments;
 use crate::sectors::sync::SectorSync;
@@ -27,6 +28,8 @@ pub struct Context {
     /// For resumes (history reads).
     pub broker: Arc<dyn Broker>,
     pub sectors: Arc<SectorAssignments>,
+    /// Who is connected (an admin's `presence`).
+    pub presence: Arc<Presence>,
     /// Requests to the sector sync task (refreshes).
     pub sector_sync: SectorSync,
     /// Receipts and acks of events asking for an ack.

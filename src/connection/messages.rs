@@ -4,7 +4,7 @@
 use serde_json::Value;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::Endpoint;
+use crate::auth::{BranchId, Endpoint};
 use crate::event::MAX_EVENT_ID_BYTES;
 use crate::reply::{ErrorCode, Reply};
 
@@ -19,6 +19,10 @@ pub enum ClientMessage {
     /// `token_rejected`), or at once with `refresh_in_progress` while its
     /// previous one is still being checked.
     RefreshToken(NewToken),
+    /// `presence` (admin endpoint only), of one branch (`branch_id`, an
+    /// integer) or of every branch of the token: answered by the
+    /// connection once read (PROTOCOL.md §16).
+    Presence(Option<BranchId>),
     /// `ack` with 1 to [`MAX_ACK_IDS`] event ids (any endpoint).
     Ack(Vec<String>),
     /// An object with a string `type` the endpoint does not handle.
@@ -44,6 +48,12 @@ impl ClientMessage {
                     }
                     _ => ClientMessage::Invalid,
                 },
+                "presence" if endpoint == Endpoint::Admin => match value.get("branch_id") {
+                    None => ClientMessage::Presence(None),
+                    Some(b) => b
+                        .as_i64()
+                        .map_or(ClientMessage::Invalid, |b| ClientMessage::Presence(Some(b))),
+                },
                 "ack" => read_ack(&value).map_or(ClientMessage::Invalid, ClientMessage::Ack),
                 _ => ClientMessage::UnknownType,
             },
@@ -59,6 +69,7 @@ impl ClientMessage {
             ClientMessage::Ping => Reply::Pong,
             ClientMessage::RefreshSectors
             | ClientMessage::RefreshToken(_)
+            | ClientMessage::Presence(_)
             | ClientMessage::Ack(_) => return None,
             ClientMessage::UnknownType => error(ErrorCode::UnknownMessageType),
             ClientMessage::Invalid => error(ErrorCode::InvalidMessage),
@@ -155,6 +166,26 @@ mod tests {
             format!("{:?}", NewToken("secret.token".into())),
             "NewToken(<12 bytes>)"
         );
+        let a = Endpoint::Admin;
+        assert_eq!(
+            ClientMessage::parse(a, r#"{"type":"presence"}"#),
+            Presence(None)
+        );
+        assert_eq!(
+            ClientMessage::parse(a, r#"{"type":"presence","branch_id":5}"#),
+            Presence(Some(5))
+        );
+        for bad in [r#""5""#, "5.5", "null", "[5]"] {
+            let text = format!(r#"{{"type":"presence","branch_id":{bad}}}"#);
+            assert_eq!(ClientMessage::parse(a, &text), Invalid, "{text}");
+        }
+        for other in [Endpoint::Waiter, Endpoint::Kitchen, Endpoint::Diner] {
+            assert_eq!(
+                ClientMessage::parse(other, r#"{"type":"presence"}"#),
+                UnknownType
+            );
+        }
+        assert_eq!(Presence(None).fixed_reply(), None);
         for endpoint in Endpoint::ALL {
             assert_eq!(
                 ClientMessage::parse(endpoint, r#"{"type":"ack","event_ids":["1","a"]}"#),

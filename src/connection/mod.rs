@@ -12,6 +12,7 @@
 
 mod context;
 mod messages;
+mod presence;
 mod refresh;
 mod resume;
 mod wire;
@@ -100,6 +101,8 @@ struct Live {
     owner: refresh::Owner,
     /// The `refresh_token` being checked, if any (one at most).
     refreshes: refresh::Refreshes,
+    /// An admin's `presence` requests: the one being read, those waiting.
+    presences: presence::Presences,
 }
 
 /// Admits the connection and replays what it missed; `None` once it is
@@ -175,6 +178,7 @@ async fn open(
         ctx,
         owner,
         refreshes: refresh::Refreshes::default(),
+        presences: presence::Presences::default(),
     })
 }
 
@@ -216,6 +220,8 @@ impl Live {
                     },
                     // A `refresh_token` checked: applied and answered here.
                     () = this.refreshes.next(ctx, handle), if this.refreshes.is_running() => {}
+                    // A `presence` read: answered here.
+                    () = this.presences.next(ctx, handle), if this.presences.is_running() => {}
                     inbound = socket.next() => {
                         let message = match received(inbound) {
                             Ok(message) => message,
@@ -228,7 +234,11 @@ impl Live {
                                     break End::Gateway(Close::RateLimited);
                                 }
                                 let message = ClientMessage::parse(handle.endpoint, text.as_str());
-                                on_message(ctx, handle, message, &mut this.refreshes, this.owner);
+                                let pending = Pending {
+                                    refreshes: &mut this.refreshes,
+                                    presences: &mut this.presences,
+                                };
+                                on_message(ctx, handle, message, pending, this.owner);
                             }
                             Message::Binary(_) => break End::Gateway(Close::Binary),
                             // Raw frames only come out of a read when configured to.
@@ -263,12 +273,18 @@ fn received(inbound: Option<Result<Message, tungstenite::Error>>) -> Result<Mess
     }
 }
 
+/// What a connection answers beside its loop.
+struct Pending<'a> {
+    refreshes: &'a mut refresh::Refreshes,
+    presences: &'a mut presence::Presences,
+}
+
 /// Answers a client's message, or hands it to whoever answers it.
 fn on_message(
     ctx: &Arc<Context>,
     handle: &ConnHandle,
     message: ClientMessage,
-    refreshes: &mut refresh::Refreshes,
+    pending: Pending<'_>,
     owner: refresh::Owner,
 ) {
     match message {
@@ -278,7 +294,9 @@ fn on_message(
         }
         // Checked beside the loop, one at a time: one sent meanwhile is
         // refused at once.
-        ClientMessage::RefreshToken(token) => refreshes.push(ctx, handle, owner, token),
+        ClientMessage::RefreshToken(token) => pending.refreshes.push(ctx, handle, owner, token),
+        // Read beside the loop, one at a time; others wait their turn.
+        ClientMessage::Presence(branch) => pending.presences.push(ctx, handle, branch),
         // Only the events this connection received count; no reply.
         ClientMessage::Ack(ids) => {
             let (received, others) = handle.take_receipts(ids);
@@ -564,17 +582,24 @@ fn register(
         let text = Reply::Connected(connected).to_text();
         (Some(Outbound::reply(text)), None)
     };
+    let table_id = match owner {
+        refresh::Owner::Diner { table_id, .. } => table_id,
+        refresh::Owner::Staff { .. } => 0,
+    };
     let registered = ctx
         .hub
-        .register(Registration {
-            tenant_id,
-            endpoint: req.endpoint,
-            member,
-            expires_at,
-            jti,
-            queue_capacity: ctx.settings.send_queue_size,
-            greeting,
-        })
+        .register_at_table(
+            Registration {
+                tenant_id,
+                endpoint: req.endpoint,
+                member,
+                expires_at,
+                jti,
+                queue_capacity: ctx.settings.send_queue_size,
+                greeting,
+            },
+            table_id,
+        )
         .map_err(|refusal| match refusal {
             Refusal::AtCapacity => Refused::AtCapacity,
             Refusal::UserLimit => Refused::UserLimit,

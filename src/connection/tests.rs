@@ -111,6 +111,10 @@ fn gateway(configure: impl FnOnce(&mut Config)) -> Arc<super::Context> {
         settings: super::Settings::from_config(&config),
         verifier: crate::auth::Verifier::new(&config).expect("a verifier from the secrets"),
         revocations: None,
+        presence: Arc::new(crate::presence::Presence::embedded(
+            hub.clone(),
+            crate::presence::NodeId::new("test"),
+        )),
         hub,
         broker: Arc::new(crate::broker::EmbeddedBroker::new(queue, history)),
         sectors: Arc::new(crate::sectors::SectorAssignments::disabled()),
@@ -181,6 +185,7 @@ async fn open(gateway: &Arc<super::Context>, before: impl FnOnce(&ConnHandle)) -
             user_id: 7,
         },
         refreshes: super::refresh::Refreshes::default(),
+        presences: super::presence::Presences::default(),
     };
     Conn {
         client: Client { ws },

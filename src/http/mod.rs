@@ -5,6 +5,7 @@
 mod demo;
 mod health;
 mod pending;
+mod presence;
 mod publish;
 pub mod server;
 mod ws;
@@ -17,6 +18,7 @@ use axum::routing::{any, get, post};
 
 pub use demo::{DemoPage, DevSession, DevToken};
 pub use health::HealthState;
+pub use presence::PresenceState;
 pub use publish::{PUBLISH_DISABLED, PublishState};
 
 use crate::auth::Endpoint;
@@ -31,6 +33,8 @@ pub struct HttpState {
     pub health: Arc<HealthState>,
     /// `/api/publish`.
     pub publish: Arc<PublishState>,
+    /// `/api/presence`.
+    pub presence: Arc<PresenceState>,
 }
 
 impl FromRef<HttpState> for Arc<connection::Context> {
@@ -42,6 +46,12 @@ impl FromRef<HttpState> for Arc<connection::Context> {
 impl FromRef<HttpState> for Arc<HealthState> {
     fn from_ref(state: &HttpState) -> Self {
         state.health.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<PresenceState> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.presence.clone()
     }
 }
 
@@ -58,8 +68,8 @@ pub struct Routes {
     /// that the platform's counts (tenants, branches, sessions) are not
     /// told to anyone who can reach the public port.
     pub metrics: bool,
-    /// `/api/publish`: only with `WSGATEWAY_API_KEY` (otherwise a 404 that
-    /// says so).
+    /// `/api/publish` and `/api/presence`: only with `WSGATEWAY_API_KEY`
+    /// (otherwise a 404 that says so).
     pub publish: bool,
     /// The demo page at `/` (always under `dev`; `WSGATEWAY_DEMO_PAGE`).
     pub demo_page: Option<DemoPage>,
@@ -86,6 +96,11 @@ pub fn router(state: HttpState, routes: Routes) -> Router {
         );
     } else {
         router = router.route("/api/publish", any(publish::disabled));
+    }
+    if routes.publish {
+        router = router.route("/api/presence", get(presence::presence));
+    } else {
+        router = router.route("/api/presence", any(presence::disabled));
     }
     if let Some(page) = routes.demo_page {
         router = router.merge(page.routes());

@@ -39,14 +39,14 @@ pub const PUBLISH_DISABLED: &str =
     "the publish API is off: set WSGATEWAY_API_KEY (--api-key) to enable POST /api/publish";
 
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    detail: String,
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) code: &'static str,
+    pub(super) detail: String,
 }
 
 impl ApiError {
-    fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
+    pub(super) fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             code,
@@ -163,7 +163,7 @@ async fn answer(
     }
 }
 
-fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
+pub(super) fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

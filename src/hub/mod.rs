@@ -12,8 +12,8 @@ pub mod audience;
 mod handle;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 
@@ -178,6 +178,36 @@ struct Entry {
     member: Member,
     expires_at: u64,
     jti: Option<Box<str>>,
+    /// When it was registered, Unix ms (presence).
+    connected_at: u64,
+    /// A diner's table (presence); 0 for staff.
+    table_id: i64,
+}
+
+/// Told when a connection enters or leaves the hub, or its branches or
+/// sectors change ([`Hub::watch`]): presence mirrors the node's
+/// connections. Called with the index unlocked; it must not block.
+pub trait Watcher: Send + Sync {
+    fn changed(&self, id: ConnId);
+}
+
+/// One open connection as presence lists it in one branch, copied out of
+/// the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Present {
+    pub id: ConnId,
+    pub endpoint: Endpoint,
+    /// Staff only.
+    pub user_id: Option<UserId>,
+    /// Diners only.
+    pub session_id: Option<SessionId>,
+    /// Diners only.
+    pub table_id: Option<i64>,
+    /// A waiter's sectors in this branch; `None` when not filtered (or
+    /// unknown), and for the other endpoints.
+    pub sector_ids: Option<Vec<SectorId>>,
+    /// Unix ms.
+    pub connected_at: u64,
 }
 
 #[derive(Default)]
@@ -195,6 +225,8 @@ pub struct Hub {
     /// Signalled when the index's scopes change (the Redis subscriber
     /// follows them).
     changes: crate::broker::ScopeChanges,
+    /// Presence's mirror, in Redis mode ([`Hub::watch`]).
+    watcher: OnceLock<Arc<dyn Watcher>>,
 }
 
 /// A connection's place in the hub; dropping it unregisters the connection.
@@ -230,12 +262,36 @@ impl Hub {
             next_id: AtomicU64::new(1),
             metrics,
             changes: crate::broker::ScopeChanges::default(),
+            watcher: OnceLock::new(),
+        }
+    }
+
+    /// Tells `watcher` of every change of the index from now on (once: a
+    /// second watcher is ignored).
+    pub fn watch(&self, watcher: Arc<dyn Watcher>) {
+        let _ = self.watcher.set(watcher);
+    }
+
+    fn changed(&self, id: ConnId) {
+        if let Some(w) = self.watcher.get() {
+            w.changed(id);
         }
     }
 
     /// Indexes a connection, unless a limit forbids it. The total limit is
     /// checked before the per-user or per-session one (PROTOCOL.md §2).
     pub fn register(self: &Arc<Self>, reg: Registration) -> Result<Registered, Refusal> {
+        self.register_at_table(reg, 0)
+    }
+
+    /// [`Hub::register`], for a diner at table `table_id` (presence lists
+    /// it).
+    pub fn register_at_table(
+        self: &Arc<Self>,
+        reg: Registration,
+        table_id: i64,
+    ) -> Result<Registered, Refusal> {
+        let connected_at = crate::event::unix_ms().max(0) as u64;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ConnHandle::new(
             id,
@@ -295,9 +351,12 @@ impl Hub {
                 member: reg.member,
                 expires_at: reg.expires_at,
                 jti: reg.jti,
+                connected_at,
+                table_id,
             },
         );
         drop(index);
+        self.changed(id);
         self.metrics.connections_total.inc();
         self.metrics
             .connections_by_endpoint
@@ -342,6 +401,7 @@ impl Hub {
             }
         }
         drop(index);
+        self.changed(id);
         self.metrics.connections_total.dec();
         self.metrics
             .connections_by_endpoint
@@ -590,6 +650,8 @@ impl Hub {
                 }
             }
         }
+        drop(guard);
+        self.changed(id);
         true
     }
 
@@ -666,10 +728,13 @@ impl Hub {
             Member::Staff { sectors, .. } => sectors.clone(),
             Member::Diner { .. } => SectorScope::All,
         };
-        Ok(Swapped {
+        let swapped = Swapped {
             before: sectors(&old),
             after: sectors(&entry.member),
-        })
+        };
+        drop(guard);
+        self.changed(id);
+        Ok(swapped)
     }
 
     /// Who a connection is: its tenant, endpoint and membership.
@@ -685,6 +750,51 @@ impl Hub {
 
     pub fn handle(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
         self.index.read().conns.get(&id).map(|e| e.handle.clone())
+    }
+
+    /// The open connections of a tenant's branch, as presence lists them
+    /// (a staff connection of several branches is in each), in no
+    /// particular order.
+    pub fn present(&self, tenant: TenantId, branch: BranchId) -> Vec<Present> {
+        let index = self.index.read();
+        let Some(t) = index.tenants.get(&tenant) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Some(br) = t.branches.get(&branch) {
+            for id in br
+                .waiters
+                .keys()
+                .chain(br.kitchen.keys())
+                .chain(br.admins.keys())
+            {
+                if let Some(p) = index.present_in(*id, branch) {
+                    out.push(p);
+                }
+            }
+        }
+        for ((b, _), diners) in &t.sessions {
+            if *b == branch {
+                out.extend(diners.keys().filter_map(|id| index.present_in(*id, branch)));
+            }
+        }
+        out
+    }
+
+    /// One connection as presence lists it in each of its branches, with
+    /// its tenant; `None` once it has left the hub.
+    pub fn present_everywhere(&self, id: ConnId) -> Option<(TenantId, Vec<(BranchId, Present)>)> {
+        let index = self.index.read();
+        let entry = index.conns.get(&id)?;
+        let branches: &[BranchId] = match &entry.member {
+            Member::Staff { branch_ids, .. } => branch_ids,
+            Member::Diner { branch_id, .. } => std::slice::from_ref(branch_id),
+        };
+        let listed = branches
+            .iter()
+            .filter_map(|b| Some((*b, index.present_in(id, *b)?)))
+            .collect();
+        Some((entry.handle.tenant_id, listed))
     }
 
     pub fn index_sizes(&self) -> IndexSizes {
@@ -768,6 +878,36 @@ impl Hub {
 }
 
 impl Index {
+    /// Connection `id` as presence lists it in `branch`.
+    fn present_in(&self, id: ConnId, branch: BranchId) -> Option<Present> {
+        let entry = self.conns.get(&id)?;
+        let endpoint = entry.handle.endpoint;
+        let mut p = Present {
+            id,
+            endpoint,
+            user_id: None,
+            session_id: None,
+            table_id: None,
+            sector_ids: None,
+            connected_at: entry.connected_at,
+        };
+        match &entry.member {
+            Member::Staff {
+                user_id, sectors, ..
+            } => {
+                p.user_id = Some(*user_id);
+                if endpoint == Endpoint::Waiter {
+                    p.sector_ids = sectors.in_branch(branch).map(<[SectorId]>::to_vec);
+                }
+            }
+            Member::Diner { session_id, .. } => {
+                p.session_id = Some(*session_id);
+                p.table_id = Some(entry.table_id);
+            }
+        }
+        Some(p)
+    }
+
     fn waiter_ref(&self, id: ConnId) -> Option<WaiterRef> {
         let entry = self.conns.get(&id)?;
         match &entry.member {

@@ -537,6 +537,23 @@ async fn nodes_share_deadlines(env: &[(&str, &str)]) {
     assert_eq!(escalations, 1.0, "one escalation in all");
     let sample = "wsgateway_events_redelivered_total";
     assert_eq!(a.gw.metric(sample).await + b.gw.metric(sample).await, 1.0);
+
+    // A tenant no node has a connection of: its deadline is found all the
+    // same (in a cluster, through the registry the publication wrote).
+    let lonely = tenant();
+    publish_acked(&a.gw, "channel:branch:5:kitchen", order(lonely, 5), 1).await;
+    let sample = "wsgateway_events_unacknowledged_total{reason=\"no_audience\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = a.gw.metric(sample).await + b.gw.metric(sample).await;
+        if n == 1.0 {
+            break;
+        }
+        assert!(n < 1.0 && Instant::now() < deadline, "{n} escalations");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(a.gw.metric(sample).await + b.gw.metric(sample).await, 1.0);
     drop(publisher);
 }
 

@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "sectors",
         "revocation",
         "acks",
+        "presence",
     ],
     &["hub"],
     &["broker"],

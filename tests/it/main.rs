@@ -21,6 +21,7 @@ mod one_validation;
 mod outbox;
 mod packaging;
 mod postgres_tls;
+mod presence;
 mod property_routing;
 mod protocol;
 mod proxy_selftest;

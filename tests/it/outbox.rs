@@ -599,3 +599,53 @@ async fn postgresql_crashes_and_restarts_and_consumption_resumes() {
     assert_eq!(health["outbox"]["status"], "ok", "{health}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_row_asks_for_an_ack_with_its_event_and_is_redelivered_then_escalated() {
+    let table = Table::create().await;
+    let gw = TestGateway::start_with(outbox_config(&table, &database_url())).await;
+    let (mut kitchen, _) = gw.join("kitchen", &staff(1, 1, &[1], &["KITCHEN"])).await;
+    let (mut admin, _) = gw.join("admin", &staff(2, 1, &[1], &["ADMIN"])).await;
+    let mut asked = order(1);
+    asked["ack"] = json!({"within_s": 1});
+    let mut acked = order(2);
+    acked["ack"] = json!({"within_s": 1});
+    table
+        .commit(&[
+            (vec!["channel:branch:1:kitchen"], asked),
+            (vec!["channel:branch:1:kitchen"], acked),
+        ])
+        .await;
+    let first = kitchen.next_json().await.unwrap();
+    let second = kitchen.next_json().await.unwrap();
+    assert_eq!(first["ack"], json!({"within_s": 1}), "{first}");
+    let (ignored, answered) = (first["event_id"].clone(), second["event_id"].clone());
+    assert!(ignored.is_string() && answered.is_string());
+    kitchen
+        .send_text(&json!({"type": "ack", "event_ids": [answered]}).to_string())
+        .await;
+    // One redelivery, of the row not acked.
+    let again = kitchen
+        .next_json_within(Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&again["redelivered"], &again["event_id"]),
+        (&json!(true), &ignored)
+    );
+    assert_eq!(
+        kitchen.drain(Duration::from_millis(1_500)).await,
+        Vec::<Value>::new()
+    );
+    let escalations: Vec<Value> = admin
+        .drain(Duration::from_millis(500))
+        .await
+        .into_iter()
+        .filter(|f| f["type"] == "EVENT_UNACKNOWLEDGED")
+        .collect();
+    assert_eq!(escalations.len(), 1, "{escalations:?}");
+    assert_eq!(escalations[0]["event_id"], ignored);
+    gw.assert_metric("acks_total{outcome=\"acknowledged\"}", 1.0)
+        .await;
+    gw.stop().await;
+}

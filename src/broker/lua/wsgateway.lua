@@ -454,7 +454,7 @@ end
 
 -- The gateway's own frame types, never an event's (src/event.rs
 -- RESERVED_TYPES, which a unit test keeps equal to this list).
-local RESERVED_TYPES = {'connected', 'pong', 'error', 'resync', 'token_refreshed', 'sectors_updated'}
+local RESERVED_TYPES = {'connected', 'pong', 'error', 'resync', 'token_refreshed', 'sectors_updated', 'presence'}
 local RESERVED = {}
 for i = 1, #RESERVED_TYPES do
   RESERVED[RESERVED_TYPES[i]] = true

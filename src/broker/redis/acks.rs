@@ -85,13 +85,23 @@ impl RedisBroker {
             .call(|mut c| {
                 let registry = registry.clone();
                 async move {
-                    redis::cmd("ZRANGE")
-                        .arg(registry)
-                        .arg(crate::event::unix_ms())
+                    let now = crate::event::unix_ms();
+                    // Those past their time first (the function does it
+                    // outside a cluster).
+                    let (tenants,): (Vec<TenantId>,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&registry)
+                        .arg("-inf")
+                        .arg(now - 1)
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&registry)
+                        .arg(now)
                         .arg("+inf")
                         .arg("BYSCORE")
-                        .query_async::<Vec<TenantId>>(&mut c)
-                        .await
+                        .query_async(&mut c)
+                        .await?;
+                    Ok(tenants)
                 }
             })
             .await?;
