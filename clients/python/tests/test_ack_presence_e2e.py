@@ -33,7 +33,9 @@ from wsgateway import (
     AsyncGateway,
     Gateway,
     InvalidQuery,
+    PresenceDisabled,
     PresenceUnavailable,
+    PublishDisabled,
     Unauthorized,
     mint_table_token,
 )
@@ -168,6 +170,10 @@ def test_presence_refusals(gateway, start_gateway):
     assert info.value.status == 400 and info.value.code == "invalid_query"
     with pytest.raises(InvalidQuery):
         gw._presence_attempt("?tenant_id=1")
+    off = start_gateway({})
+    with pytest.raises(PresenceDisabled) as info:
+        Gateway(off.url, API_KEY).presence(1, 5)
+    assert isinstance(info.value, PublishDisabled) and info.value.status == 404
 
 
 def test_presence_unavailable_when_redis_cannot_be_read(start_gateway):

@@ -18,6 +18,7 @@ from wsgateway import (
     InvalidQuery,
     OutboxError,
     PresenceConnection,
+    PresenceDisabled,
     PresenceUnavailable,
     PublishDisabled,
     Unauthorized,
@@ -199,7 +200,7 @@ def test_presence_gets_the_list_with_the_key(recorder):
     "status, body, cls, retried",
     [
         (401, {"error": "unauthorized", "detail": "bad key"}, Unauthorized, False),
-        (404, {"error": "publish_disabled", "detail": "no WSGATEWAY_API_KEY"}, PublishDisabled, False),
+        (404, {"error": "presence_disabled", "detail": "no WSGATEWAY_API_KEY"}, PresenceDisabled, False),
         (400, {"error": "invalid_query", "detail": "branch_id: not an integer"}, InvalidQuery, False),
         (503, {"error": "presence_unavailable", "detail": "redis down"}, PresenceUnavailable, True),
     ],
@@ -211,6 +212,7 @@ def test_presence_errors_map_to_their_classes(recorder, status, body, cls, retri
     with pytest.raises(cls) as info:
         gw.presence(1, 5)
     assert info.value.status == status and info.value.code == body["error"] and info.value.detail == body["detail"]
+    assert not isinstance(info.value, PublishDisabled) or status == 404
     assert len(retries) == (2 if retried else 0)
     assert len(recorder.requests) == (3 if retried else 1)
 

@@ -28,6 +28,7 @@ __all__ = [
     "InvalidQuery",
     "Unauthorized",
     "PublishDisabled",
+    "PresenceDisabled",
     "MethodNotAllowed",
     "BodyTooLarge",
     "BrokerUnavailable",
@@ -135,6 +136,13 @@ class PublishDisabled(GatewayError):
     code = "publish_disabled"
 
 
+class PresenceDisabled(PublishDisabled):
+    """404 ``presence_disabled`` (``GET /api/presence``): the gateway runs
+    without ``WSGATEWAY_API_KEY``. A :class:`PublishDisabled`, as its cause is the same."""
+
+    code = "presence_disabled"
+
+
 class MethodNotAllowed(GatewayError):
     """405 (empty body): not a POST. This client always POSTs; a proxy may not."""
 
@@ -196,6 +204,7 @@ _BY_CODE: Dict[str, Type[GatewayError]] = {
         InvalidQuery,
         Unauthorized,
         PublishDisabled,
+        PresenceDisabled,
         BodyTooLarge,
         BrokerUnavailable,
         OutcomeUnknown,
