@@ -20,6 +20,12 @@
 // Chromium (CHROMIUM_BIN, default /usr/bin/chromium), curl, redis-cli and a
 // Redis at REDIS_URL (default redis://127.0.0.1:6379). Every wait is a
 // condition with a deadline.
+//
+// Acknowledgements (serve): a kitchen page acknowledges an event that asks
+// for it (a line in its log), and, set to acknowledge by hand and not doing
+// it, shows the redelivery while the admin's page shows the escalation
+// (EVENT_UNACKNOWLEDGED, above its log); the admin's page lists who is
+// connected (the gateway's presence answer).
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -329,6 +335,113 @@ test('serve with Redis: paste a URL, receive, survive a restart, resume with rec
   for (const g of [firstGateway, gateway]) assert.ok(!g.output.includes(token), 'the gateway never logs the token');
 });
 
+/** POST /api/publish of one item with `ack: {within_s}`; returns the event id. */
+async function publishWithAck(port, channel, event, withinS) {
+  const res = await fetch(`http://127.0.0.1:${port}/api/publish`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${API_KEY}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ channel, event, ack: { within_s: withinS } }),
+  });
+  const text = await res.text();
+  assert.equal(res.status, 202, `publish answered ${res.status}: ${text}`);
+  return JSON.parse(text).event_ids[0];
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+test('serve: a kitchen page acknowledges, a redelivery and an escalation are shown, an admin page lists who is connected', async (t) => {
+  const port = await freePort();
+  const tenant = randomInt(100_000, 2_000_000_000);
+  const branch = randomInt(1, 1_000_000);
+  const channel = `channel:branch:${branch}:kitchen`;
+  const env = { REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
+    WSGATEWAY_NODE_NAME: 'browser-test-node' };
+  const gateway = await new GatewayProcess('serve', port, env).ready();
+  t.after(() => gateway.kill());
+  const token = async (sub, roles) => (await run(BIN, ['token', 'staff', '--secret', JWT_SECRET, '--sub', String(sub), '--tenant', String(tenant),
+    '--branches', String(branch), '--roles', roles])).stdout.trim();
+  const kitchenUrl = `ws://127.0.0.1:${port}/ws/kitchen?token=${await token(21, 'KITCHEN')}`;
+  const adminUrl = `ws://127.0.0.1:${port}/ws/admin?token=${await token(22, 'ADMIN')}`;
+  // A browser each, as two people would have: a page in a background tab is
+  // throttled, even frozen, by Chromium.
+  const [adminBrowser, kitchenBrowser] = await Promise.all([launch(), launch()]);
+  t.after(() => Promise.all([adminBrowser.close(), kitchenBrowser.close()]));
+
+  // The admin's page: it acknowledges by hand by default (it receives the kitchen's events too).
+  const admin = await openPage(adminBrowser);
+  await admin.page.setViewport({ width: 1280, height: 800 });
+  await admin.page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
+  await pasteAndConnect(admin.page, adminUrl);
+  await waitState(admin.page, 'open');
+  assert.equal(await admin.page.$eval('#ack-mode', (e) => e.value), 'manual', "an admin's page acknowledges by hand");
+  assert.equal(await admin.page.$eval('#presence-section', (e) => e.hidden), false, 'the admin sees who is connected');
+
+  // The kitchen's page: automatic acknowledgements.
+  const kitchen = await openPage(kitchenBrowser);
+  await kitchen.page.setViewport({ width: 390, height: 844 });
+  await kitchen.page.goto(`http://127.0.0.1:${port}/`, { waitUntil: 'load', timeout: STEP_MS });
+  await pasteAndConnect(kitchen.page, kitchenUrl);
+  await waitState(kitchen.page, 'open');
+  assert.equal(await kitchen.page.$eval('#ack-mode', (e) => e.value), 'auto');
+  assert.equal(await kitchen.page.$eval('#presence-section', (e) => e.hidden), true, 'presence is for admins');
+
+  // An event asking for an ack within 1 s: the kitchen's page acknowledges it: a line in its log; no redelivery, no escalation.
+  const acked = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-1` }, 1);
+  await until(kitchen.page, 'the ack line', (id) => !!document.querySelector(`.entry[data-type="ack"][data-acked-id="${CSS.escape(id)}"]`), acked);
+  assert.match(await kitchen.page.$eval(`.entry[data-acked-id="${acked}"] .note`, (e) => e.textContent), /acknowledged/);
+  await waitEvent(admin.page, acked);
+  assert.equal(await admin.page.$$eval('.entry[data-type="ack"]', (l) => l.length), 0, 'the admin acknowledged nothing');
+  await sleep(2 * 1000 + 1500);
+  assert.equal(await kitchen.page.$$eval('.entry[data-redelivered]', (l) => l.length), 0, 'acknowledged: no redelivery');
+  assert.equal(await admin.page.$$eval('.entry[data-type="EVENT_UNACKNOWLEDGED"]', (l) => l.length), 0, 'acknowledged: no escalation');
+  assert.equal(await admin.page.$eval('#escalations', (e) => e.hidden), true);
+
+  // The kitchen's page now acknowledges by hand, and does not: the event is redelivered, then escalated to the admin.
+  await kitchen.page.select('#ack-mode', 'manual');
+  await kitchen.page.click('#connect');
+  await until(kitchen.page, 'the second connected', () => document.querySelectorAll('.entry[data-type="connected"]').length === 2);
+  await waitState(kitchen.page, 'open');
+  const ignored = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-2` }, 1);
+  await waitEvent(kitchen.page, ignored);
+  assert.equal(await kitchen.page.$$eval(`button[data-ack="${ignored}"]`, (l) => l.length), 1, 'an Ack button on the event');
+  await until(kitchen.page, 'the redelivery', (id) => !!document.querySelector(`.entry.redelivered[data-event-id="${CSS.escape(id)}"][data-redelivered="true"]`), ignored);
+  assert.match(await kitchen.page.$eval('.entry.redelivered .flag', (e) => e.textContent), /redelivered/);
+  await until(admin.page, 'the escalation', (id) => !!document.querySelector(`.entry.escalation[data-type="EVENT_UNACKNOWLEDGED"][data-event-id="${CSS.escape(id)}"]`), ignored);
+  const note = await admin.page.$eval('.entry.escalation .note', (e) => e.textContent);
+  assert.match(note, new RegExp(`ROUND_SUBMITTED ${ignored} was not acknowledged: received by \\d+, acknowledged by none \\(no_ack\\)`));
+  assert.equal(await admin.page.$eval('#escalations', (e) => e.hidden), false, 'shown above the log');
+  assert.match(await admin.page.$eval('#escalations', (e) => e.textContent), new RegExp(`1 event not acknowledged.*${ignored}`, 's'));
+  // The admin had the event itself (and its redelivery), with the same id: all are in its log.
+  assert.deepEqual((await entries(admin.page)).filter((e) => e.eventId === ignored).map((e) => `${e.type}${e.redelivered ? ' (redelivered)' : ''}`),
+    ['ROUND_SUBMITTED', 'ROUND_SUBMITTED (redelivered)', 'EVENT_UNACKNOWLEDGED']);
+
+  // Acknowledged by hand in time: the Ack button, an ack line, no redelivery.
+  const byHand = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-3` }, 2);
+  await waitEvent(kitchen.page, byHand);
+  await kitchen.page.click(`button[data-ack="${byHand}"]`);
+  await until(kitchen.page, 'the ack line', (id) => !!document.querySelector(`.entry[data-acked-id="${CSS.escape(id)}"]`), byHand);
+  assert.equal(await kitchen.page.$eval(`button[data-ack="${byHand}"]`, (b) => b.disabled), true);
+  await sleep(2 * 2000 + 1500);
+  assert.equal(await kitchen.page.$$eval(`.entry[data-redelivered][data-event-id="${byHand}"]`, (l) => l.length), 0);
+  assert.equal(await admin.page.$$eval('.entry[data-type="EVENT_UNACKNOWLEDGED"]', (l) => l.length), 1, 'one escalation only');
+
+  // Who is connected: the admin and the kitchen, from the gateway's presence answer.
+  await admin.page.click('#presence-refresh');
+  const rows = await until(admin.page, 'the kitchen in the presence list', (b) => {
+    const block = document.querySelector(`#presence-list [data-branch="${b}"]`);
+    const list = block ? [...block.querySelectorAll('tr[data-endpoint]')].map((r) => [r.dataset.endpoint, r.textContent]) : [];
+    return list.some(([e]) => e === 'kitchen') && list;
+  }, String(branch)).then((h) => h.jsonValue());
+  assert.deepEqual(rows.map(([e]) => e), ['admin', 'kitchen'], 'ordered by connected_at');
+  assert.match(rows[1][1], /user 21.*browser-test-node/);
+  assert.match(await admin.page.$eval('#presence-status', (e) => e.textContent), /^as of /);
+
+  await assertNoHorizontalOverflow(kitchen.page, 390);
+  await assertNoHorizontalOverflow(admin.page, 1280);
+  assert.deepEqual(admin.problems, []);
+  assert.deepEqual(kitchen.problems, []);
+});
+
 test('serve drains on SIGTERM: the page shows the 1012, counts down the spread reconnect, and shows the resume', async (t) => {
   const port = await freePort();
   const tenant = randomInt(100_000, 2_000_000_000);
@@ -488,7 +601,7 @@ async function fakeGateway() {
 function example({ endpoint, tenant_id, branch_id, session_id }) {
   const base = { tenant_id, branch_id };
   switch (endpoint) {
-    case 'kitchen': return { channel: `channel:branch:${branch_id}:kitchen`, event: { type: 'ROUND_SUBMITTED', ...base, entity: { round_id: 1 } } };
+    case 'kitchen': return { channel: `channel:branch:${branch_id}:kitchen`, event: { type: 'ROUND_SUBMITTED', ...base, entity: { round_id: 1 }, ack: { within_s: 10 } } };
     case 'diner': return { channel: `channel:session:${session_id}`, event: { type: 'PAYMENT_APPROVED', ...base, session_id } };
     default: return { channel: `channel:branch:${branch_id}:waiters`, event: { type: 'ROUND_READY', ...base, table_id: 12 } };
   }

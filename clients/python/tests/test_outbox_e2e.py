@@ -6,6 +6,7 @@ Needs the gateway's outbox consumer (issue #32); against a gateway without
 it, this test fails: the committed row is never published."""
 
 import asyncio
+import json
 import secrets
 import subprocess
 
@@ -81,3 +82,26 @@ def test_committed_rows_reach_the_diner_and_rolled_back_ones_never(start_gateway
         assert [e["event_id"] for e in evs] == [committed, last]
         assert [e["type"] for e in evs] == ["ROUND_SUBMITTED", "ROUND_READY"]
         assert rolled_back not in [e["event_id"] for e in no_more_events(ws, 0.3)]
+
+
+def test_a_row_with_ack_within_s_reaches_the_diner_asking_for_an_ack(start_gateway, consumed_table):
+    gw = start_gateway(
+        {"WSGATEWAY_API_KEY": API_KEY, "WSGATEWAY_OUTBOX_TABLE": consumed_table, "DATABASE_URL": DATABASE_URL}
+    )
+    ids = unique_ids()
+    channel = f"channel:session:{ids['session']}"
+    event = {"type": "PAYMENT_APPROVED", "tenant_id": ids["tenant"], "branch_id": ids["branch"], "session_id": ids["session"]}
+    token = mint_table_token(TABLE_SECRET, ids["tenant"], ids["branch"], ids["table"], ids["session"])
+    with connect_diner(gw, token) as (ws, _):
+        with psycopg.connect(DATABASE_URL) as conn:
+            with conn.transaction():
+                asked = add_outbox_row(conn, channel, event, table=consumed_table, ack_within_s=1)
+        try:
+            [got] = recv_events(ws, lambda evs: len(evs) >= 1, timeout_s=10)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\ngateway log:\n{gw.log_text()}") from None
+        assert got["event_id"] == asked and got["ack"] == {"within_s": 1}
+        # Not acknowledged: the one redelivery follows, with redelivered: true.
+        [again] = recv_events(ws, lambda evs: len(evs) >= 1, timeout_s=10)
+        assert again["event_id"] == asked and again["redelivered"] is True
+        ws.send(json.dumps({"type": "ack", "event_ids": [asked]}))

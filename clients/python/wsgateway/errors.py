@@ -1,4 +1,5 @@
-"""Typed errors for every answer of the publish API (docs/PROTOCOL.md §10).
+"""Typed errors for every answer of the publish API (docs/PROTOCOL.md §10)
+and of ``GET /api/presence``.
 
 Every error is a :class:`GatewayError` with ``status`` (the HTTP status, or
 ``None`` when no answer came), ``code`` (the body's ``error``, e.g.
@@ -24,12 +25,15 @@ __all__ = [
     "StaleEvent",
     "TooManyItems",
     "TooManyChannels",
+    "InvalidQuery",
     "Unauthorized",
     "PublishDisabled",
+    "PresenceDisabled",
     "MethodNotAllowed",
     "BodyTooLarge",
     "BrokerUnavailable",
     "OutcomeUnknown",
+    "PresenceUnavailable",
     "GatewayConnectionError",
     "error_from_response",
 ]
@@ -112,6 +116,12 @@ class TooManyChannels(InvalidRequest):
     code = "too_many_channels"
 
 
+class InvalidQuery(InvalidRequest):
+    """400 ``invalid_query`` (``GET /api/presence``): ``tenant_id`` or ``branch_id`` missing or not an integer."""
+
+    code = "invalid_query"
+
+
 class Unauthorized(GatewayError):
     """401 ``unauthorized``: missing or wrong API key."""
 
@@ -124,6 +134,13 @@ class PublishDisabled(GatewayError):
 
     status = 404
     code = "publish_disabled"
+
+
+class PresenceDisabled(PublishDisabled):
+    """404 ``presence_disabled`` (``GET /api/presence``): the gateway runs
+    without ``WSGATEWAY_API_KEY``. A :class:`PublishDisabled`, as its cause is the same."""
+
+    code = "presence_disabled"
 
 
 class MethodNotAllowed(GatewayError):
@@ -155,6 +172,14 @@ class OutcomeUnknown(GatewayError):
     retryable = True
 
 
+class PresenceUnavailable(GatewayError):
+    """503 ``presence_unavailable`` (``GET /api/presence``): the Redis broker cannot be read; retrying is safe."""
+
+    status = 503
+    code = "presence_unavailable"
+    retryable = True
+
+
 class GatewayConnectionError(GatewayError):
     """No HTTP answer: connection refused or broken, or a timeout.
 
@@ -176,11 +201,14 @@ _BY_CODE: Dict[str, Type[GatewayError]] = {
         StaleEvent,
         TooManyItems,
         TooManyChannels,
+        InvalidQuery,
         Unauthorized,
         PublishDisabled,
+        PresenceDisabled,
         BodyTooLarge,
         BrokerUnavailable,
         OutcomeUnknown,
+        PresenceUnavailable,
     )
 }
 

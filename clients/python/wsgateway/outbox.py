@@ -32,7 +32,7 @@ import json
 import re
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .client import new_event_id
+from .client import check_ack_within_s, new_event_id
 
 __all__ = [
     "add_outbox_row",
@@ -91,7 +91,10 @@ def _is_int(v: Any) -> bool:
 
 
 def _check(
-    channels: Union[str, Sequence[str]], event: Mapping[str, Any], event_id: Optional[str]
+    channels: Union[str, Sequence[str]],
+    event: Mapping[str, Any],
+    event_id: Optional[str],
+    ack_within_s: Optional[int] = None,
 ) -> Tuple[List[str], str, str]:
     if isinstance(channels, str):
         channels = [channels]
@@ -130,6 +133,12 @@ def _check(
         raise OutboxError(f"event_id must be a non-empty str of at most {MAX_EVENT_ID_BYTES} bytes")
     row_event = dict(event)
     row_event["event_id"] = the_id
+    if ack_within_s is not None:
+        check_ack_within_s(ack_within_s, OutboxError)
+        if "ack" in event:
+            raise OutboxError("ack_within_s is given and the event has its own `ack`: give one of them")
+        # The outbox takes the event-level field (the row has no item around the event).
+        row_event["ack"] = {"within_s": ack_within_s}
     try:
         text = json.dumps(row_event, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -169,6 +178,7 @@ def add_outbox_row(
     event_id: Optional[str] = None,
     table: str = DEFAULT_TABLE,
     require_transaction: bool = True,
+    ack_within_s: Optional[int] = None,
 ) -> str:
     """Adds one outbox row with psycopg 3 (sync ``Connection`` or ``Cursor``)
     in the current transaction, and returns the event's id (``event_id``,
@@ -178,9 +188,13 @@ def add_outbox_row(
 
     With ``require_transaction`` (the default), an autocommit connection
     outside ``conn.transaction()`` is refused (the row would commit alone).
+
+    ``ack_within_s`` (1..300) sets the stored event's ``"ack": {"within_s":
+    N}``: the receiving clients are asked to acknowledge it within N
+    seconds, or the gateway redelivers it once, then escalates.
     """
     sql = _sql(table, ("%s", "%s", "%s"))
-    names, text, the_id = _check(channels, event, event_id)
+    names, text, the_id = _check(channels, event, event_id, ack_within_s)
     if require_transaction:
         _psycopg_check_transaction(conn)
     conn.execute(sql, (names, text, the_id))
@@ -195,10 +209,11 @@ async def add_outbox_row_async(
     event_id: Optional[str] = None,
     table: str = DEFAULT_TABLE,
     require_transaction: bool = True,
+    ack_within_s: Optional[int] = None,
 ) -> str:
     """:func:`add_outbox_row` for psycopg 3's ``AsyncConnection`` or ``AsyncCursor``."""
     sql = _sql(table, ("%s", "%s", "%s"))
-    names, text, the_id = _check(channels, event, event_id)
+    names, text, the_id = _check(channels, event, event_id, ack_within_s)
     if require_transaction:
         _psycopg_check_transaction(conn)
     await conn.execute(sql, (names, text, the_id))
@@ -213,13 +228,14 @@ async def add_outbox_row_asyncpg(
     event_id: Optional[str] = None,
     table: str = DEFAULT_TABLE,
     require_transaction: bool = True,
+    ack_within_s: Optional[int] = None,
 ) -> str:
     """:func:`add_outbox_row` for an asyncpg ``Connection``. asyncpg runs
     each statement in its own transaction unless one is open, so with
     ``require_transaction`` (the default) a connection outside
     ``async with conn.transaction():`` is refused."""
     sql = _sql(table, ("$1", "$2", "$3"))
-    names, text, the_id = _check(channels, event, event_id)
+    names, text, the_id = _check(channels, event, event_id, ack_within_s)
     if require_transaction and not conn.is_in_transaction():
         raise OutboxError(
             "the asyncpg connection is not in a transaction: the row would be committed on "

@@ -8,6 +8,7 @@ import {
   type Endpoint,
   type ErrorFrame,
   type GatewayEvent,
+  type PresenceFrame,
   type ResyncFrame,
   type SectorsUpdatedFrame,
   type ServerFrame,
@@ -46,10 +47,50 @@ export interface WsGatewayClientOptions {
   heartbeatTimeoutMs?: number;
   /** No `connected` within this long after the socket was created: retry. Default 20 000. */
   connectTimeoutMs?: number;
+  /**
+   * Acknowledgements of events that ask for one (`ack: {within_s}`).
+   * `'auto'` (default): sent once every `event` listener has returned (or
+   * the Promise it returned has resolved) without an error. `'manual'`:
+   * sent when the application calls `client.ack(eventId)`.
+   */
+  ack?: 'auto' | 'manual';
+  /** A `presence()` request with no answer within this long is rejected. Default 10 000. */
+  presenceTimeoutMs?: number;
+}
+
+/** Where an event that asks for an ack stands, on this client. */
+type AckStatus =
+  /** Handed to the listeners, which have not finished (or, manual mode: returned, not acked yet). */
+  | 'running'
+  /** A listener threw or rejected: not acked; a repeat of it is handed to the listeners again. */
+  | 'failed'
+  /** Processed (auto) or `ack()`ed (manual): an ack is due on whichever connection shows the event. */
+  | 'done';
+
+interface AckEntry {
+  status: AckStatus;
+  /** The connection that last received the event (original, redelivery or replay): only it may ack. */
+  conn: number;
+}
+
+interface PresenceRequest {
+  branchId: number | undefined;
+  /** How many reply frames complete it. */
+  expected: number;
+  replies: PresenceFrame[];
+  resolve: (r: PresenceFrame[]) => void;
+  reject: (e: Error) => void;
+  timer?: ReturnType<typeof setTimeout>;
 }
 
 /** How many recent `event_id`s are remembered to drop repeats. */
 export const DEDUP_IDS = 1000;
+/** Acks due within this long are sent together, in one message. */
+export const ACK_FLUSH_MS = 20;
+/** The most ids one ack message carries (the gateway's limit); this many pending are sent at once. */
+export const ACK_BATCH_MAX = 100;
+/** The error codes that answer a `presence` request. */
+const PRESENCE_ERRORS: ReadonlySet<string> = new Set(['forbidden_branch', 'presence_unavailable', 'unknown_message_type']);
 /** The close code reported when a connection ended without a close frame (also heartbeat and connect timeouts). */
 export const ABNORMAL_CLOSURE = 1006;
 const OPEN = 1;
@@ -57,7 +98,8 @@ const CONNECTING = 0;
 /** setTimeout's largest delay. */
 const MAX_TIMER_MS = 2_147_483_647;
 
-type Listener<K extends ClientEventName> = (arg: ClientEventMap[K]) => void;
+/** `event` listeners may return a Promise: in the auto ack mode, the ack waits for it. */
+type Listener<K extends ClientEventName> = (arg: ClientEventMap[K]) => void | PromiseLike<unknown>;
 type AnyListener = (arg: never) => void;
 
 /**
@@ -92,8 +134,23 @@ export class WsGatewayClient {
   private tokenExp: number | undefined;
   private pendingToken: string | undefined;
 
+  /** Recent events delivered, keyed by `type` and `event_id`. */
   private readonly seenIds = new Set<string>();
   private readonly seenOrder: string[] = [];
+  /** Events that ask for an ack, by `event_id` (the newest DEDUP_IDS). */
+  private readonly acks = new Map<string, AckEntry>();
+  /** Ids waiting for the next ack message of the current connection. */
+  private ackQueue: string[] = [];
+  private ackTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Bumped for each socket: acks are per connection. */
+  private connId = 0;
+  private readonly ackMode: 'auto' | 'manual';
+  private readonly presenceTimeoutMs: number;
+  /** The branches of the admitted token (`connected.branch_ids`), for `presence()` without a branch. */
+  private branchIds: number[] | undefined;
+  private readonly presenceQueue: PresenceRequest[] = [];
+  /** Replies still to come for requests that timed out: dropped when they arrive. */
+  private presenceOrphans = 0;
 
   private reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   private connectTimer: ReturnType<typeof setTimeout> | undefined;
@@ -119,7 +176,15 @@ export class WsGatewayClient {
     };
     this.heartbeatTimeoutMs = opts.heartbeatTimeoutMs ?? 10_000;
     this.connectTimeoutMs = opts.connectTimeoutMs ?? 20_000;
-    for (const [name, v] of Object.entries({ ...this.backoff, heartbeatTimeoutMs: this.heartbeatTimeoutMs, connectTimeoutMs: this.connectTimeoutMs })) {
+    this.presenceTimeoutMs = opts.presenceTimeoutMs ?? 10_000;
+    if (opts.ack !== undefined && opts.ack !== 'auto' && opts.ack !== 'manual') throw new TypeError(`ack must be 'auto' or 'manual', not ${String(opts.ack)}`);
+    this.ackMode = opts.ack ?? 'auto';
+    for (const [name, v] of Object.entries({
+      ...this.backoff,
+      heartbeatTimeoutMs: this.heartbeatTimeoutMs,
+      connectTimeoutMs: this.connectTimeoutMs,
+      presenceTimeoutMs: this.presenceTimeoutMs,
+    })) {
       if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) throw new TypeError(`${name} must be a finite number >= 0`);
     }
     this._lastEventId = opts.lastEventId;
@@ -154,6 +219,7 @@ export class WsGatewayClient {
     this.wantOpen = false;
     this.generation++;
     this.clearTimers();
+    this.endConnection(new Error('closed'));
     this.detachGlobals();
     const ws = this.ws;
     this.ws = null;
@@ -175,6 +241,50 @@ export class WsGatewayClient {
   /** Asks the gateway to read this waiter's sectors again; `sectors_updated` answers. */
   refreshSectors(): void {
     this.send('{"type":"refresh_sectors"}');
+  }
+
+  /**
+   * Acknowledges events by `event_id` (the `ack: 'manual'` mode's way; in
+   * the auto mode the client does it). Sent with the other acks due within
+   * ACK_FLUSH_MS, on the connection that received the event; an event
+   * received on a connection that has ended is acked when the gateway shows
+   * it again (a redelivery, a replay), since the gateway takes an ack only
+   * from a connection that received the event. Acking twice is harmless.
+   */
+  ack(eventIds: string | string[]): void {
+    for (const id of typeof eventIds === 'string' ? [eventIds] : eventIds) {
+      if (typeof id !== 'string' || id === '') throw new TypeError('an event id is a non-empty string');
+      const entry = this.acks.get(id);
+      if (entry) {
+        entry.status = 'done';
+        if (entry.conn === this.connId) this.queueAck(id);
+      } else {
+        // Not an event of this client's memory: sent as asked, on the current connection.
+        this.queueAck(id);
+      }
+    }
+  }
+
+  /**
+   * Asks the gateway who is connected (admin endpoint): with `branchId`, one
+   * branch's `presence` frame; without, one frame per branch of the admin's
+   * token, in its order. Rejects on an error answer (`forbidden_branch`,
+   * `presence_unavailable`, `unknown_message_type` on another endpoint), when
+   * no answer comes within `presenceTimeoutMs`, or when the connection ends
+   * first. Requests are answered in order, one at a time (the answers carry
+   * no request id): later calls wait for the earlier ones.
+   */
+  presence(branchId: number): Promise<PresenceFrame>;
+  presence(): Promise<PresenceFrame[]>;
+  presence(branchId?: number): Promise<PresenceFrame | PresenceFrame[]> {
+    if (branchId !== undefined && !Number.isSafeInteger(branchId)) return Promise.reject(new TypeError('branchId must be an integer'));
+    if (!this.ws || this.ws.readyState !== OPEN || this._state !== 'open') return Promise.reject(new Error('not connected'));
+    const expected = branchId !== undefined ? 1 : (this.branchIds?.length ?? 1);
+    if (expected === 0) return Promise.resolve([]);
+    return new Promise<PresenceFrame[]>((resolve, reject) => {
+      this.presenceQueue.push({ branchId, expected, replies: [], resolve, reject });
+      if (this.presenceQueue.length === 1) this.sendPresence();
+    }).then((r) => (branchId !== undefined ? r[0]! : r));
   }
 
   /** Sends one text frame as it is. Throws when no connection is open. */
@@ -201,13 +311,7 @@ export class WsGatewayClient {
       try {
         (l as Listener<K>)(arg);
       } catch (e) {
-        // A listener's exception must not break the connection's state: report it as the platform does.
-        const report = (globalThis as { reportError?: (e: unknown) => void }).reportError;
-        if (report) report(e);
-        else
-          setTimeout(() => {
-            throw e;
-          });
+        reportError(e);
       }
     }
   }
@@ -247,6 +351,7 @@ export class WsGatewayClient {
       return;
     }
     this.ws = ws;
+    this.connId++;
     this.token = token;
     this.tokenExp = tokenExpiry(token);
     this.pendingToken = undefined;
@@ -280,6 +385,7 @@ export class WsGatewayClient {
   private onClosed(code: number, reason: string): void {
     this.ws = null;
     this.clearConnectionTimers();
+    this.endConnection(new Error(`connection closed (${code})`));
     this.emit('close', { code, reason });
     if (!this.wantOpen) {
       this.setState('closed');
@@ -364,6 +470,11 @@ export class WsGatewayClient {
       case 'error':
         if ((f as ErrorFrame).code === 'token_rejected') this.pendingToken = undefined;
         this.emit('error', f as ErrorFrame);
+        if (PRESENCE_ERRORS.has((f as ErrorFrame).code)) this.onPresenceError(f as ErrorFrame);
+        break;
+      case 'presence':
+        this.emit('presence', f as PresenceFrame);
+        this.onPresenceReply(f as PresenceFrame);
         break;
       case 'resync':
         this.emit('resync', f as ResyncFrame);
@@ -377,6 +488,7 @@ export class WsGatewayClient {
     this.everConnected = true;
     this.attempt = 0;
     this.authRetried = false;
+    this.branchIds = 'branch_ids' in f && Array.isArray(f.branch_ids) ? f.branch_ids : 'branch_id' in f ? [f.branch_id] : undefined;
     const intervalMs = Math.max(1, Number(f.heartbeat_interval_s) || 30) * 1000;
     clearInterval(this.pingTimer);
     this.pingTimer = setInterval(() => this.ping(), intervalMs);
@@ -387,14 +499,173 @@ export class WsGatewayClient {
 
   private onEvent(e: GatewayEvent): void {
     const id = e.event_id;
-    if (typeof id === 'string') {
-      if (this.seenIds.has(id)) return;
-      this.seenIds.add(id);
-      this.seenOrder.push(id);
-      if (this.seenOrder.length > DEDUP_IDS) this.seenIds.delete(this.seenOrder.shift()!);
-      this._lastEventId = id;
+    if (typeof id !== 'string') {
+      this.dispatch(e, undefined);
+      return;
     }
-    this.emit('event', e);
+    // By type and id: an EVENT_UNACKNOWLEDGED carries the id of the event it reports.
+    const key = `${e.type}\n${id}`;
+    const asksAck = typeof e.ack === 'object' && e.ack !== null;
+    let entry = asksAck ? this.acks.get(id) : undefined;
+    if (entry) entry.conn = this.connId; // this connection received it: its ack counts
+    if (this.seenIds.has(key)) {
+      // A repeat: a redelivery, or a replay after a resume.
+      if (!entry) return;
+      if (entry.status === 'done') this.queueAck(id); // the first ack may have been lost
+      if (entry.status !== 'failed') return;
+      // Its listeners failed: the application has not processed it; hand it again.
+    } else {
+      this.seenIds.add(key);
+      this.seenOrder.push(key);
+      if (this.seenOrder.length > DEDUP_IDS) this.seenIds.delete(this.seenOrder.shift()!);
+      // The cursor is the newest position in the stream: not an escalation's
+      // id (another event's), nor a redelivery's (an older event).
+      if (e.type !== 'EVENT_UNACKNOWLEDGED' && e.redelivered !== true) this._lastEventId = id;
+    }
+    if (asksAck && !entry) {
+      entry = { status: 'running', conn: this.connId };
+      this.acks.set(id, entry);
+      if (this.acks.size > DEDUP_IDS) this.acks.delete(this.acks.keys().next().value!);
+    }
+    this.dispatch(e, entry && id);
+  }
+
+  /**
+   * Hands an event to the `event` listeners. With `ackId`, its ack entry is
+   * settled once they have all returned, or the Promises they returned have
+   * settled: `failed` if any threw or rejected (reported as the platform
+   * reports errors, as for every listener), else acked (auto mode) or left
+   * to `ack()` (manual mode).
+   */
+  private dispatch(e: GatewayEvent, ackId: string | undefined): void {
+    const entry = ackId !== undefined ? this.acks.get(ackId) : undefined;
+    if (entry) entry.status = 'running';
+    const set = this.listeners.get('event');
+    let failed = false;
+    const pending: PromiseLike<unknown>[] = [];
+    for (const l of set ? [...set] : []) {
+      try {
+        const r = (l as (arg: GatewayEvent) => unknown)(e);
+        if (entry && r !== null && typeof r === 'object' && typeof (r as PromiseLike<unknown>).then === 'function') pending.push(r as PromiseLike<unknown>);
+      } catch (err) {
+        failed = true;
+        reportError(err);
+      }
+    }
+    if (!entry) return;
+    const settle = (ok: boolean): void => {
+      if (entry.status !== 'running' || this.acks.get(ackId!) !== entry) return;
+      if (!ok) entry.status = 'failed';
+      else if (this.ackMode === 'auto') {
+        entry.status = 'done';
+        if (entry.conn === this.connId) this.queueAck(ackId!);
+      }
+      // manual: stays 'running' until ack(); a repeat meanwhile is not handed again.
+    };
+    if (failed || pending.length === 0) {
+      settle(!failed);
+      return;
+    }
+    Promise.allSettled(pending).then((results) => {
+      let ok = true;
+      for (const r of results) {
+        if (r.status === 'rejected') {
+          ok = false;
+          reportError(r.reason);
+        }
+      }
+      settle(ok);
+    });
+  }
+
+  private queueAck(id: string): void {
+    if (!this.ws || this.ws.readyState !== OPEN) return; // acks are per connection: a later repeat brings it back
+    if (utf8Length(id) > 128) return; // the gateway would refuse the whole message
+    if (!this.ackQueue.includes(id)) this.ackQueue.push(id);
+    if (this.ackQueue.length >= ACK_BATCH_MAX) this.flushAcks();
+    else if (this.ackTimer === undefined) this.ackTimer = setTimeout(() => this.flushAcks(), ACK_FLUSH_MS);
+  }
+
+  private flushAcks(): void {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = undefined;
+    const ids = this.ackQueue;
+    this.ackQueue = [];
+    if (!this.ws || this.ws.readyState !== OPEN) return;
+    for (let i = 0; i < ids.length; i += ACK_BATCH_MAX) {
+      const batch = ids.slice(i, i + ACK_BATCH_MAX);
+      try {
+        this.ws.send(JSON.stringify({ type: 'ack', event_ids: batch }));
+      } catch (e) {
+        this.emit('error', asError(e, 'cannot send ack'));
+        return;
+      }
+      this.emit('ack', batch);
+    }
+  }
+
+  private sendPresence(): void {
+    const req = this.presenceQueue[0];
+    if (!req) return;
+    try {
+      this.send(JSON.stringify(req.branchId !== undefined ? { type: 'presence', branch_id: req.branchId } : { type: 'presence' }));
+    } catch (e) {
+      this.presenceQueue.shift();
+      req.reject(asError(e, 'cannot send presence'));
+      this.sendPresence();
+      return;
+    }
+    req.timer = setTimeout(() => {
+      if (this.presenceQueue[0] !== req) return;
+      this.presenceQueue.shift();
+      // Its answers may still come: they must not be taken for the next request's.
+      this.presenceOrphans += req.expected - req.replies.length;
+      req.reject(new Error(`no presence answer within ${this.presenceTimeoutMs} ms`));
+      this.sendPresence();
+    }, this.presenceTimeoutMs);
+  }
+
+  private onPresenceReply(f: PresenceFrame): void {
+    if (this.presenceOrphans > 0) {
+      this.presenceOrphans--;
+      return;
+    }
+    const req = this.presenceQueue[0];
+    if (!req) return; // unasked (a send() by hand): the `presence` listeners have it
+    req.replies.push(f);
+    if (req.replies.length < req.expected) return;
+    clearTimeout(req.timer);
+    this.presenceQueue.shift();
+    req.resolve(req.replies);
+    this.sendPresence();
+  }
+
+  private onPresenceError(f: ErrorFrame): void {
+    if (this.presenceOrphans > 0) {
+      this.presenceOrphans--;
+      return;
+    }
+    const req = this.presenceQueue[0];
+    if (!req) return;
+    clearTimeout(req.timer);
+    this.presenceQueue.shift();
+    const err = new Error(`presence refused: ${f.code}`) as Error & { code: string };
+    err.code = f.code;
+    req.reject(err);
+    this.sendPresence();
+  }
+
+  /** A connection ended (or close()): its pending acks and presence requests go with it. */
+  private endConnection(reason: Error): void {
+    clearTimeout(this.ackTimer);
+    this.ackTimer = undefined;
+    this.ackQueue = [];
+    this.presenceOrphans = 0;
+    const reqs = this.presenceQueue.splice(0);
+    for (const req of reqs) {
+      clearTimeout(req.timer);
+      req.reject(new Error(`presence: ${reason.message}`));
+    }
   }
 
   private ping(): void {
@@ -546,6 +817,25 @@ export function buildUrl(base: string, endpoint: Endpoint, token: string, lastEv
   if (lastEventId !== undefined) u.searchParams.set('last_event_id', lastEventId);
   u.hash = '';
   return u.toString();
+}
+
+/** A listener's exception must not break the connection's state: it is reported as the platform does. */
+function reportError(e: unknown): void {
+  const report = (globalThis as { reportError?: (e: unknown) => void }).reportError;
+  if (report) report(e);
+  else
+    setTimeout(() => {
+      throw e;
+    });
+}
+
+function utf8Length(s: string): number {
+  let n = 0;
+  for (const ch of s) {
+    const c = ch.codePointAt(0)!;
+    n += c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+  }
+  return n;
 }
 
 function asError(e: unknown, context: string): Error {

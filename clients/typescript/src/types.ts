@@ -28,6 +28,7 @@ export const KNOWN_EVENT_TYPES = [
   'ENTITY_UPDATED',
   'ENTITY_DELETED',
   'SECTOR_ASSIGNMENT_CHANGED',
+  'EVENT_UNACKNOWLEDGED',
 ] as const;
 
 export type KnownEventType = (typeof KNOWN_EVENT_TYPES)[number];
@@ -45,6 +46,10 @@ export interface EventFields {
   entity?: Record<string, unknown>;
   /** Publish time, Unix seconds or milliseconds (told apart by magnitude). */
   ts?: number;
+  /** The publisher asks for an acknowledgement within `within_s` seconds (the client sends it, see `ack` option). */
+  ack?: AckRequest;
+  /** `true` on the gateway's one redelivery of an event that was not acknowledged in time (same `event_id`). */
+  redelivered?: boolean;
   /** The publisher's own fields are forwarded as they are. */
   [field: string]: unknown;
 }
@@ -59,13 +64,41 @@ export interface SectorAssignmentChangedEvent extends KnownEvent<'SECTOR_ASSIGNM
   entity?: { waiter_id?: number; [field: string]: unknown };
 }
 
+/** An event's request for an acknowledgement. */
+export interface AckRequest {
+  /** 1..300 seconds: no ack by then, and the gateway redelivers it once, then escalates. */
+  within_s: number;
+}
+
+/**
+ * The gateway's escalation, on `channel:branch:{id}:admin`: an event that
+ * asked for an ack got none (`no_ack`), or reached nobody (`no_audience`).
+ * Its `event_id` is the reported event's own id.
+ */
+export interface EventUnacknowledgedEvent extends KnownEvent<'EVENT_UNACKNOWLEDGED'> {
+  event_id: string;
+  /** The unacknowledged event's `type`. */
+  event_type: string;
+  /** The channel it was published on. */
+  channel: string;
+  reason: 'no_ack' | 'no_audience';
+  /** How many connections (all nodes) received the event. */
+  audience: number;
+  /** Unix milliseconds. */
+  ts: number;
+}
+
 /** An event of a type this SDK does not know: delivered all the same. */
 export interface UnknownEvent extends EventFields {
   type: string;
 }
 
 type KnownEventUnion = {
-  [K in KnownEventType]: K extends 'SECTOR_ASSIGNMENT_CHANGED' ? SectorAssignmentChangedEvent : KnownEvent<K>;
+  [K in KnownEventType]: K extends 'SECTOR_ASSIGNMENT_CHANGED'
+    ? SectorAssignmentChangedEvent
+    : K extends 'EVENT_UNACKNOWLEDGED'
+      ? EventUnacknowledgedEvent
+      : KnownEvent<K>;
 }[KnownEventType];
 
 /**
@@ -127,7 +160,7 @@ export interface TokenRefreshedFrame {
   expires_at: number;
 }
 
-/** `unknown_message_type`, `invalid_message`, `invalid_json`, `token_rejected`, `refresh_in_progress`, or another code. */
+/** `unknown_message_type`, `invalid_message`, `invalid_json`, `token_rejected`, `refresh_in_progress`, `forbidden_branch`, `presence_unavailable`, or another code. */
 export interface ErrorFrame {
   type: 'error';
   code: string;
@@ -140,7 +173,34 @@ export interface ResyncFrame {
   reason: 'history_trimmed' | 'history_expired' | 'history_unavailable' | 'unnumbered_events' | string;
 }
 
-export type ProtocolFrame = ConnectedFrame | PongFrame | SectorsUpdatedFrame | TokenRefreshedFrame | ErrorFrame | ResyncFrame;
+/** One connection in a presence list (an admin's `presence` reply, or `GET /api/presence`). */
+export interface PresenceConnection {
+  /** `<node>/<n>`. */
+  id: string;
+  endpoint: Endpoint;
+  /** Staff (`waiter`, `kitchen`, `admin`) only. */
+  user_id?: number;
+  /** Diners only. */
+  session_id?: number;
+  /** Diners only. */
+  table_id?: number;
+  /** A waiter's sectors, or `null` (not filtered, or another endpoint). */
+  sector_ids: number[] | null;
+  /** Unix milliseconds. */
+  connected_at: number;
+  /** The gateway node's name (`WSGATEWAY_NODE_NAME`). */
+  node: string;
+}
+
+/** The answer to `{"type":"presence"}`: one per branch, ordered by `connected_at`, then `id`. */
+export interface PresenceFrame {
+  type: 'presence';
+  tenant_id: number;
+  branch_id: number;
+  connections: PresenceConnection[];
+}
+
+export type ProtocolFrame = ConnectedFrame | PongFrame | SectorsUpdatedFrame | TokenRefreshedFrame | ErrorFrame | ResyncFrame | PresenceFrame;
 
 /** Any frame the gateway sends: a protocol frame or an event. */
 export type ServerFrame = ProtocolFrame | GatewayEvent;
@@ -153,6 +213,7 @@ export const PROTOCOL_FRAME_TYPES: ReadonlySet<string> = new Set([
   'token_refreshed',
   'error',
   'resync',
+  'presence',
 ]);
 
 export interface CloseInfo {
@@ -181,6 +242,9 @@ export interface ClientEventMap {
   message: ServerFrame;
   sectors_updated: SectorsUpdatedFrame;
   token_refreshed: TokenRefreshedFrame;
+  presence: PresenceFrame;
+  /** An ack message was sent: the ids it carried. */
+  ack: string[];
 }
 
 export type ClientEventName = keyof ClientEventMap;

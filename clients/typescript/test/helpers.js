@@ -220,12 +220,12 @@ export async function startGateway({ port = 0, env = {}, command = 'serve' } = {
   return gw;
 }
 
-/** POST /api/publish; returns the event ids. */
-export async function publish(gw, channel, event) {
+/** POST /api/publish; returns the event ids. `item` adds fields to the item (`ack: {within_s}`). */
+export async function publish(gw, channel, event, item = {}) {
   const res = await fetch(`${gw.http}/api/publish`, {
     method: 'POST',
     headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ channel, event }),
+    body: JSON.stringify({ channel, event, ...item }),
   });
   const body = await res.text();
   if (res.status !== 202) throw new Error(`publish: ${res.status} ${body}`);
@@ -253,7 +253,7 @@ export function recordedClient(opts) {
   });
   rec.client = client;
   clients.add(client);
-  for (const name of ['event', 'state', 'connected', 'close', 'error', 'resync', 'reconnect', 'message', 'sectors_updated', 'token_refreshed']) {
+  for (const name of ['event', 'state', 'connected', 'close', 'error', 'resync', 'reconnect', 'message', 'sectors_updated', 'token_refreshed', 'presence', 'ack']) {
     rec[name] = [];
     client.on(name, (arg) => {
       rec[name].push(arg);
@@ -261,6 +261,16 @@ export function recordedClient(opts) {
     });
   }
   return rec;
+}
+
+/** One sample of the gateway's /ws/metrics (0 when absent), e.g. metric(gw, 'wsgateway_acks_total', { outcome: 'acknowledged' }). */
+export async function metric(gw, name, labels = {}) {
+  const text = await (await fetch(`${gw.http}/ws/metrics`)).text();
+  const want = `${name}${Object.keys(labels).length ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(',')}}` : ''}`;
+  for (const line of text.split('\n')) {
+    if (line.startsWith(`${want} `)) return Number(line.slice(want.length + 1).trim());
+  }
+  return 0;
 }
 
 /** The client's state changes so far, for assertion messages. */
