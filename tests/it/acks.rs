@@ -59,6 +59,23 @@ async fn next_event(c: &mut Client, within: Duration) -> Option<Value> {
     }
 }
 
+/// Asserts that nothing comes for `ms` milliseconds.
+async fn assert_quiet(c: &mut Client, ms: u64) {
+    assert_eq!(
+        c.drain(Duration::from_millis(ms)).await,
+        Vec::<Value>::new()
+    );
+}
+
+/// The escalations a client gets until `ms` milliseconds pass quietly.
+async fn escalations(c: &mut Client, ms: u64) -> Vec<Value> {
+    let frames = c.drain(Duration::from_millis(ms)).await;
+    frames
+        .into_iter()
+        .filter(|f| f["type"] == "EVENT_UNACKNOWLEDGED")
+        .collect()
+}
+
 async fn ack(c: &mut Client, ids: &[&str]) {
     c.send_text(&json!({"type": "ack", "event_ids": ids}).to_string())
         .await;
@@ -94,14 +111,8 @@ async fn an_acked_event_is_neither_redelivered_nor_escalated() {
         })
         .await;
         // Past both deadlines: nothing more for either.
-        assert_eq!(
-            kitchen.drain(Duration::from_millis(2_600)).await,
-            Vec::<Value>::new()
-        );
-        assert_eq!(
-            admin.drain(Duration::from_millis(200)).await,
-            Vec::<Value>::new()
-        );
+        assert_quiet(&mut kitchen, 2_600).await;
+        assert_quiet(&mut admin, 200).await;
         gw.assert_metric("events_redelivered_total", 0.0).await;
         gw.assert_metric("events_unacknowledged_total{reason=\"no_ack\"}", 0.0)
             .await;
@@ -162,26 +173,11 @@ async fn an_unacked_event_comes_once_more_then_escalates_once_to_the_branch_admi
         );
         assert!(escalation["ts"].as_i64().unwrap() > 0);
         // Exactly one redelivery and one escalation: nothing more comes.
-        assert_eq!(
-            kitchen.drain(Duration::from_millis(1_500)).await,
-            Vec::<Value>::new()
-        );
-        assert_eq!(
-            admin.drain(Duration::from_millis(100)).await,
-            Vec::<Value>::new()
-        );
-        assert_eq!(
-            waiter.drain(Duration::from_millis(100)).await,
-            Vec::<Value>::new()
-        );
-        assert_eq!(
-            other_branch.drain(Duration::from_millis(100)).await,
-            Vec::<Value>::new()
-        );
-        assert_eq!(
-            other_tenant.drain(Duration::from_millis(100)).await,
-            Vec::<Value>::new()
-        );
+        assert_quiet(&mut kitchen, 1_500).await;
+        assert_quiet(&mut admin, 100).await;
+        assert_quiet(&mut waiter, 100).await;
+        assert_quiet(&mut other_branch, 100).await;
+        assert_quiet(&mut other_tenant, 100).await;
         gw.assert_metric("events_redelivered_total", 1.0).await;
         gw.assert_metric("events_unacknowledged_total{reason=\"no_ack\"}", 1.0)
             .await;
@@ -279,12 +275,8 @@ async fn acks_from_connections_that_did_not_get_the_event_are_ignored() {
             .await
             .unwrap();
         assert_eq!(again["redelivered"], true);
-        let frames = admin.drain(Duration::from_millis(2_500)).await;
-        let escalations: Vec<&Value> = frames
-            .iter()
-            .filter(|f| f["type"] == "EVENT_UNACKNOWLEDGED")
-            .collect();
-        assert_eq!(escalations.len(), 1, "{broker}: {frames:?}");
+        let escalations = escalations(&mut admin, 2_500).await;
+        assert_eq!(escalations.len(), 1, "{broker}: {escalations:?}");
         assert_eq!(escalations[0]["reason"], "no_ack");
         assert_eq!(escalations[0]["audience"], 2, "the kitchen and the admin");
         gw.assert_metric("acks_total{outcome=\"acknowledged\"}", 0.0)
@@ -313,10 +305,7 @@ async fn an_ack_after_the_redelivery_or_of_a_replayed_event_counts() {
             v == 1.0
         })
         .await;
-        assert_eq!(
-            kitchen.drain(Duration::from_millis(1_500)).await,
-            Vec::<Value>::new()
-        );
+        assert_quiet(&mut kitchen, 1_500).await;
         gw.assert_metric("events_unacknowledged_total{reason=\"no_ack\"}", 0.0)
             .await;
 
@@ -343,10 +332,7 @@ async fn an_ack_after_the_redelivery_or_of_a_replayed_event_counts() {
             v == 2.0
         })
         .await;
-        assert_eq!(
-            kitchen.drain(Duration::from_millis(4_500)).await,
-            Vec::<Value>::new()
-        );
+        assert_quiet(&mut kitchen, 4_500).await;
         gw.assert_metric("events_unacknowledged_total{reason=\"no_ack\"}", 0.0)
             .await;
         gw.assert_metric("events_unacknowledged_total{reason=\"no_audience\"}", 0.0)
@@ -443,12 +429,8 @@ async fn an_ack_request_is_checked_every_way_in() {
             .unwrap()["redelivered"],
         true
     );
-    let frames = admin.drain(Duration::from_millis(2_500)).await;
-    let escalated: Vec<&Value> = frames
-        .iter()
-        .filter(|f| f["type"] == "EVENT_UNACKNOWLEDGED")
-        .collect();
-    assert_eq!(escalated.len(), 1, "{frames:?}");
+    let escalated = escalations(&mut admin, 2_500).await;
+    assert_eq!(escalated.len(), 1, "{escalated:?}");
     assert_eq!(escalated[0]["event_id"], id);
     gw.stop().await;
 }
@@ -456,29 +438,10 @@ async fn an_ack_request_is_checked_every_way_in() {
 // ---------------------------------------------------------------------------
 // Several nodes.
 
-/// A `wsgateway serve` process with the test's HTTP and WebSocket helpers
-/// (the handle's own `stop` is inert: dropping the process kills it).
-struct Node {
-    process: ServeProcess,
-    gw: TestGateway,
-}
-
-impl Node {
-    async fn start(env: &[(&str, &str)]) -> Node {
-        let mut all = vec![("WSGATEWAY_API_KEY", API_KEY)];
-        all.extend_from_slice(env);
-        let process = ServeProcess::start(&all).await;
-        let gw = TestGateway {
-            addr: process.addr.parse().unwrap(),
-            stop: tokio_util::sync::CancellationToken::new(),
-            task: tokio::spawn(async { Ok(()) }),
-        };
-        gw.wait_health(Duration::from_secs(20), |s, b| {
-            s == 200 && b["status"] == "healthy"
-        })
-        .await;
-        Node { process, gw }
-    }
+async fn node(env: &[(&str, &str)]) -> Node {
+    let node = Node::start(env).await;
+    node.wait_healthy(Duration::from_secs(20)).await;
+    node
 }
 
 /// Three nodes sweep the same deadlines; the publishing node is killed
@@ -486,9 +449,9 @@ impl Node {
 /// exactly one escalation in all, which every node's admins get once.
 async fn nodes_share_deadlines(env: &[(&str, &str)]) {
     let t = tenant();
-    let publisher = Node::start(env).await;
-    let a = Node::start(env).await;
-    let b = Node::start(env).await;
+    let publisher = node(env).await;
+    let a = node(env).await;
+    let b = node(env).await;
     let (mut kitchen, _) = a.gw.join("kitchen", &staff(1, t, &[5], &["KITCHEN"])).await;
     let (mut admin_a, _) = a.gw.join("admin", &staff(2, t, &[5], &["ADMIN"])).await;
     let (mut admin_b, _) = b.gw.join("admin", &staff(3, t, &[5], &["ADMIN"])).await;
@@ -517,21 +480,14 @@ async fn nodes_share_deadlines(env: &[(&str, &str)]) {
         (Some(id.as_str()), &json!(true))
     );
     for admin in [&mut admin_a, &mut admin_b] {
-        let frames = admin.drain(Duration::from_millis(3_500)).await;
-        let escalated: Vec<&Value> = frames
-            .iter()
-            .filter(|f| f["type"] == "EVENT_UNACKNOWLEDGED")
-            .collect();
-        assert_eq!(escalated.len(), 1, "{frames:?}");
+        let escalated = escalations(admin, 3_500).await;
+        assert_eq!(escalated.len(), 1, "{escalated:?}");
         assert_eq!(escalated[0]["event_id"], id);
         assert_eq!(escalated[0]["reason"], "no_ack");
         // The kitchen and both admins got it.
         assert_eq!(escalated[0]["audience"], 3);
     }
-    assert_eq!(
-        kitchen.drain(Duration::from_millis(200)).await,
-        Vec::<Value>::new()
-    );
+    assert_quiet(&mut kitchen, 200).await;
     let sample = "wsgateway_events_unacknowledged_total{reason=\"no_ack\"}";
     let escalations = a.gw.metric(sample).await + b.gw.metric(sample).await;
     assert_eq!(escalations, 1.0, "one escalation in all");

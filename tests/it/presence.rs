@@ -15,17 +15,7 @@ use wsgateway::config::Secret;
 
 /// `GET /api/presence?<query>` on `addr` (`host:port`), with `key`.
 async fn get_presence(addr: &str, query: &str, key: Option<&str>) -> (u16, Value) {
-    let mut req = reqwest::Client::new().get(format!("http://{addr}/api/presence?{query}"));
-    if let Some(key) = key {
-        req = req.bearer_auth(key);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    get_with_key(&format!("http://{addr}/api/presence?{query}"), key).await
 }
 
 /// The connections listed for a branch, as a 200 must give them.

@@ -118,59 +118,16 @@ async fn harness_starts_a_cluster_fails_a_primary_over_and_moves_a_slot() {
 // ---------------------------------------------------------------------------
 // The gateway on the cluster.
 
-/// A `wsgateway serve` process on the cluster: `ServeProcess` for its life
-/// and log, a `TestGateway` handle for its HTTP and WebSocket helpers (that
-/// handle's `stop` and `task` are inert: the process is stopped by
-/// dropping `ServeProcess`, which kills it).
-struct Node {
-    process: ServeProcess,
-    gw: TestGateway,
-}
-
-impl Node {
-    async fn start(cluster: &RedisCluster) -> Node {
-        Self::start_with(&cluster.seeds(), &[]).await
-    }
-
-    async fn start_with(seeds: &str, env: &[(&str, &str)]) -> Node {
-        let mut all = vec![
-            ("REDIS_URL", seeds),
-            ("WSGATEWAY_REDIS_MODE", "cluster"),
-            ("WSGATEWAY_API_KEY", API_KEY),
-            // A failover takes seconds: calls to the dead primary fail fast.
-            ("WSGATEWAY_REDIS_TIMEOUT_S", "1"),
-        ];
-        all.extend_from_slice(env);
-        let process = ServeProcess::start(&all).await;
-        let gw = TestGateway {
-            addr: process.addr.parse().unwrap(),
-            stop: tokio_util::sync::CancellationToken::new(),
-            task: tokio::spawn(async { Ok(()) }),
-        };
-        Node { process, gw }
-    }
-
-    /// Waits until `/ws/health/detailed` is 200 and `healthy`.
-    async fn wait_healthy(&self, within: Duration) -> Value {
-        self.gw
-            .wait_health(within, |s, b| s == 200 && b["status"] == "healthy")
-            .await
-            .1
-    }
-
-    /// The last `lines` lines of its log.
-    async fn log_tail(&self, lines: usize) -> String {
-        let log = self.process.log_so_far().await;
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl std::ops::Deref for Node {
-    type Target = TestGateway;
-    fn deref(&self) -> &TestGateway {
-        &self.gw
-    }
+/// A `wsgateway serve` process on the cluster (`common::Node`).
+async fn cluster_node(seeds: &str, env: &[(&str, &str)]) -> Node {
+    let mut all = vec![
+        ("REDIS_URL", seeds),
+        ("WSGATEWAY_REDIS_MODE", "cluster"),
+        // A failover takes seconds: calls to the dead primary fail fast.
+        ("WSGATEWAY_REDIS_TIMEOUT_S", "1"),
+    ];
+    all.extend_from_slice(env);
+    Node::start(&all).await
 }
 
 /// Every node's log tail, for a failure's message.
@@ -189,7 +146,7 @@ async fn logs(nodes: &[Node]) -> String {
 async fn start_nodes(cluster: &RedisCluster, count: usize) -> Vec<Node> {
     let mut nodes = Vec::new();
     for _ in 0..count {
-        nodes.push(Node::start(cluster).await);
+        nodes.push(cluster_node(&cluster.seeds(), &[]).await);
     }
     for n in &nodes {
         n.wait_healthy(Duration::from_secs(15)).await;
@@ -980,7 +937,7 @@ async fn one_node_delivers(
     env: &[(&str, &str)],
     tenant: i64,
 ) -> ([Node; 1], Client) {
-    let node = Node::start_with(&cluster.seeds(), env).await;
+    let node = cluster_node(&cluster.seeds(), env).await;
     node.wait_healthy(Duration::from_secs(15)).await;
     let nodes = [node];
     let (mut waiter, _) = nodes[0]

@@ -141,13 +141,7 @@ impl TestGateway {
         if let Some(key) = key {
             req = req.bearer_auth(key);
         }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        answer(req).await
     }
 
     /// Publishes one event on one channel and expects a 202.
@@ -157,6 +151,12 @@ impl TestGateway {
             .await;
         assert_eq!(status, 202, "{body}");
         body["event_ids"][0].as_str().unwrap().to_owned()
+    }
+
+    /// `GET <path>`, with `key` as a bearer token when given; the status
+    /// and the body (as JSON when it is).
+    pub async fn get_with_key(&self, path: &str, key: Option<&str>) -> (u16, Value) {
+        get_with_key(&self.url(path), key).await
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
@@ -246,6 +246,26 @@ impl TestGateway {
         self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
     }
+}
+
+/// `GET <url>`, with `key` as a bearer token when given.
+pub async fn get_with_key(url: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    answer(req).await
+}
+
+/// Sends a request: its status and body, as JSON when it is.
+async fn answer(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
@@ -508,6 +528,50 @@ impl ServeProcess {
     /// The log written so far.
     pub async fn log_so_far(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+}
+
+/// A `wsgateway serve` process (with the test API key) and a `TestGateway`
+/// handle for its HTTP and WebSocket helpers; that handle's `stop` and
+/// `task` are inert: dropping the process kills it.
+pub struct Node {
+    pub process: ServeProcess,
+    pub gw: TestGateway,
+}
+
+impl Node {
+    pub async fn start(env: &[(&str, &str)]) -> Node {
+        let mut all = vec![("WSGATEWAY_API_KEY", API_KEY)];
+        all.extend_from_slice(env);
+        let process = ServeProcess::start(&all).await;
+        let gw = TestGateway {
+            addr: process.addr.parse().unwrap(),
+            stop: CancellationToken::new(),
+            task: tokio::spawn(async { Ok(()) }),
+        };
+        Node { process, gw }
+    }
+
+    /// Waits until `/ws/health/detailed` is 200 and `healthy`.
+    pub async fn wait_healthy(&self, within: Duration) -> Value {
+        self.gw
+            .wait_health(within, |s, b| s == 200 && b["status"] == "healthy")
+            .await
+            .1
+    }
+
+    /// The last `lines` lines of its log.
+    pub async fn log_tail(&self, lines: usize) -> String {
+        let log = self.process.log_so_far().await;
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.gw
     }
 }
 
