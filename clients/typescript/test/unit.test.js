@@ -4,6 +4,7 @@ import { test } from 'node:test';
 import WebSocket from 'ws';
 import { backoffDelay, buildUrl, closeAction, isKnownEvent, tokenExpiry, refreshLeadMs, WsGatewayClient } from '../dist/index.js';
 import { signHs256, staffToken, tableToken } from './helpers.js';
+import { fakeWebSocket } from './fake-socket.js';
 
 test('close-code policy: every code the gateway sends has its rule', () => {
   for (const code of [1000, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 1014, 1015, 4000, 4999]) {
@@ -77,37 +78,6 @@ test('backoff after 1001/1012 (restart): full jitter over restartSpreadMs, never
 });
 
 /** A WebSocket stand-in the test drives: it records the URLs and lets the test deliver frames and closes. */
-function fakeWebSocket() {
-  const sockets = [];
-  class FakeWebSocket {
-    constructor(url) {
-      this.url = url;
-      this.readyState = 0;
-      this.onopen = this.onmessage = this.onclose = this.onerror = null;
-      this.sent = [];
-      sockets.push(this);
-    }
-    send(data) {
-      this.sent.push(data);
-    }
-    close() {
-      this.readyState = 3;
-    }
-    open(frame) {
-      this.readyState = 1;
-      this.onopen?.({});
-      this.onmessage?.({ data: JSON.stringify(frame) });
-    }
-    deliver(frame) {
-      this.onmessage?.({ data: JSON.stringify(frame) });
-    }
-    drop(code, reason = '') {
-      this.readyState = 3;
-      this.onclose?.({ code, reason });
-    }
-  }
-  return { FakeWebSocket, sockets };
-}
 
 test('the client after a 1012: one retry spread over restartSpreadMs, resuming; a failed one goes on with the normal backoff', async (t) => {
   const { FakeWebSocket, sockets } = fakeWebSocket();
