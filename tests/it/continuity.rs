@@ -455,5 +455,21 @@ async fn the_readme_acl_users_publish_as_it_says() {
         .await;
     gw.assert_metric("wsgateway_events_dropped_total{reason=\"invalid\"}", 1.0)
         .await;
+    // backend may ask for an acknowledgement (the function keeps its
+    // state and deadline), and the waiter's ack counts.
+    let mut asked = event("ROUND_READY", 1, 5);
+    asked["ack"] = json!({"within_s": 30});
+    let acked = fcall(&url("backend"), &[channel], &asked).unwrap();
+    assert_eq!(
+        ids(&mut waiter, Duration::from_millis(500)).await,
+        [acked.clone()]
+    );
+    waiter
+        .send_text(&json!({"type": "ack", "event_ids": [acked]}).to_string())
+        .await;
+    gw.wait_metric("wsgateway_acks_total{outcome=\"acknowledged\"}", |v| {
+        v == 1.0
+    })
+    .await;
     gw.stop().await;
 }
