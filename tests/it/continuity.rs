@@ -462,7 +462,7 @@ async fn the_readme_acl_users_publish_as_it_says() {
     let acked = fcall(&url("backend"), &[channel], &asked).unwrap();
     assert_eq!(
         ids(&mut waiter, Duration::from_millis(500)).await,
-        [acked.clone()]
+        std::slice::from_ref(&acked)
     );
     waiter
         .send_text(&json!({"type": "ack", "event_ids": [acked]}).to_string())
