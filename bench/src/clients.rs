@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
@@ -41,7 +41,27 @@ impl Role {
     fn hears_waiter_events(self) -> bool {
         matches!(self, Role::Waiter | Role::Admin)
     }
+
+    /// Whether events on `channel:branch:{b}:kitchen` are for this role.
+    fn hears_kitchen_events(self) -> bool {
+        matches!(self, Role::Kitchen | Role::Admin)
+    }
+
+    /// Whether a bench event of type `kind` is for this role: the bench
+    /// publishes [`KITCHEN_EVENT`] on kitchen channels only, every other
+    /// type on waiters channels.
+    fn hears(self, kind: &str) -> bool {
+        if kind == KITCHEN_EVENT {
+            self.hears_kitchen_events()
+        } else {
+            self.hears_waiter_events()
+        }
+    }
 }
+
+/// The type of the bench's events on `channel:branch:{b}:kitchen` (a
+/// kitchen ticket); its other events go to waiters channels.
+pub const KITCHEN_EVENT: &str = "ROUND_SUBMITTED";
 
 #[derive(Debug, Clone, Copy)]
 pub struct Member {
@@ -124,6 +144,8 @@ impl Population {
                     [Role::Waiter, Role::Kitchen, Role::Admin, Role::Diner][i % 4]
                 } else if (i as f64) < plan.admin_share * plan.connections as f64 {
                     Role::Admin
+                } else if plan.scenario == Scenario::Acks {
+                    Role::Kitchen
                 } else {
                     Role::Waiter
                 };
@@ -149,7 +171,34 @@ impl Population {
             .filter(|m| m.tenant == tenant && m.branch == branch && m.role.hears_waiter_events())
             .count() as u64
     }
+
+    /// How many connections an event on the kitchen channel of (tenant,
+    /// branch) should reach.
+    pub fn kitchen_audience(&self, tenant: i64, branch: i64) -> u64 {
+        self.members
+            .iter()
+            .filter(|m| m.tenant == tenant && m.branch == branch && m.role.hears_kitchen_events())
+            .count() as u64
+    }
 }
+
+/// Whether and how clients acknowledge the events that ask for it
+/// (PROTOCOL.md §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acking {
+    /// They never do.
+    Never,
+    /// One `ack` message per event, as soon as it arrives.
+    Each,
+    /// Every [`ACK_EVERY`], one `ack` message per [`ACK_IDS`] ids received
+    /// since the last.
+    Batched,
+}
+
+/// How often a [`Acking::Batched`] client sends its acks.
+pub const ACK_EVERY: Duration = Duration::from_millis(50);
+/// The most ids in one of its `ack` messages.
+pub const ACK_IDS: usize = 20;
 
 /// What one client saw.
 #[derive(Debug, Default)]
@@ -164,14 +213,31 @@ pub struct ClientStats {
     pub first_us: u64,
     pub last_us: u64,
     pub closed_by_server: bool,
+    /// Frames with `"redelivered":true` (not counted in `delivered`).
+    pub redelivered: u64,
+    /// `ack` messages sent, and the ids they carried.
+    pub ack_messages: u64,
+    pub ack_ids: u64,
+    /// Sends of an `ack` that failed.
+    pub ack_errors: u64,
+    /// `EVENT_UNACKNOWLEDGED` escalations received (admins only).
+    pub escalations: u64,
 }
 
 pub struct Fleet {
     tasks: Vec<JoinHandle<ClientStats>>,
     stop: CancellationToken,
-    delivered: Arc<AtomicU64>,
+    counts: Arc<Counts>,
     pub opened: usize,
     pub failed: usize,
+}
+
+/// What the whole fleet has seen and sent so far.
+#[derive(Debug, Default)]
+struct Counts {
+    delivered: AtomicU64,
+    ack_ids: AtomicU64,
+    closed: AtomicU64,
 }
 
 /// What a client reads of each event (the floor's WebSocket readers too).
@@ -187,6 +253,13 @@ pub(super) struct Frame<'a> {
     pub sent_us: u64,
     #[serde(default)]
     pub seq: u32,
+    #[serde(default, borrow)]
+    pub event_id: Option<&'a str>,
+    /// Present when the event asks to be acknowledged.
+    #[serde(default)]
+    pub ack: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub redelivered: bool,
 }
 
 /// A client's WebSocket settings: small buffers, as a fleet of 20 000
@@ -217,8 +290,19 @@ impl Fleet {
         population: &Population,
         args: &BenchArgs,
     ) -> anyhow::Result<Fleet> {
+        Fleet::connect_acking(target, population, args, Acking::Never).await
+    }
+
+    /// [`connect`](Self::connect), with clients that acknowledge the
+    /// events asking for it as `acking` says.
+    pub async fn connect_acking(
+        target: &Target,
+        population: &Population,
+        args: &BenchArgs,
+        acking: Acking,
+    ) -> anyhow::Result<Fleet> {
         let stop = CancellationToken::new();
-        let delivered = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(Counts::default());
         let ready = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
@@ -227,10 +311,10 @@ impl Fleet {
         for (i, member) in population.members.iter().copied().enumerate() {
             let url = member.url(population.id_base + i, target.addr, args, exp);
             let local = client_address(i, args);
-            let (gate, stop, delivered, ready, failed) = (
+            let (gate, stop, counts, ready, failed) = (
                 gate.clone(),
                 stop.clone(),
-                delivered.clone(),
+                counts.clone(),
                 ready.clone(),
                 failed.clone(),
             );
@@ -248,7 +332,7 @@ impl Fleet {
                 };
                 drop(permit);
                 ready.fetch_add(1, Ordering::Relaxed);
-                read(ws, member, stop, delivered).await
+                read(ws, member, stop, counts, acking).await
             }));
         }
         let total = population.members.len();
@@ -262,7 +346,7 @@ impl Fleet {
         Ok(Fleet {
             tasks,
             stop,
-            delivered,
+            counts,
             opened: ready.load(Ordering::Relaxed),
             failed: failed.load(Ordering::Relaxed),
         })
@@ -273,7 +357,7 @@ impl Fleet {
         let mut last = 0;
         let mut since = Instant::now();
         loop {
-            let now = self.delivered.load(Ordering::Relaxed);
+            let now = self.counts.delivered.load(Ordering::Relaxed);
             if now >= expected {
                 return;
             }
@@ -285,6 +369,21 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Deliveries so far (redeliveries not counted).
+    pub fn delivered(&self) -> u64 {
+        self.counts.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Clients whose connection the gateway closed (so far).
+    pub fn closed_by_server(&self) -> u64 {
+        self.counts.closed.load(Ordering::Relaxed)
+    }
+
+    /// Ids acked so far.
+    pub fn acked(&self) -> u64 {
+        self.counts.ack_ids.load(Ordering::Relaxed)
     }
 
     /// Stops every client and returns what each saw, in the population's
@@ -311,6 +410,11 @@ impl Fleet {
             all.frame_bytes += s.frame_bytes;
             all.latencies_us.extend(s.latencies_us);
             all.events.extend(s.events);
+            all.redelivered += s.redelivered;
+            all.ack_messages += s.ack_messages;
+            all.ack_ids += s.ack_ids;
+            all.ack_errors += s.ack_errors;
+            all.escalations += s.escalations;
             if s.delivered > 0 {
                 all.first_us = all.first_us.min(s.first_us);
                 all.last_us = all.last_us.max(s.last_us);
@@ -356,24 +460,69 @@ async fn read(
     mut ws: Ws,
     me: Member,
     stop: CancellationToken,
-    delivered: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+    acking: Acking,
 ) -> ClientStats {
     let mut stats = ClientStats::default();
     // One stop future for the connection's life, not one per message: the
     // fleet shares the gateway's cores, so its own cost shows in latency.
     tokio::select! {
         _ = stop.cancelled() => {}
-        () = read_all(&mut ws, me, &delivered, &mut stats) => {
+        () = read_all(&mut ws, me, &counts, acking, &mut stats) => {
             stats.closed_by_server = !stop.is_cancelled();
+            counts.closed.fetch_add(u64::from(stats.closed_by_server), Ordering::Relaxed);
         }
     }
     stats
 }
 
-/// Counts what arrives until the gateway closes the connection.
-async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut ClientStats) {
+/// An `ack` message for `ids`.
+fn ack_message(ids: &[String]) -> Message {
+    Message::text(serde_json::json!({"type": "ack", "event_ids": ids}).to_string())
+}
+
+/// Sends an `ack` for `ids` and counts it.
+async fn send_ack(ws: &mut Ws, ids: &[String], counts: &Counts, stats: &mut ClientStats) {
+    if ws.send(ack_message(ids)).await.is_ok() {
+        stats.ack_messages += 1;
+        stats.ack_ids += ids.len() as u64;
+        counts
+            .ack_ids
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    } else {
+        stats.ack_errors += 1;
+    }
+}
+
+/// Counts what arrives until the gateway closes the connection, and acks
+/// what asks for it as `acking` says.
+async fn read_all(
+    ws: &mut Ws,
+    me: Member,
+    counts: &Counts,
+    acking: Acking,
+    stats: &mut ClientStats,
+) {
+    // Batched: the ids received since the last flush.
+    let mut pending: Vec<String> = Vec::new();
+    let mut flush = tokio::time::interval(ACK_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match ws.next().await {
+        let message = if acking == Acking::Batched {
+            tokio::select! {
+                message = ws.next() => message,
+                _ = flush.tick() => {
+                    let ids = std::mem::take(&mut pending);
+                    for chunk in ids.chunks(ACK_IDS) {
+                        send_ack(ws, chunk, counts, stats).await;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            ws.next().await
+        };
+        match message {
             Some(Ok(Message::Text(text))) => {
                 let now = now_us();
                 let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
@@ -382,24 +531,43 @@ async fn read_all(ws: &mut Ws, me: Member, delivered: &AtomicU64, stats: &mut Cl
                 if frame.kind == "connected" {
                     continue;
                 }
+                if frame.kind == "EVENT_UNACKNOWLEDGED" {
+                    // The gateway's escalation, to a branch's admins.
+                    stats.escalations += 1;
+                    continue;
+                }
                 let mine = frame.tenant_id == me.tenant
                     && frame.branch_id == me.branch
-                    && me.role.hears_waiter_events();
+                    && me.role.hears(frame.kind);
                 if !mine {
                     stats.misrouted += 1;
                     continue;
                 }
-                stats.delivered += 1;
-                stats.frame_bytes += text.len() as u64;
-                delivered.fetch_add(1, Ordering::Relaxed);
-                if frame.sent_us > 0 {
-                    stats.latencies_us.push(latency_us(now, frame.sent_us));
-                    stats.events.push(frame.seq);
+                let ack = match (acking, frame.ack.is_some(), frame.event_id) {
+                    (Acking::Never, ..) | (_, false, _) | (_, _, None) => None,
+                    (_, true, Some(id)) => Some(id.to_owned()),
+                };
+                if frame.redelivered {
+                    // Counted apart: `delivered` is each event once.
+                    stats.redelivered += 1;
+                } else {
+                    stats.delivered += 1;
+                    stats.frame_bytes += text.len() as u64;
+                    counts.delivered.fetch_add(1, Ordering::Relaxed);
+                    if frame.sent_us > 0 {
+                        stats.latencies_us.push(latency_us(now, frame.sent_us));
+                        stats.events.push(frame.seq);
+                    }
+                    if stats.first_us == 0 {
+                        stats.first_us = now;
+                    }
+                    stats.last_us = now;
                 }
-                if stats.first_us == 0 {
-                    stats.first_us = now;
+                match (acking, ack) {
+                    (Acking::Each, Some(id)) => send_ack(ws, &[id], counts, stats).await,
+                    (Acking::Batched, Some(id)) => pending.push(id),
+                    _ => {}
                 }
-                stats.last_us = now;
             }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
             Some(Ok(_)) => {}

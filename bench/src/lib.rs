@@ -12,6 +12,7 @@
 //! gateway's library only as a client would: to mint tokens, and for the
 //! names of the settings it gives the gateway it starts.
 
+mod acks;
 mod beside;
 mod clients;
 mod floor;
@@ -89,6 +90,25 @@ pub enum Scenario {
     /// gateway per `--outbox-batch`, rows per second. With `--redis-url`,
     /// the Redis broker.
     Outbox,
+    /// What an acknowledgement costs (PROTOCOL.md §15): 1 000 kitchen
+    /// displays over 2 tenants × 25 branches (20 per event), events on the
+    /// branches' kitchen channels at 200/s for 20 s through the publish
+    /// API, in phases of a fresh gateway each: without `ack` (the
+    /// baseline), then with `"ack": {"within_s": 30}` and every client
+    /// acking each event as it arrives, then acking in batches every
+    /// 50 ms (`--ack-modes`); gateway CPU per event, per delivery and per
+    /// ack against the baseline, and the gateway's ack counters. With
+    /// `--redis-url`, the Redis broker.
+    Acks,
+}
+
+/// How the clients of `acks` acknowledge, one phase each (`--ack-modes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AckMode {
+    /// One `ack` message per event, as soon as it arrives.
+    Each,
+    /// Every 50 ms, the ids received since (up to 20 per message).
+    Batched,
 }
 
 /// Which Redis `nodes` starts (`--redis`).
@@ -258,6 +278,19 @@ pub struct BenchArgs {
     /// fresh gateway each), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "500")]
     pub outbox_batch: Vec<usize>,
+    /// `acks`: the `within_s` of the events that ask for an ack; the
+    /// phase waits that long after its last publication (plus a sweep)
+    /// before reading the redelivery and escalation counters.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u16).range(1..=300))]
+    pub ack_within_s: u16,
+    /// `acks`: the phases with acks after the baseline, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "each,batched"
+    )]
+    pub ack_modes: Vec<AckMode>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -315,6 +348,8 @@ impl Plan {
             Scenario::Nodes => (1_000, 6, 5, 4_000, 200.0, 20.0),
             // 20 recipients per row.
             Scenario::Outbox => (100, 1, 5, 4_000, 200.0, 20.0),
+            // 20 kitchen displays per branch: 20 recipients, 20 acks per event.
+            Scenario::Acks => (1_000, 2, 25, 4_000, 200.0, 20.0),
         };
         let rate = args.rate.unwrap_or(rate);
         let duration = args.duration_s.unwrap_or(duration);
@@ -350,6 +385,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if plan.scenario == Scenario::Outbox {
         return outbox::run(&args, &plan).await;
+    }
+    if plan.scenario == Scenario::Acks {
+        return acks::run(&args, &plan).await;
     }
     let mut reports = Vec::new();
     for run in 1..=args.runs.max(1) {

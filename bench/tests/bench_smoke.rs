@@ -317,3 +317,69 @@ async fn the_outbox_scenario_delivers_every_committed_row_once_and_drops_its_sch
         .get(0);
     assert_eq!(left, 0, "{schema} left behind");
 }
+
+#[tokio::test]
+async fn the_ack_scenario_acknowledges_every_event_once_and_prices_the_acks() {
+    // 40 kitchen displays over 4 branches: 10 recipients, 10 acks per event.
+    let run = &bench(&[
+        "acks",
+        "--connections",
+        "40",
+        "--tenants",
+        "1",
+        "--branches",
+        "4",
+        "--rate",
+        "50",
+        "--duration-s",
+        "1",
+        "--ack-within-s",
+        "2",
+    ])
+    .await;
+    assert_eq!(run["broker"], "embedded", "{run}");
+    let phases = [
+        &run["baseline"],
+        &run["phases"]["ack_each"],
+        &run["phases"]["ack_batched"],
+    ];
+    for phase in phases {
+        assert_eq!(phase["events"]["published"], 50, "{run}");
+        let d = &phase["deliveries"];
+        assert_eq!(d["expected"], 500, "{run}");
+        assert_eq!(d["delivered"], 500, "{run}");
+        assert_eq!(d["missing"], 0, "{run}");
+        assert_eq!(d["misrouted"], 0, "{run}");
+        assert_eq!(d["redelivered"], 0, "{run}");
+        let c = &phase["gateway_counters"];
+        assert_eq!(c["events_redelivered_total"], 0.0, "{run}");
+        assert_eq!(c["events_unacknowledged_total"]["no_ack"], 0.0, "{run}");
+        assert_eq!(
+            c["events_unacknowledged_total"]["no_audience"], 0.0,
+            "{run}"
+        );
+        for outcome in ["late", "ignored", "failed"] {
+            assert_eq!(c["acks_total"][outcome], 0.0, "{outcome}: {run}");
+        }
+    }
+    assert_eq!(run["baseline"]["acks"]["messages"], 0, "{run}");
+    assert_eq!(
+        run["baseline"]["gateway_counters"]["acks_total"]["acknowledged"],
+        0.0
+    );
+    for phase in &phases[1..] {
+        // Each event acknowledged by its first ack, the other 9 repeated.
+        let c = &phase["gateway_counters"]["acks_total"];
+        assert_eq!(c["acknowledged"], 50.0, "{run}");
+        assert_eq!(c["repeated"], 450.0, "{run}");
+        assert_eq!(phase["acks"]["ids"], 500, "{run}");
+    }
+    assert_eq!(run["phases"]["ack_each"]["acks"]["messages"], 500, "{run}");
+    for mode in ["ack_each", "ack_batched"] {
+        let cost = &run["cost"][mode];
+        assert!(
+            cost["gateway_extra_cpu_us_per_acked_delivery"].is_number(),
+            "{run}"
+        );
+    }
+}
