@@ -1,4 +1,4 @@
-//! The node's side of acknowledgements (PROTOCOL.md §5,
+//! The node's side of acknowledgements (PROTOCOL.md §15,
 //! "Acknowledgements"): one task that tells the broker who received an
 //! event asking for an ack (the dispatcher's and resumes' receipts) and
 //! which of them acked it (connections' `ack` messages), and that takes the
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TenantId;
 use crate::broker::Broker;
-use crate::broker::acks::{AckStep, Seen};
+use crate::broker::acks::{AckOutcome, AckStep, Seen};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -29,6 +29,15 @@ const SWEEP_EVERY: Duration = Duration::from_millis(200);
 
 /// Work waiting for the task at most.
 const QUEUE: usize = 8192;
+
+/// How long the task gathers work after the first item: the acks of one
+/// event's recipients, sent a moment apart, go to the broker together
+/// (one call, each id once) instead of waking it once each.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// The events this node learned are acknowledged, remembered at most: their
+/// repeated acks are counted here without asking the broker again.
+const SETTLED: usize = 16_384;
 
 enum Work {
     Seen(Seen),
@@ -92,15 +101,44 @@ pub async fn run(
     let mut every = tokio::time::interval(SWEEP_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::new();
+    let mut settled = Settled::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => sweep(&*broker, &hub, &metrics).await,
-            n = rx.recv_many(&mut batch, 512) => {
+            n = rx.recv_many(&mut batch, QUEUE) => {
                 if n == 0 {
                     return;
                 }
-                apply(&*broker, &metrics, std::mem::take(&mut batch)).await;
+                tokio::time::sleep(GATHER).await;
+                while let Ok(work) = rx.try_recv() {
+                    batch.push(work);
+                }
+                apply(&*broker, &metrics, &mut settled, std::mem::take(&mut batch)).await;
+            }
+        }
+    }
+}
+
+/// The events this node learned are acknowledged, oldest first out.
+#[derive(Default)]
+struct Settled {
+    ids: std::collections::HashSet<(TenantId, String)>,
+    order: std::collections::VecDeque<(TenantId, String)>,
+}
+
+impl Settled {
+    fn contains(&self, tenant: TenantId, id: &str) -> bool {
+        self.ids.contains(&(tenant, id.to_owned()))
+    }
+
+    fn insert(&mut self, tenant: TenantId, id: String) {
+        if self.ids.insert((tenant, id.clone())) {
+            self.order.push_back((tenant, id));
+        }
+        while self.order.len() > SETTLED {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
             }
         }
     }
@@ -108,7 +146,7 @@ pub async fn run(
 
 /// Tells the broker a batch: receipts (summed per event), then acks, one
 /// call per tenant.
-async fn apply(broker: &dyn Broker, metrics: &Metrics, batch: Vec<Work>) {
+async fn apply(broker: &dyn Broker, metrics: &Metrics, settled: &mut Settled, batch: Vec<Work>) {
     let mut seen: HashMap<(TenantId, String), u32> = HashMap::new();
     let mut acked: HashMap<TenantId, Vec<String>> = HashMap::new();
     for work in batch {
@@ -130,17 +168,48 @@ async fn apply(broker: &dyn Broker, metrics: &Metrics, batch: Vec<Work>) {
             tracing::warn!(error = %e, "could not count an event's audience");
         }
     }
+    let count = |outcome: AckOutcome, n: u64| {
+        metrics
+            .acks
+            .with_label_values(&[outcome.as_str()])
+            .inc_by(n)
+    };
     for (tenant, ids) in acked {
-        let n = ids.len() as u64;
-        match broker.ack(tenant, ids).await {
+        // Each id once, and not those known acknowledged: the rest of an
+        // event's recipients' acks are repeats, counted here.
+        let mut asked: Vec<String> = Vec::new();
+        let mut repeats: HashMap<String, u64> = HashMap::new();
+        for id in ids {
+            if settled.contains(tenant, &id) {
+                count(AckOutcome::Repeated, 1);
+            } else if let Some(n) = repeats.get_mut(&id) {
+                *n += 1;
+            } else {
+                repeats.insert(id.clone(), 0);
+                asked.push(id);
+            }
+        }
+        if asked.is_empty() {
+            continue;
+        }
+        let n = asked.len() as u64;
+        match broker.ack(tenant, asked.clone()).await {
             Ok(outcomes) => {
-                for o in outcomes {
-                    metrics.acks.with_label_values(&[o.as_str()]).inc();
+                for (id, outcome) in asked.into_iter().zip(outcomes) {
+                    count(outcome, 1);
+                    let again = repeats.get(&id).copied().unwrap_or(0);
+                    if outcome == AckOutcome::Late {
+                        count(AckOutcome::Late, again);
+                    } else {
+                        count(AckOutcome::Repeated, again);
+                        settled.insert(tenant, id);
+                    }
                 }
             }
             Err(e) => {
-                metrics.acks.with_label_values(&["failed"]).inc_by(n);
-                tracing::warn!(error = %e, acks = n, "could not record acks");
+                let all = n + repeats.values().sum::<u64>();
+                metrics.acks.with_label_values(&["failed"]).inc_by(all);
+                tracing::warn!(error = %e, acks = all, "could not record acks");
             }
         }
     }

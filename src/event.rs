@@ -154,7 +154,7 @@ pub struct Fields {
     /// `entity.waiter_id`, read for `SECTOR_ASSIGNMENT_CHANGED`.
     pub entity_waiter_id: Option<i64>,
     /// `ack.within_s`: the event is to be acknowledged within this many
-    /// seconds (PROTOCOL.md §5, "Acknowledgements").
+    /// seconds (PROTOCOL.md §15).
     pub ack_within_s: Option<u16>,
 }
 

@@ -1,4 +1,4 @@
-//! Acknowledgements (PROTOCOL.md §5, "Acknowledgements"): what the brokers
+//! Acknowledgements (PROTOCOL.md §15): what the brokers
 //! say of an event that asked for one, and the embedded broker's book of
 //! them. The Redis broker keeps the same state in Redis, where every node
 //! reads it (`lua/wsgateway.lua`, `wsgateway_ack*`), so that the

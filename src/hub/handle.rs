@@ -13,7 +13,7 @@
 //! That spares the wake, the poll and the WebSocket layer per frame that
 //! dominated the gateway's cost per delivery (BENCHMARKS.md).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -185,7 +185,7 @@ pub struct ConnHandle {
     /// The events asking for an ack that were queued to this connection
     /// and that it has not acked, each until when it may still count
     /// (monotonic ms): its acks count only for these.
-    receipts: Mutex<Vec<(Box<str>, u64)>>,
+    receipts: Mutex<HashMap<Box<str>, u64>>,
 }
 
 /// The most unacked receipts a connection keeps: a client that never acks
@@ -365,23 +365,33 @@ impl ConnHandle {
             close: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             last_seen_ms: AtomicU64::new(monotonic_ms()),
-            receipts: Mutex::new(Vec::new()),
+            receipts: Mutex::new(HashMap::new()),
         }
     }
 
     /// Notes that an event asking for an ack was queued to this connection;
     /// false when it was already (a redelivery, or a second channel).
     pub fn note_receipt(&self, event_id: &str, until_ms: u64) -> bool {
-        let now = monotonic_ms();
         let mut receipts = self.receipts.lock();
-        receipts.retain(|(_, until)| *until > now);
-        if receipts.iter().any(|(id, _)| &**id == event_id) {
+        if receipts.contains_key(event_id) {
             return false;
         }
-        if receipts.len() >= MAX_RECEIPTS {
-            receipts.remove(0);
+        // Every 64 receipts the expired go (a connection that never acks,
+        // an admin's that only watches, holds only its live ones); when full
+        // of live ones, the one due first.
+        if receipts.len() % 64 == 63 {
+            let now = monotonic_ms();
+            receipts.retain(|_, until| *until > now);
         }
-        receipts.push((event_id.into(), until_ms));
+        if receipts.len() >= MAX_RECEIPTS
+            && let Some(first) = receipts
+                .iter()
+                .min_by_key(|(_, until)| **until)
+                .map(|(id, _)| id.clone())
+        {
+            receipts.remove(&first);
+        }
+        receipts.insert(event_id.into(), until_ms);
         true
     }
 
@@ -392,19 +402,13 @@ impl ConnHandle {
         let mut receipts = self.receipts.lock();
         let (mut received, mut others) = (Vec::new(), Vec::new());
         for id in ids {
-            match receipts
-                .iter()
-                .position(|(r, until)| **r == *id && *until > now)
-            {
-                Some(at) => {
-                    receipts.swap_remove(at);
-                    received.push(id);
-                }
-                None => others.push(id),
+            match receipts.remove(id.as_str()) {
+                Some(until) if until > now => received.push(id),
+                _ => others.push(id),
             }
         }
         if receipts.is_empty() && receipts.capacity() > 0 {
-            *receipts = Vec::new();
+            *receipts = HashMap::new();
         }
         (received, others)
     }
@@ -705,6 +709,30 @@ mod tests {
 
     fn frame(text: &'static str) -> Outbound {
         Outbound::reply(Utf8Bytes::from_static(text))
+    }
+
+    #[test]
+    fn an_ack_counts_once_and_only_for_a_live_receipt() {
+        let h = ConnHandle::new(1, 1, Endpoint::Kitchen, 3);
+        let later = monotonic_ms() + 60_000;
+        assert!(h.note_receipt("a", later));
+        assert!(
+            !h.note_receipt("a", later),
+            "a second channel, a redelivery"
+        );
+        assert!(h.note_receipt("expired", monotonic_ms()));
+        let ids = ["a", "b", "a", "expired"].map(String::from).to_vec();
+        let (received, others) = h.take_receipts(ids);
+        assert_eq!(received, ["a"]);
+        assert_eq!(others, ["b", "a", "expired"]);
+        // A client that never acks keeps at most MAX_RECEIPTS, the latest.
+        for i in 0..3 * MAX_RECEIPTS as u64 {
+            h.note_receipt(&i.to_string(), later + i);
+        }
+        assert!(h.receipts.lock().len() <= MAX_RECEIPTS);
+        let last = (3 * MAX_RECEIPTS - 1).to_string();
+        let (received, _) = h.take_receipts(vec![last.clone(), "0".into()]);
+        assert_eq!(received, [last]);
     }
 
     #[test]

@@ -446,6 +446,10 @@ impl Hub {
                     tracing::error!(conn = id, "tenant mismatch in the hub index; not delivered");
                     continue;
                 }
+                // Noted before the frame can reach the client, so that its
+                // ack always finds it (a frame not queued leaves a receipt on
+                // a connection that is closing, uncounted).
+                let new_receipt = ack.is_some_and(|(id, until)| handle.note_receipt(id, until));
                 match handle.enqueue(outbound.clone()) {
                     Push::Queued => fanout.queued += 1,
                     Push::ToFlush => {
@@ -461,11 +465,7 @@ impl Hub {
                         continue;
                     }
                 }
-                if let Some((id, until)) = ack
-                    && handle.note_receipt(id, until)
-                {
-                    fanout.receipts += 1;
-                }
+                fanout.receipts += u32::from(new_receipt);
             }
         };
         let branch = |b: BranchId| tenant.branches.get(&b);
