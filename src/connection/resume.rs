@@ -81,10 +81,17 @@ pub async fn replay(ctx: &Context, conn: ConnId, last_event_id: &str) -> Replay 
             .iter()
             .any(|c| audience::receives(tenant, endpoint, &member, *c, &fields));
         if mine {
+            // A replayed event that asks for an ack: this connection got it,
+            // and may ack it where it is not only an overseer.
+            let answers = fields.ack_within_s.is_some()
+                && entry.channels.iter().any(|c| {
+                    audience::acks_from(endpoint, *c)
+                        && audience::receives(tenant, endpoint, &member, *c, &fields)
+                });
             if let Some(id) = fields.event_id {
-                // A replayed event that asks for an ack: this connection
-                // got it, and may ack it.
-                if let (Some(within_s), Some(handle)) = (fields.ack_within_s, &handle) {
+                if let (Some(within_s), Some(handle), true) =
+                    (fields.ack_within_s, &handle, answers)
+                {
                     let until = monotonic_ms() + 2_000 * u64::from(within_s) + RECEIPT_SLACK_MS;
                     if handle.note_receipt(&id, until) {
                         ctx.acks.seen(tenant, &id, 1);

@@ -94,6 +94,18 @@ impl Member {
     }
 }
 
+/// Whether a connection's acks count for an event it got on `channel`
+/// (PROTOCOL.md §15): a branch's admins get its waiters' and kitchen's
+/// events to oversee them, not to handle them, so a dashboard never
+/// answers for a kitchen display that is off.
+pub fn acks_from(endpoint: Endpoint, channel: Channel) -> bool {
+    !(endpoint == Endpoint::Admin
+        && matches!(
+            channel,
+            Channel::BranchWaiters(_) | Channel::SectorWaiters(..) | Channel::BranchKitchen(_)
+        ))
+}
+
 /// Whether a connection (tenant, endpoint, membership) is in the audience of
 /// an event (its fields, arriving on `channel`).
 pub fn receives(
@@ -311,5 +323,23 @@ mod tests {
         assert_eq!(s.reported(), Some(vec![1, 2, 3]));
         let s = SectorScope::ByBranch(vec![(5, Some(vec![3])), (6, None)]);
         assert_eq!(s.reported(), None);
+    }
+
+    #[test]
+    fn admins_oversee_the_waiters_and_kitchen_and_answer_for_the_rest() {
+        use Channel::*;
+        let overseen = [BranchWaiters(5), SectorWaiters(5, 10), BranchKitchen(5)];
+        let answered = [BranchAdmin(5), TenantStaff, User(7), Session(77)];
+        for c in overseen {
+            assert!(!acks_from(Endpoint::Admin, c), "{c}");
+        }
+        for c in answered.into_iter().chain(overseen) {
+            for e in [Endpoint::Waiter, Endpoint::Kitchen, Endpoint::Diner] {
+                assert!(acks_from(e, c), "{e:?} {c}");
+            }
+        }
+        for c in answered {
+            assert!(acks_from(Endpoint::Admin, c), "{c}");
+        }
     }
 }

@@ -437,8 +437,18 @@ impl Hub {
         };
         let mut send = |members: &Members| {
             for (id, handle) in members {
+                // Whether this connection answers for the event here.
+                let answers = |handle: &ConnHandle| {
+                    ack.is_some_and(|(id, until)| {
+                        audience::acks_from(handle.endpoint, event.channel)
+                            && handle.note_receipt(id, until)
+                    })
+                };
                 if !prior.is_empty() && index.got_already(*id, prior, event) {
                     fanout.repeated += 1;
+                    // Got on a channel it only oversees (an admin, the
+                    // kitchen's), it answers on this one (the admins').
+                    fanout.receipts += u32::from(answers(handle));
                     continue;
                 }
                 if handle.tenant_id != event.fields.tenant_id {
@@ -449,7 +459,7 @@ impl Hub {
                 // Noted before the frame can reach the client, so that its
                 // ack always finds it (a frame not queued leaves a receipt on
                 // a connection that is closing, uncounted).
-                let new_receipt = ack.is_some_and(|(id, until)| handle.note_receipt(id, until));
+                let new_receipt = answers(handle);
                 match handle.enqueue(outbound.clone()) {
                     Push::Queued => fanout.queued += 1,
                     Push::ToFlush => {

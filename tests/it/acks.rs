@@ -245,6 +245,39 @@ async fn an_event_nobody_got_escalates_as_no_audience_and_a_resuming_admin_gets_
 }
 
 #[tokio::test]
+async fn a_kitchen_display_that_is_off_escalates_as_no_audience_while_admins_watch() {
+    let server = RedisServer::start();
+    for (broker, gw) in gateways(&server).await {
+        let t = tenant();
+        let (mut admin, _) = gw.join("admin", &staff(2, t, &[5], &["ADMIN"])).await;
+        let started = Instant::now();
+        let id = publish_acked(&gw, "channel:branch:5:kitchen", order(t, 5), 1).await;
+        let seen = next_event(&mut admin, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(seen["event_id"], id);
+        let escalated = next_event(&mut admin, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(1_900),
+            "{broker}: no redelivery first"
+        );
+        assert_eq!(
+            (
+                escalated["type"].as_str(),
+                escalated["reason"].as_str(),
+                &escalated["audience"]
+            ),
+            (Some("EVENT_UNACKNOWLEDGED"), Some("no_audience"), &json!(0)),
+            "{broker}: {escalated}"
+        );
+        assert_quiet(&mut admin, 1_500).await;
+        gw.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn acks_from_connections_that_did_not_get_the_event_are_ignored() {
     let server = RedisServer::start();
     for (broker, gw) in gateways(&server).await {
@@ -263,14 +296,22 @@ async fn acks_from_connections_that_did_not_get_the_event_are_ignored() {
                 .unwrap()["event_id"],
             id
         );
-        for c in [&mut other_tenant, &mut other_branch, &mut diner] {
+        // The branch's admin gets the kitchen's events to oversee them: its
+        // ack does not answer for the kitchen.
+        assert_eq!(
+            next_event(&mut admin, Duration::from_secs(5))
+                .await
+                .unwrap()["event_id"],
+            id
+        );
+        for c in [&mut other_tenant, &mut other_branch, &mut diner, &mut admin] {
             ack(c, &[&id]).await;
         }
         ack(&mut kitchen, &["never-published"]).await;
-        gw.wait_metric("wsgateway_acks_total{outcome=\"ignored\"}", |v| v == 4.0)
+        gw.wait_metric("wsgateway_acks_total{outcome=\"ignored\"}", |v| v == 5.0)
             .await;
         // So it is unacknowledged: one redelivery to the kitchen, and the
-        // escalation (the admin, which got it too, never acked).
+        // escalation.
         let again = next_event(&mut kitchen, Duration::from_secs(5))
             .await
             .unwrap();
@@ -278,7 +319,7 @@ async fn acks_from_connections_that_did_not_get_the_event_are_ignored() {
         let escalations = escalations(&mut admin, 2_500).await;
         assert_eq!(escalations.len(), 1, "{broker}: {escalations:?}");
         assert_eq!(escalations[0]["reason"], "no_ack");
-        assert_eq!(escalations[0]["audience"], 2, "the kitchen and the admin");
+        assert_eq!(escalations[0]["audience"], 1, "the kitchen, not the admin");
         gw.assert_metric("acks_total{outcome=\"acknowledged\"}", 0.0)
             .await;
         gw.stop().await;
@@ -484,8 +525,8 @@ async fn nodes_share_deadlines(env: &[(&str, &str)]) {
         assert_eq!(escalated.len(), 1, "{escalated:?}");
         assert_eq!(escalated[0]["event_id"], id);
         assert_eq!(escalated[0]["reason"], "no_ack");
-        // The kitchen and both admins got it.
-        assert_eq!(escalated[0]["audience"], 3);
+        // The kitchen (the admins only oversee it).
+        assert_eq!(escalated[0]["audience"], 1);
     }
     assert_quiet(&mut kitchen, 200).await;
     let sample = "wsgateway_events_unacknowledged_total{reason=\"no_ack\"}";
