@@ -435,15 +435,17 @@ impl Hub {
             )),
             _ => None,
         };
+        // Whether a recipient answers for the event here (it asks for an
+        // ack, and the recipient is not only overseeing this channel); a
+        // new receipt is noted on it.
+        let answers = |handle: &ConnHandle| {
+            ack.is_some_and(|(event_id, until)| {
+                audience::acks_from(handle.endpoint, event.channel)
+                    && handle.note_receipt(event_id, until)
+            })
+        };
         let mut send = |members: &Members| {
             for (id, handle) in members {
-                // Whether this connection answers for the event here.
-                let answers = |handle: &ConnHandle| {
-                    ack.is_some_and(|(id, until)| {
-                        audience::acks_from(handle.endpoint, event.channel)
-                            && handle.note_receipt(id, until)
-                    })
-                };
                 if !prior.is_empty() && index.got_already(*id, prior, event) {
                     fanout.repeated += 1;
                     // Got on a channel it only oversees (an admin, the
@@ -460,22 +462,19 @@ impl Hub {
                 // ack always finds it (a frame not queued leaves a receipt on
                 // a connection that is closing, uncounted).
                 let new_receipt = answers(handle);
-                match handle.enqueue(outbound.clone()) {
+                let pushed = handle.enqueue(outbound.clone());
+                match pushed {
                     Push::Queued => fanout.queued += 1,
                     Push::ToFlush => {
                         fanout.queued += 1;
                         to_flush.push(handle.clone());
                     }
-                    Push::Overflowed => {
-                        fanout.overflowed += 1;
-                        continue;
-                    }
-                    Push::Gone => {
-                        fanout.gone += 1;
-                        continue;
-                    }
+                    Push::Overflowed => fanout.overflowed += 1,
+                    Push::Gone => fanout.gone += 1,
                 }
-                fanout.receipts += u32::from(new_receipt);
+                if pushed.queued() {
+                    fanout.receipts += u32::from(new_receipt);
+                }
             }
         };
         let branch = |b: BranchId| tenant.branches.get(&b);
