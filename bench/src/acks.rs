@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 use super::clients::{Acking, Fleet, KITCHEN_EVENT, Population, now_us};
 use super::gateway::Target;
 use super::procfs::{self, TICKS_PER_S};
-use super::report::{median, percentile_ms};
+use super::report::{percentile_ms, print_runs};
 use super::{AckMode, BenchArgs, Plan};
 
 /// After the connections are open, before publishing: time for the
@@ -59,29 +59,7 @@ const PAST_DEADLINE: Duration = Duration::from_millis(1500);
 
 /// Runs `--runs` runs, prints each, then the medians (or all as JSON).
 pub async fn run(args: &BenchArgs, plan: &Plan) -> anyhow::Result<()> {
-    let runs = args.runs.max(1);
-    let mut reports = Vec::new();
-    for run in 1..=runs {
-        let report = run_once(args, plan)
-            .await
-            .with_context(|| format!("run {run}"))?;
-        if !args.json {
-            println!("--- run {run} of {runs}");
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        reports.push(report);
-    }
-    let summary = median(&reports);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"runs": reports, "median": summary}))?
-        );
-    } else if reports.len() > 1 {
-        println!("--- median of {} runs", reports.len());
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
+    print_runs(args, || run_once(args, plan)).await
 }
 
 /// A phase of a run.

@@ -35,7 +35,7 @@ use tokio_postgres::{Client, NoTls};
 use super::clients::{ClientStats, Fleet, Population, now_us};
 use super::gateway::{Target, gateway_bin};
 use super::procfs::{self, TICKS_PER_S};
-use super::report::median;
+use super::report::print_runs;
 use super::setting::{OUTBOX_BATCH, OUTBOX_DATABASE_URL, OUTBOX_TABLE};
 use super::{BenchArgs, Plan};
 
@@ -48,29 +48,7 @@ const QUIET: Duration = Duration::from_secs(20);
 
 /// Runs `--runs` runs, prints each, then the medians (or all as JSON).
 pub async fn run(args: &BenchArgs, plan: &Plan) -> anyhow::Result<()> {
-    let runs = args.runs.max(1);
-    let mut reports = Vec::new();
-    for run in 1..=runs {
-        let report = run_once(args, plan)
-            .await
-            .with_context(|| format!("run {run}"))?;
-        if !args.json {
-            println!("--- run {run} of {runs}");
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        reports.push(report);
-    }
-    let summary = median(&reports);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"runs": reports, "median": summary}))?
-        );
-    } else if reports.len() > 1 {
-        println!("--- median of {} runs", reports.len());
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    Ok(())
+    print_runs(args, || run_once(args, plan)).await
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {

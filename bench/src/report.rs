@@ -240,3 +240,34 @@ pub fn median(runs: &[Value]) -> Value {
     }
     walk(&runs.iter().collect::<Vec<_>>())
 }
+
+/// Runs `one` `--runs` times, prints each report, then their medians (or,
+/// with `--json`, all of them and the medians as one document).
+pub async fn print_runs<F, Fut>(args: &super::BenchArgs, mut one: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Value>>,
+{
+    use anyhow::Context;
+    let runs = args.runs.max(1);
+    let mut reports = Vec::new();
+    for run in 1..=runs {
+        let report = one().await.with_context(|| format!("run {run}"))?;
+        if !args.json {
+            println!("--- run {run} of {runs}");
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        reports.push(report);
+    }
+    let summary = median(&reports);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"runs": reports, "median": summary}))?
+        );
+    } else if reports.len() > 1 {
+        println!("--- median of {} runs", reports.len());
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
