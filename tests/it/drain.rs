@@ -64,6 +64,19 @@ async fn http_get(addr: &str, path: &str) -> (u16, serde_json::Value) {
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Waits until the gateway holds exactly `n` connections.
+async fn wait_connections(addr: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get(addr, "/ws/health/detailed").await;
+        if body["connections"]["total"] == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not {n} connections: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The HTTP status a WebSocket upgrade gets (101 when it succeeds).
 async fn upgrade_status(addr: &str) -> u16 {
     let token = staff(999, 1, &[1], &["WAITER"]);
@@ -84,6 +97,9 @@ async fn sigterm_drains_the_connections_spread_over_the_window_with_1012() {
     let clients = waiters(&addr, N).await;
     assert_eq!(http_get(&addr, "/ws/health").await.0, 200);
     assert_eq!(upgrade_status(&addr).await, 101);
+    // That probe's connection is dropped at once, but the gateway may not
+    // have seen it go yet: the drain spreads over what it holds.
+    wait_connections(&addr, N).await;
 
     let start = Instant::now();
     gateway.terminate();
