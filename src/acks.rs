@@ -121,24 +121,31 @@ pub async fn run(
 }
 
 /// The events this node learned are acknowledged, oldest first out.
+/// Keyed by tenant, so that a lookup borrows the id.
 #[derive(Default)]
 struct Settled {
-    ids: std::collections::HashSet<(TenantId, String)>,
+    ids: HashMap<TenantId, std::collections::HashSet<String>>,
     order: std::collections::VecDeque<(TenantId, String)>,
 }
 
 impl Settled {
     fn contains(&self, tenant: TenantId, id: &str) -> bool {
-        self.ids.contains(&(tenant, id.to_owned()))
+        self.ids.get(&tenant).is_some_and(|ids| ids.contains(id))
     }
 
     fn insert(&mut self, tenant: TenantId, id: String) {
-        if self.ids.insert((tenant, id.clone())) {
+        if self.ids.entry(tenant).or_default().insert(id.clone()) {
             self.order.push_back((tenant, id));
         }
         while self.order.len() > SETTLED {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
+            let Some((tenant, old)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(ids) = self.ids.get_mut(&tenant) {
+                ids.remove(&old);
+                if ids.is_empty() {
+                    self.ids.remove(&tenant);
+                }
             }
         }
     }
@@ -216,7 +223,12 @@ async fn apply(broker: &dyn Broker, metrics: &Metrics, settled: &mut Settled, ba
 }
 
 async fn sweep(broker: &dyn Broker, hub: &Hub, metrics: &Metrics) {
-    let steps = match broker.sweep_acks(hub.tenants()).await {
+    let tenants = if broker.sweeps_per_tenant() {
+        hub.tenants()
+    } else {
+        Vec::new()
+    };
+    let steps = match broker.sweep_acks(tenants).await {
         Ok(steps) => steps,
         Err(e) => {
             tracing::debug!(error = %e, "ack deadlines not swept");
@@ -246,5 +258,29 @@ async fn sweep(broker: &dyn Broker, hub: &Hub, metrics: &Metrics) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settled_is_per_tenant_and_forgets_the_oldest_first() {
+        let mut settled = Settled::default();
+        settled.insert(1, "a".into());
+        settled.insert(1, "a".into());
+        assert!(settled.contains(1, "a"));
+        assert!(!settled.contains(2, "a"));
+        for i in 0..SETTLED {
+            settled.insert(2, i.to_string());
+        }
+        assert!(!settled.contains(1, "a"), "the oldest is out");
+        assert!(settled.contains(2, "0") && settled.contains(2, &(SETTLED - 1).to_string()));
+        assert_eq!(settled.order.len(), SETTLED);
+        assert!(
+            !settled.ids.contains_key(&1),
+            "an emptied tenant is dropped"
+        );
     }
 }

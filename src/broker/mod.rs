@@ -184,10 +184,17 @@ pub trait Broker: Send + Sync {
     /// their audience.
     fn seen(&self, seen: Vec<acks::Seen>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
+    /// Whether [`Broker::sweep_acks`] needs this node's tenants: only a
+    /// cluster's, whose function cannot find every tenant with deadlines
+    /// by itself.
+    fn sweeps_per_tenant(&self) -> bool {
+        false
+    }
+
     /// Takes the steps of the acknowledgement deadlines that are past:
     /// the redelivery, then the escalation, each exactly once whichever
-    /// node asks. `tenants` are this node's (a cluster's function cannot
-    /// find every tenant with deadlines by itself).
+    /// node asks. `tenants` are this node's where
+    /// [`Broker::sweeps_per_tenant`], else empty.
     fn sweep_acks(
         &self,
         tenants: Vec<TenantId>,

@@ -432,6 +432,10 @@ impl Broker for RedisBroker {
         Box::pin(self.note_seen(seen))
     }
 
+    fn sweeps_per_tenant(&self) -> bool {
+        self.link.connector().is_cluster()
+    }
+
     fn sweep_acks(
         &self,
         tenants: Vec<TenantId>,
