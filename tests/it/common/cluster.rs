@@ -131,16 +131,35 @@ pub fn parse_nodes(text: &str) -> Vec<NodeLine> {
 /// A command on a new connection to `server`, bounded in time: 2 s to
 /// connect, 10 s for the answer (more than `WAIT`'s and `MIGRATE`'s own
 /// 5 s), so that a node that never answers fails the test, not hangs it.
+/// One command on a new connection, within timeouts. A socket read with a
+/// timeout is not restarted after a signal handler ran (signal(7)), and
+/// the test process's children exit all the time (a SIGCHLD, which
+/// tokio's process support handles): an interrupted command is sent once
+/// more on a new connection. (The harness's commands are reads, or writes
+/// whose repetition a test would see.)
 fn query_on<T: redis::FromRedisValue>(
     server: &RedisServer,
     cmd: &redis::Cmd,
 ) -> redis::RedisResult<T> {
-    let mut conn = server
-        .client()
-        .get_connection_with_timeout(Duration::from_secs(2))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-    cmd.query(&mut conn)
+    let once = || -> redis::RedisResult<T> {
+        let mut conn = server
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+        cmd.query(&mut conn)
+    };
+    match once() {
+        Err(e) if interrupted(&e) => once(),
+        done => done,
+    }
+}
+
+/// EINTR, which the redis crate reports only in its words.
+fn interrupted(e: &redis::RedisError) -> bool {
+    const EINTR: i32 = 4;
+    let words = std::io::Error::from_raw_os_error(EINTR).to_string();
+    e.is_io_error() && e.to_string().contains(&words)
 }
 
 fn field(info: &str, name: &str) -> Option<String> {
