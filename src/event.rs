@@ -15,8 +15,9 @@ use tungstenite::Utf8Bytes;
 use crate::auth::{BranchId, SectorId, SessionId, TenantId};
 use crate::channel::Channel;
 
-/// The event types the platform's backend is known to publish. Any other
-/// type is still delivered, and counted.
+/// The event types the platform's backend is known to publish, and the
+/// gateway's own escalation. Any other type is still delivered, and
+/// counted.
 pub const KNOWN_TYPES: &[&str] = &[
     "ROUND_SUBMITTED",
     "ROUND_IN_KITCHEN",
@@ -34,6 +35,7 @@ pub const KNOWN_TYPES: &[&str] = &[
     "ENTITY_UPDATED",
     "ENTITY_DELETED",
     "SECTOR_ASSIGNMENT_CHANGED",
+    EVENT_UNACKNOWLEDGED,
 ];
 
 /// The gateway's own frame types (`crate::reply::Reply`, PROTOCOL.md §5

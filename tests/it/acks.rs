@@ -273,6 +273,12 @@ async fn a_kitchen_display_that_is_off_escalates_as_no_audience_while_admins_wat
             "{broker}: {escalated}"
         );
         assert_quiet(&mut admin, 1_500).await;
+        // The gateway's own escalation is a known type.
+        let metrics = gw.metrics().await;
+        assert!(
+            !metrics.contains(r#"type="EVENT_UNACKNOWLEDGED""#),
+            "{broker}: counted as an unknown type"
+        );
         gw.stop().await;
     }
 }
