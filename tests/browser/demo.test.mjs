@@ -176,6 +176,22 @@ const waitState = (page, state) =>
 const waitEvent = (page, id) =>
   until(page, `event ${id} in the log`, (i) => !!document.querySelector(`.entry[data-event-id="${CSS.escape(i)}"]`), id);
 
+/** `waiting`, or its failure with what each page's log and the gateway's
+ * output say, to tell a lost event from a slow page. */
+async function explained(waiting, pages, gateway) {
+  try {
+    return await waiting;
+  } catch (e) {
+    const logs = [];
+    for (const [name, page] of Object.entries(pages)) {
+      const list = await entries(page).catch((err) => [{ type: `unreadable: ${err.message}` }]);
+      logs.push(`${name}'s log: ${list.map((x) => `${x.type}${x.eventId ? ` ${x.eventId}` : ''}`).join(', ')}`);
+    }
+    const tail = gateway.output.split('\n').slice(-40).join('\n');
+    throw new Error(`${e.message}\n${logs.join('\n')}\ngateway's output (last lines):\n${tail}`);
+  }
+}
+
 /** The log's entries, in order, as plain data. */
 const entries = (page) =>
   page.$$eval('#log .entry', (list) =>
@@ -398,11 +414,13 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
 
   // The kitchen's page now acknowledges by hand, and does not: the event is redelivered, then escalated to the admin.
   await kitchen.page.select('#ack-mode', 'manual');
+  // (Counted from now: the first connection may have reconnected by itself.)
+  const connectedSoFar = await kitchen.page.$$eval('.entry[data-type="connected"]', (l) => l.length);
   await kitchen.page.click('#connect');
-  await until(kitchen.page, 'the second connected', () => document.querySelectorAll('.entry[data-type="connected"]').length === 2);
+  await until(kitchen.page, 'the new connection\'s connected', (n) => document.querySelectorAll('.entry[data-type="connected"]').length > n, connectedSoFar);
   await waitState(kitchen.page, 'open');
   const ignored = await publishWithAck(port, channel, { type: 'ROUND_SUBMITTED', tenant_id: tenant, branch_id: branch, event_id: `ack-${tenant}-2` }, 1);
-  await waitEvent(kitchen.page, ignored);
+  await explained(waitEvent(kitchen.page, ignored), { kitchen: kitchen.page, admin: admin.page }, gateway);
   assert.equal(await kitchen.page.$$eval(`button[data-ack="${ignored}"]`, (l) => l.length), 1, 'an Ack button on the event');
   await until(kitchen.page, 'the redelivery', (id) => !!document.querySelector(`.entry.redelivered[data-event-id="${CSS.escape(id)}"][data-redelivered="true"]`), ignored);
   assert.match(await kitchen.page.$eval('.entry.redelivered .flag', (e) => e.textContent), /redelivered/);
