@@ -27,7 +27,7 @@
 // (EVENT_UNACKNOWLEDGED, above its log); the admin's page lists who is
 // connected (the gateway's presence answer).
 
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
 import { createHash, randomInt } from 'node:crypto';
@@ -46,6 +46,13 @@ const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const JWT_SECRET = 'browser-test-jwt-secret';
 const TABLE_SECRET = 'browser-test-table-secret';
 const API_KEY = 'browser-test-api-key';
+// A deployment of its own on the shared Redis: another suite's gateways
+// there under the same prefix, with another TABLE_TOKEN_SECRET, would load
+// the function library with their signing key, and this test's gateways
+// would drop every message signed with it (and theirs this test's).
+const PREFIX = `browser_${process.pid}`;
+const FCALL_PUBLISH = `${PREFIX}_wsgateway_publish`;
+after(() => run('redis-cli', ['-u', REDIS_URL, 'FUNCTION', 'DELETE', `${PREFIX}_wsgateway`]).catch(() => {}));
 // Deadlines, generous for a loaded 2-core machine; none is waited in full
 // when things work.
 const START_MS = 30_000;
@@ -268,7 +275,7 @@ test('serve with Redis: paste a URL, receive, survive a restart, resume with rec
   const branch = randomInt(1, 1_000_000);
   const channel = `channel:branch:${branch}:waiters`;
   const env = {
-    REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
+    REDIS_URL, WSGATEWAY_REDIS_PREFIX: PREFIX, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
     // Heartbeats every second; a page silent for 4 s would be closed (1001).
     WSGATEWAY_HEARTBEAT_INTERVAL_S: '1', WSGATEWAY_HEARTBEAT_TIMEOUT_S: '4', WSGATEWAY_CLEANUP_INTERVAL_S: '1',
   };
@@ -319,7 +326,7 @@ test('serve with Redis: paste a URL, receive, survive a restart, resume with rec
   await until(page, 'the page to notice the lost connection', () => ['reconnecting', 'connecting'].includes(document.getElementById('state').dataset.state));
   await until(page, 'a reconnect attempt in the log', () => !!document.querySelector('.entry[data-type="reconnecting"]'));
   const missed = `demo-${tenant}-missed`;
-  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', 'wsgateway_publish', '0', channel,
+  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', FCALL_PUBLISH, '0', channel,
     JSON.stringify({ type: 'ROUND_SERVED', tenant_id: tenant, branch_id: branch, event_id: missed })]);
   assert.deepEqual(fcall.stdout.trim().split('\n'), [missed, 'published'], `FCALL answered ${fcall.stdout}`);
 
@@ -370,7 +377,7 @@ test('serve: a kitchen page acknowledges, a redelivery and an escalation are sho
   const tenant = randomInt(100_000, 2_000_000_000);
   const branch = randomInt(1, 1_000_000);
   const channel = `channel:branch:${branch}:kitchen`;
-  const env = { REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
+  const env = { REDIS_URL, WSGATEWAY_REDIS_PREFIX: PREFIX, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true',
     WSGATEWAY_NODE_NAME: 'browser-test-node' };
   const gateway = await new GatewayProcess('serve', port, env).ready();
   t.after(() => gateway.kill());
@@ -471,7 +478,7 @@ test('serve drains on SIGTERM: the page shows the 1012, counts down the spread r
   const tenant = randomInt(100_000, 2_000_000_000);
   const branch = randomInt(1, 1_000_000);
   const channel = `channel:branch:${branch}:waiters`;
-  const env = { REDIS_URL, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true' };
+  const env = { REDIS_URL, WSGATEWAY_REDIS_PREFIX: PREFIX, JWT_SECRET, TABLE_TOKEN_SECRET: TABLE_SECRET, WSGATEWAY_API_KEY: API_KEY, WSGATEWAY_DEMO_PAGE: 'true' };
   // A drain window: the page's one connection is the first closed, at once; the node exits when the window ends.
   let gateway = await new GatewayProcess('serve', port, { ...env, WSGATEWAY_DRAIN_S: '2' }).ready();
   t.after(() => gateway.kill());
@@ -511,7 +518,7 @@ test('serve drains on SIGTERM: the page shows the 1012, counts down the spread r
 
   // While no node runs, an event is published through Redis; then a new node on the same port.
   const missed = `drain-${tenant}-missed`;
-  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', 'wsgateway_publish', '0', channel,
+  const fcall = await run('redis-cli', ['-u', REDIS_URL, 'FCALL', FCALL_PUBLISH, '0', channel,
     JSON.stringify({ type: 'ROUND_SERVED', tenant_id: tenant, branch_id: branch, event_id: missed })]);
   assert.deepEqual(fcall.stdout.trim().split('\n'), [missed, 'published'], `FCALL answered ${fcall.stdout}`);
   gateway = await new GatewayProcess('serve', port, env).ready();
