@@ -482,6 +482,7 @@ fn identify_diner(ctx: &Context, token: Option<&str>) -> Result<Identified, Refu
     let member = Member::Diner {
         branch_id: id.branch_id,
         session_id: id.session_id,
+        table_id: id.table_id,
     };
     Ok(Identified {
         tenant_id: id.tenant_id,
@@ -582,24 +583,17 @@ fn register(
         let text = Reply::Connected(connected).to_text();
         (Some(Outbound::reply(text)), None)
     };
-    let table_id = match owner {
-        refresh::Owner::Diner { table_id, .. } => table_id,
-        refresh::Owner::Staff { .. } => 0,
-    };
     let registered = ctx
         .hub
-        .register_at_table(
-            Registration {
-                tenant_id,
-                endpoint: req.endpoint,
-                member,
-                expires_at,
-                jti,
-                queue_capacity: ctx.settings.send_queue_size,
-                greeting,
-            },
-            table_id,
-        )
+        .register(Registration {
+            tenant_id,
+            endpoint: req.endpoint,
+            member,
+            expires_at,
+            jti,
+            queue_capacity: ctx.settings.send_queue_size,
+            greeting,
+        })
         .map_err(|refusal| match refusal {
             Refusal::AtCapacity => Refused::AtCapacity,
             Refusal::UserLimit => Refused::UserLimit,

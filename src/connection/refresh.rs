@@ -195,6 +195,7 @@ fn check_diner(ctx: &Context, owner: Owner, token: Option<&str>) -> Result<Refre
         member: Member::Diner {
             branch_id: new.branch_id,
             session_id: new.session_id,
+            table_id: new.table_id,
         },
         expires_at: new.exp,
         jti: None,

@@ -72,6 +72,8 @@ pub enum Member {
     Diner {
         branch_id: BranchId,
         session_id: SessionId,
+        /// The table its token names (presence lists it).
+        table_id: i64,
     },
 }
 
@@ -123,6 +125,7 @@ pub fn receives(
             Member::Diner {
                 branch_id,
                 session_id,
+                ..
             },
             Endpoint::Diner,
         ) => channel == Channel::Session(*session_id) && *branch_id == event.branch_id,
@@ -240,6 +243,7 @@ mod tests {
         let diner = Member::Diner {
             branch_id: 9,
             session_id: 1,
+            table_id: 3,
         };
         assert!(!receives(
             1,
@@ -277,6 +281,7 @@ mod tests {
         let diner = Member::Diner {
             branch_id: 5,
             session_id: 77,
+            table_id: 3,
         };
         let ev = fields(1, 5, None);
         assert!(receives(

@@ -180,8 +180,6 @@ struct Entry {
     jti: Option<Box<str>>,
     /// When it was registered, Unix ms (presence).
     connected_at: u64,
-    /// A diner's table (presence); 0 for staff.
-    table_id: i64,
 }
 
 /// Told when a connection enters or leaves the hub, or its branches or
@@ -281,16 +279,6 @@ impl Hub {
     /// Indexes a connection, unless a limit forbids it. The total limit is
     /// checked before the per-user or per-session one (PROTOCOL.md §2).
     pub fn register(self: &Arc<Self>, reg: Registration) -> Result<Registered, Refusal> {
-        self.register_at_table(reg, 0)
-    }
-
-    /// [`Hub::register`], for a diner at table `table_id` (presence lists
-    /// it).
-    pub fn register_at_table(
-        self: &Arc<Self>,
-        reg: Registration,
-        table_id: i64,
-    ) -> Result<Registered, Refusal> {
         let connected_at = crate::event::unix_ms().max(0) as u64;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(ConnHandle::new(
@@ -327,6 +315,7 @@ impl Hub {
             Member::Diner {
                 branch_id,
                 session_id,
+                ..
             } => {
                 let key = (*branch_id, *session_id);
                 let mine = tenant.sessions.entry(key).or_default();
@@ -352,7 +341,6 @@ impl Hub {
                 expires_at: reg.expires_at,
                 jti: reg.jti,
                 connected_at,
-                table_id,
             },
         );
         drop(index);
@@ -391,6 +379,7 @@ impl Hub {
                 Member::Diner {
                     branch_id,
                     session_id,
+                    ..
                 } => remove_from(&mut tenant.sessions, &(*branch_id, *session_id), id),
             }
             if shape(Some(tenant)) != before {
@@ -682,10 +671,12 @@ impl Hub {
                 Member::Diner {
                     branch_id: a,
                     session_id: s,
+                    ..
                 },
                 Member::Diner {
                     branch_id: b,
                     session_id: t,
+                    ..
                 },
             ) => a == b && s == t,
             _ => false,
@@ -909,9 +900,13 @@ impl Index {
                     p.sector_ids = sectors.in_branch(branch).map(<[SectorId]>::to_vec);
                 }
             }
-            Member::Diner { session_id, .. } => {
+            Member::Diner {
+                session_id,
+                table_id,
+                ..
+            } => {
                 p.session_id = Some(*session_id);
-                p.table_id = Some(entry.table_id);
+                p.table_id = Some(*table_id);
             }
         }
         Some(p)

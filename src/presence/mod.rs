@@ -324,9 +324,10 @@ mod tests {
         let diner = Member::Diner {
             branch_id: 5,
             session_id: 77,
+            table_id: 12,
         };
         let d = hub
-            .register_at_table(reg(1, Endpoint::Diner, diner.clone()), 12)
+            .register(reg(1, Endpoint::Diner, diner.clone()))
             .unwrap();
         let _other_tenant = hub.register(reg(2, Endpoint::Diner, diner)).unwrap();
         let presence = Presence::embedded(hub.clone(), NodeId::new("n1"));
