@@ -48,12 +48,7 @@ pub async fn presence(
     let counted = |outcome| state.metrics.presence_requested("http", outcome);
     if !bearer_matches(&headers, key.expose()) {
         counted("unauthorized");
-        return ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            detail: "a valid `Authorization: Bearer <key>` header is required".into(),
-        }
-        .into_response();
+        return ApiError::unauthorized().into_response();
     }
     let (tenant, branch) = match read_query(query.as_deref().unwrap_or_default()) {
         Ok(ids) => ids,

@@ -53,6 +53,15 @@ impl ApiError {
             detail: detail.into(),
         }
     }
+
+    /// A request without the API key (publish and presence alike).
+    pub(super) fn unauthorized() -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            detail: "a valid `Authorization: Bearer <key>` header is required".into(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -107,11 +116,7 @@ async fn answer(
         return Ok(disabled().await);
     };
     if !bearer_matches(&headers, key.expose()) {
-        return Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            detail: "a valid `Authorization: Bearer <key>` header is required".into(),
-        });
+        return Err(ApiError::unauthorized());
     }
     let limit = state.max_bytes;
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
